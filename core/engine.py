@@ -1,0 +1,185 @@
+"""Token-level generation over the KV cache: prefill, decode, batches, scoring.
+
+The engine knows nothing about text: it takes and yields token ids. ``textgen.py`` turns ids into
+text, applies stop strings and measures time.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .checkpoints import Checkpoint, load
+from .errors import ContextOverflow
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass
+class Step:
+    """One decode step for the whole batch."""
+
+    tokens: list[int]  # the token each row produced (rows already finished repeat eos)
+    finished: list[bool]  # rows that have ended (eos, stop id or their own length limit)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """Left-pad ragged prompts. Returns ids (B, T), position ids (B, T), valid (B, T)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, T - len(p):] = True
+    # each row's positions start at 0 on its first real token (pads get position 0; they are masked)
+    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return ids, pos, valid
+
+
+def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, real tokens only; every slot also sees itself so no row is all-masked."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask |= torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return mask[:, None]
+
+
+class Engine:
+    def __init__(self, model, checkpoint: Checkpoint | None = None, device=None, dtype=None):
+        self.model = model.eval().to_inference_layout()
+        self.checkpoint = checkpoint
+        p = next(model.parameters())
+        self.device = device or p.device
+        self.dtype = dtype or p.dtype
+        self.n_ctx = model.config.n_positions
+        self.vocab_limit = min(model.config.vocab_size, 50257)  # padded ids (50304) are never sampled
+        self.eos_id = 50256 if model.config.vocab_size > 50256 else None
+        self._lock = threading.Lock()  # one generation at a time per loaded model
+
+    @classmethod
+    def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True) -> "Engine":
+        from .device import pick_device, pick_dtype
+
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        model, ck = load(spec, device=dev, dtype=dt, download=download)
+        return cls(model, ck, dev, dt)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the prompt (B, T) through the model into a fresh cache; logits of the last slot (B, V)."""
+        B, T = ids.shape
+        self.model.setup_cache(B, self.n_ctx)
+        logits = self.model(ids.to(self.device), pos, mask, start=0, kv_len=T, last_only=True)
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
+    def decode(self, tok: torch.Tensor, slot: int, pos: torch.Tensor | None, mask: torch.Tensor | None):
+        """One token per row (B,) at cache ``slot``; logits (B, V)."""
+        logits = self.model(tok.view(-1, 1).to(self.device), pos, mask, start=slot, kv_len=slot + 1)
+        return logits[:, -1, :]
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def check_window(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The number of new tokens that fit after the prompt in the context window."""
+        if prompt_len == 0:
+            raise ContextOverflow("the prompt is empty; give the model at least one token of text")
+        if prompt_len >= self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {prompt_len} tokens but the model's window is {self.n_ctx}, with room "
+                f"needed for the reply; shorten the prompt (or use a template, which cuts it to fit)"
+            )
+        return min(max_new_tokens, self.n_ctx - prompt_len)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seeds: list[int] | None = None,
+        stop_ids: set[int] | None = None,
+        cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[Step]:
+        """Yield one Step per new token for a batch of prompts of any lengths.
+
+        Rows are left-padded and each starts its positions at 0, so a row's greedy output equals
+        running it alone. A row finishes on eos (or a ``stop_ids`` token); generation ends when every
+        row has finished, after ``max_new_tokens``, or when ``cancel`` is set (checked between tokens).
+        ``ignore_eos`` keeps going past eos (benchmarks need a fixed number of tokens).
+        """
+        if not prompts:
+            return
+        B = len(prompts)
+        T = max(len(p) for p in prompts)
+        if any(len(p) == 0 for p in prompts):
+            self.check_window(0, max_new_tokens)
+        max_new = self.check_window(T, max_new_tokens)
+        if max_new <= 0:
+            return
+        stop = set(stop_ids or ())
+        if self.eos_id is not None and not ignore_eos:
+            stop.add(self.eos_id)
+        gens = None
+        if not params.is_greedy:
+            seeds = list(seeds) if seeds is not None else [0] * B
+            gens = [make_generator(s, self.device) for s in seeds]
+        with self._lock, torch.inference_mode():
+            ids, pos, valid = left_pad(prompts, pad_id=self.eos_id or 0)
+            ragged = not bool(valid.all())
+            dev = self.device
+            ids, pos, valid = ids.to(dev), pos.to(dev), valid.to(dev)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros(B, self.vocab_limit, dtype=torch.bool, device=dev)
+                seen.scatter_(1, ids.clamp(max=self.vocab_limit - 1), valid)
+            mask = prefill_mask(valid) if ragged else None
+            logits = self.prefill(ids, pos if ragged else None, mask)
+            next_pos = pos[:, -1] + 1  # (B,)
+            valid_all = valid
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=dev)
+            for i in range(max_new):
+                tok = sample(logits[:, : self.vocab_limit], params, gens, seen)  # (B,)
+                if self.eos_id is not None:
+                    tok = torch.where(done, torch.full_like(tok, self.eos_id), tok)
+                if stop:
+                    done |= torch.isin(tok, stop_t)
+                if seen is not None:
+                    seen.scatter_(1, tok[:, None], True)
+                toks = tok.tolist()
+                yield Step(toks, done.tolist())
+                if bool(done.all()) or i == max_new - 1 or (cancel is not None and cancel.is_set()):
+                    return
+                slot = T + i
+                if ragged:
+                    valid_all = torch.cat([valid_all, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+                    step_mask = valid_all[:, None, None, :]  # (B, 1, 1, slot+1)
+                    logits = self.decode(tok, slot, next_pos[:, None], step_mask)
+                else:
+                    logits = self.decode(tok, slot, None, None)
+                next_pos = next_pos + 1
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t = 1..n-1 (the first token has no context to be scored in)."""
+        if len(ids) < 2:
+            return []
+        if len(ids) > self.n_ctx:
+            raise ContextOverflow(f"cannot score {len(ids)} tokens in a {self.n_ctx}-token window")
+        with self._lock:
+            self.model.drop_cache()
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self.model(x).float()[0, :-1, : self.vocab_limit]  # (T-1, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            out = logp.gather(1, x[0, 1:, None]).squeeze(1)
+        return out.tolist()

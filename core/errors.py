@@ -1,0 +1,33 @@
+"""Errors a user can cause and fix. The CLI and TUI turn each into one clear line."""
+
+
+class GptchatError(Exception):
+    """Base class: the message says what is wrong and what to do about it."""
+
+
+class UsageError(GptchatError):
+    """A bad option value or combination (exit code 2 in the CLI)."""
+
+
+class CheckpointError(GptchatError):
+    """A checkpoint is missing, not GPT-2, truncated or corrupt."""
+
+
+class ModelNotFound(CheckpointError):
+    """A model name or path resolves to nothing on this machine and cannot be fetched."""
+
+
+class TokenizerError(GptchatError):
+    """No usable GPT-2 vocabulary could be found."""
+
+
+class ContextOverflow(GptchatError):
+    """The prompt alone does not fit the model's context window."""
+
+
+class DeviceError(GptchatError):
+    """The requested device or dtype is not available here."""
+
+
+class TemplateError(GptchatError):
+    """A prompt template or examples file is invalid, or a variable is missing."""

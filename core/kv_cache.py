@@ -1,0 +1,34 @@
+"""A preallocated key/value cache: one pair of buffers per layer, written at explicit positions.
+
+GPT-2's positions are absolute and learned, so the cache never slides: slot ``s`` holds the token at
+absolute slot ``s`` of the sequence for every row of the batch. Rows of a left-padded batch share
+slots; their *position ids* differ (see engine.py), and padding slots are masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v (B, nh, T, hs) at slots [start, start+T); return the first kv_len slots."""
+        T = k.shape[2]
+        self.k[:, :, start : start + T] = k
+        self.v[:, :, start : start + T] = v
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]

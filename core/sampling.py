@@ -1,0 +1,137 @@
+"""Sampling as small pure functions over a (B, V) logits tensor.
+
+Every function validates its arguments and raises ``ValueError`` on bad values. Temperature 0,
+top_p 0 and top_k 1 all reduce to greedy decoding; ``sample`` treats them as argmax explicitly so the
+result does not depend on a random number generator at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on tokens already in the context
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        check_top_k(self.top_k)
+        check_top_p(self.top_p)
+        check_repetition_penalty(self.repetition_penalty)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0 or self.top_k == 1 or self.top_p == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_temperature(t: float) -> None:
+    if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {t!r}")
+
+
+def check_top_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_k must be a whole number >= 0 (0 means off), got {k!r}")
+
+
+def check_top_p(p: float) -> None:
+    if not isinstance(p, (int, float)) or math.isnan(p) or not 0 <= p <= 1:
+        raise ValueError(f"top_p must be between 0 and 1 (1 means off), got {p!r}")
+
+
+def check_repetition_penalty(r: float) -> None:
+    if not isinstance(r, (int, float)) or math.isnan(r) or math.isinf(r) or r <= 0:
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 means off), got {r!r}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen (seen: (B, V) bool) less likely: positive logits / penalty, negative * penalty."""
+    check_repetition_penalty(penalty)
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    check_temperature(temperature)
+    if temperature == 0:
+        raise ValueError("temperature 0 is greedy decoding; call greedy() instead of scaling by 1/0")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits in each row (ties at the k-th value are kept too)."""
+    check_top_k(k)
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches p (at least one)."""
+    check_top_p(p)
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before > p
+    drop_sorted[..., 0] = False  # the most likely token always survives, so top_p 0 is greedy
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(logits, dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator] | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,).
+
+    Each row draws from its own generator, so a row's tokens depend on its seed alone, never on
+    which other rows share the batch.
+    """
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.is_greedy:
+        return greedy(logits)
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"need one generator per row: {len(generators)} for {probs.shape[0]} rows")
+    out = []
+    for i, g in enumerate(generators):
+        row = probs[i] if g.device == probs.device else probs[i].to(g.device)
+        out.append(torch.multinomial(row, 1, generator=g).to(probs.device))
+    return torch.cat(out)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    device = torch.device(device)
+    # mps generators exist only in recent torch; sampling on the CPU is cheap at (1, V)
+    gen = torch.Generator(device=device if device.type in ("cpu", "cuda") else "cpu")
+    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen

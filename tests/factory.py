@@ -1,0 +1,106 @@
+"""Build random-weight GPT-2 checkpoints in every format gptchat reads, with transformers as the source.
+
+Weights are drawn with a large standard deviation (LayerNorm gains and biases included) so logits vary
+a lot between tokens: parity at 1e-4 on such weights means something, unlike on near-zero logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+FORMATS = ("safetensors", "bin", "sharded-safetensors", "sharded-bin", "no-prefix", "nanogpt")
+
+
+def hf_model(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, seed=0, zero_bias=False,
+             activation="gelu_new"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                     vocab_size=vocab_size, activation_function=activation)
+    model = GPT2LMHeadModel(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and zero_bias:
+                p.zero_()
+            elif "ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _with_vocab(folder: Path) -> Path:
+    from tests.conftest import write_hf_vocab
+
+    return write_hf_vocab(folder)
+
+
+def save(model, folder: Path, fmt: str = "safetensors", vocab: bool = True) -> Path:
+    """Write ``model`` (a transformers GPT2LMHeadModel) to ``folder`` in format ``fmt``.
+
+    Returns the path to pass to gptchat (the folder, or the ckpt.pt file for nanoGPT).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if vocab:
+        _with_vocab(folder)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if fmt == "nanogpt":
+        return _save_nanogpt(model, sd, folder)
+    model.config.to_json_file(folder / "config.json")
+    if fmt == "safetensors":
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif fmt == "no-prefix":  # how OpenAI's original gpt2 files on the hub are keyed, masks included
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        for i in range(model.config.n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif fmt == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    elif fmt in ("sharded-safetensors", "sharded-bin"):
+        keys = list(sd)
+        half = len(keys) // 2
+        ext = "safetensors" if fmt == "sharded-safetensors" else "bin"
+        stem = "model" if ext == "safetensors" else "pytorch_model"
+        weight_map = {}
+        for i, part in enumerate((keys[:half], keys[half:])):
+            name = f"{stem}-{i + 1:05d}-of-00002.{ext}"
+            shard = {k: sd[k] for k in part}
+            if ext == "safetensors":
+                save_file(shard, str(folder / name), metadata={"format": "pt"})
+            else:
+                torch.save(shard, folder / name)
+            weight_map.update({k: name for k in part})
+        index = {"metadata": {"total_size": sum(v.numel() * 4 for v in sd.values())}, "weight_map": weight_map}
+        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
+    else:
+        raise ValueError(fmt)
+    return folder
+
+
+def _save_nanogpt(model, sd: dict, folder: Path) -> Path:
+    """nanoGPT's ckpt.pt: nn.Linear layout, `_orig_mod.` prefixes (torch.compile), optimizer state."""
+    c = model.config
+    out = {}
+    has_bias = any(k.endswith("bias") and v.abs().sum() > 0 for k, v in sd.items() if "attn.bias" not in k)
+    for k, v in sd.items():
+        if k.endswith(CONV1D):
+            v = v.t().contiguous()
+        if k.endswith("bias") and not has_bias:
+            continue  # nanoGPT's bias=False models have no bias tensors at all
+        out["_orig_mod." + k] = v
+    out["_orig_mod.lm_head.weight"] = out["_orig_mod.transformer.wte.weight"]
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+                      bias=has_bias, vocab_size=c.vocab_size, dropout=0.0)
+    ckpt = {"model": out, "optimizer": {"state": {}, "param_groups": [{"lr": 6e-4}]}, "model_args": model_args,
+            "iter_num": 100, "best_val_loss": torch.tensor(3.5), "config": {"batch_size": 12, "dataset": "owt"}}
+    torch.save(ckpt, folder / "ckpt.pt")
+    return folder / "ckpt.pt"
