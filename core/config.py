@@ -115,6 +115,7 @@ PRESETS: dict[str, GPTConfig] = {
     # from-scratch sizes for small corpora and tests
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=256, n_positions=1024),
     "mini": GPTConfig(n_layer=6, n_head=6, n_embd=384, n_positions=1024),
+    "nano": GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=1024),  # seconds on a CPU; for tests
 }
 
 CONFIG_FIELDS = {f.name for f in fields(GPTConfig)}

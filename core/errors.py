@@ -31,3 +31,11 @@ class DeviceError(GptchatError):
 
 class TemplateError(GptchatError):
     """A prompt template or examples file is invalid, or a variable is missing."""
+
+
+class DataError(GptchatError):
+    """Training data is missing, empty, binary, not UTF-8, or malformed."""
+
+
+class TrainError(GptchatError):
+    """A training run cannot start or continue (unknown run, does not fit in memory, ...)."""

@@ -1,0 +1,122 @@
+"""LoRA for GPT-2: low-rank adapters on chosen projections, merged into plain weights on export.
+
+GPT-2 computes q, k and v with one fused ``attn.c_attn`` (n_embd -> 3*n_embd). A single adapter on
+it would couple the three; here each chosen part (q, k or v) gets its own ``A`` (r x d) and ``B``
+(d x r) that update only its third of the output rows, so ``--lora-targets q,v`` leaves k exactly as
+it was. Merging adds ``scale * B @ A`` to that third of ``c_attn.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# target -> (module path inside a Block, the slice of the output it adapts: None = all of it)
+TARGETS = {
+    "q": ("attn.c_attn", 0),
+    "k": ("attn.c_attn", 1),
+    "v": ("attn.c_attn", 2),
+    "o": ("attn.c_proj", None),
+    "fc": ("mlp.c_fc", None),
+    "proj": ("mlp.c_proj", None),
+}
+
+
+class LoRALinear(nn.Module):
+    """``base(x)`` plus, for each adapted part of the output, ``scale * B(A(x))``."""
+
+    def __init__(self, base: nn.Linear, parts: list[int | None], rank: int, alpha: float, n_split: int = 1):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.n_split = n_split
+        self.parts = list(parts)
+        out = base.out_features // n_split
+        dev = base.weight.device
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for _ in self.parts:
+            a = torch.empty(rank, base.in_features, device=dev, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as in the LoRA paper's code; B = 0 so we start at base
+            self.lora_A.append(nn.Parameter(a))
+            self.lora_B.append(nn.Parameter(torch.zeros(out, rank, device=dev, dtype=torch.float32)))
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.parts == [None]:
+            return y + self.scale * ((x.to(self.lora_A[0].dtype) @ self.lora_A[0].t()) @ self.lora_B[0].t()).to(y.dtype)
+        ys = list(y.split(y.shape[-1] // self.n_split, dim=-1))
+        for i, part in enumerate(self.parts):
+            delta = (x.to(self.lora_A[i].dtype) @ self.lora_A[i].t()) @ self.lora_B[i].t()
+            ys[part] = ys[part] + self.scale * delta.to(y.dtype)
+        return torch.cat(ys, dim=-1)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base.weight.detach().float().clone()  # (out, in)
+        rows = w.shape[0] // self.n_split
+        for i, part in enumerate(self.parts):
+            delta = self.scale * (self.lora_B[i] @ self.lora_A[i])  # (rows, in)
+            if part is None:
+                w += delta
+            else:
+                w[part * rows : (part + 1) * rows] += delta
+        return w
+
+
+def add_lora(model, targets: list[str], rank: int, alpha: float) -> list[str]:
+    """Freeze ``model`` and attach adapters; returns the names of the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_module: dict[str, list[int | None]] = {}
+    for t in targets:
+        path, part = TARGETS[t]
+        by_module.setdefault(path, []).append(part)
+    for block in model.transformer.h:
+        for path, parts in by_module.items():
+            parent_name, child = path.split(".")
+            parent = getattr(block, parent_name)
+            base = getattr(parent, child)
+            n_split = 3 if path == "attn.c_attn" else 1
+            setattr(parent, child, LoRALinear(base, sorted(parts, key=lambda p: -1 if p is None else p), rank, alpha, n_split))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def has_lora(model) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The plain GPT state dict (HF names) with every adapter folded into its weight."""
+    sd = {}
+    lora_mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, t in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        mod = name.rsplit(".base.", 1)[0] if ".base." in name else None
+        if mod is not None and mod in lora_mods:
+            leaf = name.rsplit(".", 1)[1]
+            sd[f"{mod}.{leaf}"] = lora_mods[mod].merged_weight() if leaf == "weight" else t
+        else:
+            sd[name] = t
+    return sd
+
+
+def plain_model(model):
+    """A plain GPT (no adapters) holding ``model``'s weights, adapters merged; shares unmerged tensors."""
+    from ..model import GPT
+
+    sd = merged_state_dict(model) if has_lora(model) else model.state_dict()
+    with torch.device("meta"):
+        out = GPT(model.config)
+    sd = {k: v.detach().float() for k, v in sd.items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    out.load_state_dict(sd, strict=True, assign=True)
+    out.lm_head.weight = out.transformer.wte.weight
+    return out.eval()

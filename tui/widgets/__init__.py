@@ -1,0 +1,1 @@
+"""One widget per file. Widgets draw and post messages; they never call a model."""

@@ -1,0 +1,105 @@
+"""The settings side panel. It edits values and posts ``Changed``; the screen applies them."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.widgets import Button, Input, Label, Select, Switch
+
+FIELDS = [  # (setting, label, placeholder)
+    ("model", "model", "gpt2, a folder or a run name"),
+    ("shots", "shots", "template default"),
+    ("examples", "examples file", "JSONL or TSV path"),
+    ("temperature", "temperature", ""),
+    ("top_k", "top-k", ""),
+    ("top_p", "top-p", ""),
+    ("max_new_tokens", "max new tokens", ""),
+    ("seed", "seed", "random"),
+    ("repetition_penalty", "repetition penalty", ""),
+]
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+
+
+class SettingsPanel(VerticalScroll):
+    class Changed(Message):
+        def __init__(self, name: str, value: str, final: bool = True) -> None:
+            super().__init__()
+            self.name = name
+            self.value = value
+            self.final = final  # False while typing: apply if valid, complain only when final
+
+    def __init__(self, templates: list[str], **kw):
+        super().__init__(**kw)
+        self.templates = templates
+        self._syncing = False
+
+    def compose(self) -> ComposeResult:
+        yield Label("Settings  (apply to the next message)", classes="panel-title")
+        yield Label("template")
+        yield Select([(t, t) for t in self.templates], id="set-template", allow_blank=False, compact=True)
+        for name, label, ph in FIELDS:
+            yield Label(label)
+            if name == "model":
+                with Horizontal(classes="model-row"):
+                    yield Input(placeholder=ph, id="set-model", compact=True)
+                    yield Button("…", id="pick-model", compact=True, tooltip="Pick a model (Ctrl+O)")
+            else:
+                yield Input(placeholder=ph, id=f"set-{name}", compact=True)
+        with Horizontal(classes="switch-row"):
+            yield Label("greedy ")
+            yield Switch(id="set-greedy")
+        yield Label("device")
+        yield Select([(d, d) for d in DEVICES], id="set-device", allow_blank=False, compact=True)
+        yield Label("dtype")
+        yield Select([(d, d) for d in DTYPES], id="set-dtype", allow_blank=False, compact=True)
+
+    def sync(self, settings, resolved: dict) -> None:
+        """Show ``settings``; unset sampling values show the template's default as a placeholder."""
+        self._syncing = True
+        try:
+            if settings.template in self.templates:
+                self.query_one("#set-template", Select).value = settings.template
+            for name, _, ph in FIELDS:
+                w = self.query_one(f"#set-{name}", Input)
+                v = getattr(settings, name)
+                w.value = "" if v is None else str(v)
+                if name in resolved:
+                    w.placeholder = f"{resolved[name]} (template)"
+            self.query_one("#set-greedy", Switch).value = settings.greedy
+            self.query_one("#set-device", Select).value = settings.device or "auto"
+            self.query_one("#set-dtype", Select).value = settings.dtype or "auto"
+        finally:
+            self.call_after_refresh(self._done_sync)
+
+    def _done_sync(self) -> None:
+        self._syncing = False
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._changed(event.input.id, event.value)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        if not self._syncing and event.input.id != "set-model":
+            self.post_message(self.Changed(event.input.id[4:], event.value, final=False))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        if not self._syncing and event.value is not Select.BLANK:
+            self._changed(event.select.id, str(event.value))
+
+    def on_switch_changed(self, event: Switch.Changed) -> None:
+        event.stop()
+        if not self._syncing:
+            self._changed(event.switch.id, "on" if event.value else "off")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "pick-model":
+            self.post_message(self.Changed("pick_model", ""))
+
+    def _changed(self, wid: str | None, value: str) -> None:
+        if wid and wid.startswith("set-"):
+            self.post_message(self.Changed(wid[4:], value))
