@@ -163,15 +163,54 @@ def _sniff_nanogpt(path: Path, name: str) -> Checkpoint:
 # -- reading weights ----------------------------------------------------------------------------
 
 
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
 def _read_safetensors(path: Path):
-    from safetensors import SafetensorError, safe_open
+    """Tensors of a .safetensors file, each read straight into its own buffer.
+
+    Reading with readinto instead of memory-mapping keeps the file's pages out of our resident
+    memory, so peak memory while loading is the model plus one tensor, not the model twice.
+    """
+    import struct
+
+    import torch
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
+        size = path.stat().st_size
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated or corrupt: no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path} is truncated or corrupt: bad header length")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CheckpointError(f"{path} is truncated or corrupt: unreadable header") from None
+            header.pop("__metadata__", None)
+            base = 8 + n
+            ends = [int(v["data_offsets"][1]) for v in header.values()]
+            if ends and base + max(ends) > size:
+                raise CheckpointError(
+                    f"{path} is truncated or corrupt: {size} bytes, but its header needs {base + max(ends)}"
+                )
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if info["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+                begin, end = (int(x) for x in info["data_offsets"])
+                t = torch.empty(info["shape"], dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
+                if t.numel() * t.element_size() != end - begin:
+                    raise CheckpointError(f"{path}: tensor {key} has the wrong byte size")
+                f.seek(base + begin)
+                view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+                got = f.readinto(view) if t.numel() else 0
+                if got != end - begin:
+                    raise CheckpointError(f"{path} is truncated or corrupt while reading {key}")
+                yield key, t
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: malformed header ({e})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
@@ -207,8 +246,12 @@ def iter_tensors(ck: Checkpoint):
         yield key, t
 
 
-def load_model(ck: Checkpoint, device=None, dtype=None):
-    """Build the GPT on the meta device and fill it from the checkpoint; returns it in eval mode."""
+def load_model(ck: Checkpoint, device=None, dtype=None, inference_layout: bool = False):
+    """Build the GPT on the meta device and fill it from the checkpoint; returns it in eval mode.
+
+    ``inference_layout`` stores 2-D weights as [in, out] in memory (see GPT.to_inference_layout):
+    HF's Conv1D weights already are, so they are used as read, with no copy.
+    """
     import torch
 
     from .model import GPT
@@ -229,7 +272,13 @@ def load_model(ck: Checkpoint, device=None, dtype=None):
             raise CheckpointError(
                 f"{ck.path}: {key} has shape {tuple(t.shape)}, but the config implies {tuple(expected[key])}"
             )
-        sd[key] = t.to(device=device, dtype=dtype).contiguous()
+        t = t.to(device=device, dtype=dtype)
+        if inference_layout and t.dim() == 2 and key != "transformer.wpe.weight":
+            if t.is_contiguous():
+                t = t.t().contiguous().t()  # [out, in] -> [in, out] in memory, same shape
+        else:
+            t = t.contiguous()
+        sd[key] = t
     head = sd.pop("lm_head.weight", None)
     missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
     if missing:
@@ -244,10 +293,10 @@ def load_model(ck: Checkpoint, device=None, dtype=None):
     return model.eval()
 
 
-def load(spec, device=None, dtype=None, download: bool = True):
+def load(spec, device=None, dtype=None, download: bool = True, inference_layout: bool = False):
     """resolve + load_model: (model, checkpoint)."""
     ck = resolve(spec, download=download)
-    return load_model(ck, device=device, dtype=dtype), ck
+    return load_model(ck, device=device, dtype=dtype, inference_layout=inference_layout), ck
 
 
 # -- saving ---------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class Engine:
 
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        model, ck = load(spec, device=dev, dtype=dt, download=download)
+        model, ck = load(spec, device=dev, dtype=dt, download=download, inference_layout=True)
         return cls(model, ck, dev, dt)
 
     # -- steps --------------------------------------------------------------------------------

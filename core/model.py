@@ -133,7 +133,7 @@ class GPT(nn.Module):
         """
         with torch.no_grad():
             for p in self.parameters():
-                if p.dim() == 2 and p.is_contiguous():
+                if p.dim() == 2 and p.is_contiguous() and p is not self.transformer.wpe.weight:
                     p.data = p.data.t().contiguous().t()
         return self
 
