@@ -357,3 +357,24 @@ def _title(text: str, n: int = 60) -> str:
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def export_file(store: Store, conv_id: str, fmt: str = "md", path: str | Path | None = None) -> Path:
+    """Write a conversation to ``path`` (default: <data>/exports/<id>.<fmt>) as Markdown or JSON."""
+    from .errors import UsageError
+
+    fmt = {"markdown": "md", "md": "md", "json": "json"}.get(fmt.lower().lstrip("."))
+    if fmt is None:
+        raise UsageError("export formats are md (Markdown) and json")
+    if path is None:
+        from .paths import get_paths
+
+        path = get_paths().data / "exports" / f"{conv_id}.{fmt}"
+    path = Path(path).expanduser()
+    text = store.export_markdown(conv_id) if fmt == "md" else json.dumps(store.export_json(conv_id), indent=2, ensure_ascii=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

@@ -8,18 +8,18 @@ from textual.message import Message
 
 
 @dataclass
-class ModelLoading(Message):
+class ModelLoading(Message, bubble=False):
     spec: str
 
 
 @dataclass
-class ModelReady(Message):
+class ModelReady(Message, bubble=False):
     spec: str
     info: dict  # LoadedModel.describe() plus the checkpoint hash
 
 
 @dataclass
-class ModelMissing(Message):
+class ModelMissing(Message, bubble=False):
     """No model could be loaded (or none is on this machine): show how to get one."""
 
     reason: str
@@ -27,32 +27,32 @@ class ModelMissing(Message):
 
 
 @dataclass
-class ReplyBegan(Message):
+class ReplyBegan(Message, bubble=False):
     reply_id: str | None
     prompt_tokens: int
     dropped: list[str]
 
 
 @dataclass
-class ReplyChunk(Message):
+class ReplyChunk(Message, bubble=False):
     text: str  # new text since the last chunk (batched, ~25 per second at most)
 
 
 @dataclass
-class ReplyEnded(Message):
+class ReplyEnded(Message, bubble=False):
     text: str
     status: str  # done | stopped
     info: dict
 
 
 @dataclass
-class PaneChunk(Message):
+class PaneChunk(Message, bubble=False):
     pane: int
     text: str
 
 
 @dataclass
-class PaneEnded(Message):
+class PaneEnded(Message, bubble=False):
     pane: int
     text: str
     status: str
@@ -60,5 +60,5 @@ class PaneEnded(Message):
 
 
 @dataclass
-class ModelsScanned(Message):
+class ModelsScanned(Message, bubble=False):
     models: list  # discover.LocalModel

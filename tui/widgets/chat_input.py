@@ -9,9 +9,14 @@ from textual.widgets import TextArea
 
 class ChatInput(TextArea):
     class Submitted(Message):
-        def __init__(self, text: str) -> None:
+        def __init__(self, box: "ChatInput", text: str) -> None:
             super().__init__()
+            self.box = box
             self.text = text
+
+        @property
+        def control(self) -> "ChatInput":
+            return self.box
 
     def __init__(self, **kw):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", compact=True, **kw)
@@ -20,7 +25,7 @@ class ChatInput(TextArea):
         if event.key == "enter":
             event.stop()
             event.prevent_default()
-            self.post_message(self.Submitted(self.text))
+            self.post_message(self.Submitted(self, self.text))
             return
         if event.key in ("shift+enter", "ctrl+j", "newline", "alt+enter"):
             event.stop()
