@@ -327,7 +327,7 @@ class ChatSession:
         turns = [(t.role, t.text) for t in history if t.text.strip()] if tpl.kind == "chat" else None
         pool = load_examples(s.examples, tpl.example_fields) if s.examples else None
         reserve = int(s.resolved(tpl.options)["max_new_tokens"])
-        return render(tpl, {tpl.input_variable: text}, turns, tokenizer, Budget(n_ctx=n_ctx, reserve=min(reserve, n_ctx - 1)),
+        return render(tpl, {tpl.input_variable: text}, turns, tokenizer, Budget(n_ctx=n_ctx, reserve=min(reserve, n_ctx // 2)),
                       examples=pool, shots=s.shots, seed=s.seed or 0), tpl
 
     def preview(self, tokenizer, n_ctx: int, text: str):

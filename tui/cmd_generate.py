@@ -53,10 +53,11 @@ def generate(
 
         tpl = get_template(template)
         defaults = dict(tpl.options)
+    from gptchat.core.options import resolve
+
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                  max_new_tokens=max_new_tokens)
-    base = dict(temperature=0.8, top_k=40, top_p=1.0, repetition_penalty=1.0, max_new_tokens=128)
-    o = {k: given[k] if given[k] is not None else defaults.get(k, base[k]) for k in base}
+    o = resolve(given, defaults)  # flag > template option > default
     try:
         from gptchat.core.sampling import SamplingParams
         from gptchat.core.textgen import GenOptions
@@ -75,9 +76,12 @@ def generate(
     lm = open_model(model, device=device, dtype=dtype)
     rendered = None
     if tpl is not None:
-        rendered = _render(tpl, text, var, examples, shots, seed, lm, opts.max_new_tokens)
+        reserve = opts.max_new_tokens
+        if max_new_tokens is None:  # a template's default must not crowd out the input on small windows
+            reserve = min(reserve, lm.engine.n_ctx // 2)
+        rendered = _render(tpl, text, var, examples, shots, seed, lm, reserve)
         ids = rendered.ids
-        opts = GenOptions(params=params, max_new_tokens=opts.max_new_tokens, seed=seed,
+        opts = GenOptions(params=params, max_new_tokens=reserve, seed=seed,
                           stop=tuple(dict.fromkeys(stops + tuple(rendered.stop))))
         if explain:
             from gptchat.core.templates import format_explain
@@ -165,7 +169,9 @@ def _read_prompt(prompt: str | None) -> str:
 
 
 def _unescape(s: str) -> str:
-    return s.replace("\\n", "\n").replace("\\t", "\t")
+    from gptchat.core.options import unescape
+
+    return unescape(s)
 
 
 generate.__doc__ = (generate.__doc__ or "") + "\n" + EXAMPLES
