@@ -39,3 +39,11 @@ class DataError(GptchatError):
 
 class TrainError(GptchatError):
     """A training run cannot start or continue (unknown run, does not fit in memory, ...)."""
+
+
+class BatchInputError(GptchatError):
+    """A batch input file, or one of its rows, is invalid (the message names the line)."""
+
+
+class BatchOutputError(GptchatError):
+    """A batch output file cannot be resumed or merged as it is."""

@@ -116,38 +116,53 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
 # -- the cache -----------------------------------------------------------------------------------
 
 
-def dataset_key(files: list[Path], tokenizer, fmt: str, template_text: str | None) -> str:
-    h = hashlib.sha256(f"gptchat-data v{CACHE_VERSION} {fmt} {tokenizer.enc.name}\n".encode())
-    if template_text is not None:
-        h.update(hashlib.sha256(template_text.encode()).digest())
+def scan(paths, fmt: str = "text", warn=None) -> tuple[list[Path], str]:
+    """Check every file (exists, not empty, not binary, UTF-8, valid JSONL) and hash the contents.
+
+    Runs before any model is loaded, so bad data is reported first. Returns (files, digest); in a
+    folder or a list of several files, empty files are skipped with a warning.
+    """
+    if fmt not in ("text", "jsonl"):
+        raise DataError(f"unknown data format {fmt!r}; use text or jsonl")
+    files = collect_files(paths, fmt)
+    h = hashlib.sha256(f"gptchat-data v{CACHE_VERSION} {fmt}\n".encode())
+    kept = []
     for f in files:
-        fh = hashlib.sha256()
-        with open(f, "rb") as fp:
-            for block in iter(lambda: fp.read(1 << 20), b""):
-                fh.update(block)
-        h.update(fh.digest())
-    return h.hexdigest()
+        try:
+            if fmt == "jsonl":
+                _read_pairs(f)
+            else:
+                read_text(f)
+        except DataError as e:
+            if len(files) > 1 and str(e).endswith("is empty"):
+                if warn:
+                    warn(f"skipped the empty file {f}")
+                continue
+            raise
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+        kept.append(f)
+    return kept, h.hexdigest()
 
 
-def prepare(paths, tokenizer, fmt: str = "text", template: str | None = None, warn=None) -> Dataset:
+def prepare(paths, tokenizer, fmt: str = "text", template: str | None = None, warn=None,
+            scanned: tuple[list[Path], str] | None = None) -> Dataset:
     """Tokenize ``paths`` once (or reuse the cache) and return the memmapped tokens."""
     from ..paths import get_paths
 
-    if fmt not in ("text", "jsonl"):
-        raise DataError(f"unknown data format {fmt!r}; use text or jsonl")
     if template is not None and fmt != "jsonl":
         raise DataError("--template applies to --format jsonl (prompt/completion pairs) only")
-    files = collect_files(paths, fmt)
+    files, digest = scanned or scan(paths, fmt, warn)
     tpl = None
+    h = hashlib.sha256(f"{digest} {tokenizer.enc.name}".encode())
     if template is not None:
         from ..templates import get_template
 
         tpl = get_template(template)
-    key = dataset_key(files, tokenizer, fmt, tpl.text if tpl is not None else None)
-    root = get_paths().datasets
-    folder = root / key[:24]
+        h.update(tpl.text.encode())
+    key = h.hexdigest()
+    folder = get_paths().datasets / key[:24]
     if not (folder / "DONE").exists():
-        _build(folder, files, tokenizer, fmt, tpl, key, warn)
+        _build(folder, files, tokenizer, fmt, tpl, key)
     return open_dataset(folder)
 
 
@@ -161,7 +176,7 @@ def open_dataset(folder: Path) -> Dataset:
     return Dataset(meta["key"], folder, tokens, mask, meta)
 
 
-def _build(folder: Path, files, tokenizer, fmt, tpl, key, warn) -> None:
+def _build(folder: Path, files, tokenizer, fmt, tpl, key) -> None:
     if tokenizer.n_vocab > 65536:
         raise DataError("the tokenizer has more than 65536 tokens; uint16 token files cannot hold it")
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -170,7 +185,6 @@ def _build(folder: Path, files, tokenizer, fmt, tpl, key, warn) -> None:
     threads = max(1, os.cpu_count() or 1)
     eot = tokenizer.eot_id
     n_docs = 0
-    skipped = []
     with open(tmp / "tokens.bin", "wb") as tf, (open(tmp / "mask.bin", "wb") if fmt == "jsonl" else _null()) as mf:
         if fmt == "text":
             group: list[str] = []
@@ -181,14 +195,7 @@ def _build(folder: Path, files, tokenizer, fmt, tpl, key, warn) -> None:
                     np.asarray(ids + [eot], dtype=np.uint16).tofile(tf)
 
             for f in files:
-                try:
-                    text = read_text(f)
-                except DataError as e:
-                    if len(files) > 1 and str(e).endswith("is empty"):
-                        skipped.append(f)
-                        continue
-                    raise
-                for doc in text.split(EOT):
+                for doc in read_text(f).split(EOT):
                     if doc.strip():
                         group.append(doc)
                         size += len(doc)
@@ -208,14 +215,12 @@ def _build(folder: Path, files, tokenizer, fmt, tpl, key, warn) -> None:
                     np.asarray(ids, dtype=np.uint16).tofile(tf)
                     np.asarray([0] * len(p) + [1] * (len(c) + 1), dtype=np.uint8).tofile(mf)
                     n_docs += 1
-    if skipped and warn:
-        warn(f"skipped {len(skipped)} empty file(s), e.g. {skipped[0]}")
     n = (tmp / "tokens.bin").stat().st_size // 2
     if n_docs == 0 or n == 0:
         raise DataError(f"{files[0] if len(files) == 1 else 'the data'} holds no text")
     meta = {
         "key": key, "format": fmt, "template": tpl.name if tpl else None, "tokenizer": tokenizer.enc.name,
-        "files": [str(f.resolve()) for f in files if f not in skipped], "n_docs": n_docs, "n_tokens": n,
+        "files": [str(f.resolve()) for f in files], "n_docs": n_docs, "n_tokens": n,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     for name in ("tokens.bin", "mask.bin", "meta.json"):

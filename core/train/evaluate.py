@@ -1,0 +1,88 @@
+"""Validation loss on a fixed held-out window, and samples from fixed probe prompts."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, val_starts, windows
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction=reduction)
+
+
+@torch.no_grad()
+def val_loss(net, ds: Dataset, val_range, block: int, batch: int, n_batches: int, device, amp, dist) -> tuple[float, int]:
+    """Mean loss over the same windows every time, split over ranks: (loss, tokens scored)."""
+    starts = val_starts(val_range, block, n_batches * batch)
+    starts = starts[: len(starts) - len(starts) % dist.world] if len(starts) >= dist.world else starts[:1] * dist.world
+    mine = starts[dist.rank :: dist.world]
+    was = net.training
+    net.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(mine), batch):
+        x, y = windows(ds, mine[i : i + batch], block)
+        x, y = x.to(device), y.to(device)
+        with amp():
+            logits = net(x)
+        total += loss_fn(logits, y, "sum").item()
+        count += int((y != -1).sum())
+    net.train(was)
+    total, count = dist.sum([total, float(count)], device)
+    return (total / count if count else math.nan), int(count)
+
+
+def probe_prompts(ds: Dataset, val_range, eot: int, n_tokens: int = 16) -> list[list[int]]:
+    """Fixed prompts: the opening of the first document that starts inside the validation range
+    (for instruction data, its prompt) and the opening of the first training document."""
+    out = []
+    lo, hi = val_range
+    import numpy as np
+
+    ends = np.flatnonzero(np.asarray(ds.tokens[lo : min(hi, lo + 200_000)]) == eot)[:1].tolist()
+    for start in ([lo + ends[0] + 1] if ends and lo + ends[0] + 1 < hi - 1 else [lo]) + [0]:
+        stop = min(start + n_tokens, hi if start >= lo else lo)
+        if ds.mask is not None:  # the prompt part of an instruction example
+            j = start
+            while j < stop and ds.mask[j] == 0:
+                j += 1
+            stop = max(j, start + 1)
+        ids = [int(t) for t in ds.tokens[start:stop] if int(t) != eot]
+        if ids and ids not in out:
+            out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def sample(net, prompt: list[int], max_new: int, block: int, n_vocab: int, eot: int, device, amp,
+           seed: int = 0, temperature: float = 0.8, top_k: int = 40) -> list[int]:
+    """A short seeded sample with the training model (eval mode, no KV cache: small models, few tokens)."""
+    was = net.training
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    out: list[int] = []
+    for _ in range(max_new):
+        with amp():
+            logits = net(idx[:, -block:], last_only=True)[:, -1, :n_vocab].float().cpu()
+        logits = logits / temperature
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -math.inf
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+        if int(nxt) == eot:
+            break
+        out.append(int(nxt))
+        idx = torch.cat([idx, nxt.to(device)], dim=1)
+    net.train(was)
+    return out
+
+
+def amp_context(device, dtype):
+    """autocast to 16-bit on GPU (and on CPU when asked for bf16); plain fp32 otherwise."""
+    if dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
