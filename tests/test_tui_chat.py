@@ -9,7 +9,7 @@ from gptchat.core.store import Store
 from gptchat.tui.messages import ReplyChunk, ReplyEnded
 from gptchat.tui.widgets.message_view import MessageView
 from tests.tui_helpers import (  # noqa: F401  (tiny_model is a fixture)
-    chat_screen, make_app, notifications, run, send, tiny_model, wait_for, wait_ready, wait_reply,
+    chat_screen, make_app, notifications, run, send, slower_model, tiny_model, wait_for, wait_ready, wait_reply,
 )
 
 
@@ -61,9 +61,9 @@ def test_send_streams_persists_and_matches_the_engine(tiny_model, tmp_path):
     del Turn
 
 
-def test_escape_stops_and_keeps_the_partial_reply(tiny_model, tmp_path):
+def test_escape_stops_and_keeps_the_partial_reply(slower_model, tmp_path):
     store = Store(tmp_path / "h.sqlite3")
-    app = make_app(tiny_model, store, max_new_tokens=600, greedy=True)
+    app = make_app(slower_model, store, max_new_tokens=900, greedy=True)
     chunks = []
 
     async def go():
@@ -81,7 +81,7 @@ def test_escape_stops_and_keeps_the_partial_reply(tiny_model, tmp_path):
     (conv,) = store.conversations()
     reply = store.messages(conv.id)[1]
     assert reply.status == "stopped" and reply.finish_reason == "cancelled"
-    assert 0 < reply.completion_tokens < 600 and reply.content == text
+    assert 0 < reply.completion_tokens < 900 and reply.content == text
 
 
 def test_regenerate_edit_copy_and_new_chat(tiny_model, tmp_path):

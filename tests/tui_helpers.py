@@ -16,6 +16,16 @@ def tiny_model(tmp_path_factory) -> str:
     return str(save(hf_model(n_positions=1024, seed=3), tmp_path_factory.mktemp("tiny") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def slower_model(tmp_path_factory) -> str:
+    """Wider than tiny_model, so a long reply takes seconds even on a fast machine: a stop key pressed
+    after the first chunk always lands while the reply is still being generated."""
+    from tests.factory import hf_model, save
+
+    return str(save(hf_model(n_layer=4, n_head=4, n_embd=256, n_positions=1024, seed=3),
+                    tmp_path_factory.mktemp("slower") / "slower"))
+
+
 def run(coro):
     return asyncio.run(coro)
 
