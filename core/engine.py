@@ -7,6 +7,8 @@ text, applies stop strings and measures time.
 from __future__ import annotations
 
 import threading
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +17,15 @@ import torch
 from .checkpoints import Checkpoint, load
 from .errors import ContextOverflow
 from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass
+class RowToken:
+    """One row's new token in ``generate_rows``; ``done`` marks the row's last token."""
+
+    row: int
+    token: int
+    done: bool
 
 
 @dataclass
@@ -167,6 +178,104 @@ class Engine:
                     logits = self.decode(tok, slot, None, None)
                 next_pos = next_pos + 1
 
+    # -- batches with per-row limits --------------------------------------------------------------
+
+    def generate_rows(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        max_new_tokens: list[int],
+        seeds: list[int] | None = None,
+        stop_ids: set[int] | None = None,
+        cancel: threading.Event | None = None,
+        drop: set[int] | None = None,
+        refill: deque | None = None,
+    ) -> Iterator[list[RowToken]]:
+        """Like ``generate``, for throughput: each row has its own token limit and finished rows leave.
+
+        Yields, per step, one RowToken for every row still running (``row`` numbers the rows:
+        ``prompts`` first, then rows taken from ``refill`` in the order taken). A row's last token
+        has ``done`` set: it is eos (or a ``stop_ids`` token), or the row reached its limit,
+        ``min(max_new_tokens, n_ctx - prompt length)``: the row's own window, not the batch's. Rows
+        the caller adds to ``drop`` (on a stop string, say) are finished too.
+
+        Finished rows are compacted out of the KV cache once they are a quarter of the batch. With
+        ``refill``, a deque of (prompt ids, max_new_tokens, seed), their places are given to waiting
+        prompts: each is prefilled alone and put in the cache so that its prompt ends at the current
+        slot (it must not be longer than the slots so far; sort prompts longest first). Prompts left
+        in the deque (the cache bound, twice the first batch's, was reached) are for the next call.
+        Rows never see each other, so greedy output equals ``generate``'s for each prompt alone.
+        """
+        if not prompts:
+            return
+        for p in prompts:
+            self.check_window(len(p), 1)
+        if min(max_new_tokens) < 1:
+            raise ValueError("max_new_tokens must be >= 1 for every row")
+        stop = set(stop_ids or ()) | ({self.eos_id} if self.eos_id is not None else set())
+        drop = drop if drop is not None else set()
+        seeds = list(seeds) if seeds is not None else [0] * len(prompts)
+        B0, T = len(prompts), max(map(len, prompts))
+        # cache slots: the longest prompt plus the most tokens any row may add (this can pass n_ctx:
+        # slots are shared, positions are each row's own and stay inside its window)
+        cap = T + max(min(m, self.n_ctx - len(p)) for p, m in zip(prompts, max_new_tokens))
+        with self._lock, torch.inference_mode():
+            from .live_batch import LiveBatch
+
+            b = LiveBatch(self, params, cap)
+            cap_max = 2 * cap
+            logits = b.admit(list(zip(prompts, max_new_tokens, seeds)), T)
+            stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
+            packed = self._packed_linears(B0)
+            while True:
+                tok = sample(logits[:, : self.vocab_limit], params, b.gens, b.seen)  # (B',)
+                hit = torch.isin(tok, stop_t).tolist()
+                if b.seen is not None:
+                    b.seen.scatter_(1, tok[:, None], True)
+                out = []
+                for j, (r, t) in enumerate(zip(b.rows, tok.tolist())):
+                    if b.alive[j]:
+                        b.count[r] += 1
+                        done = hit[j] or b.count[r] >= b.limits[r]
+                        out.append(RowToken(r, t, done))
+                        b.alive[j] = not done
+                yield out
+                b.alive = [a and r not in drop for a, r in zip(b.alive, b.rows)]
+                if cancel is not None and cancel.is_set():
+                    return
+                n_alive = sum(b.alive)
+                dead = len(b.rows) - n_alive
+                waiting = []
+                if refill and (n_alive == 0 or 4 * (B0 - n_alive) >= B0):
+                    s_after = b.s_end + (1 if n_alive else 0)  # where new prompts end, after this step
+                    while refill and n_alive + len(waiting) < B0:
+                        ids, m, seed = refill[0]
+                        limit = min(m, self.n_ctx - len(ids))
+                        if len(ids) > s_after or s_after + limit - 1 > cap_max:
+                            break  # does not fit this cache: left for the next call
+                        self.check_window(len(ids), 1)
+                        waiting.append(refill.popleft())
+                if n_alive == 0 and not waiting:
+                    return
+                if dead and (4 * dead >= len(b.rows) or waiting):
+                    tok = b.compact(tok)
+                if n_alive:
+                    with packed.use() if packed is not None and len(b.rows) >= 4 else nullcontext():
+                        logits = b.decode(tok)
+                if waiting:
+                    new = b.admit(waiting, b.s_end)
+                    logits = torch.cat([logits, new]) if n_alive else new
+
+    def _packed_linears(self, batch_size: int):
+        """oneDNN-packed weights for batched CPU decode (see packed.py), or None where they do not help."""
+        from . import packed
+
+        if batch_size < 4 or not packed.available(self.device, self.dtype):
+            return None
+        if getattr(self, "_packed", None) is None:
+            self._packed = packed.PackedLinears(self.model, batch_hint=16)
+        return self._packed
+
     # -- scoring ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -183,3 +292,4 @@ class Engine:
             logp = torch.log_softmax(logits, dim=-1)
             out = logp.gather(1, x[0, 1:, None]).squeeze(1)
         return out.tolist()
+
