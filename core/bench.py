@@ -43,13 +43,17 @@ class Report:
     results: list[Result] = field(default_factory=list)
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
+    """Median seconds of each, the two runs alternating so that a change in background load hits both."""
+    t_ours, t_ref = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((ours, t_ours), (ref, t_ref)):
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), (statistics.median(t_ref) if t_ref else None)
 
 
 def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
@@ -74,7 +78,7 @@ def run(
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     batch_new_tokens: int = 64,
     reference: bool = True,
-    repeats: int = 3,
+    repeats: int = 5,
     log: Callable[[str], None] = lambda s: None,
 ) -> Report:
     from .device import DTYPE_NAMES
@@ -102,13 +106,13 @@ def run(
 
         log(f"prefill: {prompt_tokens}-token prompt")
         ours_prefill()  # warm-up: allocates the cache, primes the allocator and kernels
-        r = Result(f"prefill {prompt_tokens} tokens", "s", _median_time(ours_prefill, repeats))
+        ref = None
         if hf is not None:
             ids = torch.tensor([long_prompt], device=eng.device)
             ref = lambda: _hf_generate(hf, ids, 1)  # noqa: E731
             ref()
-            r.reference = _median_time(ref, repeats)
-        report.results.append(r)
+        t, t_ref = _median_times(ours_prefill, ref, repeats)
+        report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref))
 
         for bs in batch_sizes:
             n_new = new_tokens if bs == 1 else batch_new_tokens
@@ -121,13 +125,11 @@ def run(
                     pass
 
             ours_decode() if bs > 1 else None
-            t = _median_time(ours_decode, 1 if bs > 1 else repeats)
-            r = Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t)
-            if hf is not None:
-                ids = prompts.to(eng.device)
-                t_ref = _median_time(lambda: _hf_generate(hf, ids, n_new), 1 if bs > 1 else repeats)
-                r.reference = bs * n_new / t_ref
-            report.results.append(r)
+            ids = prompts.to(eng.device)
+            ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
+            t, t_ref = _median_times(ours_decode, ref, 1 if bs > 1 else repeats)
+            report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
+                                         bs * n_new / t_ref if t_ref else None))
         return report
     finally:
         if tmp is not None:

@@ -157,6 +157,8 @@ class Engine:
             valid_all = valid
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=dev)
+            packed = self._packed_linears(B)
+            fast = packed.use if packed is not None else nullcontext
             for i in range(max_new):
                 tok = sample(logits[:, : self.vocab_limit], params, gens, seen)  # (B,)
                 if self.eos_id is not None:
@@ -173,9 +175,11 @@ class Engine:
                 if ragged:
                     valid_all = torch.cat([valid_all, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
                     step_mask = valid_all[:, None, None, :]  # (B, 1, 1, slot+1)
-                    logits = self.decode(tok, slot, next_pos[:, None], step_mask)
+                    with fast():
+                        logits = self.decode(tok, slot, next_pos[:, None], step_mask)
                 else:
-                    logits = self.decode(tok, slot, None, None)
+                    with fast():
+                        logits = self.decode(tok, slot, None, None)
                 next_pos = next_pos + 1
 
     # -- batches with per-row limits --------------------------------------------------------------

@@ -16,7 +16,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="New tokens for the batch-1 decode measurement.")] = 256,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated decode batch sizes.")] = "1,8,32",
     batch_new_tokens: Annotated[int, typer.Option(help="New tokens per row for batches larger than 1.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Repeats for prefill and batch-1 decode (the median is reported).")] = 3,
+    repeats: Annotated[int, typer.Option(help="Repeats for prefill and batch-1 decode (the median is reported).")] = 5,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also run transformers' generate on the same weights.")] = True,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
