@@ -126,6 +126,10 @@ def run(
     for t in templates or []:
         get_template(t)  # an unknown name fails now, before a model loads
     cells, notes = make_grid(models, templates, shots, lambda t: get_template(t).takes_examples)
+    from .checkpoints import resolve
+
+    for model in dict.fromkeys(c.model for c in cells):
+        resolve(model)  # a missing or non-GPT-2 model fails now, before any row of another model is written
     for n in notes:
         log(f"note: {n}")
     skipped = skipped if skipped is not None else []
