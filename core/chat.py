@@ -311,6 +311,18 @@ class ChatSession:
             return t.text
         return None
 
+    def branch(self, index: int) -> str:
+        """Take back the user message at ``index`` and everything after it, to edit it and continue from
+        there (the next prompt's history is the turns before it). The stored rows are kept, marked
+        replaced. Returns the message's text."""
+        if not 0 <= index < len(self.turns) or self.turns[index].role != "user":
+            raise UsageError("only a message you sent can be edited and resent")
+        text = self.turns[index].text
+        for t in self.turns[index:]:
+            self._replace(t)
+        del self.turns[index:]
+        return text
+
     def pending_input(self) -> str | None:
         """The last user message when it has no reply yet (what regenerate answers)."""
         return self.turns[-1].text if self.turns and self.turns[-1].role == "user" else None

@@ -171,3 +171,73 @@ def test_gptchat_help_loads_no_textual_or_torch():
             "print('MODS', sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "chat" in out and out.strip().splitlines()[-1] == "MODS []"
+
+
+def test_edit_an_older_message_branches_the_conversation(tiny_model, tmp_path):
+    from gptchat.core.chat import ChatSession, ChatSettings, Turn
+    from gptchat.core.textgen import complete
+
+    store = Store(tmp_path / "h.sqlite3")
+    app = make_app(tiny_model, store, max_new_tokens=5, greedy=True, seed=2)
+
+    async def go():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_ready(pilot, app)
+            scr = chat_screen(app)
+            for q in ("one", "two", "three"):
+                await send(pilot, app, q)
+                await wait_reply(pilot, app)
+            views = list(scr.query(MessageView))
+            views[2].focus()  # "two", an older message of mine
+            await pilot.press("e")
+            await pilot.pause()
+            box = scr.query_one("#input")
+            edited = box.text, [(v.role, v.text) for v in scr.query(MessageView)], [t.text for t in app.session.turns]
+            box.text = "two, edited"
+            await pilot.press("enter")
+            await wait_reply(pilot, app)
+            after = [(v.role, v.text) for v in scr.query(MessageView)]
+            views = list(scr.query(MessageView))
+            views[1].focus()  # a reply is not branched: its text is just copied to the input
+            await pilot.press("e")
+            await pilot.pause()
+            return edited, after, views[1].text, box.text, len(scr.query(MessageView)), scr.loaded
+
+    (box_text, kept_views, kept_turns), after, reply1, copied, n_views, loaded = run(go())
+    assert box_text == "two" and [r for r, _ in kept_views] == ["user", "assistant"] and kept_views[0][1] == "one"
+    assert kept_turns == ["one", reply1]
+    assert [r for r, _ in after] == ["user", "assistant", "user", "assistant"] and after[2][1] == "two, edited"
+    assert copied == reply1 and n_views == 4
+    (conv,) = store.conversations()
+    rows = store.messages(conv.id)
+    assert [(m.role, m.content) for m in rows if m.status == "replaced"][::2] == [("user", "two"), ("user", "three")]
+    assert [m.status for m in rows].count("replaced") == 4
+    live = [m for m in rows if m.status != "replaced"]
+    assert [m.content for m in live] == ["one", reply1, "two, edited", after[3][1]]
+    # The new reply's prompt holds only the turns before the edited message.
+    s = ChatSettings(model=tiny_model, max_new_tokens=5, greedy=True, seed=2)
+    hist = [Turn("user", "one"), Turn("assistant", reply1)]
+    rendered, tpl = ChatSession(None, s).render(loaded.lm.tokenizer, 1024, "two, edited", hist)
+    ref = complete(loaded.lm.engine, loaded.lm.tokenizer, rendered.ids, s.gen_options(tpl.options, rendered.stop, 2))
+    assert live[3].prompt_tokens == len(rendered.ids) and live[3].content == ref.text
+    full = hist + [Turn("user", "two"), Turn("assistant", rows[3].content), Turn("user", "three"), Turn("assistant", rows[5].content)]
+    assert len(ChatSession(None, s).render(loaded.lm.tokenizer, 1024, "two, edited", full)[0].ids) > len(rendered.ids)
+    # Reopening the conversation shows the branch, not the replaced turns.
+    again = ChatSession(store, s)
+    again.open(conv.id)
+    assert [t.text for t in again.turns] == ["one", reply1, "two, edited", after[3][1]]
+
+
+def test_branch_only_at_a_user_message():
+    import pytest
+
+    from gptchat.core.chat import ChatSession, Turn
+    from gptchat.core.errors import UsageError
+
+    s = ChatSession(None)
+    s.turns = [Turn("user", "a"), Turn("assistant", "b"), Turn("user", "c"), Turn("assistant", "d")]
+    with pytest.raises(UsageError):
+        s.branch(1)
+    with pytest.raises(UsageError):
+        s.branch(4)
+    assert s.branch(2) == "c" and [t.text for t in s.turns] == ["a", "b"]

@@ -72,8 +72,9 @@ def test_budget_bar_shows_what_will_be_dropped_before_sending(tiny_model):
             long = " ".join(["word"] * 150)
             app.session.turns = [Turn("user" if i % 2 == 0 else "assistant", long) for i in range(8)]
             scr.query_one("#input").text = "and now?"
-            await pilot.pause(0.4)
             bar = scr.query_one(BudgetBar)
+            # the bar is refreshed 0.15 s after the last keystroke: wait for it rather than a fixed time
+            await wait_for(pilot, lambda: bool(bar.dropped), 10, "the budget bar to update")
             return bar.values(), bar.dropped, str(bar.render())
 
     values, dropped, text = run(go())

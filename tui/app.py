@@ -40,7 +40,12 @@ class GptchatApp(App):
             self.notify(msg or type(err).__name__, title="Error", severity="error", timeout=8)
 
     def get_system_commands(self, screen):
+        from .screens.finetune import FinetuneScreen, open_finetune
+
         yield from super().get_system_commands(screen)
+        if not isinstance(screen, FinetuneScreen):
+            yield SystemCommand("Finetune…", "Finetune a model on text files, or follow a run (/finetune, /runs)",
+                                lambda: open_finetune(self))
         if isinstance(screen, ChatScreen):
             for title, help, action in [
                 ("New chat", "Start a new conversation (Ctrl+N)", screen.action_new_chat),

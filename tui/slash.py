@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "examples": ("FILE", "a JSONL or TSV file of examples for the template"),
     "set": ("NAME VALUE", "change a setting, e.g. /set temperature 0.7, /set seed 42, /set greedy on"),
     "compare": ("[MODEL:TEMPLATE:SHOTS, ...]", "send one prompt to 2-4 panes side by side"),
-    "finetune": ("FILE", "start finetuning on a text file in the background"),
+    "finetune": ("FILE [--steps N ...]", "open the finetune screen (no argument: also the list of runs)"),
     "new": ("", "start a new chat"),
     "history": ("", "open the conversation list"),
     "regen": ("", "regenerate the last reply"),
@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "unload": ("NAME", "unload a model to free memory"),
     "help": ("", "list every key and command"),
 }
-ALIASES = {"m": "model", "t": "template", "h": "help", "?": "help", "regenerate": "regen", "clear": "new",
+ALIASES = {"runs": "finetune", "m": "model", "t": "template", "h": "help", "?": "help", "regenerate": "regen", "clear": "new",
            "temp": "set temperature"}
 
 

@@ -16,7 +16,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def _opt(model, fused: bool):

@@ -70,7 +70,6 @@ def train(settings: Settings | None = None, *, resume: str | None = None, steps:
           on_event=None, stop_at: int | None = None) -> Result:
     """Run (or continue) a training run. ``stop_at``: behave as if interrupted after that step."""
     from ..checkpoints import resolve as resolve_ckpt
-    from ..checkpoints import sniff
     from ..device import pick_device, pick_dtype
     from ..tokenizer import load_tokenizer
 

@@ -139,3 +139,42 @@ def _device_flops(device) -> float | None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def preview(settings, *, measure: bool = True) -> tuple[Plan, dict]:
+    """The plan for ``settings`` without loading weights or tokenizing (the TUI's form uses this).
+
+    Token counts are estimated from file sizes (about 4 bytes a token); returns the plan and the
+    resolved numbers as a dict.
+    """
+    import torch
+
+    from ..device import pick_device, pick_dtype
+    from .data import collect_files
+    from .settings import resolve
+
+    settings.check()
+    files = collect_files(settings.data, settings.format)
+    n_tokens = max(1, sum(f.stat().st_size for f in files) // 4)
+    if settings.from_scratch:
+        from ..config import PRESETS
+
+        cfg = PRESETS[settings.arch or "tiny"]
+    else:
+        from ..checkpoints import resolve as resolve_ckpt
+
+        cfg = resolve_ckpt(settings.model or "gpt2", download=False).config
+    device = pick_device(settings.device)
+    amp_bytes = 4 if pick_dtype(settings.dtype, device) == torch.float32 else 2
+    r = resolve(settings, n_positions=cfg.n_positions, n_params=cfg.n_params(), n_tokens=n_tokens, world=1,
+                device_type=device.type)
+    trainable = cfg.n_params()
+    if settings.lora:  # rank x (in + out) per adapted matrix per layer
+        per = {"q": 2 * cfg.n_embd, "k": 2 * cfg.n_embd, "v": 2 * cfg.n_embd, "o": 2 * cfg.n_embd,
+               "fc": 5 * cfg.n_embd, "proj": 5 * cfg.n_embd}
+        targets = [t.strip() for t in settings.lora_targets.split(",") if t.strip()]
+        trainable = cfg.n_layer * settings.lora_rank * sum(per.get(t, 0) for t in targets)
+    plan = make_plan(cfg, trainable=trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
+                     tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
+                     grad_checkpointing=settings.grad_checkpointing, measure=measure)
+    return plan, {**r.to_dict(), "est_tokens": n_tokens}

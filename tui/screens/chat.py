@@ -294,10 +294,35 @@ class ChatScreen(Screen):
             users = [v for v in views if v.role == "user"]
             if users and event.view is users[-1]:
                 self.action_edit_last()
-            else:  # an older message: bring its text back to send it again
+            elif event.view.role == "user":
+                self.edit_from(views, event.view)
+            else:  # a reply: bring its text back to send it as a message
                 box = self.query_one("#input", ChatInput)
                 box.text = event.view.text
                 box.focus()
+
+    def edit_from(self, views: list[MessageView], view: MessageView) -> None:
+        """Branch at an older message of yours: it and everything after it leave the view (kept in
+        history, marked replaced), its text goes to the input, and sending continues from there."""
+        if self._busy():
+            return
+        i = views.index(view)
+        turns = self.session.turns
+        if len(views) != len(turns) or turns[i].role != "user" or turns[i].text != view.text:
+            self.notify("this view is out of step with the conversation: reopen it from History (F3)",
+                        severity="warning")
+            return
+        n_later = len(turns) - i - 1
+        text = self.session.branch(i)
+        for v in views[i:]:
+            v.remove()
+        self.reply_view = None
+        box = self.query_one("#input", ChatInput)
+        box.text = text
+        box.focus()
+        box.move_cursor(box.document.end)
+        self.update_budget()
+        self.notify(f"editing an earlier message: the {n_later} after it are set aside (kept in history)")
 
     def action_new_chat(self) -> None:
         if self.generating:
@@ -454,9 +479,9 @@ class ChatScreen(Screen):
         self.action_compare(arg)
 
     def slash_finetune(self, arg: str) -> None:
-        from ..finetune_launch import launch
+        from .finetune import open_finetune
 
-        self.notify(launch(arg))
+        open_finetune(self.app, arg)
 
     def slash_new(self, arg: str) -> None:
         self.action_new_chat()
