@@ -35,6 +35,8 @@ class Checkpoint:
     config: GPTConfig
     folder: Path  # where tokenizer files would be
     files: list[Path] = field(default_factory=list)
+    # a nanoGPT file is unpickled once, when sniffed; loading reuses it (memory-mapped, not read twice)
+    _payload: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def size_bytes(self) -> int:
@@ -157,7 +159,7 @@ def _sniff_nanogpt(path: Path, name: str) -> Checkpoint:
     cfg = GPTConfig.from_nanogpt(ck["model_args"], where=str(path))
     if (path.parent / "meta.pkl").exists() and cfg.vocab_size < 50257:
         raise CheckpointError(f"{path} uses a character vocabulary (meta.pkl); gptchat needs GPT-2's BPE vocabulary")
-    return Checkpoint(path, "nanogpt", name, cfg, path.parent, [path])
+    return Checkpoint(path, "nanogpt", name, cfg, path.parent, [path], _payload=ck)
 
 
 # -- reading weights ----------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def _read_file(path: Path):
 def iter_tensors(ck: Checkpoint):
     """(our parameter name, tensor) pairs: prefixes fixed, Conv1D weights transposed, buffers dropped."""
     if ck.format == "nanogpt":
-        raw = _torch_load(ck.path)["model"].items()
+        raw = (ck._payload or _torch_load(ck.path))["model"].items()
         conv1d = False
     else:
         raw = (kv for f in ck.files for kv in _read_file(f))

@@ -154,7 +154,9 @@ class Engine:
             mask = prefill_mask(valid) if ragged else None
             logits = self.prefill(ids, pos if ragged else None, mask)
             next_pos = pos[:, -1] + 1  # (B,)
-            valid_all = valid
+            if ragged:  # slots each row may attend to: its real prompt tokens, then every new token
+                visible = torch.ones(B, T + max_new, dtype=torch.bool, device=dev)
+                visible[:, :T] = valid
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=dev)
             packed = self._packed_linears(B)
@@ -173,8 +175,7 @@ class Engine:
                     return
                 slot = T + i
                 if ragged:
-                    valid_all = torch.cat([valid_all, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
-                    step_mask = valid_all[:, None, None, :]  # (B, 1, 1, slot+1)
+                    step_mask = visible[:, None, None, : slot + 1]  # (B, 1, 1, slot+1)
                     with fast():
                         logits = self.decode(tok, slot, next_pos[:, None], step_mask)
                 else:

@@ -42,29 +42,26 @@ def generate(
     """Generate a completion of a prompt with a GPT-2 model."""
     from gptchat.core.errors import UsageError
 
+    from gptchat.core import options
+
     text = _read_prompt(prompt)
-    stops = tuple(_unescape(s) for s in (stop or []))
+    stops = tuple(options.unescape(s) for s in (stop or []))
     if template is None and (shots is not None or examples or var):
         raise UsageError("--shots, --examples and --var need a --template (see `gptchat templates list`)")
     tpl = None
-    defaults: dict = {}
     if template is not None:
         from gptchat.core.templates import get_template
 
         tpl = get_template(template)
-        defaults = dict(tpl.options)
-    from gptchat.core.options import resolve
-
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                  max_new_tokens=max_new_tokens)
-    o = resolve(given, defaults)  # flag > template option > default
     try:
-        from gptchat.core.sampling import SamplingParams
         from gptchat.core.textgen import GenOptions
 
-        params = SamplingParams(temperature=float(o["temperature"]), top_k=int(o["top_k"]), top_p=float(o["top_p"]),
-                                repetition_penalty=float(o["repetition_penalty"]), greedy=greedy)
-        opts = GenOptions(params=params, max_new_tokens=int(o["max_new_tokens"]), seed=seed, stop=stops)
+        variables = options.parse_vars(var)  # checked before the model loads
+        o = options.resolve(given, tpl.options if tpl else None)  # flag > template option > default
+        params, n_new = options.sampling_params(o, greedy)
+        opts = GenOptions(params=params, max_new_tokens=n_new, seed=seed, stop=stops)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -79,7 +76,7 @@ def generate(
         reserve = opts.max_new_tokens
         if max_new_tokens is None:  # a template's default must not crowd out the input on small windows
             reserve = min(reserve, lm.engine.n_ctx // 2)
-        rendered = _render(tpl, text, var, examples, shots, seed, lm, reserve)
+        rendered = _render(tpl, text, variables, examples, shots, seed, lm, reserve)
         ids = rendered.ids
         opts = GenOptions(params=params, max_new_tokens=reserve, seed=seed,
                           stop=tuple(dict.fromkeys(stops + tuple(rendered.stop))))
@@ -115,17 +112,10 @@ def generate(
         err(f"[{comp.completion_tokens} tokens, {comp.tokens_per_s:.1f} tok/s, {comp.finish_reason}, seed {comp.seed}]")
 
 
-def _render(tpl, text, var, examples, shots, seed, lm, reserve):
-    from gptchat.core.errors import UsageError
+def _render(tpl, text, variables, examples, shots, seed, lm, reserve):
     from gptchat.core.templates import Budget, load_examples, render
 
-    variables = {}
-    for item in var or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise UsageError(f"--var takes NAME=VALUE, got {item!r}")
-        variables[name.strip()] = _unescape(value)
-    variables[tpl.input_variable] = text
+    variables = {**variables, tpl.input_variable: text}
     pool = load_examples(examples, tpl.example_fields) if examples else None
     budget = Budget(n_ctx=lm.engine.n_ctx, reserve=reserve)
     return render(tpl, variables, None, lm.tokenizer, budget, examples=pool, shots=shots,
@@ -166,12 +156,6 @@ def _read_prompt(prompt: str | None) -> str:
     if not text:
         raise UsageError("the prompt is empty; give the model some text to continue")
     return text
-
-
-def _unescape(s: str) -> str:
-    from gptchat.core.options import unescape
-
-    return unescape(s)
 
 
 generate.__doc__ = (generate.__doc__ or "") + "\n" + EXAMPLES
