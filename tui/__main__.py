@@ -1,3 +1,3 @@
-from .cli import main
+from gptchat.tui.cli.main import main
 
 main()

@@ -4,18 +4,18 @@ The CLI (``gptchat finetune``) and the TUI drive ``train``; a run lives in a fol
 ``get_paths().runs`` and reports through its ``events.jsonl`` (see events.py).
 """
 
-from .settings import Settings
+from gptchat.core.train.settings import Settings
 
 __all__ = ["Settings", "train", "list_runs"]
 
 
 def train(*args, **kwargs):
-    from .loop import train as _train
+    from gptchat.core.train.loop import train as _train
 
     return _train(*args, **kwargs)
 
 
 def list_runs():
-    from .runs import list_runs as _list
+    from gptchat.core.train.runs import list_runs as _list
 
     return _list()

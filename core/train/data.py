@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..tokenizer import EOT
+from gptchat.core.errors import DataError
+from gptchat.core.text.tokenizer import EOT
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".text", ".markdown")
 JSONL_EXTS = (".jsonl",)
@@ -147,7 +147,7 @@ def scan(paths, fmt: str = "text", warn=None) -> tuple[list[Path], str]:
 def prepare(paths, tokenizer, fmt: str = "text", template: str | None = None, warn=None,
             scanned: tuple[list[Path], str] | None = None) -> Dataset:
     """Tokenize ``paths`` once (or reuse the cache) and return the memmapped tokens."""
-    from ..paths import get_paths
+    from gptchat.core.paths import get_paths
 
     if template is not None and fmt != "jsonl":
         raise DataError("--template applies to --format jsonl (prompt/completion pairs) only")
@@ -155,7 +155,7 @@ def prepare(paths, tokenizer, fmt: str = "text", template: str | None = None, wa
     tpl = None
     h = hashlib.sha256(f"{digest} {tokenizer.enc.name}".encode())
     if template is not None:
-        from ..templates import get_template
+        from gptchat.core.prompting.templates import get_template
 
         tpl = get_template(template)
         h.update(tpl.text.encode())
@@ -245,7 +245,7 @@ class _null:
 
 
 def _render_prompt(tpl, prompt: str, tokenizer) -> list[int]:
-    from ..templates import Budget, render
+    from gptchat.core.prompting.templates import Budget, render
 
     return render(tpl, {tpl.input_variable: prompt}, tokenizer=tokenizer, budget=Budget(reserve=0)).ids
 

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .data import Dataset, val_starts, windows
+from gptchat.core.train.data import Dataset, val_starts, windows
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

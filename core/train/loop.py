@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TrainError, UsageError
-from . import runs
-from .data import Batches, prepare, split
-from .dist import Dist, full_state, load_full_state, wrap
-from .evaluate import amp_context, loss_fn, probe_prompts, sample, val_loss
-from .events import EventLog, Status
-from .settings import Settings, lr_at, resolve
+from gptchat.core.errors import TrainError, UsageError
+from gptchat.core.train import runs
+from gptchat.core.train.data import Batches, prepare, split
+from gptchat.core.train.dist import Dist, full_state, load_full_state, wrap
+from gptchat.core.train.evaluate import amp_context, loss_fn, probe_prompts, sample, val_loss
+from gptchat.core.train.events import EventLog, Status
+from gptchat.core.train.settings import Settings, lr_at, resolve
 
 
 @dataclass
@@ -69,9 +69,9 @@ class _Stop:
 def train(settings: Settings | None = None, *, resume: str | None = None, steps: int | None = None,
           on_event=None, stop_at: int | None = None) -> Result:
     """Run (or continue) a training run. ``stop_at``: behave as if interrupted after that step."""
-    from ..checkpoints import resolve as resolve_ckpt
-    from ..device import pick_device, pick_dtype
-    from ..tokenizer import load_tokenizer
+    from gptchat.core.weights.checkpoints import resolve as resolve_ckpt
+    from gptchat.core.model.device import pick_device, pick_dtype
+    from gptchat.core.text.tokenizer import load_tokenizer
 
     dist = Dist.from_env()
     # -- what to do -------------------------------------------------------------------------------
@@ -106,17 +106,17 @@ def train(settings: Settings | None = None, *, resume: str | None = None, steps:
         raise UsageError("--fsdp with --lora is not supported; LoRA's small optimizer state rarely needs sharding")
 
     # -- data, tokenizer, model shape (all cheap; errors before anything big is loaded) -----------
-    from .data import scan
+    from gptchat.core.train.data import scan
 
     warnings: list[str] = []
     scanned = scan(s.data, s.format, warn=warnings.append)
     if s.template is not None:
-        from ..templates import get_template
+        from gptchat.core.prompting.templates import get_template
 
         get_template(s.template)
     ck = None
     if s.from_scratch:
-        from ..config import PRESETS
+        from gptchat.core.model.config import PRESETS
 
         cfg = PRESETS[s.arch or "tiny"]
         from dataclasses import replace
@@ -139,7 +139,7 @@ def train(settings: Settings | None = None, *, resume: str | None = None, steps:
         raise TrainError(f"the training data changed since run {resume!r} started; start a new run instead")
 
     if meta is not None:
-        from .settings import Resolved
+        from gptchat.core.train.settings import Resolved
 
         r = Resolved(**meta["resolved"])
     else:
@@ -197,10 +197,10 @@ def train(settings: Settings | None = None, *, resume: str | None = None, steps:
 
 def _run(s, r, cfg, ck, tok, ds, sp, folder, dist, device, amp_dtype, amp, log, status, stopper,
          result, resuming, stop_at):
-    from ..checkpoints import load_model, save_hf, sniff
-    from ..model import GPT
-    from . import lora as lora_mod
-    from .plan import make_plan
+    from gptchat.core.weights.checkpoints import load_model, save_hf, sniff
+    from gptchat.core.model.gpt import GPT
+    from gptchat.core.train import lora as lora_mod
+    from gptchat.core.train.plan import make_plan
 
     last_dir = runs.link_target(folder, "last") if resuming else None
     trainer = torch.load(last_dir / "trainer.pt", map_location="cpu", weights_only=True) if last_dir else None
@@ -407,11 +407,11 @@ def _run(s, r, cfg, ck, tok, ds, sp, folder, dist, device, amp_dtype, amp, log, 
 
 
 def _plain(raw, msd, s):
-    from . import lora as lora_mod
+    from gptchat.core.train import lora as lora_mod
 
     if msd is None or not s.fsdp:
         return lora_mod.plain_model(raw)
-    from ..model import GPT
+    from gptchat.core.model.gpt import GPT
 
     with torch.device("meta"):
         out = GPT(raw.config)

@@ -110,7 +110,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 def plain_model(model):
     """A plain GPT (no adapters) holding ``model``'s weights, adapters merged; shares unmerged tensors."""
-    from ..model import GPT
+    from gptchat.core.model.gpt import GPT
 
     sd = merged_state_dict(model) if has_lora(model) else model.state_dict()
     with torch.device("meta"):

@@ -149,19 +149,19 @@ def preview(settings, *, measure: bool = True) -> tuple[Plan, dict]:
     """
     import torch
 
-    from ..device import pick_device, pick_dtype
-    from .data import collect_files
-    from .settings import resolve
+    from gptchat.core.model.device import pick_device, pick_dtype
+    from gptchat.core.train.data import collect_files
+    from gptchat.core.train.settings import resolve
 
     settings.check()
     files = collect_files(settings.data, settings.format)
     n_tokens = max(1, sum(f.stat().st_size for f in files) // 4)
     if settings.from_scratch:
-        from ..config import PRESETS
+        from gptchat.core.model.config import PRESETS
 
         cfg = PRESETS[settings.arch or "tiny"]
     else:
-        from ..checkpoints import resolve as resolve_ckpt
+        from gptchat.core.weights.checkpoints import resolve as resolve_ckpt
 
         cfg = resolve_ckpt(settings.model or "gpt2", download=False).config
     device = pick_device(settings.device)

@@ -23,14 +23,14 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import TrainError
-from .events import read_events, write_json
+from gptchat.core.errors import TrainError
+from gptchat.core.train.events import read_events, write_json
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
 
 
 def runs_root() -> Path:
-    from ..paths import get_paths
+    from gptchat.core.paths import get_paths
 
     return get_paths().runs
 

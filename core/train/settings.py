@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import UsageError
+from gptchat.core.errors import UsageError
 
 LORA_TARGETS = ("q", "k", "v", "o", "fc", "proj")  # attn q/k/v parts of c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -93,7 +93,7 @@ class Settings:
         if self.arch is not None and not self.from_scratch:
             raise UsageError("--arch picks the shape for --from-scratch; to finetune a model use --model")
         if self.arch is not None:
-            from ..config import PRESETS
+            from gptchat.core.model.config import PRESETS
 
             if self.arch not in PRESETS:
                 raise UsageError(f"unknown --arch {self.arch!r}; choose one of {', '.join(PRESETS)}")

@@ -1,0 +1,291 @@
+"""The batch job from start to end: the grid, resume, sharding across torchrun ranks, the summary.
+
+Under torchrun (RANK / WORLD_SIZE in the environment) input row ``i`` goes to rank ``i % WORLD_SIZE``
+with every grid cell of that row. Each rank appends to its own part file next to the output
+(``out.jsonl.part-R-of-W``) and, when done, writes a ``.done`` marker. A gloo barrier (CPU, no GPU
+needed) then tells rank 0 that every rank has finished; rank 0 checks the markers, merges the parts
+(and, with --resume, the earlier output) into input order through a temporary file and
+``os.replace``, and only then deletes the parts. A failed merge leaves the parts in place, and a
+rerun with --resume picks them up.
+
+The final file is sorted into input order (row by row, grid cells in command-line order) in one
+piece, for one process too, so the output does not depend on batching or on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+from gptchat.core.batch import io as bio
+from gptchat.core.batch.jobs import Cell, Settings, auto_batch_size, build_jobs, make_grid, plan_groups, run_group
+from gptchat.core.batch.io import Row, Skipped
+from gptchat.core.errors import BatchOutputError, UsageError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            raise UsageError("RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
+        return cls(rank, world) if world > 1 else cls()
+
+
+@dataclass
+class Progress:
+    rows_done: int = 0
+    rows_total: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    model: str = ""
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class Summary:
+    output: str | None
+    rows: int = 0  # input rows read
+    cells: list[dict] = field(default_factory=list)
+    done: int = 0  # results written by this run
+    resumed: int = 0  # results already in the output, skipped
+    bad: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    load_s: float = 0.0
+    rank: int = 0
+    world: int = 1
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        gen_s = self.elapsed_s - self.load_s  # rates leave model loading out
+        d["rows_per_s"] = round(self.done / gen_s, 3) if gen_s > 0 else 0.0
+        d["tokens_per_s"] = round(self.tokens / gen_s, 2) if gen_s > 0 else 0.0
+        d["elapsed_s"], d["load_s"] = round(self.elapsed_s, 3), round(self.load_s, 3)
+        return d
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank}-of-{world}")
+
+
+def _marker(part: Path) -> Path:
+    return part.with_name(part.name + ".done")
+
+
+def run(
+    rows: list[Row],
+    label: str,
+    *,
+    models: list[str] | None,
+    templates: list[str] | None,
+    shots: list[int] | None,
+    settings: Settings,
+    output: Path | None,
+    stdout=None,  # a binary stream, when output is None
+    fmt: str = "jsonl",
+    resume: bool = False,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    skipped: list[Skipped] | None = None,
+    progress: Callable[[Progress], None] = lambda p: None,
+    log: Callable[[str], None] = lambda s: None,
+    dist: Dist | None = None,
+) -> Summary:
+    from gptchat.core.prompting.templates import get_template
+
+    dist = dist or Dist.from_env()
+    if fmt not in bio.FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; use jsonl or csv")
+    if dist.world > 1 and output is None:
+        raise UsageError("under torchrun every rank writes a part of the output: give -o FILE")
+    if resume and output is None:
+        raise UsageError("--resume needs -o FILE (it skips the rows already in that file)")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be 1 or more")
+    for t in templates or []:
+        get_template(t)  # an unknown name fails now, before a model loads
+    cells, notes = make_grid(models, templates, shots, lambda t: get_template(t).takes_examples)
+    from gptchat.core.weights.checkpoints import resolve
+
+    for model in dict.fromkeys(c.model for c in cells):
+        resolve(model)  # a missing or non-GPT-2 model fails now, before any row of another model is written
+    for n in notes:
+        log(f"note: {n}")
+    skipped = skipped if skipped is not None else []
+    read_bad = len(skipped)  # rows every rank read and skipped alike: rank 0 reports them
+    summary = Summary(str(output) if output else None, rows=len(rows), rank=dist.rank, world=dist.world,
+                      cells=[c.__dict__ for c in cells])
+    t0 = time.perf_counter()
+    pg = _init_group(dist)
+
+    # What is already done: the output itself and any parts a crashed or unmerged run left.
+    done: set[tuple] = set()
+    if resume:
+        done |= {c.key for c in bio.scan(output, fmt, repair=dist.world == 1)}
+        for part in output.parent.glob(output.name + ".part-*-of-*"):
+            if part.suffix != ".done" and not part.name.endswith(".tmp"):
+                mine = part == part_path(output, dist.rank, dist.world)
+                done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
+    mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
+    if dist.world > 1:
+        target = part_path(output, dist.rank, dist.world)
+        _marker(target).unlink(missing_ok=True)
+        writer = bio.Writer.open(target, fmt, append=resume)
+    elif output is not None:
+        writer = bio.Writer.open(output, fmt, append=resume)
+    else:
+        writer = bio.Writer(stdout, fmt, header=True)
+
+    def key(row: Row, cell: Cell):
+        return bio.record_key({"id": row.id, "model": cell.model, "template": cell.template, "shots": cell.shots})
+
+    pending = {c: [r for r in mine_rows if key(r, c) not in done] for c in cells}
+    summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
+    prog = Progress(rows_total=sum(len(p) for p in pending.values()))
+    try:
+        for model in dict.fromkeys(c.model for c in cells):
+            my_cells = [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]]
+            if not my_cells:
+                continue
+            from gptchat.core.generate.loaded import open_model
+
+            log(f"loading {model} ...")
+            lm = open_model(model, device=device, dtype=dtype)
+            summary.load_s += lm.load_s
+            prog.model = model
+            jobs = []
+            for i, c in my_cells:
+                jobs += build_jobs(pending[c], c, i, lm.tokenizer, lm.engine.n_ctx, settings, skipped, label)
+            prog.rows_total -= sum(len(pending[c]) for _, c in my_cells) - len(jobs)
+            bs = batch_size or auto_batch_size(lm.engine, jobs)
+
+            def emit(rec: dict) -> None:
+                writer.write(rec)
+                summary.done += 1
+                reason = rec["finish_reason"]
+                summary.finish_reasons[reason] = summary.finish_reasons.get(reason, 0) + 1
+                prog.rows_done += 1
+                prog.tokens += rec["completion_tokens"] + (reason == "eos")
+                prog.elapsed_s = time.perf_counter() - t0
+                progress(prog)
+
+            for same_params in plan_groups(jobs):
+                summary.tokens += run_group(lm, same_params, bs, emit, rank=dist.rank)
+            del lm
+    finally:
+        if output is not None:
+            writer.close()
+    summary.bad = [s.reason for s in skipped[read_bad if dist.rank else 0:]]
+    order = _order(rows, cells)
+    if dist.world > 1:
+        counts = {k: getattr(summary, k) for k in ("done", "resumed", "bad", "tokens", "finish_reasons")}
+        _marker(part_path(output, dist.rank, dist.world)).write_text(json.dumps(counts) + "\n")
+        _barrier(pg)
+        if dist.rank == 0:
+            _add_counts(summary, output, dist.world)
+            _merge(output, fmt, dist.world, order, resume)
+        _barrier(pg)
+        _close_group(pg)
+    elif output is not None:
+        chunks = bio.scan(output, fmt)
+        if resume:  # parts a distributed run left unmerged
+            for part in sorted(output.parent.glob(output.name + ".part-*-of-*")):
+                if part.suffix != ".done" and not part.name.endswith(".tmp"):
+                    chunks += bio.scan(part, fmt, repair=False)
+        bio.write_atomic(output, bio.canonical_order(chunks, order), fmt)
+        _remove_parts(output)
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def _order(rows: list[Row], cells: list[Cell]):
+    row_pos = {r.id: r.index for r in rows}
+    cell_pos = {bio.record_key({"id": "", "model": c.model, "template": c.template, "shots": c.shots})[1:]: i
+                for i, c in enumerate(cells)}
+
+    def order(key):
+        r, c = row_pos.get(key[0]), cell_pos.get(key[1:])
+        return None if r is None or c is None else (r, c)
+
+    return order
+
+
+def _add_counts(summary: Summary, output: Path, world: int) -> None:
+    """Rank 0 reports the whole run: add the other ranks' counts from their .done markers."""
+    for r in range(1, world):
+        try:
+            c = json.loads(_marker(part_path(output, r, world)).read_text())
+        except (OSError, ValueError):
+            continue  # _merge names the missing marker
+        summary.done += c["done"]
+        summary.resumed += c["resumed"]
+        summary.tokens += c["tokens"]
+        summary.bad += c["bad"]
+        for k, v in c["finish_reasons"].items():
+            summary.finish_reasons[k] = summary.finish_reasons.get(k, 0) + v
+
+
+def _merge(output: Path, fmt: str, world: int, order, resume: bool) -> None:
+    parts = [part_path(output, r, world) for r in range(world)]
+    missing = [p.name for p in parts if not _marker(p).exists()]
+    if missing:
+        raise BatchOutputError(
+            f"cannot merge: {', '.join(missing)} did not finish (no .done marker); rerun with --resume"
+        )
+    chunks = bio.scan(output, fmt) if resume else []
+    others = [p for p in output.parent.glob(output.name + ".part-*-of-*")
+              if p not in parts and p.suffix != ".done" and not p.name.endswith(".tmp")]
+    for p in parts + (sorted(others) if resume else []):
+        chunks += bio.scan(p, fmt, repair=False)
+    bio.write_atomic(output, bio.canonical_order(chunks, order), fmt)
+    _remove_parts(output)
+
+
+def _remove_parts(output: Path) -> None:
+    for p in output.parent.glob(output.name + ".part-*-of-*"):
+        p.unlink(missing_ok=True)
+
+
+# -- torch.distributed, only for barriers ---------------------------------------------------------
+
+
+def _init_group(dist: Dist):
+    if dist.world == 1:
+        return None
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        # generation on other ranks can take hours: the barrier must not time out before they finish
+        td.init_process_group("gloo", rank=dist.rank, world_size=dist.world, timeout=timedelta(days=2))
+    return td
+
+
+def _barrier(td) -> None:
+    if td is not None:
+        td.barrier()
+
+
+def _close_group(td) -> None:
+    if td is not None and td.is_initialized():
+        td.destroy_process_group()

@@ -1,0 +1,55 @@
+"""A model ready to use: the engine, its tokenizer and where it came from (what front ends hold)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from gptchat.core.weights.checkpoints import Checkpoint
+from gptchat.core.generate.engine import Engine
+from gptchat.core.text.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    tokenizer: Tokenizer
+    checkpoint: Checkpoint
+    load_s: float
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    def describe(self) -> dict:
+        from gptchat.core.model.device import DTYPE_NAMES
+
+        e = self.engine
+        return {
+            "model": self.checkpoint.name,
+            "path": str(self.checkpoint.path),
+            "format": self.checkpoint.format,
+            "params": self.checkpoint.config.n_params(),
+            "device": str(e.device),
+            "dtype": DTYPE_NAMES.get(e.dtype, str(e.dtype)),
+            "n_ctx": e.n_ctx,
+            "tokenizer": self.tokenizer.source,
+        }
+
+
+def open_model(spec: str | None, device: str | None = None, dtype: str | None = None, download: bool = True) -> LoadedModel:
+    t0 = time.perf_counter()
+    engine = Engine.load(spec, device=device, dtype=dtype, download=download)
+    tok = load_tokenizer(engine.checkpoint.folder)
+    if tok.n_vocab > engine.model.config.vocab_size:
+        raise_mismatch(engine, tok)
+    return LoadedModel(engine, tok, engine.checkpoint, time.perf_counter() - t0)
+
+
+def raise_mismatch(engine: Engine, tok: Tokenizer) -> None:
+    from gptchat.core.errors import TokenizerError
+
+    raise TokenizerError(
+        f"the vocabulary ({tok.source}, {tok.n_vocab} tokens) is larger than the model's "
+        f"embedding table ({engine.model.config.vocab_size}); put the model's own vocab.json and merges.txt beside it"
+    )

@@ -1,0 +1,58 @@
+"""Automatic device and dtype choice, overrides, and half precision on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptchat.core.model.device import pick_device, pick_dtype
+from gptchat.core.errors import DeviceError
+from gptchat.core.generate.loaded import open_model
+from gptchat.core.generate.sampling import SamplingParams
+from gptchat.core.generate.text import GenOptions, complete
+from tests.factory import hf_model, save
+
+
+def test_auto_picks_what_this_machine_has():
+    dev = pick_device(None)
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert dev.type == expected
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("spec,dtype", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16),
+                                        ("bfloat16", torch.bfloat16), ("half", torch.float16)])
+def test_dtype_overrides(spec, dtype):
+    assert pick_dtype(spec, torch.device("cpu")) == dtype
+
+
+@pytest.mark.parametrize("spec", ["tpu", "cuda:x", "gpu"])
+def test_unknown_devices(spec):
+    with pytest.raises(DeviceError):
+        pick_device(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_missing_is_explained():
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_unknown_dtype():
+    with pytest.raises(DeviceError, match="fp32, fp16 or bf16"):
+        pick_dtype("int8", torch.device("cpu"))
+
+
+def test_bf16_generation_on_cpu_tracks_fp32(tmp_path):
+    folder = save(hf_model(seed=31), tmp_path / "m")
+    full = open_model(str(folder), dtype="fp32")
+    half = open_model(str(folder), dtype="bf16")
+    assert next(half.engine.model.parameters()).dtype == torch.bfloat16
+    ids = full.tokenizer.encode("The quick brown fox")
+    with torch.no_grad():
+        a = full.engine.prefill(torch.tensor([ids]), None, None).float()
+        b = half.engine.prefill(torch.tensor([ids]), None, None).float()
+    # bf16 keeps ~3 significant digits: the logits agree closely, not exactly
+    assert torch.corrcoef(torch.stack([a[0], b[0]]))[0, 1] > 0.99
+    comp = complete(half.engine, half.tokenizer, ids, GenOptions(SamplingParams(greedy=True), max_new_tokens=8))
+    assert comp.completion_tokens >= 1

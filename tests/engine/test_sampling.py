@@ -1,0 +1,109 @@
+"""Sampling functions: the greedy limits, filtering, seeds, and validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptchat.core.generate.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    make_generator,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+
+def _logits(B=4, V=1000, seed=0):
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0), SamplingParams(top_p=0), SamplingParams(top_k=1), SamplingParams(greedy=True),
+    SamplingParams(temperature=0, top_k=50, top_p=0.5),
+])
+def test_greedy_limits_give_argmax(params):
+    logits = _logits()
+    gens = [make_generator(i) for i in range(4)]
+    assert params.is_greedy
+    assert torch.equal(sample(logits, params, gens), logits.argmax(-1))
+
+
+def test_tiny_top_p_is_greedy_even_when_sampling():
+    logits = _logits()
+    out = sample(logits, SamplingParams(temperature=1.5, top_p=1e-6), [make_generator(i) for i in range(4)])
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_top_k_keeps_exactly_k():
+    logits = _logits()
+    kept = torch.isfinite(top_k_filter(logits, 7))
+    assert kept.sum(-1).tolist() == [7] * 4
+    top7 = logits.topk(7, dim=-1).indices
+    assert kept.gather(1, top7).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5+0.3 >= 0.7
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_samples_only_from_the_filtered_set():
+    logits = _logits(B=1, V=50)
+    params = SamplingParams(temperature=2.0, top_k=3)
+    allowed = set(logits.topk(3, dim=-1).indices[0].tolist())
+    gen = make_generator(1)
+    seen = {int(sample(logits, params, [gen])) for _ in range(300)}
+    assert seen == allowed  # all three drawn at temperature 2, nothing else
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = _logits(B=1, V=5000)
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed):
+        g = make_generator(seed)
+        return [int(sample(logits, params, [g])) for _ in range(20)]
+
+    assert draw(42) == draw(42)
+    assert draw(42) != draw(43)
+
+
+def test_rows_do_not_depend_on_their_neighbours():
+    logits = _logits(B=3, V=5000)
+    params = SamplingParams(temperature=1.0)
+    alone = sample(logits[1:2], params, [make_generator(9)])
+    together = sample(logits, params, [make_generator(1), make_generator(9), make_generator(3)])
+    assert int(alone) == int(together[1])
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+    # a strong penalty moves greedy off a token already seen
+    assert int(sample(logits, SamplingParams(greedy=True, repetition_penalty=3.0), seen=seen)) == 2
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+    dict(top_k=-1), dict(top_k=2.5), dict(top_p=1.5), dict(top_p=-0.1), dict(repetition_penalty=0),
+    dict(repetition_penalty=-1.0),
+])
+def test_bad_values_raise(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_filters_validate_too():
+    with pytest.raises(ValueError):
+        top_k_filter(_logits(), -3)
+    with pytest.raises(ValueError):
+        top_p_filter(_logits(), 2.0)

@@ -1,0 +1,249 @@
+"""Pilot tests: settings, slash commands, the budget bar, help, palette, history and compare."""
+
+from __future__ import annotations
+
+from gptchat.core.session.chat import Turn
+from gptchat.core.session.store import Store
+from gptchat.tui.app.widgets.budget_bar import BudgetBar
+from gptchat.tui.app.widgets.message_view import MessageView
+from tests.tui.helpers import (  # noqa: F401  (tiny_model is a fixture)
+    chat_screen, make_app, notifications, run, send, tiny_model, wait_for, wait_ready, wait_reply,
+)
+
+
+async def slash(pilot, app, text):
+    await send(pilot, app, text)
+    await pilot.pause()
+
+
+def test_slash_commands_and_settings_panel_change_the_next_message(tiny_model, tmp_path):
+    app = make_app(tiny_model, Store(tmp_path / "h.sqlite3"), max_new_tokens=40)
+
+    async def go():
+        async with app.run_test(size=(130, 45)) as pilot:
+            await wait_ready(pilot, app)
+            scr = chat_screen(app)
+            bar = scr.query_one(BudgetBar)
+            await pilot.pause(0.3)
+            before = bar.values()
+            await slash(pilot, app, "/set temperature 0.3")
+            await slash(pilot, app, "/set top_p 2")  # bad value: a notification, not a crash
+            await slash(pilot, app, "/template few-shot")
+            await slash(pilot, app, "/shots 2")
+            await slash(pilot, app, "/set seed 11")
+            await slash(pilot, app, "/frobnicate")
+            await pilot.pause(0.2)
+            after = bar.values()
+            # The settings panel: type a value and press Enter.
+            box = scr.query_one("#set-max_new_tokens")
+            box.focus()
+            box.value = ""
+            await pilot.press(*"12", "enter")
+            await pilot.pause(0.2)
+            s = app.session.settings
+            panel_temp = scr.query_one("#set-temperature").value
+            # The next message uses all of it: few-shot, 2 shots, seed 11, 12 tokens.
+            await send(pilot, app, "cold")
+            await wait_reply(pilot, app)
+            return before, after, s, panel_temp, notifications(app)
+
+    before, after, s, panel_temp, notes = run(go())
+    assert (s.temperature, s.template, s.shots, s.seed, s.max_new_tokens) == (0.3, "few-shot", 2, 11, 12)
+    assert panel_temp == "0.3"  # slash commands and the panel show the same settings
+    assert any("top_p must be between 0 and 1" in n for n in notes)
+    assert any("unknown command /frobnicate" in n for n in notes)
+    assert before["example"] == 0 and before["history"] == 0 and before["reserve"] == 40
+    assert after["example"] > 0 and after["reserve"] == 40  # the explicit setting beats the template
+    assert sum(after.values()) == 1024
+    store = app.session.store
+    (conv,) = store.conversations()
+    reply = store.messages(conv.id)[-1]
+    assert reply.template == "few-shot" and reply.seed == 11 and len(reply.examples_used) == 2
+    assert reply.options["temperature"] == 0.3 and reply.options["max_new_tokens"] == 12 and reply.options["shots"] == 2
+
+
+def test_budget_bar_shows_what_will_be_dropped_before_sending(tiny_model):
+    app = make_app(tiny_model, None, max_new_tokens=200)
+
+    async def go():
+        async with app.run_test(size=(130, 45)) as pilot:
+            await wait_ready(pilot, app)
+            scr = chat_screen(app)
+            long = " ".join(["word"] * 150)
+            app.session.turns = [Turn("user" if i % 2 == 0 else "assistant", long) for i in range(8)]
+            scr.query_one("#input").text = "and now?"
+            bar = scr.query_one(BudgetBar)
+            # the bar is refreshed 0.15 s after the last keystroke: wait for it rather than a fixed time
+            await wait_for(pilot, lambda: bool(bar.dropped), 10, "the budget bar to update")
+            return bar.values(), bar.dropped, str(bar.render())
+
+    values, dropped, text = run(go())
+    assert values["reserve"] == 200 and sum(values.values()) == 1024 and values["history"] > 0
+    assert dropped and "oldest chat turns" in dropped[0]
+    assert "will drop:" in text
+
+
+def test_help_screen_lists_every_key_and_command(tiny_model):
+    app = make_app(tiny_model, None)
+
+    async def go():
+        async with app.run_test(size=(130, 50)) as pilot:
+            await pilot.pause(0.2)
+            await pilot.press("f1")
+            await pilot.pause(0.2)
+            from gptchat.tui.app.screens.help import HelpScreen, help_table
+
+            assert isinstance(app.screen, HelpScreen)
+            from rich.console import Console
+
+            con = Console(width=120, record=True)
+            con.print(help_table())
+            await pilot.press("escape")
+            await pilot.pause()
+            return con.export_text(), type(app.screen).__name__
+
+    text, after = run(go())
+    for key in ("Esc", "Ctrl+R", "Ctrl+B", "Ctrl+T", "Ctrl+N", "Ctrl+O", "F2", "F3", "F4", "Ctrl+P", "Ctrl+Q"):
+        assert key in text, key
+    for cmd in ("/model", "/template", "/shots", "/set NAME VALUE", "/compare", "/finetune FILE", "/help"):
+        assert cmd in text, cmd
+    assert after == "ChatScreen"
+
+
+def test_palette_switches_template(tiny_model):
+    app = make_app(tiny_model, None)
+
+    async def go():
+        async with app.run_test(size=(130, 45)) as pilot:
+            await wait_ready(pilot, app)
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.2)
+            await pilot.press(*"template: raw")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            return app.session.settings.template
+
+    assert run(go()) == "raw"
+
+
+def test_finetune_slash_without_the_module(tiny_model, tmp_path, monkeypatch):
+    from gptchat.tui.app import finetune_launch
+
+    monkeypatch.setattr(finetune_launch, "available", lambda: False)
+    data = tmp_path / "data.txt"
+    data.write_text("hello world\n" * 10)
+    app = make_app(tiny_model, None)
+
+    async def go():
+        async with app.run_test(size=(130, 45)) as pilot:
+            await pilot.pause(0.2)
+            await slash(pilot, app, f"/finetune {data}")
+            await slash(pilot, app, "/finetune missing.txt")
+            return notifications(app)
+
+    notes = run(go())
+    assert "finetuning is not available in this build" in notes
+    assert any("missing.txt is not a file" in n for n in notes)
+
+
+def test_history_reopen_rename_export_search_delete(tiny_model, tmp_path):
+    store = Store(tmp_path / "h.sqlite3")
+    app = make_app(tiny_model, store, max_new_tokens=5)
+
+    async def first():
+        async with app.run_test(size=(130, 45)) as pilot:
+            await wait_ready(pilot, app)
+            await send(pilot, app, "Remember the word pineapple")
+            await wait_reply(pilot, app)
+            return [(v.role, v.text) for v in chat_screen(app).query(MessageView)]
+
+    shown = run(first())
+    other = store.new_conversation(name="Other chat")
+    store.add_message(other.id, "user", "something else entirely")
+
+    app2 = make_app(tiny_model, store, max_new_tokens=5)
+
+    async def second():
+        async with app2.run_test(size=(130, 45)) as pilot:
+            await wait_ready(pilot, app2)
+            await pilot.press("f3")
+            await pilot.pause(0.2)
+            from textual.widgets import OptionList
+
+            ol = app2.screen.query_one(OptionList)
+            assert ol.option_count == 2
+            app2.screen.query_one("#search").value = "pineap"
+            await pilot.pause(0.2)
+            assert ol.option_count == 1
+            ol.focus()
+            await pilot.press("r")
+            await pilot.pause(0.2)
+            app2.screen.query_one("#answer").value = "Fruit talk"
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            await pilot.press("m")
+            await pilot.pause(0.1)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            reopened = [(v.role, v.text) for v in chat_screen(app2).query(MessageView)]
+            # Continue the reopened chat: the reply goes into the same conversation.
+            await send(pilot, app2, "and again")
+            await wait_reply(pilot, app2)
+            # Delete the other conversation (d twice).
+            await pilot.press("f3")
+            await pilot.pause(0.2)
+            ol = app2.screen.query_one(OptionList)
+            idx = [ol.get_option_at_index(i).id for i in range(ol.option_count)].index(other.id)
+            ol.highlighted = idx
+            ol.focus()
+            await pilot.press("d", "d")
+            await pilot.pause(0.2)
+            await pilot.press("escape")
+            await pilot.pause()
+            return reopened, notifications(app2)
+
+    reopened, notes = run(second())
+    assert reopened == shown
+    convs = store.conversations()
+    assert [c.name for c in convs] == ["Fruit talk"] and convs[0].n_messages == 4
+    exported = [n for n in notes if n.startswith("exported to ")]
+    assert exported and "pineapple" in open(exported[0].removeprefix("exported to ")).read()
+
+
+def test_compare_panes_stream_together_and_are_saved(tiny_model, tmp_path):
+    store = Store(tmp_path / "h.sqlite3")
+    app = make_app(tiny_model, store, max_new_tokens=8, seed=4)
+
+    async def go():
+        async with app.run_test(size=(160, 45)) as pilot:
+            await wait_ready(pilot, app)
+            await slash(pilot, app, f"/compare {tiny_model}:chat, {tiny_model}:few-shot:3, {tiny_model}:raw")
+            await pilot.pause(0.2)
+            scr = app.screen
+            assert type(scr).__name__ == "CompareScreen"
+            box = scr.query_one("#prompt")
+            box.focus()
+            box.text = "hot"
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: not scr.running, 60, "the comparison")
+            await pilot.pause(0.1)
+            views = [(v.border_title, v.text, v.status) for v in scr.views]
+            await pilot.press("escape")
+            await pilot.pause()
+            return views, type(app.screen).__name__
+
+    views, back = run(go())
+    assert len(views) == 3 and all(status == "done" and text for _, text, status in views)
+    assert "few-shot 3-shot" in views[1][0]
+    assert back == "ChatScreen"
+    (conv,) = store.conversations()
+    assert conv.kind == "compare" and len(conv.meta["panes"]) == 3
+    msgs = store.messages(conv.id)
+    replies = [m for m in msgs if m.role == "assistant"]
+    assert [m.pane for m in replies] == [0, 1, 2] and {m.seed for m in replies} == {4}
+    assert [m.content for m in replies] == [v[1] for v in views]
+    assert [m.template for m in replies] == ["chat", "few-shot", "raw"] and len(replies[1].examples_used) == 3
+    # Same sampler everywhere: one temperature for all panes.
+    assert len({m.options["temperature"] for m in replies}) == 1

@@ -1,0 +1,206 @@
+"""Pilot tests for the finetune screen: a real detached run, its live chart, attach, stop, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptchat.core.train.events import read_events
+from tests.train.util import install_vocab, write_corpus
+from tests.tui.helpers import make_app, run, tiny_model, wait_for  # noqa: F401  (tiny_model is a fixture)
+
+FAST = ["--from-scratch", "--arch", "nano", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "4"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    install_vocab()
+    return write_corpus(tmp_path / "data", 20_000)
+
+
+def runs_dir():
+    from gptchat.core.paths import get_paths
+
+    return get_paths().runs
+
+
+def finetune_screen(app):
+    from gptchat.tui.app.screens.finetune import FinetuneScreen
+
+    assert isinstance(app.screen, FinetuneScreen), type(app.screen).__name__
+    return app.screen
+
+
+def text_of(scr, sel) -> str:
+    return str(scr.query_one(sel).render())
+
+
+def test_parse_args_prefills_the_form():
+    from gptchat.tui.app.screens.finetune import parse_args
+
+    values, scratch, extra = parse_args("docs.txt 'my notes.txt' --steps 50 --lr=3e-5 --from-scratch --lora -b 2")
+    assert values == {"steps": "50", "lr": "3e-5", "batch": "2", "data": "docs.txt 'my notes.txt'"}
+    assert scratch and extra == ["--lora"]
+
+
+def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, tmp_path):
+    """(1) Start launches a detached trainer; the chart and labels show its real final step and val loss.
+    (2) Reopening the finished run shows the same numbers. (4) Compare opens base vs the run."""
+    from gptchat.tui.app.screens.compare import CompareScreen
+    from gptchat.tui.app.screens.finetune import FinetuneScreen, open_finetune
+    from gptchat.tui.app.widgets.loss_chart import LossChart
+
+    app = make_app(None, None)
+    app.autoload = False
+
+    async def go():
+        async with app.run_test(size=(140, 45)) as pilot:
+            await pilot.pause(0.2)
+            open_finetune(app, f"{corpus} --steps 6 --eval-every 3 --name ui-run {' '.join(FAST)}")
+            await pilot.pause(0.3)
+            scr = finetune_screen(app)
+            assert scr.query_one("#ft-steps").value == "6" and scr.query_one("#ft-scratch").value
+            assert scr.query_one("#ft-name").value == "ui-run"
+            await wait_for(pilot, lambda: "memory:" in text_of(scr, "#ft-plan"), 30, "the plan")
+            await pilot.click("#ft-start")
+            await wait_for(pilot, lambda: scr.state == "finished" and scr._tail_timer is None, 90, "the run to finish")
+            chart = scr.query_one(LossChart)
+            stats = text_of(scr, "#ft-stats")
+            live = (chart.train[-1][0], chart.val[-1][0], chart.val[-1][1], stats, str(chart.render()),
+                    scr.query_one("#ft-compare").disabled, scr.proc.returncode)
+            assert text_of(scr, "#ft-sample").startswith("sample at step 6:")
+            # (4) compare: the base pane and the run pane
+            await pilot.click("#ft-compare")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, CompareScreen)
+            spec = app.screen.query_one("#panes").value
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            await pilot.press("escape")  # leave the finetune screen
+            await pilot.pause(0.1)
+            # (2) attach: the palette's screen lists the run; opening it replays its numbers
+            open_finetune(app, "")
+            await pilot.pause(0.3)
+            scr2 = finetune_screen(app)
+            runs = scr2.query_one("#ft-runs")
+            assert runs.get_option_at_index(0).id == "ui-run"
+            runs.focus()
+            runs.highlighted = 0
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: scr2.run_name == "ui-run" and scr2.state == "finished" and scr2.step == 6,
+                           10, "attach")
+            return live, spec, text_of(scr2, "#ft-stats"), isinstance(scr2, FinetuneScreen)
+
+    live, spec, attached, _ = run(go())
+    folder = runs_dir() / "ui-run"
+    events = read_events(folder / "events.jsonl")
+    last_eval = [e for e in events if e["type"] == "eval"][-1]
+    last_step = [e for e in events if e["type"] == "step"][-1]
+    train_step, val_step, val_loss, stats, chart_text, compare_disabled, rc = live
+    assert rc == 0 and (folder.parent / "ui-run.log").is_file()
+    assert train_step == last_step["step"] == 6 and val_step == last_eval["step"]
+    assert val_loss == last_eval["val_loss"]
+    assert "step 6/6" in stats and f"val loss {last_eval['val_loss']:.4f}" in stats and "finished" in stats
+    assert "◆" in chart_text and "•" in chart_text
+    assert not compare_disabled
+    assert spec == "gpt2:chat, ui-run:chat"  # from scratch: the base is the chat model (gpt2 by default)
+    assert "step 6/6" in attached and f"val loss {last_eval['val_loss']:.4f}" in attached
+
+
+def test_stop_a_running_run_keeps_a_loadable_checkpoint(corpus, tmp_path):
+    """(3) Attach to a run started outside the UI, press Stop: SIGINT, "stopping… (saving)", a checkpoint."""
+    from gptchat.core.weights.checkpoints import load
+    from gptchat.tui.app.screens.finetune import FinetuneScreen
+
+    env = {**os.environ, "GPTCHAT_TRAIN_SAVE_DELAY": "0.5"}
+    log = open(tmp_path / "trainer.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gptchat.tui", "finetune", str(corpus), *FAST, "--steps", "400",
+                             "--eval-every", "2", "--name", "long-run"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    app = make_app(None, None)
+    app.autoload = False
+
+    async def go():
+        async with app.run_test(size=(140, 45)) as pilot:
+            await pilot.pause(0.2)
+            app.push_screen(FinetuneScreen(run="long-run"))
+            await pilot.pause(0.2)
+            scr = finetune_screen(app)
+            await wait_for(pilot, lambda: scr.state == "running" and scr.step >= 2 and (runs_dir() / "long-run" / "last").exists(),
+                           60, "the run to be under way")
+            await pilot.click("#ft-stop")
+            await pilot.pause(0.1)
+            stopping = text_of(scr, "#ft-stats")
+            await wait_for(pilot, lambda: scr.state in ("interrupted", "finished") and scr._tail_timer is None, 60, "stop")
+            return stopping, scr.state, scr.step
+
+    try:
+        stopping, state, step = run(go())
+        assert proc.wait(30) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "stopping… (saving)" in stopping
+    assert state == "interrupted" and 2 <= step < 400
+    status = json.loads((runs_dir() / "long-run" / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    model = load(str(runs_dir() / "long-run" / "last"), device="cpu")
+    assert model is not None
+
+
+def test_palette_opens_the_finetune_screen_with_the_chat_model_as_base(tiny_model):
+    from gptchat.tui.app.screens.finetune import FinetuneScreen
+
+    app = make_app(tiny_model, None)
+    app.autoload = False
+
+    async def go():
+        async with app.run_test(size=(140, 45)) as pilot:
+            await pilot.pause(0.2)
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.2)
+            await pilot.press(*"Finetune")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), 30, "the finetune screen")
+            scr = app.screen
+            await wait_for(pilot, lambda: "give the training data" in str(scr.query_one("#ft-plan").render()), 30,
+                           "the plan asking for the training data")
+            return scr.query_one("#ft-model").value, str(scr.query_one("#ft-plan").render())
+
+    model, plan = run(go())
+    assert model == tiny_model
+    assert "give the training data" in plan
+
+
+def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
+    """/finetune FILE --steps N opens the screen prefilled; a missing file is a notification."""
+    from gptchat.tui.app.screens.finetune import FinetuneScreen
+    from tests.tui.helpers import notifications, send
+
+    data = tmp_path / "notes.txt"
+    data.write_text("hello world\n" * 10)
+    app = make_app(tiny_model, None)
+    app.autoload = False
+
+    async def go():
+        async with app.run_test(size=(140, 45)) as pilot:
+            await pilot.pause(0.2)
+            await send(pilot, app, "/finetune missing.txt")
+            await pilot.pause(0.2)
+            assert not isinstance(app.screen, FinetuneScreen)
+            await send(pilot, app, f"/finetune {data} --steps 5 --lr 1e-4")
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), 5, "the finetune screen")
+            await pilot.pause(0.2)
+            scr = app.screen
+            got = {k: scr.query_one(f"#ft-{k}").value for k in ("data", "steps", "lr", "model")}
+            return got, notifications(app)
+
+    got, notes = run(go())
+    assert got == {"data": str(data), "steps": "5", "lr": "1e-4", "model": tiny_model}
+    assert any("missing.txt is not a file" in n for n in notes)

@@ -1,0 +1,40 @@
+"""Command palette entries for templates, local models and common settings."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+
+class GptchatCommands(Provider):
+    """"template: few-shot", "model: gpt2", "greedy on" ...: each applies to the next message."""
+
+    def _entries(self) -> list[tuple[str, str, str, str]]:
+        from gptchat.core.prompting.templates import list_templates
+
+        out = [(f"template: {t.name}", t.description, "template", t.name) for t in list_templates()[0]]
+        for m in self.app.pool.loaded():
+            out.append((f"model: {m.spec}", "switch to this loaded model", "model", m.spec))
+        out += [("greedy on", "always take the most likely token", "greedy", "on"),
+                ("greedy off", "sample with temperature / top-k / top-p", "greedy", "off"),
+                ("seed: random", "a new random seed for every reply", "seed", "none")]
+        return out
+
+    def _apply(self, name: str, value: str) -> None:
+        screen = self.app.screen
+        if hasattr(screen, "apply_setting"):
+            screen.apply_setting(name, value)
+        else:
+            self.app.notify("settings change from the chat screen", severity="warning")
+
+    async def discover(self) -> Hits:
+        for title, help, name, value in self._entries():
+            yield DiscoveryHit(title, partial(self._apply, name, value), help=help)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help, name, value in self._entries():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), partial(self._apply, name, value), help=help)

@@ -1,0 +1,53 @@
+"""Every key and slash command, built from the screens' BINDINGS so it cannot go stale."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from gptchat.tui.app import slash
+
+
+def _key(b: Binding) -> str:
+    return ", ".join(k.strip().replace("ctrl+", "Ctrl+").replace("escape", "Esc").replace("slash", "/").title()
+                     if len(k.strip()) > 1 else k.strip() for k in b.key.split(","))
+
+
+def help_table() -> Table:
+    from gptchat.tui.app.screens.chat import ChatScreen
+    from gptchat.tui.app.screens.compare import CompareScreen
+    from gptchat.tui.app.screens.history import HistoryScreen
+    from gptchat.tui.app.widgets.message_view import MessageView
+
+    t = Table(box=None, show_header=False, padding=(0, 2))
+    t.add_column(style="bold cyan", no_wrap=True)
+    t.add_column()
+    sections = [
+        ("Chat", ChatScreen.BINDINGS + [Binding("enter", "", "Send"), Binding("shift+enter,ctrl+j", "", "New line"),
+                                        Binding("ctrl+p", "", "Command palette"), Binding("ctrl+q", "", "Quit")]),
+        ("A focused message (Tab to reach it)", MessageView.BINDINGS),
+        ("History", HistoryScreen.BINDINGS),
+        ("Compare", CompareScreen.BINDINGS),
+    ]
+    for title, bindings in sections:
+        t.add_row(f"[b u]{title}[/]", "")
+        for b in bindings:
+            if b.description:
+                t.add_row(_key(b), b.description)
+        t.add_row("", "")
+    t.add_row("[b u]Slash commands[/] (type in the input)", "")
+    for cmd, desc in slash.help_lines():
+        t.add_row(cmd, desc)
+    return t
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,f1", "dismiss(None)", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="dialog", classes="wide"):
+            yield Static(help_table(), id="help-table")

@@ -1,0 +1,159 @@
+"""`gptchat batch`: complete many prompts, over a grid of models x templates x shots, into JSONL or CSV."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, err, print_json
+
+EXAMPLES = """
+\b
+Examples:
+  gptchat batch prompts.txt --model gpt2 > out.jsonl
+  gptchat batch rows.jsonl -o out.jsonl --template few-shot-qa --shots 3 --examples ex.jsonl
+  gptchat batch rows.jsonl -o grid.jsonl --model gpt2 --model ./azure-docs --shots 0 --shots 3 --template few-shot-qa
+  gptchat batch rows.jsonl -o out.jsonl --resume
+  cat prompts.txt | gptchat batch - --greedy --max-new-tokens 32
+  torchrun --nproc_per_node 4 --no-python gptchat batch rows.jsonl -o out.jsonl
+\b
+Input: .txt (one prompt per line; the id is the line number) or .jsonl (one object per line:
+"prompt" or the template's variables, an optional "id", and optional per-row temperature, top_k,
+top_p, repetition_penalty, max_new_tokens, greedy, stop, seed). Each output record holds the id,
+model, template, shots, examples used, sampling settings, seed, token counts, the completion, the
+finish reason and timings. A row's seed is sha256("SEED:ID"), so results do not depend on batching.
+Throughput against transformers: python -m gptchat.core.bench.batch
+"""
+
+
+def batch(
+    input: Annotated[str, typer.Argument(help="A .txt or .jsonl file of prompts, or - to read stdin.", show_default=False, metavar="INPUT")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="A checkpoint folder, nanoGPT ckpt.pt, finetune run or hub name; repeat for a grid. Default: gpt2.")] = None,
+    template: Annotated[Optional[list[str]], typer.Option("--template", "-t", metavar="NAME", help="Render each row through this template (`gptchat templates list`); repeat for a grid.")] = None,
+    shots: Annotated[Optional[list[int]], typer.Option("--shots", metavar="N", help="Examples the template shows (0 = zero-shot); repeat for a grid. Default: the template's.")] = None,
+    examples: Annotated[Optional[str], typer.Option(metavar="FILE", help="A JSONL or TSV file of examples for the templates (replaces their built-in ones).")] = None,
+    var: Annotated[Optional[list[str]], typer.Option("--var", metavar="NAME=VALUE", help="A template variable for every row, NAME=VALUE; repeatable. A row's own value wins.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write results to this file (default: stdout).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Output format: jsonl or csv.")] = "jsonl",
+    input_format: Annotated[Optional[str], typer.Option("--input-format", help="Input format: txt or jsonl. Default: from the file suffix (stdin: jsonl if the first line is a JSON object).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip rows whose (id, model, template, shots) is already in the output; append the rest.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid rows and report them, instead of stopping at the first.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated together. Default: automatic (16 on a CPU, up to 64 on a GPU, fewer for long prompts).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; each row's seed is derived from it and the row's id.")] = 0,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (deterministic; ignores the sampling options).")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, >= 0; 0 means greedy. Default: the template's, else 0.8.", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens only; 0 turns it off. Default: the template's, else 40.", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass, 0 to 1; 1 turns it off. Default: the template's, else 1.", show_default=False)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise tokens already in the context, > 0; 1 turns it off. Default: 1.", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="The most tokens per completion. Default: the template's, else 128.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop a completion when the model writes this text (not included); repeatable; \\n and \\t are understood.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout (needs -o).")] = False,
+) -> None:
+    """Complete many prompts in batches, over a grid of models, templates and shots."""
+    from pathlib import Path
+
+    from gptchat.core.errors import UsageError
+    from gptchat.core.generate.options import parse_vars, sampling_params, resolve, unescape
+
+    if fmt not in ("jsonl", "csv"):
+        raise UsageError(f"unknown --format {fmt!r}; use jsonl or csv")
+    if input_format not in (None, "txt", "jsonl"):
+        raise UsageError(f"unknown --input-format {input_format!r}; use txt or jsonl")
+    if json_out and output is None:
+        raise UsageError("--json prints the summary on stdout, where the results go without -o; give -o FILE")
+    if not template and (examples or var):
+        raise UsageError("--examples and --var need a --template (see `gptchat templates list`)")
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 max_new_tokens=max_new_tokens)
+    try:
+        sampling_params(resolve(given), greedy)  # bad flag values fail now, before anything loads
+        variables = parse_vars(var)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if examples and not Path(examples).is_file():
+        raise UsageError(f"--examples: no such file: {examples}")
+
+    from gptchat.core.batch.jobs import Settings
+    from gptchat.core.batch.io import Skipped, read_rows
+    from gptchat.core.batch.run import Dist, run
+
+    name, text = _read_input(input)
+    skipped: list[Skipped] = []
+    rows = read_rows(name, text, input_format, templated=bool(template), skip_bad=skip_bad, skipped=skipped)
+    dist = Dist.from_env()
+    settings = Settings(given=given, greedy=greedy, stop=tuple(unescape(s) for s in stop or []), seed=seed,
+                        variables=variables, examples=examples, skip_bad=skip_bad)
+    quiet = dist.rank != 0
+    bar = _Bar(enabled=sys.stderr.isatty() and not quiet)
+    summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
+                  settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
+                  resume=resume, batch_size=batch_size, device=device, dtype=dtype, skipped=skipped,
+                  progress=bar.update, log=(lambda s: None) if quiet else err, dist=dist)
+    bar.close()
+    if quiet:
+        return  # rank 0 reports for every rank
+    for reason in summary.bad:
+        err(f"skipped: {reason}")
+    if json_out:
+        print_json(summary.to_dict())
+    else:
+        d = summary.to_dict()
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.finish_reasons.items())) or "-"
+        where = f" -> {output}" if output else ""
+        err(f"batch: {summary.done} results{where} ({summary.resumed} already done, {len(summary.bad)} bad rows "
+            f"skipped) in {d['elapsed_s']:.1f} s: {d['rows_per_s']:.2f} rows/s, {d['tokens_per_s']:.1f} tok/s; "
+            f"finish: {reasons}")
+
+
+class _Bar:
+    """A one-line progress bar on stderr, redrawn in place (only on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.drawn = False
+
+    def update(self, p) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        frac = p.rows_done / p.rows_total if p.rows_total else 1.0
+        fill = "#" * int(frac * width)
+        sys.stderr.write(f"\r[{fill:<{width}}] {p.rows_done}/{p.rows_total} rows  {p.rows_per_s:.2f} rows/s  "
+                         f"{p.tokens_per_s:.1f} tok/s  {p.model}  ")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _read_input(path: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    from gptchat.core.errors import UsageError
+
+    if path == "-":
+        if sys.stdin.isatty():
+            err("reading prompts from stdin, one per line; end with Ctrl+D")
+        data = sys.stdin.buffer.read()
+        where = "stdin"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"no such input file: {path}")
+        data = p.read_bytes()
+        where = path
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not UTF-8 text (byte {e.start})") from None
+    return path, text
+
+
+batch.__doc__ = (batch.__doc__ or "") + "\n" + EXAMPLES
