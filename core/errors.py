@@ -18,7 +18,7 @@ class ModelNotFound(CheckpointError):
 
 
 class TokenizerError(GptchatError):
-    """No usable GPT-2 vocabulary could be found."""
+    """A tokenizer file is unreadable or malformed, missing, or does not fit the model."""
 
 
 class ContextOverflow(GptchatError):
@@ -47,3 +47,7 @@ class BatchInputError(GptchatError):
 
 class BatchOutputError(GptchatError):
     """A batch output file cannot be resumed or merged as it is."""
+
+
+class PathError(GptchatError):
+    """A gptchat folder cannot be created or used (GPTCHAT_HOME is a file, no permission, disk full)."""

@@ -6,7 +6,9 @@ caller passes the user template folder (``gptchat.core.paths.get_paths().templat
 with the same name as a bundled one replaces it.
 
 Errors are ``TemplateFileError`` (a ``ValueError``); ``gptchat.core.prompting.templates`` turns them into
-the CLI's ``TemplateError``. Every message names the file and the key at fault.
+the CLI's ``TemplateError``. Every message names the file and the key at fault. The ``[options]`` table
+is only checked to be a table here: its keys and values are generation settings, which
+``gptchat.core.prompting.templates`` checks against ``gptchat.core.generate.options``.
 """
 
 from __future__ import annotations
@@ -34,14 +36,6 @@ KIND_KEYS = {
 }
 SEPARATOR_KEYS = {"instruction": "\n\n", "example": "\n\n", "turn": "\n"}
 CHAT_KEYS = {"user_label": "User:", "assistant_label": "Assistant:"}
-# Default sampling options: name -> (type, check, what the check means).
-OPTION_CHECKS = {
-    "temperature": ((int, float), lambda v: v >= 0, ">= 0 (0 means greedy)"),
-    "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 means no limit)"),
-    "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
-    "max_new_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
-    "repetition_penalty": ((int, float), lambda v: v > 0, "> 0 (1 means none)"),
-}
 EXAMPLE_ID_KEY = "id"  # an example row may carry an id; it is recorded, never rendered
 DEFAULT_SHOTS = 3
 
@@ -219,15 +213,9 @@ def _validate(data: dict, stem: str) -> dict:
         stop = stop if next_user in stop else [*stop, next_user]
     out["stop"] = tuple(stop)
 
-    options = _check_type("options", data.get("options", {}), dict, "a table")
-    for k, v in options.items():
-        if k not in OPTION_CHECKS:
-            raise TemplateFileError(f"unknown key options.{k!r}; known options: {', '.join(OPTION_CHECKS)}")
-        typ, ok, what = OPTION_CHECKS[k]
-        _check_type(f"options.{k}", v, typ, what)
-        if not ok(v):
-            raise TemplateFileError(f"key options.{k} is {v!r}; it must be {what}")
-    out["options"] = dict(options)
+    # Generation options are the engine's business: gptchat.core checks their names and ranges with the
+    # one options module (this package knows nothing about the engine).
+    out["options"] = dict(_check_type("options", data.get("options", {}), dict, "a table"))
 
     _validate_variables(data, out, kind)
     if kind in ("one-shot", "few-shot"):

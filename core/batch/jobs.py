@@ -1,11 +1,12 @@
 """Batch prompting: many prompts, a grid of models x templates x shots, results row by row.
 
 The work is a list of jobs, one per (input row, grid cell). Jobs sharing sampling settings are sorted
-by prompt length, longest first, and run ``batch_size`` at a time through ``Engine.generate_rows``,
-which drops rows from the batch as they finish and gives their places to the next prompts waiting. Text is decoded per row
-with the tokenizer's stream decoder and ``textgen.StopMatcher``, exactly as ``generate`` does for one
-prompt, so a row's greedy result equals running it alone. A row's seed is a hash of the base seed
-and the row id: results do not depend on which rows share a batch, or on their order.
+by prompt length, longest first, and run ``batch_size`` at a time through the text layer's
+``stream_rows`` over the engine's one decode loop, which drops rows from the batch as they finish
+and gives their places to the next prompts waiting; each row's text, stop strings and finish reason
+are the same ``RowText`` that ``generate`` uses for one prompt, so a row's greedy result equals
+running it alone. A row's seed is a hash of the base seed and the row id: results do not depend
+on which rows share a batch, or on their order.
 
 Files and resume live in ``batch_io.py``; sharding under torchrun in ``batch_dist.py``.
 """
@@ -13,7 +14,6 @@ Files and resume live in ``batch_io.py``; sharding under torchrun in ``batch_dis
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +23,7 @@ from gptchat.core.errors import BatchInputError, ContextOverflow, TemplateError,
 from gptchat.core.generate.options import NAMES as OPTION_NAMES
 from gptchat.core.generate.options import resolve, sampling_params
 from gptchat.core.generate.sampling import SamplingParams
-from gptchat.core.generate.text import StopMatcher
+from gptchat.core.generate.text import Completion, RowRequest, stream_rows
 
 DEFAULT_MODEL = "gpt2"
 
@@ -173,81 +173,43 @@ def auto_batch_size(engine, jobs: list[Job], memory_bytes: int = 2 << 30) -> int
 # -- running ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Live:
-    job: Job
-    dec: object
-    matcher: StopMatcher
-    limit: int
-    ids: list[int] = field(default_factory=list)
-    parts: list[str] = field(default_factory=list)
-    t_first: float | None = None
-    prefill_s: float = 0.0
-
-
 def run_group(lm, group: list[Job], batch_size: int, emit: Callable[[dict], None], cancel=None,
               rank: int = 0) -> int:
     """Generate for jobs sharing sampling settings (from ``plan_groups``), ``batch_size`` at a time;
     a finished row's place goes to the next waiting job. ``emit`` gets each row's record as soon as
-    the row is finished. Returns the number of tokens generated."""
+    the row is finished (rows cut short by ``cancel`` are not emitted: a resume runs them again).
+    Returns the number of tokens generated."""
     queue = deque(group)
     n_tokens = 0
     while queue:
         first = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-        waiting = list(queue)
-        refill = deque((j.ids, j.max_new_tokens, j.seed) for j in waiting)
-        n_tokens += _run(lm, first, waiting, refill, emit, cancel, rank, batch_size)
-        for _ in range(len(waiting) - len(refill)):
-            queue.popleft()
+        n_tokens += _run(lm, first, queue, emit, cancel, rank, batch_size)
         if cancel is not None and cancel.is_set():
             break
     return n_tokens
 
 
-def _run(lm, first: list[Job], waiting: list[Job], refill: deque, emit, cancel, rank: int, batch_size: int) -> int:
-    engine, tok = lm.engine, lm.tokenizer
-    live: list[_Live] = []
+def _request(j: Job) -> RowRequest:
+    return RowRequest(j.ids, j.max_new_tokens, j.seed, j.stop)
 
-    def add(j: Job) -> None:
-        live.append(_Live(j, tok.stream_decoder(), StopMatcher(j.stop), min(j.max_new_tokens, engine.n_ctx - len(j.ids))))
 
-    for j in first:
-        add(j)
-    drop: set[int] = set()
-    t_prev = time.perf_counter()
+def _run(lm, first: list[Job], queue: deque, emit, cancel, rank: int, batch_size: int) -> int:
+    """One batch through the text layer; jobs it takes from ``queue`` for finished rows' places are
+    popped from it."""
+    jobs = first + list(queue)
+    waiting = deque(_request(j) for j in queue)
     n_tokens = 0
-    steps = engine.generate_rows([j.ids for j in first], first[0].params, [j.max_new_tokens for j in first],
-                                 seeds=[j.seed for j in first], cancel=cancel, drop=drop, refill=refill)
-    for step in steps:
-        now = time.perf_counter()
-        for rt in step:
-            while rt.row >= len(live):  # a waiting job took a finished row's place
-                add(waiting[len(live) - len(first)])
-            lv = live[rt.row]
-            if lv.t_first is None:
-                lv.t_first, lv.prefill_s = now, now - t_prev
-            n_tokens += 1
-            reason = None
-            if rt.token == engine.eos_id:
-                reason = "eos"
-            else:
-                lv.ids.append(rt.token)
-                lv.parts.append(lv.matcher.push(lv.dec.push(rt.token)))
-                if lv.matcher.hit:
-                    reason = "stop"
-                    drop.add(rt.row)
-                elif rt.done:
-                    reason = "window" if lv.limit < lv.job.max_new_tokens else "length"
-            if reason is not None:
-                emit(_record(lv, reason, lv.prefill_s, now - lv.t_first, batch_size, rank))
-        t_prev = time.perf_counter()
+    for ev in stream_rows(lm.engine, lm.tokenizer, first[0].params, [_request(j) for j in first], cancel, waiting):
+        c = ev.completion
+        if c is not None and c.finish_reason != "cancelled":
+            n_tokens += c.completion_tokens + (c.finish_reason == "eos")
+            emit(_record(jobs[ev.row], c, batch_size, rank))
+    for _ in range(len(jobs) - len(first) - len(waiting)):
+        queue.popleft()
     return n_tokens
 
 
-def _record(lv: _Live, reason: str, prefill_s: float, decode_s: float, batch_size: int, rank: int) -> dict:
-    j = lv.job
-    if not lv.matcher.hit:
-        lv.parts.append(lv.matcher.push(lv.dec.flush()) + lv.matcher.flush())
+def _record(j: Job, c: Completion, batch_size: int, rank: int) -> dict:
     rec = {
         "id": j.row.id,
         "model": j.cell.model,
@@ -259,10 +221,10 @@ def _record(lv: _Live, reason: str, prefill_s: float, decode_s: float, batch_siz
     if j.row.variables:
         rec["variables"] = j.row.variables
     rec.update({
-        "completion": "".join(lv.parts),
-        "finish_reason": reason,
+        "completion": c.text,
+        "finish_reason": c.finish_reason,
         "prompt_tokens": len(j.ids),
-        "completion_tokens": len(lv.ids),
+        "completion_tokens": c.completion_tokens,
         "seed": j.seed,
         "sampling": j.params.to_dict(),
         "max_new_tokens": j.max_new_tokens,
@@ -270,6 +232,6 @@ def _record(lv: _Live, reason: str, prefill_s: float, decode_s: float, batch_siz
     })
     if j.dropped:
         rec["dropped"] = j.dropped
-    rec["timings"] = {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4), "batch_size": batch_size,
+    rec["timings"] = {"prefill_s": round(c.prefill_s, 4), "decode_s": round(c.decode_s, 4), "batch_size": batch_size,
                       "rank": rank}
     return rec

@@ -26,6 +26,9 @@ from gptchat.core.batch import io as bio
 from gptchat.core.batch.jobs import Cell, Settings, auto_batch_size, build_jobs, make_grid, plan_groups, run_group
 from gptchat.core.batch.io import Row, Skipped
 from gptchat.core.errors import BatchOutputError, UsageError
+from gptchat.core.generate.loaded import open_model
+from gptchat.core.prompting.templates import get_template
+from gptchat.core.weights.checkpoints import resolve
 
 
 @dataclass
@@ -112,111 +115,162 @@ def run(
     log: Callable[[str], None] = lambda s: None,
     dist: Dist | None = None,
 ) -> Summary:
-    from gptchat.core.prompting.templates import get_template
-
+    """Run every (row, grid cell) not already in the output; write, merge and order the results."""
     dist = dist or Dist.from_env()
-    if fmt not in bio.FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; use jsonl or csv")
-    if dist.world > 1 and output is None:
-        raise UsageError("under torchrun every rank writes a part of the output: give -o FILE")
-    if resume and output is None:
-        raise UsageError("--resume needs -o FILE (it skips the rows already in that file)")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be 1 or more")
-    for t in templates or []:
-        get_template(t)  # an unknown name fails now, before a model loads
-    cells, notes = make_grid(models, templates, shots, lambda t: get_template(t).takes_examples)
-    from gptchat.core.weights.checkpoints import resolve
-
-    for model in dict.fromkeys(c.model for c in cells):
-        resolve(model)  # a missing or non-GPT-2 model fails now, before any row of another model is written
-    for n in notes:
-        log(f"note: {n}")
+    target = _Target(output, fmt, resume, stdout)
+    _check(target, batch_size, dist)
+    cells = _grid(models, templates, shots, log)
     skipped = skipped if skipped is not None else []
     read_bad = len(skipped)  # rows every rank read and skipped alike: rank 0 reports them
     summary = Summary(str(output) if output else None, rows=len(rows), rank=dist.rank, world=dist.world,
                       cells=[c.__dict__ for c in cells])
     t0 = time.perf_counter()
     pg = _init_group(dist)
-
-    # What is already done: the output itself and any parts a crashed or unmerged run left.
-    done: set[tuple] = set()
-    if resume:
-        done |= {c.key for c in bio.scan(output, fmt, repair=dist.world == 1)}
-        for part in output.parent.glob(output.name + ".part-*-of-*"):
-            if part.suffix != ".done" and not part.name.endswith(".tmp"):
-                mine = part == part_path(output, dist.rank, dist.world)
-                done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
+    done = _already_done(target, dist) if resume else set()
     mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
-    if dist.world > 1:
-        target = part_path(output, dist.rank, dist.world)
-        _marker(target).unlink(missing_ok=True)
-        writer = bio.Writer.open(target, fmt, append=resume)
-    elif output is not None:
-        writer = bio.Writer.open(output, fmt, append=resume)
-    else:
-        writer = bio.Writer(stdout, fmt, header=True)
-
-    def key(row: Row, cell: Cell):
-        return bio.record_key({"id": row.id, "model": cell.model, "template": cell.template, "shots": cell.shots})
-
-    pending = {c: [r for r in mine_rows if key(r, c) not in done] for c in cells}
+    writer = _open_writer(target, dist)
+    pending = {c: [r for r in mine_rows if _key(r, c) not in done] for c in cells}
     summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
-    prog = Progress(rows_total=sum(len(p) for p in pending.values()))
+    job = _Pass(settings, label, skipped, batch_size, device, dtype, writer, summary,
+                Progress(rows_total=sum(len(p) for p in pending.values())), progress, log, t0, dist.rank)
     try:
         for model in dict.fromkeys(c.model for c in cells):
-            my_cells = [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]]
-            if not my_cells:
-                continue
-            from gptchat.core.generate.loaded import open_model
-
-            log(f"loading {model} ...")
-            lm = open_model(model, device=device, dtype=dtype)
-            summary.load_s += lm.load_s
-            prog.model = model
-            jobs = []
-            for i, c in my_cells:
-                jobs += build_jobs(pending[c], c, i, lm.tokenizer, lm.engine.n_ctx, settings, skipped, label)
-            prog.rows_total -= sum(len(pending[c]) for _, c in my_cells) - len(jobs)
-            bs = batch_size or auto_batch_size(lm.engine, jobs)
-
-            def emit(rec: dict) -> None:
-                writer.write(rec)
-                summary.done += 1
-                reason = rec["finish_reason"]
-                summary.finish_reasons[reason] = summary.finish_reasons.get(reason, 0) + 1
-                prog.rows_done += 1
-                prog.tokens += rec["completion_tokens"] + (reason == "eos")
-                prog.elapsed_s = time.perf_counter() - t0
-                progress(prog)
-
-            for same_params in plan_groups(jobs):
-                summary.tokens += run_group(lm, same_params, bs, emit, rank=dist.rank)
-            del lm
+            _run_model(job, model, [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]], pending)
     finally:
         if output is not None:
             writer.close()
     summary.bad = [s.reason for s in skipped[read_bad if dist.rank else 0:]]
-    order = _order(rows, cells)
+    _finish(target, summary, _order(rows, cells), dist, pg)
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+@dataclass
+class _Target:
+    """Where the results go: a file (resumable) or a stream."""
+
+    output: Path | None
+    fmt: str
+    resume: bool
+    stdout: object = None
+
+
+@dataclass
+class _Pass:
+    """What generating the pending rows of every model shares."""
+
+    settings: Settings
+    label: str
+    skipped: list[Skipped]
+    batch_size: int | None
+    device: str | None
+    dtype: str | None
+    writer: bio.Writer
+    summary: Summary
+    prog: Progress
+    progress: Callable[[Progress], None]
+    log: Callable[[str], None]
+    t0: float
+    rank: int
+
+    def emit(self, rec: dict) -> None:
+        """Write one result and count it."""
+        self.writer.write(rec)
+        self.summary.done += 1
+        reason = rec["finish_reason"]
+        self.summary.finish_reasons[reason] = self.summary.finish_reasons.get(reason, 0) + 1
+        self.prog.rows_done += 1
+        self.prog.tokens += rec["completion_tokens"] + (reason == "eos")
+        self.prog.elapsed_s = time.perf_counter() - self.t0
+        self.progress(self.prog)
+
+
+def _check(target: _Target, batch_size: int | None, dist: Dist) -> None:
+    if target.fmt not in bio.FORMATS:
+        raise UsageError(f"unknown --format {target.fmt!r}; use jsonl or csv")
+    if dist.world > 1 and target.output is None:
+        raise UsageError("under torchrun every rank writes a part of the output: give -o FILE")
+    if target.resume and target.output is None:
+        raise UsageError("--resume needs -o FILE (it skips the rows already in that file)")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be 1 or more")
+
+
+def _grid(models, templates, shots, log) -> list[Cell]:
+    """The grid cells, with every template and model checked before a model loads or a row is written."""
+    for t in templates or []:
+        get_template(t)  # an unknown name fails now, before a model loads
+    cells, notes = make_grid(models, templates, shots, lambda t: get_template(t).takes_examples)
+    for model in dict.fromkeys(c.model for c in cells):
+        resolve(model)  # a missing or non-GPT-2 model fails now, before any row of another model is written
+    for n in notes:
+        log(f"note: {n}")
+    return cells
+
+
+def _already_done(target: _Target, dist: Dist) -> set[tuple]:
+    """The keys already written: the output itself and any parts a crashed or unmerged run left."""
+    output, fmt = target.output, target.fmt
+    done = {c.key for c in bio.scan(output, fmt, repair=dist.world == 1)}
+    for part in output.parent.glob(output.name + ".part-*-of-*"):
+        if part.suffix != ".done" and not part.name.endswith(".tmp"):
+            mine = part == part_path(output, dist.rank, dist.world)
+            done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
+    return done
+
+
+def _open_writer(target: _Target, dist: Dist) -> bio.Writer:
+    """This rank's part file under torchrun, else the output file, else the stream."""
+    if dist.world > 1:
+        part = part_path(target.output, dist.rank, dist.world)
+        _marker(part).unlink(missing_ok=True)
+        return bio.Writer.open(part, target.fmt, append=target.resume)
+    if target.output is not None:
+        return bio.Writer.open(target.output, target.fmt, append=target.resume)
+    return bio.Writer(target.stdout, target.fmt, header=True)
+
+
+def _key(row: Row, cell: Cell):
+    return bio.record_key({"id": row.id, "model": cell.model, "template": cell.template, "shots": cell.shots})
+
+
+def _run_model(job: _Pass, model: str, my_cells: list[tuple[int, Cell]], pending: dict) -> None:
+    """Load one model and run its pending rows of its grid cells, grouped by sampling parameters."""
+    if not my_cells:
+        return
+    job.log(f"loading {model} ...")
+    lm = open_model(model, device=job.device, dtype=job.dtype)
+    job.summary.load_s += lm.load_s
+    job.prog.model = model
+    jobs = []
+    for i, c in my_cells:
+        jobs += build_jobs(pending[c], c, i, lm.tokenizer, lm.engine.n_ctx, job.settings, job.skipped, job.label)
+    job.prog.rows_total -= sum(len(pending[c]) for _, c in my_cells) - len(jobs)
+    bs = job.batch_size or auto_batch_size(lm.engine, jobs)
+    for same_params in plan_groups(jobs):
+        job.summary.tokens += run_group(lm, same_params, bs, job.emit, rank=job.rank)
+
+
+def _finish(target: _Target, summary: Summary, order, dist: Dist, pg) -> None:
+    """Put the output in input order in one piece: rank 0 merges every rank's part after a barrier."""
+    output, fmt = target.output, target.fmt
     if dist.world > 1:
         counts = {k: getattr(summary, k) for k in ("done", "resumed", "bad", "tokens", "finish_reasons")}
         _marker(part_path(output, dist.rank, dist.world)).write_text(json.dumps(counts) + "\n")
         _barrier(pg)
         if dist.rank == 0:
             _add_counts(summary, output, dist.world)
-            _merge(output, fmt, dist.world, order, resume)
+            _merge(output, fmt, dist.world, order, target.resume)
         _barrier(pg)
         _close_group(pg)
     elif output is not None:
         chunks = bio.scan(output, fmt)
-        if resume:  # parts a distributed run left unmerged
+        if target.resume:  # parts a distributed run left unmerged
             for part in sorted(output.parent.glob(output.name + ".part-*-of-*")):
                 if part.suffix != ".done" and not part.name.endswith(".tmp"):
                     chunks += bio.scan(part, fmt, repair=False)
         bio.write_atomic(output, bio.canonical_order(chunks, order), fmt)
         _remove_parts(output)
-    summary.elapsed_s = time.perf_counter() - t0
-    return summary
 
 
 def _order(rows: list[Row], cells: list[Cell]):

@@ -101,7 +101,7 @@ def run(
         long_prompt = torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
 
         def ours_prefill():
-            for _ in eng.generate([long_prompt], greedy, 1):
+            for _ in eng.generate([long_prompt], greedy, 1):  # one token: the prefill
                 pass
 
         log(f"prefill: {prompt_tokens}-token prompt")

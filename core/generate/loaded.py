@@ -40,16 +40,5 @@ class LoadedModel:
 def open_model(spec: str | None, device: str | None = None, dtype: str | None = None, download: bool = True) -> LoadedModel:
     t0 = time.perf_counter()
     engine = Engine.load(spec, device=device, dtype=dtype, download=download)
-    tok = load_tokenizer(engine.checkpoint.folder)
-    if tok.n_vocab > engine.model.config.vocab_size:
-        raise_mismatch(engine, tok)
+    tok = load_tokenizer(engine.checkpoint.folder, engine.model.config.vocab_size)
     return LoadedModel(engine, tok, engine.checkpoint, time.perf_counter() - t0)
-
-
-def raise_mismatch(engine: Engine, tok: Tokenizer) -> None:
-    from gptchat.core.errors import TokenizerError
-
-    raise TokenizerError(
-        f"the vocabulary ({tok.source}, {tok.n_vocab} tokens) is larger than the model's "
-        f"embedding table ({engine.model.config.vocab_size}); put the model's own vocab.json and merges.txt beside it"
-    )

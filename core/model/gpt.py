@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptchat.core.errors import CheckpointError
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.kv_cache import KVCache
 
@@ -106,6 +107,44 @@ class GPT(nn.Module):
 
     # -- weights ----------------------------------------------------------------------------------
 
+    @classmethod
+    def from_state_dict(cls, cfg: GPTConfig, tensors, *, device=None, dtype=None, inference_layout: bool = False,
+                        source: str = "the state dict") -> "GPT":
+        """The one way to build a GPT from weights: on the meta device, filled with ``assign=True``.
+
+        ``tensors``: a mapping or an iterable of (name, tensor) pairs under our names and [out, in]
+        shapes (checkpoints.iter_tensors streams them from disk, so each is checked, then converted
+        to ``device``/``dtype``, one at a time). ``lm_head.weight`` may be absent: the head is tied to
+        ``wte``; when present it must equal ``wte``. Unknown, missing or misshapen tensors raise
+        CheckpointError naming ``source``. ``inference_layout``: see to_inference_layout. Returns the
+        model in eval mode.
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        sd: dict[str, torch.Tensor] = {}
+        head = None
+        for key, t in tensors.items() if hasattr(tensors, "items") else tensors:
+            if key == "lm_head.weight":
+                head = t  # tied to wte; compared below, not loaded twice
+                continue
+            if key not in expected:
+                raise CheckpointError(f"{source}: unexpected tensor {key!r}; this is not a GPT-2 checkpoint")
+            if tuple(t.shape) != expected[key]:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, but the config implies {expected[key]}")
+            sd[key] = _placed(t.detach().to(device=device, dtype=dtype), inference_layout and key != "transformer.wpe.weight")
+        missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
+        if missing:
+            raise CheckpointError(f"{source}: missing {len(missing)} tensors (first: {missing[0]}); the file is incomplete")
+        wte = sd["transformer.wte.weight"]
+        model.load_state_dict({**sd, "lm_head.weight": wte}, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the Parameter: re-tie
+        if head is not None and head.shape == wte.shape and head.data_ptr() != wte.data_ptr():
+            # a few exports carry an untied head; gptchat's GPT-2 is always tied, so say so rather than guess
+            if not torch.equal(head.to(device=wte.device, dtype=wte.dtype), wte):
+                raise CheckpointError(f"{source}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
+        return model.eval()
+
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-2's initialisation (normal 0.02; residual projections scaled by 1/sqrt(2 n_layer))."""
         gen = torch.Generator(device="cpu")
@@ -193,3 +232,10 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, V)
+
+
+def _placed(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``t`` contiguous, or for a 2-D weight in the inference layout: [in, out] in memory, same shape."""
+    if transposed and t.dim() == 2:
+        return t.t().contiguous().t() if t.is_contiguous() else t
+    return t.contiguous()

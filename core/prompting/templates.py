@@ -21,14 +21,15 @@ from gptchat import prompts
 from gptchat.prompts import Template, TemplateFileError
 
 from gptchat.core.errors import ContextOverflow, TemplateError
+from gptchat.core.generate import options as gen_options
 from gptchat.core.prompting.examples import ID, choose_examples, load_examples
 
 __all__ = [
-    "Budget", "Part", "Rendered", "Template", "get_template", "list_templates", "load_examples",
+    "Budget", "Part", "Rendered", "Template", "check_template_options", "get_template", "list_templates", "load_examples",
     "substitute", "render", "format_explain",
 ]
 
-DEFAULT_RESERVE = 128  # reply tokens when neither the caller nor the template says
+DEFAULT_RESERVE = gen_options.DEFAULTS["max_new_tokens"]  # reply tokens when neither the caller nor the template says
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,32 @@ def _user_dir():
 def get_template(name: str) -> Template:
     """The user's template ``name`` if there is one, else the bundled one."""
     try:
-        return prompts.load_template(name, _user_dir())
+        tpl = prompts.load_template(name, _user_dir())
     except TemplateFileError as e:
         raise TemplateError(str(e)) from None
+    return check_template_options(tpl)
 
 
 def list_templates() -> tuple[list[Template], list[str]]:
     """All templates (user ones replace bundled ones by name) and one message per broken file."""
-    return prompts.scan_templates(_user_dir())
+    found, errors = prompts.scan_templates(_user_dir())
+    good = []
+    for tpl in found:
+        try:
+            good.append(check_template_options(tpl))
+        except TemplateError as e:
+            errors.append(str(e))
+    return good, errors
+
+
+def check_template_options(tpl: Template) -> Template:
+    """``tpl`` if its ``[options]`` are known generation settings with legal values (the options module
+    is their one home: the same names and ranges as the CLI flags, ``/set`` and batch rows)."""
+    try:
+        gen_options.check_options(tpl.options)
+    except ValueError as e:
+        raise TemplateError(f"{tpl.path or tpl.name + '.toml'}: {e}") from None
+    return tpl
 
 
 def substitute(fmt: str, values: dict[str, str], what: str = "template") -> str:

@@ -2,20 +2,22 @@
 
 Panes that share a model run as one batch (``Engine.generate`` keeps each row independent of the
 batch); batches of different models are stepped in turn, so every pane advances at once in a
-single thread. Each pane keeps its own stop strings and streaming decoder.
+single thread. Each pane is one row of the text layer (``text.stream_rows``): its own stop
+strings, streaming decoder and window.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-from gptchat.core.session.chat import ChatSession, ChatSettings, Loaded, ModelPool, completion_info, provenance
+from gptchat.core.session.chat import completion_info, provenance, render_prompt
+from gptchat.core.session.pool import Loaded, ModelPool
+from gptchat.core.session.settings import ChatSettings
 from gptchat.core.errors import UsageError
 from gptchat.core.session.store import Store
-from gptchat.core.generate.text import Completion, StopMatcher, new_seed
+from gptchat.core.generate.text import Completion, RowRequest, new_seed, stream_rows
 
 MAX_PANES = 4
 
@@ -80,8 +82,7 @@ def run_compare(
     for i, p in enumerate(panes):
         loaded = pool.load(p.model, settings.device, settings.dtype)
         s = replace(base, model=p.model, template=p.template, shots=p.shots)
-        sess = ChatSession(None, s)
-        rendered, tpl = sess.render(loaded.lm.tokenizer, loaded.lm.engine.n_ctx, text, [])
+        rendered, tpl = render_prompt(s, loaded.lm.tokenizer, loaded.lm.engine.n_ctx, text, [])
         if i == 0:  # one sampler for every pane: the settings over the first pane's template defaults
             first = s.gen_options(tpl.options, seed=seed)
         opts = replace(first, stop=tuple(rendered.stop))
@@ -125,48 +126,11 @@ def run_compare(
 def _group_stream(jobs: list, cancel: threading.Event) -> Iterator[PaneDelta | PaneDone]:
     """One batched generation for panes sharing a model; yields per-pane text and completions."""
     loaded: Loaded = jobs[0][1]
-    engine, tok = loaded.lm.engine, loaded.lm.tokenizer
     opts = jobs[0][3]
-    prompts = [j[2].ids for j in jobs]
-    fit = engine.check_window(max(len(p) for p in prompts), opts.max_new_tokens)
-    decs = [tok.stream_decoder() for _ in jobs]
-    matchers = [StopMatcher(j[3].stop) for j in jobs]
-    ids: list[list[int]] = [[] for _ in jobs]
-    parts: list[list[str]] = [[] for _ in jobs]
-    reason = ["window" if fit < opts.max_new_tokens else "length"] * len(jobs)
-    finished = [False] * len(jobs)
-    t0 = time.perf_counter()
-    t_first = None
-    gen = engine.generate(prompts, opts.params, fit, seeds=[opts.seed] * len(jobs), cancel=cancel)
-    try:
-        for step in gen:
-            t_first = t_first or time.perf_counter()
-            for r, tokid in enumerate(step.tokens):
-                if finished[r]:
-                    continue
-                if tokid == engine.eos_id:
-                    finished[r], reason[r] = True, "eos"
-                    continue
-                ids[r].append(tokid)
-                out = matchers[r].push(decs[r].push(tokid))
-                if out:
-                    parts[r].append(out)
-                    yield PaneDelta(jobs[r][0], out)
-                if matchers[r].hit:
-                    finished[r], reason[r] = True, "stop"
-            if all(finished):
-                break
-    finally:
-        gen.close()
-    t1 = time.perf_counter()
-    for r, job in enumerate(jobs):
-        if not finished[r] and cancel.is_set() and len(ids[r]) < fit:
-            reason[r] = "cancelled"
-        if not matchers[r].hit:
-            tail = matchers[r].push(decs[r].flush()) + matchers[r].flush()
-            if tail:
-                parts[r].append(tail)
-                yield PaneDelta(job[0], tail)
-        comp = Completion("".join(parts[r]), ids[r], reason[r], len(prompts[r]), opts.seed,
-                          (t_first or t1) - t0, t1 - (t_first or t1))
-        yield PaneDone(job[0], comp, completion_info(comp, loaded))
+    rows = [RowRequest(j[2].ids, j[3].max_new_tokens, opts.seed, j[3].stop) for j in jobs]
+    for ev in stream_rows(loaded.lm.engine, loaded.lm.tokenizer, opts.params, rows, cancel):
+        pane = jobs[ev.row][0]
+        if ev.text:
+            yield PaneDelta(pane, ev.text)
+        if ev.completion is not None:
+            yield PaneDone(pane, ev.completion, completion_info(ev.completion, loaded))

@@ -5,6 +5,10 @@ on open), ids sort by time, options live in JSON columns and an FTS5 index cover
 The database runs in WAL mode and every write commits at once, so a killed process loses nothing
 already written: the user's message is stored before generation starts and the reply row is
 created when it starts streaming and updated as it goes (``status`` says how it ended).
+
+History is private: the folder is 0700 and the database 0600 (SQLite gives its -wal and -shm files
+the database's mode). Many processes may open one database at once, even a fresh one: migrations run
+under a write lock taken up front (BEGIN IMMEDIATE) and re-read what is applied once they hold it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gptchat.core.errors import GptchatError
+from gptchat.core.errors import GptchatError, UsageError
+from gptchat.core.paths import get_paths, private_dir, private_file
 
 
 class StoreError(GptchatError):
@@ -77,6 +82,7 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 _JSON_COLUMNS = ("options", "examples_used", "timings")
+BUSY_TIMEOUT_S = 30.0
 _last_ms = 0
 _id_lock = threading.Lock()
 
@@ -128,9 +134,14 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.RLock()
+        private_dir(self.path.parent)
+        private_file(self.path)  # 0600 before SQLite writes a byte; SQLite gives -wal/-shm the same mode
+        for side in ("-wal", "-shm"):  # left 0644 by older versions
+            if (f := self.path.with_name(self.path.name + side)).exists():
+                private_file(f)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            # timeout: how long to wait for another process's write lock (a migration, a long write)
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -140,8 +151,6 @@ class Store:
 
     @classmethod
     def open_default(cls) -> "Store":
-        from gptchat.core.paths import get_paths
-
         return cls(get_paths().history_db)
 
     def close(self) -> None:
@@ -151,29 +160,44 @@ class Store:
     # -- migrations ---------------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Apply every migration not yet recorded, in order; returns the names applied."""
+        """Apply every migration not yet recorded, in order; returns the names applied.
+
+        The write lock is taken first (BEGIN IMMEDIATE waits for it up to the busy timeout) and the
+        applied list is read under it, so two processes opening a fresh database never both run a
+        migration: the second finds it recorded.
+        """
         with self._lock:
-            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
-            done = {r[0] for r in self.db.execute("SELECT name FROM _migrations")}
-            applied = []
-            for name, sql in MIGRATIONS:
-                if name in done:
-                    continue
-                self.db.execute("BEGIN")
-                try:
+            if set(self._applied()) >= {name for name, _ in MIGRATIONS}:
+                return []  # the common case: nothing to do, no write lock taken
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
+                done = set(self._applied())
+                applied = []
+                for name, sql in MIGRATIONS:
+                    if name in done:
+                        continue
                     for stmt in _statements(sql):
                         self.db.execute(stmt)
                     self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
-                applied.append(name)
+                    applied.append(name)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             return applied
+
+    def _applied(self) -> list[str]:
+        try:
+            return [r[0] for r in self.db.execute("SELECT name FROM _migrations ORDER BY name")]
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []  # a fresh database
+            raise
 
     def migrations(self) -> list[str]:
         with self._lock:
-            return [r[0] for r in self.db.execute("SELECT name FROM _migrations ORDER BY name")]
+            return self._applied()
 
     # -- conversations ------------------------------------------------------------------------
 
@@ -271,8 +295,6 @@ class Store:
         c = self.conversation(conv_id)
         if c is None:
             raise StoreError(f"no conversation {conv_id}")
-        from dataclasses import asdict
-
         return {"conversation": asdict(c), "messages": [asdict(m) for m in self.messages(conv_id)]}
 
     def export_markdown(self, conv_id: str) -> str:
@@ -329,8 +351,6 @@ def _statements(sql: str) -> list[str]:
 
 
 def _message_row(m: Message) -> dict:
-    from dataclasses import asdict
-
     d = asdict(m)
     for k in _JSON_COLUMNS:
         if d[k] is not None:
@@ -361,18 +381,17 @@ def _when(t: float) -> str:
 
 def export_file(store: Store, conv_id: str, fmt: str = "md", path: str | Path | None = None) -> Path:
     """Write a conversation to ``path`` (default: <data>/exports/<id>.<fmt>) as Markdown or JSON."""
-    from gptchat.core.errors import UsageError
-
     fmt = {"markdown": "md", "md": "md", "json": "json"}.get(fmt.lower().lstrip("."))
     if fmt is None:
         raise UsageError("export formats are md (Markdown) and json")
-    if path is None:
-        from gptchat.core.paths import get_paths
-
-        path = get_paths().data / "exports" / f"{conv_id}.{fmt}"
+    default = path is None
+    if default:  # under gptchat's data folder: as private as the history it copies
+        path = private_dir(get_paths().data / "exports") / f"{conv_id}.{fmt}"
     path = Path(path).expanduser()
     text = store.export_markdown(conv_id) if fmt == "md" else json.dumps(store.export_json(conv_id), indent=2, ensure_ascii=False)
     try:
+        if default:
+            private_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
     except OSError as e:

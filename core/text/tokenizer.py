@@ -1,92 +1,65 @@
-"""GPT-2's byte-level BPE as a tiktoken ``Encoding``, built from local vocabulary files.
+"""GPT-2's byte-level BPE as a tiktoken ``Encoding``: a checkpoint's own files, or GPT-2's shipped here.
 
-A checkpoint folder usually carries its own vocabulary (``vocab.json`` + ``merges.txt`` in Hugging
-Face folders, ``encoder.json`` + ``vocab.bpe`` in OpenAI's release). We turn either pair into
-tiktoken's mergeable ranks without touching the network; only when no files are found anywhere do
-we fall back to ``tiktoken.get_encoding("gpt2")``, which works if its cache holds the files.
+Where the vocabulary comes from:
+1. the checkpoint folder's own files: ``vocab.json`` + ``merges.txt`` (Hugging Face), ``encoder.json`` +
+   ``vocab.bpe`` (OpenAI's release), or ``tokenizer.json`` alone (what transformers 5 ``save_pretrained``
+   writes);
+2. else GPT-2's ``encoder.json`` + ``vocab.bpe``, shipped in ``gpt2/`` and sha256-checked against the
+   hashes tiktoken pins, when the model's vocabulary is GPT-2-sized. Nothing touches the network.
+
+A model whose vocabulary is not GPT-2-sized and that has no files of its own is refused: another
+vocabulary is never silently replaced by GPT-2's.
+
+tiktoken's own loaders parse the files. Its data-gym parser takes ~140 ms for GPT-2 and its own format
+~27 ms, so the ranks are cached in tiktoken's format in gptchat's cache folder, keyed by the sha256 of the
+files they came from, and checked against their own sha256 (in the file name) when read back.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from importlib.resources import as_file, files
 from pathlib import Path
 
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+
 from gptchat.core.errors import TokenizerError
+from gptchat.core.paths import get_paths, private_dir
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 # GPT-2's pre-tokenizer, as tiktoken writes it for the "gpt2" encoding (possessive quantifiers,
 # equivalent to the original regex but faster).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-# sha256 of OpenAI's published GPT-2 files (the same hashes tiktoken checks).
+# sha256 of OpenAI's published GPT-2 files (the hashes tiktoken checks for its "gpt2" encoding).
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+# GPT-2's ranks written in tiktoken's format are byte for byte r50k_base.tiktoken, whose hash tiktoken pins.
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# Embedding sizes that mean "GPT-2's vocabulary": its own, and nanoGPT's padded to a multiple of 64.
+GPT2_VOCAB_SIZES = (50257, 50304)
+# GPT-2's files are 1.5 MB; even a 250k-token tokenizer.json is ~20 MB. Refuse anything far larger unread.
+MAX_FILE_BYTES = 64 << 20
 
-# (vocabulary, merges) file names, in the order we look for them.
+# (vocabulary, merges) file names, in the order we look for them; then tokenizer.json alone.
 VOCAB_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 writes each byte as a printable unicode character; this maps them back."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def ranks_from_files(vocab_path: Path, merges_path: Path | None) -> dict[bytes, int]:
-    """Mergeable ranks (token bytes -> id) from a GPT-2 vocabulary, checked against its merges."""
-    try:
-        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read the vocabulary {vocab_path}: {e}") from None
-    if not isinstance(vocab, dict) or not vocab:
-        raise TokenizerError(f"{vocab_path} is not a GPT-2 vocabulary (expected a JSON object of token -> id)")
-    dec = _byte_decoder()
-    ranks: dict[bytes, int] = {}
-    try:
-        for tok, idx in vocab.items():
-            if tok in (EOT, "<|startoftext|>"):
-                continue
-            ranks[bytes(dec[ch] for ch in tok)] = int(idx)
-    except (KeyError, TypeError, ValueError):
-        raise TokenizerError(f"{vocab_path} is not a byte-level BPE vocabulary like GPT-2's") from None
-    if merges_path is not None and Path(merges_path).exists():
-        # tiktoken merges by rank, so ids must follow merge priority: check it, as tiktoken does.
-        lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-        merges = [ln.split() for ln in lines if ln and not ln.startswith("#version")]
-        base = len(ranks) - len(merges)
-        for i, pair in enumerate(merges):
-            if len(pair) != 2:
-                raise TokenizerError(f"{merges_path}: line {i + 2} is not a merge pair")
-            merged = bytes(dec[c] for c in pair[0] + pair[1])
-            if ranks.get(merged) != base + i:
-                raise TokenizerError(
-                    f"{merges_path} does not match {vocab_path.name}: ids must follow merge order"
-                )
-    return ranks
+TOKENIZER_JSON = "tokenizer.json"
+_SPECIALS = (EOT, "<|startoftext|>")  # in some vocabularies, never mergeable tokens
 
 
 @dataclass
 class Tokenizer:
     """A GPT-2 tokenizer. User text goes through ``encode`` (special tokens are plain text there)."""
 
-    enc: "object"  # tiktoken.Encoding
-    source: str  # where the vocabulary came from, for provenance
+    enc: tiktoken.Encoding
+    source: str  # the file the vocabulary came from, for provenance
     eot_id: int = EOT_ID
 
     @property
@@ -128,24 +101,11 @@ class StreamDecoder:
         return self._dec.decode(b"", final=True)
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@lru_cache(maxsize=8)
-def _encoding_from_files(vocab: str, merges: str | None, digest: str):
-    import tiktoken
-
-    ranks = ranks_from_files(Path(vocab), Path(merges) if merges else None)
-    return tiktoken.Encoding(
-        name=f"gpt2-{digest[:12]}",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={EOT: max(ranks.values()) + 1},
-    )
+# -- where the files are ---------------------------------------------------------------------------
 
 
 def find_vocab_files(folder: Path) -> tuple[Path, Path | None] | None:
+    """The folder's (vocabulary, merges) pair, merges None when missing; None when there is no pair."""
     folder = Path(folder)
     for vocab_name, merges_name in VOCAB_FILE_PAIRS:
         if (folder / vocab_name).is_file():
@@ -155,62 +115,213 @@ def find_vocab_files(folder: Path) -> tuple[Path, Path | None] | None:
 
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer | None:
-    found = find_vocab_files(folder)
-    if found is None:
-        return None
-    vocab, merges = found
-    digest = _file_digest(vocab)
-    enc = _encoding_from_files(str(vocab), str(merges) if merges else None, digest)
+    """The folder's own tokenizer, or None when it holds no tokenizer files."""
+    folder = Path(folder)
+    pair = find_vocab_files(folder) if folder.is_dir() else None
+    if pair is not None and pair[1] is not None:
+        return _from_pair(*pair)
+    if (folder / TOKENIZER_JSON).is_file():
+        return _from_tokenizer_json(folder / TOKENIZER_JSON)
+    if pair is not None:
+        raise TokenizerError(f"{pair[0]} has no merges file beside it ({_merges_name(pair[0])})")
+    return None
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's own vocabulary, from the files shipped with gptchat (works offline)."""
+    shipped = files(__package__) / "gpt2"
+    with as_file(shipped / "encoder.json") as vocab, as_file(shipped / "vocab.bpe") as merges:
+        return _from_pair(vocab, merges, pins=(GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256))
+
+
+def load_tokenizer(folder: Path | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """The checkpoint's own vocabulary if its folder has one, else GPT-2's shipped one.
+
+    ``vocab_size`` is the model's embedding size. When given, a model without tokenizer files gets
+    GPT-2's vocabulary only if it is GPT-2-sized, and a vocabulary larger than the model is refused.
+    """
+    tok = tokenizer_from_folder(folder) if folder is not None else None
+    if tok is None:
+        if vocab_size is not None and vocab_size not in GPT2_VOCAB_SIZES:
+            where = f"{folder} has no tokenizer files" if folder is not None else "no tokenizer files were given"
+            raise TokenizerError(
+                f"{where} (vocab.json + merges.txt, encoder.json + vocab.bpe, or tokenizer.json) and the "
+                f"model's {vocab_size}-token vocabulary is not GPT-2's; put the model's own tokenizer files beside it"
+            )
+        tok = gpt2_tokenizer()
+    if vocab_size is not None and tok.n_vocab > vocab_size:
+        raise TokenizerError(
+            f"the vocabulary ({tok.source}, {tok.n_vocab} tokens) is larger than the model's embedding "
+            f"table ({vocab_size}); put the model's own tokenizer files beside it"
+        )
+    return tok
+
+
+def _merges_name(vocab: Path) -> str:
+    return dict(VOCAB_FILE_PAIRS)[vocab.name]
+
+
+# -- reading the files strictly ----------------------------------------------------------------------
+
+
+def _read(path: Path) -> tuple[str, str]:
+    """(text, sha256) of a tokenizer file, decoded as strict UTF-8; one line naming the file otherwise."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise TokenizerError(f"{path} is {size} bytes, too large for a tokenizer file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path} is not a tokenizer file (not UTF-8 text at byte {e.start})") from None
+
+
+def _json_object(text: str, path: Path) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise TokenizerError(f"{path} is not a tokenizer file (expected a JSON object)")
+    return obj
+
+
+def _check_vocab(entries, path: Path) -> None:
+    if not isinstance(entries, dict) or not entries or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in entries.values()
+    ):
+        raise TokenizerError(f"{path} is not a BPE vocabulary (expected token -> integer id)")
+
+
+def _check_merges(text: str, path: Path) -> None:
+    # tiktoken drops the first line (the "#version" header) and what follows the last newline.
+    if not text.startswith("#version") or not text.endswith("\n"):
+        raise TokenizerError(f"{path} is not a BPE merges file (a '#version' line, then one 'a b' pair per line)")
+
+
+# -- building the encoding ---------------------------------------------------------------------------
+
+
+def _from_pair(vocab: Path, merges: Path, pins: tuple[str, str] | None = None) -> Tokenizer:
+    """A data-gym pair; ``pins``: the sha256 the two files must have (GPT-2's, for the shipped copy)."""
+    (vocab_text, vocab_sha), (merges_text, merges_sha) = _read(vocab), _read(merges)
+    for path, got, want in zip((vocab, merges), (vocab_sha, merges_sha), pins or (None, None)):
+        if want is not None and got != want:
+            raise TokenizerError(f"{path} is damaged (sha256 {got[:12]}…, GPT-2's is {want[:12]}…); reinstall gptchat")
+
+    def build() -> dict[bytes, int]:
+        _check_vocab(_json_object(vocab_text, vocab), vocab)
+        _check_merges(merges_text, merges)
+        return _data_gym_ranks(vocab, vocab_sha, merges, merges_sha)
+
+    enc = _encoding(hashlib.sha256(f"{vocab_sha} {merges_sha}".encode()).hexdigest(), build)
     return Tokenizer(enc=enc, source=str(vocab), eot_id=enc.eot_token)
 
 
-def _fallback_folders() -> list[Path]:
-    """Other places on this machine that may hold GPT-2's vocabulary files."""
-    from gptchat.core.paths import get_paths, hf_hub_cache
+def _from_tokenizer_json(path: Path) -> Tokenizer:
+    text, sha = _read(path)
 
-    out = [get_paths().data / "tokenizer"]
-    for repo in ("models--gpt2", "models--openai-community--gpt2", "models--distilgpt2"):
-        snaps = hf_hub_cache() / repo / "snapshots"
-        if snaps.is_dir():
-            out.extend(sorted(snaps.iterdir()))
-    return out
+    def build() -> dict[bytes, int]:
+        vocab_data, merges_data = (t.encode("utf-8") for t in _tokenizer_json_as_pair(text, path))
+        # tiktoken's parser reads files: hand it the pair written out, checked by hash like any other.
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab, merges = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+            vocab.write_bytes(vocab_data)
+            merges.write_bytes(merges_data)
+            return _data_gym_ranks(vocab, hashlib.sha256(vocab_data).hexdigest(),
+                                   merges, hashlib.sha256(merges_data).hexdigest(), shown=path)
 
-
-def load_tokenizer(folder: Path | None = None) -> Tokenizer:
-    """The checkpoint's own vocabulary if it has one, else GPT-2's from this machine."""
-    candidates = ([Path(folder)] if folder else []) + _fallback_folders()
-    for cand in candidates:
-        tok = tokenizer_from_folder(cand) if cand.is_dir() else None
-        if tok is not None:
-            return tok
-    return _tiktoken_gpt2()
+    enc = _encoding(sha, build)
+    return Tokenizer(enc=enc, source=str(path), eot_id=enc.eot_token)
 
 
-def _tiktoken_gpt2() -> Tokenizer:
-    import tiktoken
+def _tokenizer_json_as_pair(text: str, path: Path) -> tuple[str, str]:
+    """A Hugging Face tokenizer.json's byte-level BPE as (vocab.json, merges.txt) texts."""
+    model = _json_object(text, path).get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: model.type is not BPE; gptchat reads GPT-2-style byte-level BPE only")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    _check_vocab(vocab, path)
+    if not isinstance(merges, list):
+        raise TokenizerError(f"{path}: model.merges is not a list")
+    lines = []
+    for i, m in enumerate(merges):
+        # tokenizers writes "a b" strings (before 0.20) or [a, b] pairs; byte-level tokens hold no spaces.
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p and " " not in p for p in pair)):
+            raise TokenizerError(f"{path}: model.merges[{i}] is not a pair of tokens")
+        lines.append(f"{pair[0]} {pair[1]}\n")
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "".join(lines)
 
-    # tiktoken downloads its files when they are not in its cache; never try that offline.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline and not _tiktoken_gpt2_cached():
-        raise TokenizerError(_NO_TOKENIZER)
+
+def _data_gym_ranks(vocab: Path, vocab_sha: str, merges: Path, merges_sha: str, shown: Path | None = None) -> dict[bytes, int]:
+    """tiktoken's parser, its failures turned into one line naming the file (``shown``, if converted)."""
     try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken raises requests' errors when it cannot fetch the files
-        raise TokenizerError(_NO_TOKENIZER) from None
-    return Tokenizer(enc=enc, source="tiktoken:gpt2", eot_id=enc.eot_token)
+        return data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab), vocab_bpe_hash=merges_sha, encoder_json_hash=vocab_sha)
+    except KeyError:
+        raise TokenizerError(f"{shown or vocab} is not a byte-level BPE vocabulary like GPT-2's") from None
+    except AssertionError:  # tiktoken's check that ids follow merge priority, which its encoder relies on
+        mismatch = f"{shown}: model.vocab" if shown else f"{merges} does not match {vocab.name}:"
+        raise TokenizerError(f"{mismatch} ids must follow merge order") from None
+    except ValueError:  # a merges line that is not two tokens
+        raise TokenizerError(f"{shown or merges} is not a BPE merges file (one 'a b' pair per line)") from None
+    except OSError as e:  # tiktoken copies what it reads into its cache (TIKTOKEN_CACHE_DIR)
+        raise TokenizerError(f"cannot read {shown or vocab} through tiktoken's cache: {e}") from None
 
 
-_NO_TOKENIZER = (
-    "no GPT-2 vocabulary found: put vocab.json + merges.txt (or encoder.json + vocab.bpe) in the "
-    "model folder, or run `gptchat pull gpt2` once while online"
-)
+_loaded: dict[str, tiktoken.Encoding] = {}  # one Encoding per vocabulary and process
 
 
-def _tiktoken_gpt2_cached() -> bool:
-    import tempfile
+def _encoding(key: str, build) -> tiktoken.Encoding:
+    """The encoding for files whose sha256 gives ``key``: from memory, the disk cache, or ``build()``."""
+    enc = _loaded.get(key)
+    if enc is None:
+        ranks, digest = _cached_ranks(key)
+        if ranks is None:
+            ranks = build()
+            digest = _store_ranks(key, ranks)
+        enc = _loaded[key] = _make_encoding(ranks, digest)
+    return enc
 
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    cache = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    keys = [hashlib.sha1((url + f).encode()).hexdigest() for f in ("vocab.bpe", "encoder.json")]
-    return all(os.path.exists(os.path.join(cache, k)) for k in keys)
+
+def _make_encoding(ranks: dict[bytes, int], digest: str) -> tiktoken.Encoding:
+    # The name keys tokenized datasets: GPT-2's vocabulary is "gpt2" whichever files it came from.
+    name = "gpt2" if digest == GPT2_TIKTOKEN_SHA256 else f"bpe-{digest[:12]}"
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: max(ranks.values()) + 1})
+
+
+def _cache_folder() -> Path:
+    return get_paths().cache / "tokenizers"
+
+
+def _cached_ranks(key: str) -> tuple[dict[bytes, int] | None, str]:
+    """Ranks saved by ``_store_ranks``, read by tiktoken and checked against the sha256 in their name."""
+    for path in sorted(_cache_folder().glob(f"{key}.*.tiktoken")):
+        digest = path.name.split(".")[1]
+        try:
+            return load_tiktoken_bpe(str(path), expected_hash=digest), digest
+        except ValueError:  # damaged: build again
+            path.unlink(missing_ok=True)
+        except OSError:
+            break  # unreadable (or tiktoken's cache is): building says why, if it fails too
+    return None, ""
+
+
+def _store_ranks(key: str, ranks: dict[bytes, int]) -> str:
+    """Save ranks in tiktoken's format (what its dump_tiktoken_bpe writes, which needs blobfile); their sha256."""
+    blob = b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    digest = hashlib.sha256(blob).hexdigest()
+    folder = _cache_folder()
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    try:
+        private_dir(folder)
+        tmp.write_bytes(blob)
+        os.replace(tmp, folder / f"{key}.{digest}.tiktoken")
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a cache only: without it, the next load parses the files again
+    return digest

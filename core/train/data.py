@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gptchat.core.errors import DataError
+from gptchat.core.paths import private_dir
 from gptchat.core.text.tokenizer import EOT
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".text", ".markdown")
@@ -181,7 +182,8 @@ def _build(folder: Path, files, tokenizer, fmt, tpl, key) -> None:
         raise DataError("the tokenizer has more than 65536 tokens; uint16 token files cannot hold it")
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    private_dir(tmp.parent)
+    tmp.mkdir(mode=0o700)
     threads = max(1, os.cpu_count() or 1)
     eot = tokenizer.eot_id
     n_docs = 0

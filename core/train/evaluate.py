@@ -8,6 +8,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from gptchat.core.generate.engine import Engine
+from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.train.data import Dataset, val_starts, windows
 
 
@@ -57,27 +59,35 @@ def probe_prompts(ds: Dataset, val_range, eot: int, n_tokens: int = 16) -> list[
     return out
 
 
-@torch.no_grad()
 def sample(net, prompt: list[int], max_new: int, block: int, n_vocab: int, eot: int, device, amp,
            seed: int = 0, temperature: float = 0.8, top_k: int = 40) -> list[int]:
-    """A short seeded sample with the training model (eval mode, no KV cache: small models, few tokens)."""
+    """A short seeded sample with the training model, through the engine's one decode loop.
+
+    The engine borrows the model (its training layout is kept, the KV cache is freed afterwards);
+    eval mode only while sampling. Under FSDP every rank must call this (each forward gathers the
+    shards). The model sees at most ``block`` tokens, the window it was trained on: when the
+    sample reaches it, the last half block is prefilled again and decoding goes on from there.
+    """
     was = net.training
     net.eval()
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    params = SamplingParams(temperature=temperature, top_k=top_k)
     out: list[int] = []
-    for _ in range(max_new):
+    try:
         with amp():
-            logits = net(idx[:, -block:], last_only=True)[:, -1, :n_vocab].float().cpu()
-        logits = logits / temperature
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -math.inf
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-        if int(nxt) == eot:
-            break
-        out.append(int(nxt))
-        idx = torch.cat([idx, nxt.to(device)], dim=1)
-    net.train(was)
+            kind = torch.device(device).type  # under autocast the cache holds what attention computes in
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            engine = Engine(net, device=device, dtype=dtype, borrowed=True, n_ctx=block, vocab_limit=n_vocab,
+                            eos_id=eot)
+            for chunk in range(max_new):  # one pass per window; the first one's seed is ``seed`` itself
+                ctx = (prompt + out)[-max(1, block // 2 if out else block - 1):]
+                new = [rt.token for step in engine.generate([ctx], params, max_new - len(out),
+                                                            seeds=[seed + (chunk << 32)]) for rt in step]
+                ended = eot in new
+                out += new[: new.index(eot)] if ended else new
+                if ended or len(out) >= max_new:
+                    break
+    finally:
+        net.train(was)
     return out
 
 

@@ -26,6 +26,8 @@ import socket
 import time
 from pathlib import Path
 
+from gptchat.core.paths import open_private
+
 
 class EventLog:
     """Appends events to ``events.jsonl`` and hands each one to an optional callback."""
@@ -33,7 +35,7 @@ class EventLog:
     def __init__(self, path: Path | None, callback=None):
         self.path = path
         self.callback = callback
-        self._f = open(path, "a", encoding="utf-8", buffering=1) if path is not None else None
+        self._f = open_private(path, "a") if path is not None else None
 
     def emit(self, type: str, **fields) -> dict:
         ev = {"type": type, "t": round(time.time(), 3), **fields}
@@ -87,5 +89,6 @@ class Status:
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    with open_private(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)

@@ -3,6 +3,11 @@
 ``train(settings)`` starts a run, ``train(resume="NAME")`` continues one. Everything a run does is
 reported as events (events.py); the function returns a ``Result`` for callers and tests.
 
+A run goes through named steps over its context (context.py): open (settings, device, data), build
+(model, plan, optimizer), restore (checkpoint.py: optimizer, scaler, RNG, counters), then per step
+``_step`` (one optimizer step with accumulation and clipping), ``_evaluate`` (val loss, samples)
+and ``checkpoint.save``.
+
 Resume is exact: the batch order is a pure function of (seed, step) (data.Batches), the learning
 rate a pure function of step (settings.lr_at), and the checkpoint holds the fp32 weights, the
 optimizer state, the GradScaler, and the RNG states. A resumed run produces the same losses as one
@@ -13,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -23,13 +27,17 @@ from pathlib import Path
 
 import torch
 
-from gptchat.core.errors import TrainError, UsageError
-from gptchat.core.train import runs
-from gptchat.core.train.data import Batches, prepare, split
-from gptchat.core.train.dist import Dist, full_state, load_full_state, wrap
-from gptchat.core.train.evaluate import amp_context, loss_fn, probe_prompts, sample, val_loss
+from gptchat.core.errors import TrainError
+from gptchat.core.model.gpt import GPT
+from gptchat.core.train import checkpoint, lora, runs
+from gptchat.core.train.checkpoint import ppl
+from gptchat.core.train.context import Progress, Run, Trainee, make_folder, open_run, settings_for
+from gptchat.core.train.dist import Dist, wrap
+from gptchat.core.train.evaluate import loss_fn, sample, val_loss
 from gptchat.core.train.events import EventLog, Status
-from gptchat.core.train.settings import Settings, lr_at, resolve
+from gptchat.core.train.plan import make_plan
+from gptchat.core.train.settings import Settings, lr_at
+from gptchat.core.weights.checkpoints import load_model, sniff
 
 
 @dataclass
@@ -69,363 +77,217 @@ class _Stop:
 def train(settings: Settings | None = None, *, resume: str | None = None, steps: int | None = None,
           on_event=None, stop_at: int | None = None) -> Result:
     """Run (or continue) a training run. ``stop_at``: behave as if interrupted after that step."""
-    from gptchat.core.weights.checkpoints import resolve as resolve_ckpt
-    from gptchat.core.model.device import pick_device, pick_dtype
-    from gptchat.core.text.tokenizer import load_tokenizer
-
     dist = Dist.from_env()
-    # -- what to do -------------------------------------------------------------------------------
-    if resume is not None:
-        folder = runs.find_run(resume)
-        meta = runs.load_run_json(folder)
-        s = Settings.from_dict(meta["settings"])
-        if settings is not None and settings.device is not None:
-            s.device = settings.device
-        if steps is not None:
-            if steps <= 0:
-                raise UsageError(f"--steps must be > 0, not {steps}")
-            meta["resolved"]["steps"] = steps
-        if runs.link_target(folder, "last") is None:
-            raise TrainError(f"run {resume!r} has no finished checkpoint to resume from; start it again")
-    else:
-        if settings is None:
-            raise UsageError("nothing to train: give data files or --resume NAME")
-        s = settings
-        s.check()
-        s.data = [str(Path(p).expanduser().resolve()) for p in s.data]
-        folder, meta = None, None
-    device = dist.device_for(pick_device(s.device))
-    dist.init(device)
-    amp_dtype = pick_dtype(s.dtype, device)
-    if device.type == "cpu" and amp_dtype == torch.float16:
-        raise UsageError("--dtype fp16 training is not supported on CPU; use fp32 (default) or bf16")
-    if device.type == "mps" and amp_dtype != torch.float32:
-        amp_dtype = torch.float32  # autocast on mps is incomplete; train in fp32
-    amp = amp_context(device, amp_dtype)
-    if s.fsdp and s.lora:
-        raise UsageError("--fsdp with --lora is not supported; LoRA's small optimizer state rarely needs sharding")
-
-    # -- data, tokenizer, model shape (all cheap; errors before anything big is loaded) -----------
-    from gptchat.core.train.data import scan
-
-    warnings: list[str] = []
-    scanned = scan(s.data, s.format, warn=warnings.append)
-    if s.template is not None:
-        from gptchat.core.prompting.templates import get_template
-
-        get_template(s.template)
-    ck = None
-    if s.from_scratch:
-        from gptchat.core.model.config import PRESETS
-
-        cfg = PRESETS[s.arch or "tiny"]
-        from dataclasses import replace
-
-        cfg = replace(cfg, dropout=s.dropout)
-        tok = load_tokenizer(None)
-    else:
-        ck = resolve_ckpt(s.model or "gpt2")
-        cfg = ck.config
-        tok = load_tokenizer(ck.folder)
-    if tok.n_vocab > cfg.vocab_size:
-        raise TrainError(f"the tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}")
-    ds = None
-    if dist.main:
-        ds = prepare(s.data, tok, s.format, s.template, scanned=scanned)
-    dist.barrier()
-    if ds is None:
-        ds = prepare(s.data, tok, s.format, s.template, scanned=scanned)
-    if meta is not None and meta.get("data", {}).get("key") not in (None, ds.key):
-        raise TrainError(f"the training data changed since run {resume!r} started; start a new run instead")
-
-    if meta is not None:
-        from gptchat.core.train.settings import Resolved
-
-        r = Resolved(**meta["resolved"])
-    else:
-        r = resolve(s, n_positions=cfg.n_positions, n_params=cfg.n_params(), n_tokens=ds.n_tokens,
-                    world=dist.world, device_type=device.type)
-    if r.world != dist.world:
-        warnings.append(f"the run started with {r.world} process(es), now {dist.world}: the batch order changes")
-        r.world = dist.world
-    sp = split(ds.n_tokens, r.block_size, s.val_fraction)
-    train_tokens = sp.train[1] - sp.train[0]
-    if train_tokens < 4 * r.block_size:
-        warnings.append(
-            f"only {train_tokens} training tokens ({train_tokens / r.block_size:.1f} blocks of {r.block_size}): "
-            "the model will overfit; add data or lower --block-size"
-        )
-
-    # -- the run folder (rank 0 writes; others only read) ----------------------------------------
-    if folder is None:
-        name = dist.broadcast_obj(s.name or (runs.default_name(s.data) if dist.main else None))
-        s.name = name
-        if dist.main:
-            folder = runs.create_run(name)
-            runs.save_run_json(folder, {"settings": s.to_dict(), "resolved": r.to_dict(),
-                                        "data": {"key": ds.key, **{k: ds.meta[k] for k in ("files", "n_tokens", "n_docs", "format")}},
-                                        "created": time.time()})
-        dist.barrier()
-        folder = runs.runs_root() / name
-    elif dist.main and steps is not None:
-        runs.save_run_json(folder, meta)
+    s, folder, meta = settings_for(settings, resume, steps)
+    run = open_run(s, meta, dist, resume)
+    folder = make_folder(run, folder, meta, steps)
     lock = runs.RunLock(folder).acquire() if dist.main else None
-    log = EventLog(folder / "events.jsonl" if dist.main else None, on_event if dist.main else None)
-    status = Status(folder / "status.json" if dist.main else None)
+    run.log = EventLog(folder / "events.jsonl" if dist.main else None, on_event if dist.main else None)
+    run.status = Status(folder / "status.json" if dist.main else None)
     stopper = _Stop()
     result = Result(folder.name, folder, "failed", 0, None)
     try:
-        status.update(state="running", steps=r.steps, step=None)
-        for w in warnings:
-            log.emit("warning", message=w)
-        _run(s, r, cfg, ck, tok, ds, sp, folder, dist, device, amp_dtype, amp, log, status, stopper,
-             result, resume is not None, stop_at)
+        run.status.update(state="running", steps=run.r.steps, step=None)
+        for w in run.warnings:
+            run.log.emit("warning", message=w)
+        _run(run, stopper, result, stop_at)
         return result
     except BaseException as e:
         state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        log.emit("error", message=msg, step=result.step)
-        status.update(state=state, error=msg)
+        run.log.emit("error", message=msg, step=result.step)
+        run.status.update(state=state, error=msg)
         raise
     finally:
         stopper.restore()
-        log.close()
+        run.log.close()
         if lock is not None:
             lock.release()
         dist.close()
 
 
-def _run(s, r, cfg, ck, tok, ds, sp, folder, dist, device, amp_dtype, amp, log, status, stopper,
-         result, resuming, stop_at):
-    from gptchat.core.weights.checkpoints import load_model, save_hf, sniff
-    from gptchat.core.model.gpt import GPT
-    from gptchat.core.train import lora as lora_mod
-    from gptchat.core.train.plan import make_plan
+def _run(run: Run, stopper: _Stop, result: Result, stop_at: int | None) -> None:
+    """Build, restore, then step until done, stopped or interrupted; save on the way out."""
+    last_dir, trainer = checkpoint.load_trainer(run)
+    t = _build(run, trainer, last_dir)
+    p = checkpoint.restore(run, t, trainer)
+    result.best_val_loss = p.best_val_loss
+    stopper.install()
+    p.t_session = time.time()
+    reason = _loop(run, t, p, stopper, result, stop_at)
+    if reason == "interrupted" and p.saved_step != p.step:
+        checkpoint.save(run, t, p, ["last"], _metrics(result, p, None))
+    result.status, result.step = reason, p.step
+    run.status.update(state=reason, step=p.step, best_val_loss=p.best_val_loss, pid=os.getpid())
+    run.log.emit("done", status=reason, step=p.step, steps=run.r.steps, best_val_loss=p.best_val_loss,
+                 path=str(run.folder), elapsed_s=round(p.elapsed_now(), 1))
 
-    last_dir = runs.link_target(folder, "last") if resuming else None
-    trainer = torch.load(last_dir / "trainer.pt", map_location="cpu", weights_only=True) if last_dir else None
 
-    # -- the model ------------------------------------------------------------------------------
+def _loop(run: Run, t: Trainee, p: Progress, stopper: _Stop, result: Result, stop_at: int | None) -> str:
+    """Step, evaluate and save until the run ends; returns why it ended."""
+    r = run.r
+    while p.step < r.steps:
+        if run.dist.any(stopper.flag, run.device):
+            return "interrupted"
+        _step(run, t, p, result)
+        links: list[str] = []
+        val, early = None, False
+        if p.step % r.eval_every == 0 or p.step == r.steps:
+            val, improved = _evaluate(run, t, p, result)
+            links += ["best"] if improved else []
+            early = bool(run.s.patience and p.bad_evals >= run.s.patience)
+        stop_here = stop_at is not None and p.step >= stop_at
+        if p.step % r.save_every == 0 or early or stop_here or p.step == r.steps:
+            links.append("last")
+        if links:
+            checkpoint.save(run, t, p, links, _metrics(result, p, val))
+        if early:
+            return "early-stopped"
+        if stop_here and p.step < r.steps:
+            return "interrupted"
+    return "finished"
+
+
+# -- build ------------------------------------------------------------------------------------------
+
+
+def _build(run: Run, trainer: dict | None, last_dir: Path | None) -> Trainee:
+    """The model (base, scratch or resumed; adapters attached), checked against the memory plan, wrapped."""
+    model, frozen_bytes = _load_model(run, last_dir)
+    s = run.s
     if s.lora:
-        targets = [t.strip() for t in s.lora_targets.split(",") if t.strip()]
+        targets = [x.strip() for x in s.lora_targets.split(",") if x.strip()]
+        torch.manual_seed(s.seed)  # the adapters' initial A: the same run gives the same weights
+        lora.add_lora(model, targets, s.lora_rank, s.lora_alpha)
+        if trainer is not None:
+            checkpoint.restore_adapters(model, trainer, last_dir)
+    model.train()
+    for block in model.transformer.h:
+        block.grad_checkpointing = s.grad_checkpointing
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    _check_plan(run, sum(q.numel() for q in trainable), frozen_bytes)
+    return _optimizer(run, model, trainable)
+
+
+def _load_model(run: Run, last_dir: Path | None):
+    """(model, bytes per frozen weight): resumed full finetunes load the last checkpoint's weights."""
+    s, device = run.s, run.device
     frozen_bytes = 4
-    if resuming and not s.lora:
+    if last_dir is not None and not s.lora:
         model = load_model(sniff(last_dir), device=device, dtype=torch.float32)
     elif s.from_scratch:
         with torch.device(device):
-            model = GPT(cfg)
+            model = GPT(run.cfg)
         model.init_weights(s.seed)
     else:
-        base_dtype = amp_dtype if (s.lora and device.type == "cuda") else torch.float32
+        # a LoRA base on GPU stays in the autocast dtype: it is frozen, so no fp32 master copy is needed
+        base_dtype = run.amp_dtype if (s.lora and device.type == "cuda") else torch.float32
         frozen_bytes = torch.finfo(base_dtype).bits // 8
-        model = load_model(ck, device=device, dtype=base_dtype)
-    if s.dropout and not s.from_scratch:
+        model = load_model(run.ck, device=device, dtype=base_dtype)
+    if s.dropout:  # a checkpoint's config.json does not carry it (a resumed scratch run included)
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = s.dropout
             if hasattr(m, "dropout") and isinstance(m.dropout, float):
                 m.dropout = s.dropout
-    if s.lora:
-        lora_mod.add_lora(model, targets, s.lora_rank, s.lora_alpha)
-        if trainer is not None:
-            missing = set(lora_mod.adapter_state(model)) - set(trainer["adapters"])
-            if missing:
-                raise TrainError(f"{last_dir}: the checkpoint lacks adapter {sorted(missing)[0]}")
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in trainer["adapters"]:
-                        p.copy_(trainer["adapters"][n])
-    model.train()
-    for block in model.transformer.h:
-        block.grad_checkpointing = s.grad_checkpointing
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for _, p in trainable)
+    return model, frozen_bytes
 
-    # -- the plan -------------------------------------------------------------------------------
-    amp_bytes = 4 if amp_dtype == torch.float32 else 2
-    plan = make_plan(cfg, trainable=n_trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
+
+def _check_plan(run: Run, n_trainable: int, frozen_bytes: int) -> None:
+    """Emit the start event with the memory and time plan; refuse a run that will not fit."""
+    s, r, dist, device, ds, sp = run.s, run.r, run.dist, run.device, run.ds, run.sp
+    amp_bytes = 4 if run.amp_dtype == torch.float32 else 2
+    plan = make_plan(run.cfg, trainable=n_trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
                      tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
                      frozen_bytes=frozen_bytes, grad_checkpointing=s.grad_checkpointing,
                      shards=dist.world if s.fsdp else 1, measure=dist.main)
-    log.emit("start", run=folder.name, path=str(folder), resumed=resuming, settings=s.to_dict(), resolved=r.to_dict(),
-             plan=plan.to_dict(), plan_text=plan.lines(), world=dist.world, device=str(device),
-             dtype=str(amp_dtype).replace("torch.", ""), data={"key": ds.key, "n_tokens": ds.n_tokens,
-             "train_tokens": sp.train[1] - sp.train[0], "val_tokens": sp.val[1] - sp.val[0], "n_docs": ds.meta["n_docs"]})
+    data = {"key": ds.key, "n_tokens": ds.n_tokens, "train_tokens": sp.train[1] - sp.train[0],
+            "val_tokens": sp.val[1] - sp.val[0], "n_docs": ds.meta["n_docs"]}
+    run.log.emit("start", run=run.folder.name, path=str(run.folder), resumed=run.resuming, settings=s.to_dict(),
+                 resolved=r.to_dict(), plan=plan.to_dict(), plan_text=plan.lines(), world=dist.world,
+                 device=str(device), dtype=str(run.amp_dtype).replace("torch.", ""), data=data)
     if not plan.fits:
         raise TrainError(plan.advice())
 
-    # -- wrapping, optimizer ----------------------------------------------------------------------
-    net, raw = wrap(model, dist, device, s.fsdp)
+
+def _optimizer(run: Run, model, trainable: list) -> Trainee:
+    """DDP/FSDP around the model, AdamW (decay on 2-D weights only), the fp16 GradScaler."""
+    s, device = run.s, run.device
+    net, raw = wrap(model, run.dist, device, s.fsdp)
     fwd = torch.compile(net) if s.compile else net
-    decay = [p for n, p in raw.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in raw.named_parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay = [q for q in raw.parameters() if q.requires_grad and q.dim() >= 2]
+    no_decay = [q for q in raw.parameters() if q.requires_grad and q.dim() < 2]
+    groups = [{"params": decay, "weight_decay": run.r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda" or (device.type == "cpu" and not s.fsdp)
-    opt = torch.optim.AdamW(groups, lr=r.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp_dtype == torch.float16 and device.type == "cuda"))
-    step, best, bad_evals, tokens_seen, elapsed = 0, None, 0, 0, 0.0
-    if trainer is not None:
-        # the weights came with the model (loaded before wrapping); the optimizer state follows them
-        load_full_state(raw, opt, None, trainer["optimizer"], s.fsdp, dist)
-        scaler.load_state_dict(trainer["scaler"]) if trainer.get("scaler") else None
-        step, best, bad_evals = trainer["step"], trainer["best_val_loss"], trainer["bad_evals"]
-        tokens_seen, elapsed = trainer["tokens_seen"], trainer["elapsed"]
-        rng = trainer["rng"]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        random.setstate(_py_state(rng["python"]))
+    opt = torch.optim.AdamW(groups, lr=run.r.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=(run.amp_dtype == torch.float16 and device.type == "cuda"))
+    return Trainee(raw, net, fwd, opt, scaler, trainable)
+
+
+# -- one step -----------------------------------------------------------------------------------------
+
+
+def _step(run: Run, t: Trainee, p: Progress, result: Result) -> None:
+    """One optimizer step: accumulate micro-batches, clip, update; log the loss."""
+    r, dist, device = run.r, run.dist, run.device
+    t0 = time.perf_counter()
+    lr = lr_at(p.step, r)
+    for g in t.opt.param_groups:
+        g["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(r.grad_accum):
+        x, y = run.batches.micro_batch(p.step, micro, dist.rank, dist.world, r.grad_accum, r.batch_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP: all-reduce the gradients once, on the last micro-batch
+        last_micro = micro == r.grad_accum - 1
+        with t.net.no_sync() if (dist.enabled and not run.s.fsdp and not last_micro) else nullcontext():
+            with run.amp():
+                loss = loss_fn(t.fwd(x), y)
+            t.scaler.scale(loss / r.grad_accum).backward()
+        loss_sum += loss.item()
+    if run.s.clip > 0:
+        t.scaler.unscale_(t.opt)
+        torch.nn.utils.clip_grad_norm_(t.trainable, run.s.clip)
+    t.scaler.step(t.opt)
+    t.scaler.update()
+    t.opt.zero_grad(set_to_none=True)
+    p.step += 1
+    train_loss = dist.mean(loss_sum / r.grad_accum, device)
+    if not math.isfinite(train_loss):
+        raise TrainError(f"the loss became {train_loss} at step {p.step}; lower --lr (now {r.lr:g})")
+    p.step_times.append(time.perf_counter() - t0)
+    p.tokens_seen += r.tokens_per_step
+    result.losses[p.step] = train_loss
+    recent = p.step_times[-20:]
+    run.log.emit("step", step=p.step, steps=r.steps, loss=round(train_loss, 5), lr=lr,
+                 tokens_per_s=round(r.tokens_per_step * len(recent) / sum(recent), 1),
+                 eta_s=round((r.steps - p.step) * sum(recent) / len(recent), 1),
+                 epoch=round(p.step * r.tokens_per_step / r.block_size / run.batches.n_chunks, 3), tokens=p.tokens_seen)
+    run.status.update(force=False, step=p.step)
+
+
+def _evaluate(run: Run, t: Trainee, p: Progress, result: Result) -> tuple[float, bool]:
+    """Validation loss on the fixed window, then the probe samples: (val loss, improved on the best)."""
+    s, r, tok = run.s, run.r, run.tok
+    net = t.net if s.fsdp else t.raw
+    val, n_scored = val_loss(net, run.ds, run.sp.val, r.block_size, r.batch_size, s.eval_batches, run.device,
+                             run.amp, run.dist)
+    improved = p.best_val_loss is None or val < p.best_val_loss
+    if improved:
+        p.best_val_loss, p.bad_evals = val, 0
     else:
-        torch.manual_seed(s.seed + dist.rank)
-        random.seed(s.seed + dist.rank)
-    result.best_val_loss = best
-    batches = Batches(ds, sp.train, r.block_size, s.seed)
-    probes = probe_prompts(ds, sp.val, tok.eot_id)[:2] if s.sample_tokens else []
-    tok_dir = ck.folder if ck is not None else (Path(tok.source).parent if Path(tok.source).is_file() else None)
-    stopper.install()
-
-    saved = [step]  # the step of the newest "last" checkpoint
-
-    def save(links: list[str], val: float | None):
-        if "last" in links:
-            saved[0] = step
-        msd, osd = full_state(raw, opt, s.fsdp, dist) if (s.fsdp or dist.main) else (None, None)
-        if not dist.main:
-            dist.barrier()
-            return
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        state = {"step": step, "optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rng": rng, "best_val_loss": best, "bad_evals": bad_evals, "tokens_seen": tokens_seen,
-                 "elapsed": elapsed + (time.time() - t_session)}
-        if s.lora:
-            state["adapters"] = lora_mod.adapter_state(raw)
-        prov = {
-            "format": "gptchat-finetune", "version": 1, "run": folder.name, "step": step, "links": links,
-            "base_model": None if s.from_scratch else (s.model or "gpt2"), "from_scratch": s.from_scratch,
-            "arch": (s.arch or "tiny") if s.from_scratch else None,
-            "data": {"key": ds.key, "files": ds.meta["files"], "n_tokens": ds.n_tokens, "format": s.format, "template": s.template},
-            "settings": s.to_dict(), "resolved": r.to_dict(), "tokenizer": tok.source,
-            "lora": {"rank": s.lora_rank, "alpha": s.lora_alpha, "targets": s.lora_targets, "merged": True} if s.lora else None,
-            "metrics": {"train_loss": result.losses.get(step), "val_loss": val, "ppl": _ppl(val), "best_val_loss": best},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-
-        def write(tmp: Path):
-            plain = _plain(raw, msd, s)
-            save_hf(plain, tmp, tok_dir, prov)
-            if "last" in links:
-                torch.save(state, tmp / "trainer.pt")
-
-        path = runs.write_checkpoint(folder, step, write, links)
-        for link in links:
-            log.emit("checkpoint", step=step, kind=link, path=str(folder / link), target=str(path))
-        dist.barrier()
-
-    # -- the loop -------------------------------------------------------------------------------
-    t_session = time.time()
-    step_times: list[float] = []
-    reason = "finished"
-    while step < r.steps:
-        if dist.any(stopper.flag, device):
-            reason = "interrupted"
-            break
-        t0 = time.perf_counter()
-        lr = lr_at(step, r)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(r.grad_accum):
-            x, y = batches.micro_batch(step, micro, dist.rank, dist.world, r.grad_accum, r.batch_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last_micro = micro == r.grad_accum - 1
-            ctx = net.no_sync() if (dist.enabled and not s.fsdp and not last_micro) else nullcontext()
-            with ctx:
-                with amp():
-                    loss = loss_fn(fwd(x), y)
-                scaler.scale(loss / r.grad_accum).backward()
-            loss_sum += loss.item()
-        if s.clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], s.clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        train_loss = dist.mean(loss_sum / r.grad_accum, device)
-        if not math.isfinite(train_loss):
-            raise TrainError(f"the loss became {train_loss} at step {step}; lower --lr (now {r.lr:g})")
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        tokens_seen += r.tokens_per_step
-        result.losses[step] = train_loss
-        recent = step_times[-20:]
-        tps = r.tokens_per_step * len(recent) / sum(recent)
-        log.emit("step", step=step, steps=r.steps, loss=round(train_loss, 5), lr=lr, tokens_per_s=round(tps, 1),
-                 eta_s=round((r.steps - step) * sum(recent) / len(recent), 1),
-                 epoch=round(step * r.tokens_per_step / r.block_size / batches.n_chunks, 3), tokens=tokens_seen)
-        status.update(force=False, step=step)
-
-        links: list[str] = []
-        val = None
-        if step % r.eval_every == 0 or step == r.steps:
-            val, n_scored = val_loss(net if s.fsdp else raw, ds, sp.val, r.block_size, r.batch_size,
-                                     s.eval_batches, device, amp, dist)
-            improved = best is None or val < best
-            if improved:
-                best, bad_evals = val, 0
-                links.append("best")
-            else:
-                bad_evals += 1
-            result.val_losses[step] = val
-            result.best_val_loss = best
-            log.emit("eval", step=step, val_loss=round(val, 5), ppl=round(_ppl(val), 3), best=improved,
-                     best_val_loss=round(best, 5), tokens=n_scored)
-            status.update(step=step, best_val_loss=best)
-            for i, p in enumerate(probes):
-                ids = sample(net if s.fsdp else raw, p, s.sample_tokens, r.block_size, tok.n_vocab, tok.eot_id,
-                             device, amp, seed=s.seed + i)
-                log.emit("sample", step=step, prompt=tok.decode(p), text=tok.decode(ids))
-            if s.patience and bad_evals >= s.patience:
-                reason = "early-stopped"
-        stopping = reason == "early-stopped" or (stop_at is not None and step >= stop_at) or step == r.steps
-        if step % r.save_every == 0 or stopping:
-            links.append("last")
-        if links:
-            save(links, val)
-        if reason == "early-stopped":
-            break
-        if stop_at is not None and step >= stop_at and step < r.steps:
-            reason = "interrupted"
-            break
-    if reason == "interrupted" and saved[0] != step:
-        save(["last"], None)
-    result.status, result.step = reason, step
-    status.update(state=reason, step=step, best_val_loss=best, pid=os.getpid())
-    log.emit("done", status=reason, step=step, steps=r.steps, best_val_loss=best, path=str(folder),
-             elapsed_s=round(elapsed + time.time() - t_session, 1))
+        p.bad_evals += 1
+    result.val_losses[p.step] = val
+    result.best_val_loss = p.best_val_loss
+    run.log.emit("eval", step=p.step, val_loss=round(val, 5), ppl=round(ppl(val), 3), best=improved,
+                 best_val_loss=round(p.best_val_loss, 5), tokens=n_scored)
+    run.status.update(step=p.step, best_val_loss=p.best_val_loss)
+    for i, prompt in enumerate(run.probes):
+        ids = sample(net, prompt, s.sample_tokens, r.block_size, tok.n_vocab, tok.eot_id, run.device, run.amp,
+                     seed=s.seed + i)
+        run.log.emit("sample", step=p.step, prompt=tok.decode(prompt), text=tok.decode(ids))
+    return val, improved
 
 
-def _plain(raw, msd, s):
-    from gptchat.core.train import lora as lora_mod
-
-    if msd is None or not s.fsdp:
-        return lora_mod.plain_model(raw)
-    from gptchat.core.model.gpt import GPT
-
-    with torch.device("meta"):
-        out = GPT(raw.config)
-    msd = dict(msd)
-    msd["lm_head.weight"] = msd["transformer.wte.weight"]
-    out.load_state_dict(msd, strict=True, assign=True)
-    out.lm_head.weight = out.transformer.wte.weight
-    return out
-
-
-def _ppl(v):
-    return math.exp(min(v, 50)) if v is not None and math.isfinite(v) else None
-
-
-def _py_state(st):
-    # torch.load turns the tuple inside random.getstate() into a list; random.setstate needs tuples
-    return (st[0], tuple(st[1]), st[2])
+def _metrics(result: Result, p: Progress, val: float | None) -> dict:
+    return {"train_loss": result.losses.get(p.step), "val_loss": val, "ppl": ppl(val), "best_val_loss": p.best_val_loss}

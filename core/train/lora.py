@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from gptchat.core.model.gpt import GPT
+
 # target -> (module path inside a Block, the slice of the output it adapts: None = all of it)
 TARGETS = {
     "q": ("attn.c_attn", 0),
@@ -110,13 +112,5 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 def plain_model(model):
     """A plain GPT (no adapters) holding ``model``'s weights, adapters merged; shares unmerged tensors."""
-    from gptchat.core.model.gpt import GPT
-
     sd = merged_state_dict(model) if has_lora(model) else model.state_dict()
-    with torch.device("meta"):
-        out = GPT(model.config)
-    sd = {k: v.detach().float() for k, v in sd.items()}
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    out.load_state_dict(sd, strict=True, assign=True)
-    out.lm_head.weight = out.transformer.wte.weight
-    return out.eval()
+    return GPT.from_state_dict(model.config, sd, dtype=torch.float32, source="the trained model")

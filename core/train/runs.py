@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from gptchat.core.errors import TrainError
+from gptchat.core.paths import private_dir
 from gptchat.core.train.events import read_events, write_json
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
@@ -46,11 +47,10 @@ def default_name(data: list[str]) -> str:
 
 
 def create_run(name: str) -> Path:
-    root = runs_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = private_dir(runs_root())
     folder = root / name
     try:
-        folder.mkdir()
+        folder.mkdir(mode=0o700)
     except FileExistsError:
         raise TrainError(f"a run named {name!r} exists already; continue it with --resume {name} or pick another --name") from None
     return folder
@@ -73,7 +73,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

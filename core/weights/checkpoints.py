@@ -16,6 +16,9 @@ from pathlib import Path
 
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.errors import CheckpointError, ModelNotFound
+from gptchat.core.weights.readers import (
+    ST_DTYPES, TensorEntry, read_json_object, read_safetensors, safetensors_header, torch_load,
+)
 
 # Hugging Face stores these as Conv1D, i.e. [in, out]: transposed relative to nn.Linear. Matched by
 # name because attn.c_proj is square and a shape check cannot tell.
@@ -104,24 +107,11 @@ def sniff(path: Path, name: str | None = None) -> Checkpoint:
 
 
 def _sniff_hf(folder: Path, name: str) -> Checkpoint:
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{folder / 'config.json'} is not a model config")
+    raw = read_json_object(folder / "config.json", "model config")
     cfg = GPTConfig.from_hf(raw, where=str(folder / "config.json"))
     for index in INDEX_FILES:
         if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{folder / index} is not a valid shard index") from None
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{folder}: shard {missing[0]} named in {index} is missing")
-            return Checkpoint(folder, "hf-sharded", name, cfg, folder, files)
+            return Checkpoint(folder, "hf-sharded", name, cfg, folder, _shard_files(folder / index))
     for fname, fmt in (("model.safetensors", "hf-safetensors"), ("pytorch_model.bin", "hf-bin")):
         if (folder / fname).is_file():
             if (folder / "gptchat.json").is_file():
@@ -130,32 +120,33 @@ def _sniff_hf(folder: Path, name: str) -> Checkpoint:
     raise CheckpointError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
 
 
-def _torch_load(path: Path):
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # files from before torch 1.6's zip format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain data, which gptchat never unpickles ({first[:120]})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: {str(e).splitlines()[0][:160]}") from None
+def _shard_files(index: Path) -> list[Path]:
+    """The shards a weight_map names: bare file names of the index's own format, in the model folder."""
+    weight_map = read_json_object(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+    ext = ".safetensors" if index.name.startswith("model.safetensors") else ".bin"
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map[{key[:60]!r}] is {str(shard)[:60]}, not a shard file name")
+        # a shard lives beside its index: no folders, no "..", no absolute paths (the index is not trusted)
+        if Path(shard).name != shard or "\\" in shard or shard.startswith("."):
+            raise CheckpointError(f"{index}: weight_map names {shard[:80]!r}, outside the model folder; refused")
+        if not shard.endswith(ext):
+            raise CheckpointError(f"{index}: weight_map[{key[:60]!r}] is {shard[:60]!r}, not a {ext} file")
+    files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index.parent}: shard {missing[0]} named in {index.name} is missing")
+    return files
 
 
 def _sniff_nanogpt(path: Path, name: str) -> Checkpoint:
-    ck = _torch_load(path)
+    ck = torch_load(path)
     if not isinstance(ck, dict) or "model_args" not in ck or "model" not in ck:
         raise CheckpointError(f"{path} is not a nanoGPT checkpoint (expected 'model_args' and 'model')")
+    if not isinstance(ck["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is {type(ck['model']).__name__}, not a state dict of tensors")
     cfg = GPTConfig.from_nanogpt(ck["model_args"], where=str(path))
     if (path.parent / "meta.pkl").exists() and cfg.vocab_size < 50257:
         raise CheckpointError(f"{path} uses a character vocabulary (meta.pkl); gptchat needs GPT-2's BPE vocabulary")
@@ -165,86 +156,108 @@ def _sniff_nanogpt(path: Path, name: str) -> Checkpoint:
 # -- reading weights ----------------------------------------------------------------------------
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+def _our_key(key: str) -> str | None:
+    """A checkpoint's tensor name as ours (prefixes fixed), or None for a causal-mask buffer (not a weight)."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    if key.endswith(IGNORED_SUFFIXES):
+        return None
+    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
 
 
-def _read_safetensors(path: Path):
-    """Tensors of a .safetensors file, each read straight into its own buffer.
-
-    Reading with readinto instead of memory-mapping keeps the file's pages out of our resident
-    memory, so peak memory while loading is the model plus one tensor, not the model twice.
-    """
-    import struct
-
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 of ``cfg`` holds, under our names and [out, in] shapes (built on meta: no memory)."""
     import torch
 
-    try:
-        size = path.stat().st_size
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is truncated or corrupt: no header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100_000_000):
-                raise CheckpointError(f"{path} is truncated or corrupt: bad header length")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError(f"{path} is truncated or corrupt: unreadable header") from None
-            header.pop("__metadata__", None)
-            base = 8 + n
-            ends = [int(v["data_offsets"][1]) for v in header.values()]
-            if ends and base + max(ends) > size:
-                raise CheckpointError(
-                    f"{path} is truncated or corrupt: {size} bytes, but its header needs {base + max(ends)}"
-                )
-            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if info["dtype"] not in _ST_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-                begin, end = (int(x) for x in info["data_offsets"])
-                t = torch.empty(info["shape"], dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
-                if t.numel() * t.element_size() != end - begin:
-                    raise CheckpointError(f"{path}: tensor {key} has the wrong byte size")
-                f.seek(base + begin)
-                view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-                got = f.readinto(view) if t.numel() else 0
-                if got != end - begin:
-                    raise CheckpointError(f"{path} is truncated or corrupt while reading {key}")
-                yield key, t
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: malformed header ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    from gptchat.core.model.gpt import GPT
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
 
 
-def _read_file(path: Path):
-    if path.suffix == ".safetensors":
-        yield from _read_safetensors(path)
-        return
-    sd = _torch_load(path)
+def _checked_headers(ck: Checkpoint) -> dict[Path, tuple[int, list[TensorEntry]]]:
+    """The safetensors headers of ``ck``, each tensor's name and shape checked against the config.
+
+    Runs before any tensor is allocated: a header declaring a shape the config does not imply (a
+    negative, huge or merely wrong one), an unknown or repeated tensor, or (when every file is
+    safetensors) a missing one, fails here. Mask buffers are left out, so they are never read.
+    """
+    expected = expected_shapes(ck.config)
+    out: dict[Path, tuple[int, list[TensorEntry]]] = {}
+    seen: set[str] = set()
+    for f in ck.files:
+        if f.suffix != ".safetensors":
+            continue
+        base, entries = safetensors_header(f)
+        keep = []
+        for e in entries:
+            key = _our_key(e.key)
+            if key is None:
+                continue
+            if key not in expected:
+                raise CheckpointError(f"{f}: unexpected tensor {e.key[:80]!r}; this is not a GPT-2 checkpoint")
+            if e.dtype not in ST_DTYPES:
+                raise CheckpointError(f"{f}: tensor {e.key} has dtype {e.dtype!r}, which gptchat cannot read (F32, F16, BF16, F64)")
+            want = expected[key][::-1] if key.endswith(CONV1D) else expected[key]  # HF's Conv1D: [in, out]
+            if e.shape != want:
+                raise CheckpointError(f"{f}: tensor {e.key} has shape {list(e.shape)}, but the config implies {list(want)}")
+            if key in seen:
+                raise CheckpointError(f"{f}: tensor {e.key} appears twice in the checkpoint")
+            seen.add(key)
+            keep.append(e)
+        out[f] = (base, keep)
+    missing = [k for k in expected if k not in seen and k != "lm_head.weight"]
+    if len(out) == len(ck.files) and missing:
+        raise CheckpointError(f"{ck.path}: missing {len(missing)} tensors (first: {missing[0]}); the file is incomplete")
+    return out
+
+
+def _read_bin(path: Path):
+    import torch
+
+    sd = torch_load(path)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
-    yield from sd.items()
+    for key, t in sd.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {str(key)[:60]!r} is not a tensor ({type(t).__name__})")
+        yield key, t
 
 
 def iter_tensors(ck: Checkpoint):
-    """(our parameter name, tensor) pairs: prefixes fixed, Conv1D weights transposed, buffers dropped."""
+    """(our parameter name, tensor) pairs: prefixes fixed, Conv1D weights transposed, buffers dropped.
+
+    safetensors headers are checked against the config before the first tensor is read; pickled
+    files (.bin, ckpt.pt) are memory-mapped, so their tensors cost nothing until GPT.from_state_dict
+    has checked each one's shape.
+    """
     if ck.format == "nanogpt":
-        raw = (ck._payload or _torch_load(ck.path))["model"].items()
+        payload = ck._payload if ck._payload is not None else torch_load(ck.path)
+        raw = _nanogpt_tensors(ck.path, payload)
         conv1d = False
     else:
-        raw = (kv for f in ck.files for kv in _read_file(f))
+        headers = _checked_headers(ck)
+        raw = (kv for f in ck.files for kv in (read_safetensors(f, *headers[f]) if f in headers else _read_bin(f)))
         conv1d = True
     for key, t in raw:
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        if key.endswith(IGNORED_SUFFIXES):
+        key = _our_key(key)
+        if key is None:
             continue
-        if not (key.startswith("transformer.") or key.startswith("lm_head.")):
-            key = "transformer." + key
         if conv1d and key.endswith(CONV1D) and t.dim() == 2:
             t = t.t()
+        yield key, t
+
+
+def _nanogpt_tensors(path: Path, payload):
+    import torch
+
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
+    for key, t in model.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {str(key)[:60]!r} is not a tensor ({type(t).__name__})")
         yield key, t
 
 
@@ -258,41 +271,8 @@ def load_model(ck: Checkpoint, device=None, dtype=None, inference_layout: bool =
 
     from gptchat.core.model.gpt import GPT
 
-    device = torch.device(device or "cpu")
-    dtype = dtype or torch.float32
-    with torch.device("meta"):
-        model = GPT(ck.config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    sd: dict[str, torch.Tensor] = {}
-    for key, t in iter_tensors(ck):
-        if key == "lm_head.weight":
-            sd[key] = t  # tied to wte; compared below, not loaded twice
-            continue
-        if key not in expected:
-            raise CheckpointError(f"{ck.path}: unexpected tensor {key!r}; this is not a GPT-2 checkpoint")
-        if tuple(t.shape) != tuple(expected[key]):
-            raise CheckpointError(
-                f"{ck.path}: {key} has shape {tuple(t.shape)}, but the config implies {tuple(expected[key])}"
-            )
-        t = t.to(device=device, dtype=dtype)
-        if inference_layout and t.dim() == 2 and key != "transformer.wpe.weight":
-            if t.is_contiguous():
-                t = t.t().contiguous().t()  # [out, in] -> [in, out] in memory, same shape
-        else:
-            t = t.contiguous()
-        sd[key] = t
-    head = sd.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
-    if missing:
-        raise CheckpointError(f"{ck.path}: missing {len(missing)} tensors (first: {missing[0]}); the file is incomplete")
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the Parameter: re-tie
-    if head is not None and head.shape == sd["transformer.wte.weight"].shape:
-        # a few exports carry an untied head; gptchat's GPT-2 is always tied, so say so rather than guess
-        if not torch.equal(head.to(device=device, dtype=dtype), model.lm_head.weight.detach()):
-            raise CheckpointError(f"{ck.path}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
-    return model.eval()
+    return GPT.from_state_dict(ck.config, iter_tensors(ck), device=torch.device(device or "cpu"),
+                               dtype=dtype or torch.float32, inference_layout=inference_layout, source=str(ck.path))
 
 
 def load(spec, device=None, dtype=None, download: bool = True, inference_layout: bool = False):
@@ -343,6 +323,10 @@ def save_hf(model, folder: Path, tokenizer_folder: Path | None = None, provenanc
         if merges:
             shutil.copyfile(merges, folder / ".merges.tmp")
             os.replace(folder / ".merges.tmp", folder / "merges.txt")
+    elif tokenizer_folder and (Path(tokenizer_folder) / "tokenizer.json").is_file():
+        # a base saved by transformers 5 carries only tokenizer.json: keep its vocabulary with the model
+        shutil.copyfile(Path(tokenizer_folder) / "tokenizer.json", folder / ".tokenizer.tmp")
+        os.replace(folder / ".tokenizer.tmp", folder / "tokenizer.json")
     if provenance is not None:
         _write_json(folder / "gptchat.json", provenance)
     return folder

@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptchat.core.weights.checkpoints import Checkpoint, sniff
 from gptchat.core.errors import GptchatError
 from gptchat.core.paths import get_paths, hf_hub_cache
+from gptchat.core.weights.checkpoints import Checkpoint, _run_output, sniff
+from gptchat.core.weights.hub import HUB_MODELS, cached_snapshot
 
 
 @dataclass
@@ -42,9 +43,14 @@ def _try(path: Path, name: str, source: str) -> LocalModel | None:
         return None  # not a GPT-2 checkpoint (or unreadable): not listed
 
 
-def _hf_cache_models() -> list[LocalModel]:
-    from gptchat.core.weights.hub import HUB_MODELS, cached_snapshot
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # a folder we may not enter: skipped, so one bad folder never breaks the listing
+        return False
 
+
+def _hf_cache_models() -> list[LocalModel]:
     out = []
     short = {repo: name for name, repos in HUB_MODELS.items() for repo in repos}
     cache = hf_hub_cache()
@@ -70,8 +76,6 @@ def _folder_models(root: Path, source: str) -> list[LocalModel]:
     for d in sorted(root.iterdir()):
         if not d.is_dir():
             continue
-        from gptchat.core.weights.checkpoints import _run_output
-
         try:
             target = _run_output(d) if source == "runs" else d
         except GptchatError:
@@ -93,9 +97,12 @@ def local_models(extra_dirs: list[Path] | None = None) -> list[LocalModel]:
         root = Path(root)
         if not root.is_dir():
             continue
-        cands = [root] + [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        try:
+            cands = [root] + [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        except OSError:
+            continue  # an unreadable folder holds nothing we can list
         for d in cands:
-            if (d / "config.json").is_file() or (d / "ckpt.pt").is_file():
+            if _is_file(d / "config.json") or _is_file(d / "ckpt.pt"):
                 rel = os.path.relpath(d) if d != Path.cwd() else "."
                 if m := _try(d, rel if not rel.startswith("..") else str(d), "dir"):
                     found.append(m)

@@ -44,15 +44,31 @@ def cached_snapshot(name: str) -> Path | None:
         snaps = root / "snapshots"
         if not snaps.is_dir():
             continue
-        candidates = []
-        ref = root / "refs" / "main"
-        if ref.is_file():
-            candidates.append(snaps / ref.read_text().strip())
-        candidates += sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        for snap in candidates:
-            if (snap / "config.json").is_file() and (any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))):
-                return snap
+        try:
+            candidates = [snaps / ref] if (ref := _main_ref(root)) else []
+            candidates += sorted(snaps.iterdir(), key=_mtime, reverse=True)
+            for snap in candidates:
+                if (snap / "config.json").is_file() and (any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))):
+                    return snap
+        except OSError:
+            continue  # an unreadable cache entry is not a model
     return None
+
+
+def _main_ref(repo_root: Path) -> str | None:
+    """The commit refs/main points at: a bare name (a hostile ref such as ../../x leads nowhere)."""
+    try:
+        ref = (repo_root / "refs" / "main").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return ref if ref and Path(ref).name == ref and not ref.startswith(".") and "\\" not in ref else None
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0  # a dangling link sorts last
 
 
 def offline() -> bool:

@@ -278,8 +278,3 @@ def test_usage_errors_are_one_line(tmp_path, tiny, capfd, args, message):
     code, out, err = cli(capfd, "batch", *args, "-m", tiny)
     assert code in (1, 2) and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
-
-
-def test_command_module_does_not_import_torch():
-    code = "import sys, gptchat.tui.cli.batch; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -171,26 +171,3 @@ def test_paths_follow_gptchat_home(tmp_path):
     r = run("paths", "--json", env={"GPTCHAT_HOME": str(tmp_path / "h")})
     d = json.loads(r.stdout)
     assert d["history"].startswith(str(tmp_path / "h")) and d["datasets"].startswith(str(tmp_path / "h"))
-
-
-def test_help_does_not_import_torch():
-    code = (
-        "import sys\n"
-        "from gptchat.tui.cli.main import main\n"
-        "for argv in (['--help'], ['generate', '--help'], ['templates', 'list'], ['paths']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'textual', 'safetensors') if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
-
-
-def test_core_does_not_import_textual_or_typer():
-    code = "import sys, gptchat.core.generate.engine, gptchat.core.generate.text, gptchat.core.prompting.templates;" \
-           "print([m for m in ('textual', 'typer', 'rich') if m in sys.modules])"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == "[]", r.stdout + r.stderr

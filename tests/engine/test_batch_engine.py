@@ -1,4 +1,4 @@
-"""Engine.generate_rows (per-row limits, finished rows compacted out) and the batch file helpers.
+"""Engine.generate with per-row limits, finished rows compacted out and refills; the batch file helpers.
 
 Greedy rows are checked against transformers' GPT-2 run one prompt at a time, so a batching bug
 (padding, positions, the compacted cache, the oneDNN-packed weights) cannot hide behind our own code.
@@ -32,7 +32,7 @@ def _prompts(n, seed=0):
 def _rows(eng, prompts, params, limits, **kw):
     got = {i: [] for i in range(len(prompts))}
     done = {}
-    for step in eng.generate_rows(prompts, params, limits, **kw):
+    for step in eng.generate(prompts, params, limits, **kw):
         for rt in step:
             assert rt.row not in done, "a finished row produced another token"
             got[rt.row].append(rt.token)
@@ -68,13 +68,8 @@ def test_sampled_rows_depend_only_on_their_seed(pair):
     seeds = [100 + i for i in range(6)]
     got = _rows(eng, prompts, params, [12] * 6, seeds=seeds)
     for i in (0, 3, 5):
-        alone = _rows(eng, [prompts[i]], params, [12], seeds=[seeds[i]])[0]
-        ref = []
-        for s in eng.generate([prompts[i]], params, 12, seeds=[seeds[i]]):
-            ref.append(s.tokens[0])
-            if s.finished[0]:
-                break
-        assert got[i] == alone == ref
+        alone = _rows(eng, [prompts[i]], params, 12, seeds=[seeds[i]])[0]
+        assert got[i] == alone
 
 
 @pytest.mark.parametrize("greedy", [True, False])
@@ -90,7 +85,7 @@ def test_refill_gives_finished_places_to_waiting_prompts(pair, greedy):
     params = SamplingParams(greedy=True) if greedy else SamplingParams(temperature=0.9, top_k=30)
     refill = deque(zip(prompts[3:], limits[3:], seeds[3:]))
     got, done = {}, set()
-    for step in eng.generate_rows(prompts[:3], params, limits[:3], seeds=seeds[:3], refill=refill):
+    for step in eng.generate(prompts[:3], params, limits[:3], seeds=seeds[:3], refill=refill):
         assert len(step) <= 3  # never more rows than the batch size
         for rt in step:
             assert rt.row not in done
@@ -99,12 +94,7 @@ def test_refill_gives_finished_places_to_waiting_prompts(pair, greedy):
                 done.add(rt.row)
     assert not refill and sorted(got) == list(range(10)) and done == set(range(10))
     for i, p in enumerate(prompts):  # row numbers: the first batch, then refills in deque order
-        ref = []
-        for s in eng.generate([p], params, limits[i], seeds=[seeds[i]]):
-            ref.append(s.tokens[0])
-            if s.finished[0]:
-                break
-        assert got[i] == ref, i
+        assert got[i] == _rows(eng, [p], params, limits[i], seeds=[seeds[i]])[0], i
         if greedy and i % 3 == 0:
             with torch.inference_mode():
                 out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -119,7 +109,7 @@ def test_drop_and_window(pair):
     long = [7] * (eng.n_ctx - 3)  # room for 3 tokens in its own window, whatever the batch
     drop = set()
     got = {0: [], 1: [], 2: []}
-    for step in eng.generate_rows([[5, 6], long, [9]], SamplingParams(greedy=True), [10, 10, 10], drop=drop):
+    for step in eng.generate([[5, 6], long, [9]], SamplingParams(greedy=True), [10, 10, 10], drop=drop):
         for rt in step:
             got[rt.row].append(rt.token)
         drop.add(0)  # the caller stops row 0 after its first token (a stop string, say)

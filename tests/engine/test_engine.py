@@ -29,12 +29,17 @@ def lm(ref_and_lm):
     return ref_and_lm[1]
 
 
-def _greedy_ids(engine, prompts, n):
+def _ids(engine, prompts, n, params=GREEDY, **kw):
+    """Each row's tokens from the one decode loop (rows in prompt order)."""
     out = [[] for _ in prompts]
-    for step in engine.generate(prompts, GREEDY, n, ignore_eos=True):
-        for row, t in zip(out, step.tokens):
-            row.append(t)
+    for step in engine.generate(prompts, params, n, **kw):
+        for rt in step:
+            out[rt.row].append(rt.token)
     return out
+
+
+def _greedy_ids(engine, prompts, n):
+    return _ids(engine, prompts, n, ignore_eos=True)
 
 
 def test_cached_decode_equals_full_recomputation(ref_and_lm):
@@ -50,7 +55,8 @@ def test_cached_decode_equals_full_recomputation(ref_and_lm):
         torch.testing.assert_close(logits[0], full, atol=1e-4, rtol=0)
         tok = int(logits[0].argmax())
         seq.append(tok)
-        logits = e.decode(torch.tensor([tok]), len(seq) - 1, None, None)
+        with torch.inference_mode():  # one cached decode step at slot len(seq) - 1
+            logits = e.model(torch.tensor([[tok]]), None, None, start=len(seq) - 1, kv_len=len(seq))[:, -1]
 
 
 def test_greedy_matches_transformers_generate(ref_and_lm):
@@ -72,7 +78,7 @@ def test_batched_greedy_equals_each_prompt_alone(lm):
 
 def test_batched_logits_match_unbatched(lm):
     e = lm.engine
-    from gptchat.core.generate.engine import left_pad, prefill_mask
+    from gptchat.core.generate.batching import left_pad, prefill_mask
 
     prompts = [[1, 2, 3], list(range(10, 30))]
     ids, pos, valid = left_pad(prompts, 50256)
@@ -95,12 +101,9 @@ def test_same_seed_same_text_and_different_seed_differs(lm):
 def test_sampled_row_does_not_depend_on_batch(lm):
     params = SamplingParams(temperature=0.9, top_k=50)
     prompts = [[11, 12, 13], [400, 401, 402]]
-    rows = [[], []]
-    for st in lm.engine.generate(prompts, params, 20, seeds=[5, 77], ignore_eos=True):
-        for r, t in zip(rows, st.tokens):
-            r.append(t)
-    alone = [st.tokens[0] for st in lm.engine.generate([prompts[1]], params, 20, seeds=[77], ignore_eos=True)]
-    assert rows[1] == alone
+    rows = _ids(lm.engine, prompts, 20, params, seeds=[5, 77], ignore_eos=True)
+    alone = _ids(lm.engine, [prompts[1]], 20, params, seeds=[77], ignore_eos=True)[0]
+    assert rows[1] == alone and len(alone) == 20
 
 
 def test_eos_ends_the_completion(lm):
@@ -200,6 +203,5 @@ def test_padded_vocab_ids_are_never_sampled(tmp_path):
         w[50257:] = 50 * w[:47].mean(0) + 50 * torch.randn(47, w.shape[1])  # huge logits on padding rows
     e = Engine.load(str(save(ref, tmp_path / "padded", "nanogpt")))
     for params in (GREEDY, SamplingParams(temperature=1.0)):
-        toks = [t for st in e.generate([[1, 2, 3], [4]], params, 30, seeds=[1, 2], ignore_eos=True)
-                for t in st.tokens]
-        assert max(toks) < 50257
+        toks = sum(_ids(e, [[1, 2, 3], [4]], 30, params, seeds=[1, 2], ignore_eos=True), [])
+        assert len(toks) == 60 and max(toks) < 50257

@@ -1,29 +1,11 @@
-"""Helpers for the Pilot tests: a tiny real checkpoint, an app factory, waiting on worker results."""
+"""Helpers for the Pilot tests: an app factory, sending text, waiting for what the user would see.
+
+The fixtures (tiny_model, slower_model) are in conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-
-import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """A random-weight GPT-2 with a 1024-token window (so the budget bar has real proportions)."""
-    from tests.factory import hf_model, save
-
-    return str(save(hf_model(n_positions=1024, seed=3), tmp_path_factory.mktemp("tiny") / "tiny"))
-
-
-@pytest.fixture(scope="session")
-def slower_model(tmp_path_factory) -> str:
-    """Wider than tiny_model, so a long reply takes seconds even on a fast machine: a stop key pressed
-    after the first chunk always lands while the reply is still being generated."""
-    from tests.factory import hf_model, save
-
-    return str(save(hf_model(n_layer=4, n_head=4, n_embd=256, n_positions=1024, seed=3),
-                    tmp_path_factory.mktemp("slower") / "slower"))
 
 
 def run(coro):
@@ -67,11 +49,24 @@ async def send(pilot, app, text: str):
 
 
 async def wait_reply(pilot, app, timeout=60):
+    """Wait until the message just sent has its whole reply: the box is cleared when the message is taken
+    (in the same step as the reply starts), and ``generating`` drops when the reply has ended."""
     scr = chat_screen(app)
-    await pilot.pause(0.05)
-    await wait_for(pilot, lambda: not scr.generating, timeout, "the reply to finish")
-    await pilot.pause(0.05)
+    box = scr.query_one("#input")
+    await wait_for(pilot, lambda: not box.text and not scr.generating, timeout, "the reply to finish")
+    await pilot.pause()  # let the messages the end of the reply posted be handled
 
 
 def notifications(app) -> list[str]:
     return [n.message for n in app._notifications]
+
+
+def palette_shows(palette, title: str) -> bool:
+    """The command palette's highlighted command starts with ``title`` (Enter would run it)."""
+    from textual.command import CommandList
+
+    lists = palette.query(CommandList)
+    if not lists or lists.first().highlighted is None:
+        return False
+    ol = lists.first()
+    return str(ol.get_option_at_index(ol.highlighted).prompt).startswith(title)

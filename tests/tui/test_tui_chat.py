@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from gptchat.core.session.store import Store
 from gptchat.tui.app.messages import ReplyChunk, ReplyEnded
 from gptchat.tui.app.widgets.message_view import MessageView
-from tests.tui.helpers import (  # noqa: F401  (tiny_model is a fixture)
-    chat_screen, make_app, notifications, run, send, slower_model, tiny_model, wait_for, wait_ready, wait_reply,
-)
+from tests.tui.helpers import chat_screen, make_app, notifications, run, send, wait_for, wait_ready, wait_reply
 
 
 def test_send_streams_persists_and_matches_the_engine(tiny_model, tmp_path):
@@ -57,7 +52,10 @@ def test_send_streams_persists_and_matches_the_engine(tiny_model, tmp_path):
     assert reply.seed == 5 and reply.options["temperature"] == 0.7 and reply.options["max_new_tokens"] == 24
     assert reply.options["device"] == "cpu" and reply.prompt_tokens == len(rendered.ids)
     assert reply.completion_tokens == len(ref.token_ids) and reply.finish_reason == ref.finish_reason
-    assert reply.timings["tokens_per_s"] >= 0 and reply.status == "done"
+    assert reply.status == "done"
+    t = reply.timings  # measured: decode speed counts the tokens after the first (which prefill made)
+    assert t["prefill_s"] > 0 and t["decode_s"] > 0 and reply.completion_tokens > 1
+    assert abs(t["tokens_per_s"] - (reply.completion_tokens - 1) / t["decode_s"]) <= 0.05 * t["tokens_per_s"]
     del Turn
 
 
@@ -157,20 +155,6 @@ def test_bad_model_path_shows_the_panel_not_a_crash(tmp_path):
             return str(chat_screen(app).query_one("#no-model").render())
 
     assert "does not exist" in run(go())
-
-
-def test_import_core_loads_no_textual():
-    code = ("import sys, gptchat.core, gptchat.core.session.chat, gptchat.core.session.store, gptchat.core.session.compare; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'typer', 'rich'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
-def test_gptchat_help_loads_no_textual_or_torch():
-    code = ("import sys\nfrom gptchat.tui.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('MODS', sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'torch'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "chat" in out and out.strip().splitlines()[-1] == "MODS []"
 
 
 def test_edit_an_older_message_branches_the_conversation(tiny_model, tmp_path):

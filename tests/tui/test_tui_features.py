@@ -6,8 +6,12 @@ from gptchat.core.session.chat import Turn
 from gptchat.core.session.store import Store
 from gptchat.tui.app.widgets.budget_bar import BudgetBar
 from gptchat.tui.app.widgets.message_view import MessageView
-from tests.tui.helpers import (  # noqa: F401  (tiny_model is a fixture)
-    chat_screen, make_app, notifications, run, send, tiny_model, wait_for, wait_ready, wait_reply,
+from textual.command import CommandPalette
+from textual.widgets import OptionList
+
+from gptchat.tui.app.screens.history import HistoryScreen
+from tests.tui.helpers import (
+    chat_screen, make_app, notifications, palette_shows, run, send, wait_for, wait_ready, wait_reply,
 )
 
 
@@ -24,7 +28,7 @@ def test_slash_commands_and_settings_panel_change_the_next_message(tiny_model, t
             await wait_ready(pilot, app)
             scr = chat_screen(app)
             bar = scr.query_one(BudgetBar)
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: bar.values().get("reserve") == 40, 10, "the budget bar")
             before = bar.values()
             await slash(pilot, app, "/set temperature 0.3")
             await slash(pilot, app, "/set top_p 2")  # bad value: a notification, not a crash
@@ -32,14 +36,15 @@ def test_slash_commands_and_settings_panel_change_the_next_message(tiny_model, t
             await slash(pilot, app, "/shots 2")
             await slash(pilot, app, "/set seed 11")
             await slash(pilot, app, "/frobnicate")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: any("/frobnicate" in n for n in notifications(app))
+                           and bar.values().get("example", 0) > 0, 10, "the few-shot examples in the budget bar")
             after = bar.values()
             # The settings panel: type a value and press Enter.
             box = scr.query_one("#set-max_new_tokens")
             box.focus()
             box.value = ""
             await pilot.press(*"12", "enter")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: app.session.settings.max_new_tokens == 12, 10, "the panel's setting")
             s = app.session.settings
             panel_temp = scr.query_one("#set-temperature").value
             # The next message uses all of it: few-shot, 2 shots, seed 11, 12 tokens.
@@ -88,18 +93,18 @@ def test_help_screen_lists_every_key_and_command(tiny_model):
 
     async def go():
         async with app.run_test(size=(130, 50)) as pilot:
-            await pilot.pause(0.2)
-            await pilot.press("f1")
-            await pilot.pause(0.2)
+            from gptchat.tui.app.screens.chat import ChatScreen
             from gptchat.tui.app.screens.help import HelpScreen, help_table
 
-            assert isinstance(app.screen, HelpScreen)
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+            await pilot.press("f1")
+            await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 10, "the help screen")
             from rich.console import Console
 
             con = Console(width=120, record=True)
-            con.print(help_table())
+            con.print(help_table(ChatScreen.BINDINGS))
             await pilot.press("escape")
-            await pilot.pause()
+            await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen), 10, "the help screen closed")
             return con.export_text(), type(app.screen).__name__
 
     text, after = run(go())
@@ -117,11 +122,11 @@ def test_palette_switches_template(tiny_model):
         async with app.run_test(size=(130, 45)) as pilot:
             await wait_ready(pilot, app)
             await pilot.press("ctrl+p")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), 10, "the command palette")
             await pilot.press(*"template: raw")
-            await pilot.pause(0.5)
+            await wait_for(pilot, lambda: palette_shows(app.screen, "template: raw"), 30, "the template listed")
             await pilot.press("enter")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: app.session.settings.template == "raw", 10, "the template switched")
             return app.session.settings.template
 
     assert run(go()) == "raw"
@@ -137,9 +142,10 @@ def test_finetune_slash_without_the_module(tiny_model, tmp_path, monkeypatch):
 
     async def go():
         async with app.run_test(size=(130, 45)) as pilot:
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1, 10, "the chat screen")
             await slash(pilot, app, f"/finetune {data}")
             await slash(pilot, app, "/finetune missing.txt")
+            await wait_for(pilot, lambda: len(notifications(app)) >= 2, 10, "both notifications")
             return notifications(app)
 
     notes = run(go())
@@ -168,37 +174,38 @@ def test_history_reopen_rename_export_search_delete(tiny_model, tmp_path):
         async with app2.run_test(size=(130, 45)) as pilot:
             await wait_ready(pilot, app2)
             await pilot.press("f3")
-            await pilot.pause(0.2)
-            from textual.widgets import OptionList
-
-            ol = app2.screen.query_one(OptionList)
-            assert ol.option_count == 2
-            app2.screen.query_one("#search").value = "pineap"
-            await pilot.pause(0.2)
-            assert ol.option_count == 1
+            await wait_for(pilot, lambda: isinstance(app2.screen, HistoryScreen), 10, "the history screen")
+            history = app2.screen
+            ol = history.query_one(OptionList)
+            await wait_for(pilot, lambda: ol.option_count == 2, 10, "both conversations listed")
+            history.query_one("#search").value = "pineap"
+            await wait_for(pilot, lambda: ol.option_count == 1, 10, "the search result")
             ol.focus()
             await pilot.press("r")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: app2.screen.query("#answer"), 10, "the rename box")
             app2.screen.query_one("#answer").value = "Fruit talk"
             await pilot.press("enter")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: any(c.name == "Fruit talk" for c in store.conversations()), 10, "the rename")
+            await wait_for(pilot, lambda: app2.screen is history, 10, "back on the history list")
             await pilot.press("m")
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: any(n.startswith("exported to ") for n in notifications(app2)), 10, "the export")
             await pilot.press("enter")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: not isinstance(app2.screen, HistoryScreen)
+                           and len(chat_screen(app2).query(MessageView)) == len(shown), 10, "the reopened chat")
             reopened = [(v.role, v.text) for v in chat_screen(app2).query(MessageView)]
             # Continue the reopened chat: the reply goes into the same conversation.
             await send(pilot, app2, "and again")
             await wait_reply(pilot, app2)
             # Delete the other conversation (d twice).
             await pilot.press("f3")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: isinstance(app2.screen, HistoryScreen), 10, "the history screen")
             ol = app2.screen.query_one(OptionList)
+            await wait_for(pilot, lambda: ol.option_count == 2, 10, "both conversations listed")
             idx = [ol.get_option_at_index(i).id for i in range(ol.option_count)].index(other.id)
             ol.highlighted = idx
             ol.focus()
             await pilot.press("d", "d")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: len(store.conversations()) == 1, 10, "the deletion")
             await pilot.press("escape")
             await pilot.pause()
             return reopened, notifications(app2)
@@ -219,16 +226,14 @@ def test_compare_panes_stream_together_and_are_saved(tiny_model, tmp_path):
         async with app.run_test(size=(160, 45)) as pilot:
             await wait_ready(pilot, app)
             await slash(pilot, app, f"/compare {tiny_model}:chat, {tiny_model}:few-shot:3, {tiny_model}:raw")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: type(app.screen).__name__ == "CompareScreen", 10, "the compare screen")
             scr = app.screen
-            assert type(scr).__name__ == "CompareScreen"
             box = scr.query_one("#prompt")
             box.focus()
             box.text = "hot"
             await pilot.press("enter")
-            await pilot.pause(0.1)
-            await wait_for(pilot, lambda: not scr.running, 60, "the comparison")
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: not scr.running and len(scr.views) == 3
+                           and all(v.status != "streaming" for v in scr.views), 60, "the comparison")
             views = [(v.border_title, v.text, v.status) for v in scr.views]
             await pilot.press("escape")
             await pilot.pause()

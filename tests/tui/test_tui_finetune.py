@@ -11,7 +11,7 @@ import pytest
 
 from gptchat.core.train.events import read_events
 from tests.train.util import install_vocab, write_corpus
-from tests.tui.helpers import make_app, run, tiny_model, wait_for  # noqa: F401  (tiny_model is a fixture)
+from tests.tui.helpers import make_app, notifications, palette_shows, run, send, wait_for
 
 FAST = ["--from-scratch", "--arch", "nano", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "4"]
 
@@ -39,12 +39,24 @@ def text_of(scr, sel) -> str:
     return str(scr.query_one(sel).render())
 
 
-def test_parse_args_prefills_the_form():
-    from gptchat.tui.app.screens.finetune import parse_args
+def test_parse_prefills_the_form_with_the_finetune_commands_own_options():
+    from gptchat.core.errors import UsageError
+    from gptchat.tui.app.finetune_launch import parse
 
-    values, scratch, extra = parse_args("docs.txt 'my notes.txt' --steps 50 --lr=3e-5 --from-scratch --lora -b 2")
-    assert values == {"steps": "50", "lr": "3e-5", "batch": "2", "data": "docs.txt 'my notes.txt'"}
-    assert scratch and extra == ["--lora"]
+    got = parse("docs.txt 'my notes.txt' --steps 50 --lr=3e-5 --from-scratch --lora -b 2 -t chat --seed 3")
+    assert got.values == {"steps": "50", "lr": "3e-5", "batch": "2", "data": "docs.txt 'my notes.txt'"}
+    assert got.from_scratch and got.extra == ["--lora", "--template", "chat", "--seed", "3"]
+    # what `gptchat finetune` refuses, /finetune refuses with the same words (never a Click exception)
+    for bad, why in [("x --steps many", "'--steps'"), ("x --bogus", "No such option: --bogus"),
+                     ("x --steps", "requires an argument"), ("x --help", "No such option: --help"),
+                     ("'x", "No closing quotation")]:
+        with pytest.raises(UsageError, match=why):
+            parse(bad)
+
+
+def page(app, scr) -> bool:
+    """The finetune screen is on top and mounted (its widgets can be queried)."""
+    return app.screen is scr and scr.is_mounted
 
 
 def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, tmp_path):
@@ -59,11 +71,12 @@ def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, 
 
     async def go():
         async with app.run_test(size=(140, 45)) as pilot:
-            await pilot.pause(0.2)
             open_finetune(app, f"{corpus} --steps 6 --eval-every 3 --name ui-run {' '.join(FAST)}")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen) and app.screen.query("#ft-steps"),
+                           what="the finetune screen")
             scr = finetune_screen(app)
-            assert scr.query_one("#ft-steps").value == "6" and scr.query_one("#ft-scratch").value
+            await wait_for(pilot, lambda: scr.query_one("#ft-steps").value == "6", what="the prefilled form")
+            assert scr.query_one("#ft-scratch").value
             assert scr.query_one("#ft-name").value == "ui-run"
             await wait_for(pilot, lambda: "memory:" in text_of(scr, "#ft-plan"), 30, "the plan")
             await pilot.click("#ft-start")
@@ -75,16 +88,16 @@ def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, 
             assert text_of(scr, "#ft-sample").startswith("sample at step 6:")
             # (4) compare: the base pane and the run pane
             await pilot.click("#ft-compare")
-            await pilot.pause(0.3)
-            assert isinstance(app.screen, CompareScreen)
+            await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the compare screen")
             spec = app.screen.query_one("#panes").value
             await pilot.press("escape")
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: app.screen is scr, what="back on the finetune screen")
             await pilot.press("escape")  # leave the finetune screen
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: not isinstance(app.screen, FinetuneScreen), what="the finetune screen closed")
             # (2) attach: the palette's screen lists the run; opening it replays its numbers
             open_finetune(app, "")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen) and app.screen.query("#ft-runs")
+                           and app.screen.query_one("#ft-runs").option_count > 0, what="the list of runs")
             scr2 = finetune_screen(app)
             runs = scr2.query_one("#ft-runs")
             assert runs.get_option_at_index(0).id == "ui-run"
@@ -105,7 +118,8 @@ def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, 
     assert train_step == last_step["step"] == 6 and val_step == last_eval["step"]
     assert val_loss == last_eval["val_loss"]
     assert "step 6/6" in stats and f"val loss {last_eval['val_loss']:.4f}" in stats and "finished" in stats
-    assert "◆" in chart_text and "•" in chart_text
+    assert "step 6/6" in chart_text and "train" in chart_text and "val" in chart_text  # title and legend
+    assert any("\u2801" <= c <= "\u28ff" for c in chart_text) and "•" in chart_text  # train line, val line
     assert not compare_disabled
     assert spec == "gpt2:chat, ui-run:chat"  # from scratch: the base is the chat model (gpt2 by default)
     assert "step 6/6" in attached and f"val loss {last_eval['val_loss']:.4f}" in attached
@@ -126,14 +140,13 @@ def test_stop_a_running_run_keeps_a_loadable_checkpoint(corpus, tmp_path):
 
     async def go():
         async with app.run_test(size=(140, 45)) as pilot:
-            await pilot.pause(0.2)
             app.push_screen(FinetuneScreen(run="long-run"))
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), what="the finetune screen")
             scr = finetune_screen(app)
             await wait_for(pilot, lambda: scr.state == "running" and scr.step >= 2 and (runs_dir() / "long-run" / "last").exists(),
                            60, "the run to be under way")
             await pilot.click("#ft-stop")
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: scr.stopping, 10, "the stop request")
             stopping = text_of(scr, "#ft-stats")
             await wait_for(pilot, lambda: scr.state in ("interrupted", "finished") and scr._tail_timer is None, 60, "stop")
             return stopping, scr.state, scr.step
@@ -154,6 +167,8 @@ def test_stop_a_running_run_keeps_a_loadable_checkpoint(corpus, tmp_path):
 
 
 def test_palette_opens_the_finetune_screen_with_the_chat_model_as_base(tiny_model):
+    from textual.command import CommandPalette
+
     from gptchat.tui.app.screens.finetune import FinetuneScreen
 
     app = make_app(tiny_model, None)
@@ -161,11 +176,11 @@ def test_palette_opens_the_finetune_screen_with_the_chat_model_as_base(tiny_mode
 
     async def go():
         async with app.run_test(size=(140, 45)) as pilot:
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1, what="the chat screen")
             await pilot.press("ctrl+p")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the command palette")
             await pilot.press(*"Finetune")
-            await pilot.pause(0.5)
+            await wait_for(pilot, lambda: palette_shows(app.screen, "Finetune…"), 30, "the Finetune command listed")
             await pilot.press("enter")
             await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), 30, "the finetune screen")
             scr = app.screen
@@ -181,7 +196,6 @@ def test_palette_opens_the_finetune_screen_with_the_chat_model_as_base(tiny_mode
 def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
     """/finetune FILE --steps N opens the screen prefilled; a missing file is a notification."""
     from gptchat.tui.app.screens.finetune import FinetuneScreen
-    from tests.tui.helpers import notifications, send
 
     data = tmp_path / "notes.txt"
     data.write_text("hello world\n" * 10)
@@ -190,14 +204,18 @@ def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
 
     async def go():
         async with app.run_test(size=(140, 45)) as pilot:
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1, what="the chat screen")
             await send(pilot, app, "/finetune missing.txt")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: any("missing.txt" in n for n in notifications(app)), 10, "the notification")
+            assert not isinstance(app.screen, FinetuneScreen)
+            await send(pilot, app, f"/finetune {data} --steps nine")  # a bad value: a notification, no screen
+            await wait_for(pilot, lambda: any("--steps" in n for n in notifications(app)), 10, "the bad flag")
             assert not isinstance(app.screen, FinetuneScreen)
             await send(pilot, app, f"/finetune {data} --steps 5 --lr 1e-4")
-            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), 5, "the finetune screen")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen), 10, "the finetune screen")
             scr = app.screen
+            await wait_for(pilot, lambda: scr.query("#ft-steps") and scr.query_one("#ft-steps").value == "5",
+                           10, "the prefilled form")
             got = {k: scr.query_one(f"#ft-{k}").value for k in ("data", "steps", "lr", "model")}
             return got, notifications(app)
 

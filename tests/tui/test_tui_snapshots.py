@@ -23,9 +23,7 @@ import pytest
 from gptchat.core.session.store import Store  # noqa: E402
 from gptchat.tui.app.widgets.message_view import MessageView  # noqa: E402
 from gptchat.tui.app.widgets.status_line import StatusLine  # noqa: E402
-from tests.tui.helpers import (  # noqa: E402,F401  (tiny_model is a fixture)
-    chat_screen, make_app, send, tiny_model, wait_for, wait_ready, wait_reply,
-)
+from tests.tui.helpers import chat_screen, make_app, send, wait_for, wait_ready, wait_reply
 
 SIZE = (110, 32)
 SPEC = "./tiny"  # tiny_model's folder, opened from its parent directory
@@ -49,7 +47,7 @@ def _mask(text: str) -> str:
 def freeze(app) -> None:
     """Replace the machine-dependent numbers on the current screen with fixed text."""
     scr = app.screen
-    for st in scr.query(StatusLine):
+    for st in (st for screen in app.screen_stack for st in screen.query(StatusLine)):  # also under a modal
         st.last, st.memory = _mask(st.last), _mask(st.memory)
     for v in scr.query(MessageView):
         if v.info.get("tokens_per_s") is not None:
@@ -80,6 +78,8 @@ def test_snapshot_help(in_model_dir, snap_compare):
 
     async def run_before(pilot):
         await wait_ready(pilot, app)
+        bar = chat_screen(app).query_one("#budget")  # the budget preview arrives from a worker
+        await wait_for(pilot, lambda: bool(bar.segments), 30, "the budget bar")
         await pilot.press("f1")
         await pilot.pause()
         freeze(app)
@@ -123,9 +123,9 @@ def test_snapshot_compare_two_panes(in_model_dir, tmp_path, snap_compare):
         box.focus()
         box.text = "Name a colour."
         await pilot.press("enter")
-        await pilot.pause(0.05)
-        await wait_for(pilot, lambda: not scr.running and len(scr.views) == 2, 60, "the comparison to finish")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: not scr.running and len(scr.views) == 2
+                       and all(v.status != "streaming" for v in scr.views), 60, "the comparison to finish")
+        await pilot.pause()  # let the last repaint happen
         freeze(app)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

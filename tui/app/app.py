@@ -6,11 +6,14 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.worker import WorkerState
 
-from gptchat.core.session.chat import ChatSession, ChatSettings, ModelPool
+from gptchat.core.session.chat import ChatSession
+from gptchat.core.session.pool import ModelPool
+from gptchat.core.session.settings import ChatSettings
 from gptchat.core.errors import GptchatError
 
 from gptchat.tui.app.commands import GptchatCommands
 from gptchat.tui.app.screens.chat import ChatScreen
+from gptchat.tui.app.screens.finetune import FinetuneScreen, open_finetune
 
 
 class GptchatApp(App):
@@ -33,15 +36,17 @@ class GptchatApp(App):
             self.notify(self.store_error + "; history is off for this session", severity="error", timeout=8)
 
     def on_worker_state_changed(self, event) -> None:
-        """The one place worker errors become notifications (the app keeps running)."""
+        self.report_worker_error(event)
+
+    def report_worker_error(self, event) -> None:
+        """The one place worker errors become notifications (the app keeps running). Worker.StateChanged
+        does not bubble, so screens running workers forward their events here."""
         if event.state == WorkerState.ERROR:
             err = event.worker.error
             msg = str(err) if isinstance(err, (GptchatError, ValueError, OSError)) else f"{type(err).__name__}: {err}"
             self.notify(msg or type(err).__name__, title="Error", severity="error", timeout=8)
 
     def get_system_commands(self, screen):
-        from gptchat.tui.app.screens.finetune import FinetuneScreen, open_finetune
-
         yield from super().get_system_commands(screen)
         if not isinstance(screen, FinetuneScreen):
             yield SystemCommand("Finetune…", "Finetune a model on text files, or follow a run (/finetune, /runs)",

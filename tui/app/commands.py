@@ -6,13 +6,13 @@ from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from gptchat.core.prompting.templates import list_templates
+
 
 class GptchatCommands(Provider):
     """"template: few-shot", "model: gpt2", "greedy on" ...: each applies to the next message."""
 
     def _entries(self) -> list[tuple[str, str, str, str]]:
-        from gptchat.core.prompting.templates import list_templates
-
         out = [(f"template: {t.name}", t.description, "template", t.name) for t in list_templates()[0]]
         for m in self.app.pool.loaded():
             out.append((f"model: {m.spec}", "switch to this loaded model", "model", m.spec))
@@ -22,9 +22,9 @@ class GptchatCommands(Provider):
         return out
 
     def _apply(self, name: str, value: str) -> None:
-        screen = self.app.screen
-        if hasattr(screen, "apply_setting"):
-            screen.apply_setting(name, value)
+        controller = getattr(self.app.screen, "controller", None)  # only the chat screen has one
+        if controller is not None:
+            controller.apply_setting(name, value)
         else:
             self.app.notify("settings change from the chat screen", severity="warning")
 

@@ -1,27 +1,43 @@
-"""Slash commands typed in the chat input: parsing and the help text (the screen runs them)."""
+"""Slash commands typed in the chat input: the table, parsing and the help text.
+
+Each command either changes a setting (``/template few-shot`` is ``/set template few-shot``), runs a
+chat-screen action (``/new`` is Ctrl+N), or is one of the controller's own commands
+(tui/app/controller.py runs them all).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gptchat.core.errors import UsageError
 
-# name -> (arguments, what it does). The help screen lists these.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "model": ("[NAME|PATH]", "switch model; with no argument, open the model picker"),
-    "template": ("NAME", "use a prompt template (chat, few-shot, raw, ...)"),
-    "shots": ("N", "how many examples few-shot templates show (default: the template's)"),
-    "examples": ("FILE", "a JSONL or TSV file of examples for the template"),
-    "set": ("NAME VALUE", "change a setting, e.g. /set temperature 0.7, /set seed 42, /set greedy on"),
-    "compare": ("[MODEL:TEMPLATE:SHOTS, ...]", "send one prompt to 2-4 panes side by side"),
-    "finetune": ("FILE [--steps N ...]", "open the finetune screen (no argument: also the list of runs)"),
-    "new": ("", "start a new chat"),
-    "history": ("", "open the conversation list"),
-    "regen": ("", "regenerate the last reply"),
-    "edit": ("", "edit the last message and send it again"),
-    "copy": ("", "copy the last reply"),
-    "rename": ("NAME", "rename this conversation"),
-    "export": ("[md|json] [PATH]", "export this conversation to Markdown or JSON"),
-    "unload": ("NAME", "unload a model to free memory"),
-    "help": ("", "list every key and command"),
+
+@dataclass(frozen=True)
+class Command:
+    args: str  # how its argument is written in the help; "" for none
+    help: str
+    setting: str | None = None  # with an argument, the command sets this setting
+    action: str | None = None  # (without an argument, if it also has a setting) runs the screen's action_<name>
+
+
+# The help screen lists these, in this order.
+COMMANDS: dict[str, Command] = {
+    "model": Command("[NAME|PATH]", "switch model; with no argument, open the model picker", "model", "pick_model"),
+    "template": Command("NAME", "use a prompt template (chat, few-shot, raw, ...)", "template"),
+    "shots": Command("N", "how many examples few-shot templates show (default: the template's)", "shots"),
+    "examples": Command("FILE", "a JSONL or TSV file of examples for the template", "examples"),
+    "set": Command("NAME VALUE", "change a setting, e.g. /set temperature 0.7, /set seed 42, /set greedy on"),
+    "compare": Command("[MODEL:TEMPLATE:SHOTS, ...]", "send one prompt to 2-4 panes side by side", action="compare"),
+    "finetune": Command("FILE [--steps N ...]", "open the finetune screen (no argument: also the list of runs)"),
+    "new": Command("", "start a new chat", action="new_chat"),
+    "history": Command("", "open the conversation list", action="history"),
+    "regen": Command("", "regenerate the last reply", action="regenerate"),
+    "edit": Command("", "edit the last message and send it again", action="edit_last"),
+    "copy": Command("", "copy the last reply", action="copy_last"),
+    "rename": Command("NAME", "rename this conversation"),
+    "export": Command("[md|json] [PATH]", "export this conversation to Markdown or JSON"),
+    "unload": Command("NAME", "unload a model to free memory"),
+    "help": Command("", "list every key and command", action="help"),
 }
 ALIASES = {"runs": "finetune", "m": "model", "t": "template", "h": "help", "?": "help", "regenerate": "regen", "clear": "new",
            "temp": "set temperature"}
@@ -50,4 +66,4 @@ def parse(text: str) -> tuple[str, str]:
 
 
 def help_lines() -> list[tuple[str, str]]:
-    return [(f"/{n} {a}".strip(), d) for n, (a, d) in COMMANDS.items()]
+    return [(f"/{n} {c.args}".strip(), c.help) for n, c in COMMANDS.items()]

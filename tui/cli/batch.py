@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, err, print_json
+from gptchat.core.errors import UsageError
+from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
+from gptchat.tui.cli.common import (
+    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt, err,
+    print_json, sampling_given,
+)
 
 EXAMPLES = """
 \b
@@ -42,23 +48,18 @@ def batch(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid rows and report them, instead of stopping at the first.")] = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated together. Default: automatic (16 on a CPU, up to 64 on a GPU, fewer for long prompts).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each row's seed is derived from it and the row's id.")] = 0,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (deterministic; ignores the sampling options).")] = False,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, >= 0; 0 means greedy. Default: the template's, else 0.8.", show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens only; 0 turns it off. Default: the template's, else 40.", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass, 0 to 1; 1 turns it off. Default: the template's, else 1.", show_default=False)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise tokens already in the context, > 0; 1 turns it off. Default: 1.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="The most tokens per completion. Default: the template's, else 128.", show_default=False)] = None,
+    greedy: GreedyOpt = False,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop a completion when the model writes this text (not included); repeatable; \\n and \\t are understood.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout (needs -o).")] = False,
 ) -> None:
     """Complete many prompts in batches, over a grid of models, templates and shots."""
-    from pathlib import Path
-
-    from gptchat.core.errors import UsageError
-    from gptchat.core.generate.options import parse_vars, sampling_params, resolve, unescape
-
     if fmt not in ("jsonl", "csv"):
         raise UsageError(f"unknown --format {fmt!r}; use jsonl or csv")
     if input_format not in (None, "txt", "jsonl"):
@@ -67,8 +68,7 @@ def batch(
         raise UsageError("--json prints the summary on stdout, where the results go without -o; give -o FILE")
     if not template and (examples or var):
         raise UsageError("--examples and --var need a --template (see `gptchat templates list`)")
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                 max_new_tokens=max_new_tokens)
+    given = sampling_given(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     try:
         sampling_params(resolve(given), greedy)  # bad flag values fail now, before anything loads
         variables = parse_vars(var)
@@ -77,6 +77,7 @@ def batch(
     if examples and not Path(examples).is_file():
         raise UsageError(f"--examples: no such file: {examples}")
 
+    # the batch modules import torch: loaded inside the command so `gptchat --help` stays fast
     from gptchat.core.batch.jobs import Settings
     from gptchat.core.batch.io import Skipped, read_rows
     from gptchat.core.batch.run import Dist, run
@@ -134,10 +135,6 @@ class _Bar:
 
 
 def _read_input(path: str) -> tuple[str, str]:
-    from pathlib import Path
-
-    from gptchat.core.errors import UsageError
-
     if path == "-":
         if sys.stdin.isatty():
             err("reading prompts from stdin, one per line; end with Ctrl+D")

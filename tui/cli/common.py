@@ -9,6 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.generate import options  # the one table of generation settings; imports no torch
+from gptchat.tui.format import human_bytes, human_count  # noqa: F401  (the command modules' import point)
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -29,6 +32,26 @@ DtypeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 
 
+def _setting(name: str, *short: str) -> typer.models.OptionInfo:
+    """A generation option's flag: the name, help and default wording come from core's options table.
+    Values are checked by the options module (not by Click), so every front end gives the same message."""
+    return typer.Option(options.SETTINGS[name].flag, *short, help=options.cli_help(name), show_default=False)
+
+
+TemperatureOpt = Annotated[Optional[float], _setting("temperature")]
+TopKOpt = Annotated[Optional[int], _setting("top_k")]
+TopPOpt = Annotated[Optional[float], _setting("top_p")]
+RepetitionPenaltyOpt = Annotated[Optional[float], _setting("repetition_penalty")]
+MaxNewTokensOpt = Annotated[Optional[int], _setting("max_new_tokens", "-n")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help=options.cli_help("greedy"))]
+
+
+def sampling_given(temperature, top_k, top_p, repetition_penalty, max_new_tokens) -> dict:
+    """The generation options given on the command line (None: not given), keyed by their canonical names."""
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                max_new_tokens=max_new_tokens)
+
+
 def debug() -> bool:
     return os.environ.get("GPTCHAT_DEBUG", "") not in ("", "0")
 
@@ -41,21 +64,3 @@ def err(msg: str) -> None:
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def human_count(n: int) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}K"
-    return str(n)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 
+from gptchat.core.errors import UsageError
+from gptchat.core.train import Settings, list_runs, train
 from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, err, print_json
+from gptchat.tui.cli.table import print_table, stderr_console
 
 EXAMPLES = """
 \b
@@ -59,106 +63,120 @@ def finetune(
     Writes a run folder with checkpoints (best/ and last/, Hugging Face format) and events.jsonl;
     Ctrl+C saves and stops, --resume continues. `gptchat runs` lists runs.
     """
-    from gptchat.core.errors import UsageError
-    from gptchat.core.train import Settings, train
-
-    if resume is None and not data:
-        raise UsageError("give training data (a .txt file, several files or a folder), or --resume NAME")
-    if resume is not None:
-        given = {"data": data, "model": model, "--from-scratch": from_scratch or None, "--arch": arch, "--epochs": epochs,
-                 "--lr": lr, "--batch-size": batch_size, "--grad-accum": grad_accum, "--block-size": block_size,
-                 "--eval-every": eval_every, "--patience": patience, "--name": name, "--template": template,
-                 "--lora": lora or None, "--compile": compile or None, "--fsdp": fsdp or None, "--dtype": dtype}
-        extra = [k for k, v in given.items() if v]
-        if extra:
-            raise UsageError(f"--resume reuses the run's settings; drop {', '.join(extra)} (only --steps and --device may change)")
-        settings = Settings(device=device) if device else None
-    else:
-        settings = Settings(
-            data=list(data or []), model=model, from_scratch=from_scratch, arch=arch, steps=steps, epochs=epochs, lr=lr,
-            batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, val_fraction=val_fraction,
-            eval_every=eval_every, patience=patience, format=fmt, template=template, lora=lora, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, lora_targets=lora_targets, compile=compile, grad_checkpointing=grad_checkpointing,
-            fsdp=fsdp, device=device, dtype=dtype, seed=seed, sample_tokens=sample_tokens, name=name,
-        )
-    show = _json_printer if json_out else Progress(sys.stderr)
-    result = train(settings, resume=resume, steps=steps if resume else None, on_event=show)
-    if isinstance(show, Progress):
-        show.close()
+    settings = settings_from(dict(locals()))
+    show = _json_printer if json_out else TrainProgress(stderr_console())
+    try:
+        result = train(settings, resume=resume, steps=steps if resume else None, on_event=show)
+    finally:
+        if isinstance(show, TrainProgress):
+            show.close()
     if result.status == "interrupted":
         err(f"stopped at step {result.step}; continue with: gptchat finetune --resume {result.name}")
         raise typer.Exit(130)
+
+
+NOT_SETTINGS = ("resume", "json_out")  # the command's parameters that are not training settings
+RESUMABLE = ("steps", "device", "val_fraction", "fmt", "lora_rank", "lora_alpha", "lora_targets",
+             "grad_checkpointing", "seed", "sample_tokens")  # may be given with --resume (or keep defaults)
+
+
+def settings_from(params: dict) -> Settings | None:
+    """The command's parameters (by name, as Typer parsed them) -> the run's Settings.
+
+    The one place the CLI and the TUI's form turn finetune options into Settings; None with --resume
+    (the run's own settings are reused; only --steps and --device may change).
+    """
+    resume, data = params.get("resume"), params.get("data")
+    if resume is None and not data:
+        raise UsageError("give training data (a .txt file, several files or a folder), or --resume NAME")
+    if resume is not None:
+        flags = {"data": "data", "from_scratch": "--from-scratch", "model": "model"}
+        extra = [flags.get(k, "--" + k.replace("_", "-")) for k, v in params.items()
+                 if v and k not in RESUMABLE and k not in NOT_SETTINGS]
+        if extra:
+            raise UsageError(f"--resume reuses the run's settings; drop {', '.join(extra)} (only --steps and --device may change)")
+        return Settings(device=params["device"]) if params.get("device") else None
+    kw = {("format" if k == "fmt" else k): v for k, v in params.items() if k not in NOT_SETTINGS}
+    return Settings(**{**kw, "data": list(data)})
 
 
 def _json_printer(ev: dict) -> None:
     print_json(ev)
 
 
-class Progress:
-    """A one-line progress bar on stderr (loss, tokens/s, ETA); evaluations and samples as lines."""
-
-    def __init__(self, stream):
-        self.s = stream
-        self.tty = stream.isatty()
-        self.width = 0
-        self._last_plain = 0.0
-
-    def _line(self, text: str) -> None:
-        if self.width:
-            self.s.write("\r" + " " * self.width + "\r")
-            self.width = 0
-        self.s.write(text + "\n")
-        self.s.flush()
-
-    def __call__(self, ev: dict) -> None:
-        t = ev["type"]
-        if t == "start":
-            for line in ev["plan_text"]:
-                self._line(line)
-            r, d = ev["resolved"], ev["data"]
-            self._line(
-                f"run {ev['run']}: {d['train_tokens']:,} training / {d['val_tokens']:,} validation tokens, "
-                f"{r['steps']} steps x {r['tokens_per_step']:,} tokens (batch {r['batch_size']} x accum {r['grad_accum']} "
-                f"x {ev['world']} proc x {r['block_size']}), lr {r['lr']:.2g}{' (resumed)' if ev['resumed'] else ''}"
-            )
-            self._line(f"  folder: {ev['path']}")
-        elif t == "step":
-            frac = ev["step"] / max(1, ev["steps"])
-            bar = "#" * int(24 * frac)
-            text = (f"{ev['step']:>6}/{ev['steps']} [{bar:<24}] loss {ev['loss']:.4f}  lr {ev['lr']:.2e}  "
-                    f"{ev['tokens_per_s']:,.0f} tok/s  ETA {_hms(ev['eta_s'])}")
-            if self.tty:
-                self.s.write("\r" + text.ljust(self.width))
-                self.s.flush()
-                self.width = len(text)
-            elif time.time() - self._last_plain > 10 or ev["step"] == ev["steps"]:
-                self._last_plain = time.time()
-                self._line(text)
-        elif t == "eval":
-            mark = " (best)" if ev["best"] else ""
-            self._line(f"step {ev['step']}: val loss {ev['val_loss']:.4f}, perplexity {ev['ppl']:.2f}{mark}")
-        elif t == "sample":
-            text = (ev["prompt"] + "|" + ev["text"]).replace("\n", "⏎")[:160]
-            self._line(f"  sample: {text}")
-        elif t == "warning":
-            self._line(f"warning: {ev['message']}")
-        elif t == "done":
-            best = ev.get("best_val_loss")
-            best_s = f", best val loss {best:.4f}" if best is not None else ""
-            self._line(f"{ev['status']} at step {ev['step']}{best_s} in {_hms(ev['elapsed_s'])}: {ev['path']}")
-
-    def close(self) -> None:
-        if self.width:
-            self.s.write("\n")
-            self.s.flush()
-            self.width = 0
-
-
-def _hms(s: float | None) -> str:
+def hms(s: float | None) -> str:
+    """Seconds as m:ss or h:mm:ss ("?" when unknown)."""
     if s is None:
         return "?"
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def step_text(ev: dict) -> str:
+    return (f"loss {ev['loss']:.4f}  lr {ev['lr']:.2e}  {ev['tokens_per_s']:,.0f} tok/s  ETA {hms(ev['eta_s'])}")
+
+
+class TrainProgress:
+    """The event stream on stderr: a Rich progress bar on a terminal (a plain line every 10 s in a log);
+    the plan, evaluations, samples and warnings as lines above it."""
+
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.tty = console.is_terminal
+        self.bar = Progress(TextColumn("{task.completed:>6.0f}/{task.total:.0f}"), BarColumn(),
+                            TextColumn("{task.fields[info]}"), console=console, disable=not self.tty)
+        self.task = None
+        self._last_plain = 0.0
+
+    def line(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True)
+
+    def __call__(self, ev: dict) -> None:
+        t = ev["type"]
+        if t == "start":
+            self.on_start(ev)
+        elif t == "step":
+            self.on_step(ev)
+        elif t == "eval":
+            mark = " (best)" if ev["best"] else ""
+            self.line(f"step {ev['step']}: val loss {ev['val_loss']:.4f}, perplexity {ev['ppl']:.2f}{mark}")
+        elif t == "sample":
+            self.line("  sample: " + (ev["prompt"] + "|" + ev["text"]).replace("\n", "⏎")[:160])
+        elif t == "warning":
+            self.line(f"warning: {ev['message']}")
+        elif t == "done":
+            self.close()
+            best = ev.get("best_val_loss")
+            best_s = f", best val loss {best:.4f}" if best is not None else ""
+            self.line(f"{ev['status']} at step {ev['step']}{best_s} in {hms(ev['elapsed_s'])}: {ev['path']}")
+
+    def on_start(self, ev: dict) -> None:
+        for text in ev["plan_text"]:
+            self.line(text)
+        r, d = ev["resolved"], ev["data"]
+        self.line(
+            f"run {ev['run']}: {d['train_tokens']:,} training / {d['val_tokens']:,} validation tokens, "
+            f"{r['steps']} steps x {r['tokens_per_step']:,} tokens (batch {r['batch_size']} x accum {r['grad_accum']} "
+            f"x {ev['world']} proc x {r['block_size']}), lr {r['lr']:.2g}{' (resumed)' if ev['resumed'] else ''}"
+        )
+        self.line(f"  folder: {ev['path']}")
+
+    def on_step(self, ev: dict) -> None:
+        if self.tty:
+            if self.task is None:
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=ev["steps"], info="")
+            self.bar.update(self.task, completed=ev["step"], total=ev["steps"], info=step_text(ev))
+        elif time.monotonic() - self._last_plain > self.PLAIN_EVERY_S or ev["step"] == ev["steps"]:
+            self._last_plain = time.monotonic()
+            self.line(f"{ev['step']:>6}/{ev['steps']}  {step_text(ev)}")
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+            self.task = None
 
 
 def runs(json_out: JsonOpt = False) -> None:
@@ -166,8 +184,6 @@ def runs(json_out: JsonOpt = False) -> None:
 
     Example: gptchat runs --json
     """
-    from gptchat.core.train import list_runs
-
     found = list_runs()
     if json_out:
         print_json(found)
@@ -175,11 +191,9 @@ def runs(json_out: JsonOpt = False) -> None:
     if not found:
         err("no runs yet; start one with `gptchat finetune data.txt`")
         return
-    rows = [("NAME", "STATE", "STEP", "BEST VAL", "BASE", "PATH")]
+    rows = []
     for r in found:
         step = f"{r['step'] or 0}/{r['steps'] or '?'}"
         best = f"{r['best_val_loss']:.4f}" if r["best_val_loss"] is not None else "-"
-        rows.append((r["name"], r["state"], step, best, r["base"] + (" +lora" if r["lora"] else ""), r["path"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
+        rows.append((r["name"], r["state"], step, best, r["base"] + (" +lora" if r["lora"] else ""), str(r["path"])))
+    print_table(rows, ("NAME", "STATE", "STEP", "BEST VAL", "BASE", "PATH"))

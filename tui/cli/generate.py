@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, err, print_json
+from gptchat.core.errors import UsageError
+from gptchat.core.generate import options
+from gptchat.core.prompting.templates import Budget, format_explain, get_template, load_examples, render
+from gptchat.tui.cli.common import (
+    DeviceOpt, DtypeOpt, GreedyOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
+    TopPOpt, err, print_json, sampling_given,
+)
 
 EXAMPLES = """
 \b
@@ -21,12 +28,12 @@ Examples:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text, or - to read it from stdin.", show_default=False)] = None,
     model: ModelOpt = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="The most tokens to generate (kept inside the model's 1024-token window). Default: the template's, else 128.", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, >= 0; 0 means greedy. Default: the template's, else 0.8.", show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens only; 0 turns it off. Default: the template's, else 40.", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens up to this probability mass, 0 to 1; 1 turns it off. Default: the template's, else 1.", show_default=False)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise tokens already in the context, > 0; 1 turns it off, 1.1-1.3 is typical. Default: 1.", show_default=False)] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (deterministic; ignores the sampling options).")] = False,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    greedy: GreedyOpt = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed, prompt and options give the same text. Default: random, printed with --json.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when the model writes this text (not printed); repeatable. \\n and \\t escapes are understood.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating after <|endoftext|>.")] = False,
@@ -40,31 +47,17 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Generate a completion of a prompt with a GPT-2 model."""
-    from gptchat.core.errors import UsageError
-
-    from gptchat.core.generate import options
-
     text = _read_prompt(prompt)
     stops = tuple(options.unescape(s) for s in (stop or []))
     if template is None and (shots is not None or examples or var):
         raise UsageError("--shots, --examples and --var need a --template (see `gptchat templates list`)")
     tpl = None
     if template is not None:
-        from gptchat.core.prompting.templates import get_template
-
         tpl = get_template(template)
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                 max_new_tokens=max_new_tokens)
-    try:
-        from gptchat.core.generate.text import GenOptions
-
-        variables = options.parse_vars(var)  # checked before the model loads
-        o = options.resolve(given, tpl.options if tpl else None)  # flag > template option > default
-        params, n_new = options.sampling_params(o, greedy)
-        opts = GenOptions(params=params, max_new_tokens=n_new, seed=seed, stop=stops)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
+    given = sampling_given(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    variables, opts = _options(given, tpl, greedy, seed, stops, var)  # checked before the model loads
+    params = opts.params
+    # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
     from gptchat.core.generate.loaded import open_model
 
     tty = sys.stderr.isatty()
@@ -78,11 +71,8 @@ def generate(
             reserve = min(reserve, lm.engine.n_ctx // 2)
         rendered = _render(tpl, text, variables, examples, shots, seed, lm, reserve)
         ids = rendered.ids
-        opts = GenOptions(params=params, max_new_tokens=reserve, seed=seed,
-                          stop=tuple(dict.fromkeys(stops + tuple(rendered.stop))))
+        opts = replace(opts, max_new_tokens=reserve, stop=tuple(dict.fromkeys(stops + tuple(rendered.stop))))
         if explain:
-            from gptchat.core.prompting.templates import format_explain
-
             err(format_explain(rendered))
     else:
         ids = lm.tokenizer.encode(text)
@@ -112,9 +102,19 @@ def generate(
         err(f"[{comp.completion_tokens} tokens, {comp.tokens_per_s:.1f} tok/s, {comp.finish_reason}, seed {comp.seed}]")
 
 
-def _render(tpl, text, variables, examples, shots, seed, lm, reserve):
-    from gptchat.core.prompting.templates import Budget, load_examples, render
+def _options(given: dict, tpl, greedy: bool, seed: int | None, stops: tuple, var: list[str] | None):
+    """The --var values and GenOptions: each option from its flag, else the template, else the default."""
+    from gptchat.core.generate.text import GenOptions  # torch: see generate()
 
+    try:
+        variables = options.parse_vars(var)
+        params, n_new = options.sampling_params(options.resolve(given, tpl.options if tpl else None), greedy)
+        return variables, GenOptions(params=params, max_new_tokens=n_new, seed=seed, stop=stops)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _render(tpl, text, variables, examples, shots, seed, lm, reserve):
     variables = {**variables, tpl.input_variable: text}
     pool = load_examples(examples, tpl.example_fields) if examples else None
     budget = Budget(n_ctx=lm.engine.n_ctx, reserve=reserve)
@@ -138,8 +138,6 @@ def _run(lm, ids, opts, stream: bool, ignore_eos: bool):
 
 
 def _read_prompt(prompt: str | None) -> str:
-    from gptchat.core.errors import UsageError
-
     if prompt is None:
         raise UsageError("give a prompt: gptchat generate \"Once upon a time\" (or - to read stdin)")
     if prompt == "-":

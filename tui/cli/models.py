@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from gptchat.tui.cli.common import JsonOpt, err, human_bytes, human_count, print_json
+from gptchat.tui.cli.table import print_table
 
 
 def models(json_out: JsonOpt = False) -> None:
@@ -27,11 +28,8 @@ def models(json_out: JsonOpt = False) -> None:
         err("no GPT-2 checkpoints found here. Get one with `gptchat pull gpt2` (online), pass a folder "
             "with --model PATH, or train one: `gptchat finetune data.txt --from-scratch`")
         return
-    rows = [("NAME", "FORMAT", "PARAMS", "SIZE", "SHAPE", "PATH")]
-    rows += [(m.name, m.format, human_count(m.params), human_bytes(m.size_bytes), m.shape, m.path) for m in found]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    rows = [(m.name, m.format, human_count(m.params), human_bytes(m.size_bytes), m.shape, str(m.path)) for m in found]
+    print_table(rows, ("NAME", "FORMAT", "PARAMS", "SIZE", "SHAPE", "PATH"))
 
 
 def pull(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gptchat.tui.cli.common import JsonOpt, err, print_json
+from gptchat.tui.cli.table import print_table
 
 app = typer.Typer(
     name="templates",
@@ -45,10 +46,9 @@ def list_templates(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json([_summary(t) for t in templates])
     else:
-        width = max((len(t.name) for t in templates), default=4)
-        for t in templates:
-            source = "user*" if t.overrides_bundled else t.source
-            print(f"{t.name:<{width}}  {t.kind:<9}  {source:<7}  {t.description}")
+        if templates:
+            print_table([(t.name, t.kind, "user*" if t.overrides_bundled else t.source, t.description)
+                         for t in templates])
         if any(t.overrides_bundled for t in templates):
             err("* a user template that replaces the bundled one of the same name")
     for message in broken:

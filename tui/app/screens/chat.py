@@ -1,15 +1,17 @@
-"""The chat screen: messages, the budget bar, the input, the settings panel and the status line.
+"""The chat screen (the view): messages, the budget bar, the input, the settings panel, the status line.
 
-Model loading and generation run in thread workers that post small messages (tui/messages.py);
-this screen turns them into widget updates. Replies arrive in batches (~25 a second at most).
+Model loading and generation run in thread workers that post small messages (tui/app/messages.py);
+this screen turns them into widget updates. Replies arrive in batches (~25 a second at most). Slash
+commands, setting changes and the budget preview belong to the controller (tui/app/controller.py).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 
-from textual import on, work
+from dataclasses import replace
+
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -17,10 +19,15 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import WorkerState
 
-from gptchat.core.session.chat import budget_segments, fmt_bytes
 from gptchat.core.errors import GptchatError
+from gptchat.core.prompting.templates import get_template, list_templates
 
 from gptchat.tui.app import slash
+from gptchat.tui.app.controller import BudgetComputed, ChatController
+from gptchat.tui.app.screens.compare import CompareScreen
+from gptchat.tui.app.screens.help import HelpScreen
+from gptchat.tui.app.screens.history import HistoryScreen
+from gptchat.tui.app.screens.model_picker import ModelPicker
 from gptchat.tui.app.messages import ModelLoading, ModelMissing, ModelReady, ReplyBegan, ReplyChunk, ReplyEnded
 from gptchat.tui.app.widgets.budget_bar import BudgetBar
 from gptchat.tui.app.widgets.chat_input import ChatInput
@@ -28,9 +35,7 @@ from gptchat.tui.app.widgets.message_view import MessageView
 from gptchat.tui.app.widgets.no_model import NoModelPanel
 from gptchat.tui.app.widgets.settings_panel import SettingsPanel
 from gptchat.tui.app.widgets.status_line import StatusLine
-
-BATCH_S = 0.04  # the worker posts streamed text at most this often
-
+from gptchat.tui.format import human_bytes
 
 class ChatScreen(Screen):
     BINDINGS = [
@@ -53,14 +58,13 @@ class ChatScreen(Screen):
         self.cancel = threading.Event()
         self.reply_view: MessageView | None = None
         self._budget_timer = None
+        self.controller = ChatController(self)
 
     @property
     def session(self):
         return self.app.session
 
     def compose(self) -> ComposeResult:
-        from gptchat.core.prompting.templates import list_templates
-
         names = [t.name for t in list_templates()[0]]
         with Horizontal(id="main"):
             with Vertical(id="chat-col"):
@@ -82,27 +86,8 @@ class ChatScreen(Screen):
 
     # -- model loading ------------------------------------------------------------------------
 
-    def start_load(self, spec: str | None = None) -> None:
-        s = self.session.settings
-        self.load_model(spec or s.model, s.device, s.dtype)
-
-    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
-    def load_model(self, spec: str | None, device: str | None, dtype: str | None) -> None:
-        self.post_message(ModelLoading(spec or "a local model"))
-        local: list[str] = []
-        if spec is None:
-            spec, local = default_model()
-            if spec is None:
-                self.post_message(ModelMissing("no GPT-2 checkpoint was found on this machine", local))
-                return
-        try:
-            m = self.app.pool.load(spec, device, dtype)
-        except GptchatError as e:
-            if not local:
-                local = [lm.name for lm in _scan()]
-            self.post_message(ModelMissing(str(e), local))
-            return
-        self.post_message(ModelReady(spec, {**m.lm.describe(), "hash": m.checkpoint_hash}))
+    def start_load(self) -> None:
+        self.controller.load_model()
 
     def on_model_loading(self, msg: ModelLoading) -> None:
         st = self.query_one(StatusLine)
@@ -113,31 +98,38 @@ class ChatScreen(Screen):
         self.loaded = self.app.pool.get(msg.spec, i["device"], i["dtype"])
         s = self.session.settings
         if s.model != msg.spec:
-            from dataclasses import replace
-
             self.session.settings = replace(s, model=msg.spec)
             self.sync_settings()
         self.query_one("#no-model").add_class("hidden")
-        st = self.query_one(StatusLine)
-        st.state = "generating" if self.generating else "ready"
-        st.model = f"{msg.spec} · {i['device']} {i['dtype']} · {i['params'] / 1e6:.1f}M params · ctx {i['n_ctx']}"
+        self.show_model(msg.spec, i)
         self.update_memory()
         self.update_budget()
 
+    def show_model(self, spec: str, i: dict) -> None:
+        st = self.query_one(StatusLine)
+        st.state = "generating" if self.generating else "ready"
+        st.model = f"{spec} · {i['device']} {i['dtype']} · {i['params'] / 1e6:.1f}M params · ctx {i['n_ctx']}"
+
     def on_model_missing(self, msg: ModelMissing) -> None:
-        self.loaded = None
+        if self.loaded is not None:  # a switch failed: keep working with the model we have
+            self.session.settings = self.controller.keep_loaded_model(self.loaded)
+            self.sync_settings()
+            self.show_model(self.loaded.spec, self.loaded.lm.describe())
+            self.notify(f"{msg.reason}; still using {self.loaded.spec}", title="Model not switched", severity="warning")
+            return
         panel = self.query_one("#no-model", NoModelPanel)
         panel.set_reason(msg.reason, msg.local)
         panel.remove_class("hidden")
         st = self.query_one(StatusLine)
         st.state, st.model = "no model", msg.reason
+        self.controller.budget_seq += 1  # any preview still on its way is for a model we no longer have
         self.query_one(BudgetBar).show_note("budget: load a model to see the context window")
         self.notify(msg.reason, title="No model", severity="warning")
 
     def update_memory(self) -> None:
         params, rss = self.app.pool.memory()
         n = len(self.app.pool.loaded())
-        self.query_one(StatusLine).memory = f"{n} model{'s' if n != 1 else ''} loaded, {fmt_bytes(params)} weights, {fmt_bytes(rss)} RSS"
+        self.query_one(StatusLine).memory = f"{n} model{'s' if n != 1 else ''} loaded, {human_bytes(params)} weights, {human_bytes(rss)} RSS"
 
     # -- sending and streaming ----------------------------------------------------------------
 
@@ -147,7 +139,7 @@ class ChatScreen(Screen):
         box = self.query_one("#input", ChatInput)
         if slash.is_slash(text):
             box.clear()
-            self.run_slash(text)
+            self.controller.run_slash(text)
             return
         if not text.strip():
             return
@@ -175,27 +167,7 @@ class ChatScreen(Screen):
         self.generating = True
         self.query_one(StatusLine).state = "generating"
         self.cancel = threading.Event()
-        self.generate(self.session, self.loaded, self.cancel)
-
-    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def generate(self, session, loaded, cancel: threading.Event) -> None:
-        from gptchat.core.session.chat import ReplyDelta, ReplyDone, ReplyStarted
-
-        buf: list[str] = []
-        last = time.monotonic()
-        for ev in session.reply(loaded, cancel):
-            if isinstance(ev, ReplyDelta):
-                buf.append(ev.text)
-                if time.monotonic() - last >= BATCH_S:
-                    self.post_message(ReplyChunk("".join(buf)))
-                    buf.clear()
-                    last = time.monotonic()
-            elif isinstance(ev, ReplyStarted):
-                self.post_message(ReplyBegan(ev.reply_id, ev.prompt_tokens, ev.dropped))
-            elif isinstance(ev, ReplyDone):
-                if buf:
-                    self.post_message(ReplyChunk("".join(buf)))
-                self.post_message(ReplyEnded(ev.turn.text, ev.turn.status, ev.turn.info))
+        self.controller.generate(self.loaded, self.cancel)
 
     def on_reply_began(self, msg: ReplyBegan) -> None:
         if msg.dropped:
@@ -218,7 +190,7 @@ class ChatScreen(Screen):
         self.update_budget()
 
     def on_worker_state_changed(self, event) -> None:
-        # The app shows worker errors as notifications; here we only leave the "generating" state.
+        self.app.report_worker_error(event)  # the app shows worker errors; here we leave "generating"
         w = event.worker
         if w.group == "generate" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self.generating = False
@@ -268,11 +240,7 @@ class ChatScreen(Screen):
             views.pop().remove()
         if views:
             views.pop().remove()
-        box = self.query_one("#input", ChatInput)
-        box.text = text
-        box.focus()
-        box.move_cursor(box.document.end)
-        self.update_budget()
+        self.put_input(text)
 
     def action_copy_last(self) -> None:
         for t in reversed(self.session.turns):
@@ -297,9 +265,7 @@ class ChatScreen(Screen):
             elif event.view.role == "user":
                 self.edit_from(views, event.view)
             else:  # a reply: bring its text back to send it as a message
-                box = self.query_one("#input", ChatInput)
-                box.text = event.view.text
-                box.focus()
+                self.put_input(event.view.text)
 
     def edit_from(self, views: list[MessageView], view: MessageView) -> None:
         """Branch at an older message of yours: it and everything after it leave the view (kept in
@@ -317,12 +283,15 @@ class ChatScreen(Screen):
         for v in views[i:]:
             v.remove()
         self.reply_view = None
+        self.put_input(text)
+        self.notify(f"editing an earlier message: the {n_later} after it are set aside (kept in history)")
+
+    def put_input(self, text: str) -> None:
         box = self.query_one("#input", ChatInput)
         box.text = text
         box.focus()
         box.move_cursor(box.document.end)
         self.update_budget()
-        self.notify(f"editing an earlier message: the {n_later} after it are set aside (kept in history)")
 
     def action_new_chat(self) -> None:
         if self.generating:
@@ -342,20 +311,16 @@ class ChatScreen(Screen):
             self.query_one("#input", ChatInput).focus()
 
     def action_pick_model(self) -> None:
-        from gptchat.tui.app.screens.model_picker import ModelPicker
-
         self.app.push_screen(ModelPicker(), self._picked)
 
     def _picked(self, spec: str | None) -> None:
         if spec:
-            self.apply_setting("model", spec)
+            self.controller.apply_setting("model", spec)
 
     def action_history(self) -> None:
         if self.app.session.store is None:
             self.notify("history is off: the database could not be opened", severity="error")
             return
-        from gptchat.tui.app.screens.history import HistoryScreen
-
         self.app.push_screen(HistoryScreen(), self._reopen)
 
     def _reopen(self, conv_id: str | None) -> None:
@@ -368,14 +333,10 @@ class ChatScreen(Screen):
         self.update_budget()
 
     def action_compare(self, spec: str = "") -> None:
-        from gptchat.tui.app.screens.compare import CompareScreen
-
         self.app.push_screen(CompareScreen(spec, self.query_one("#input", ChatInput).text))
 
     def action_help(self) -> None:
-        from gptchat.tui.app.screens.help import HelpScreen
-
-        self.app.push_screen(HelpScreen())
+        self.app.push_screen(HelpScreen(self.BINDINGS))
 
     # -- views, settings, budget ------------------------------------------------------------------
 
@@ -389,8 +350,6 @@ class ChatScreen(Screen):
         self.messages.anchor()
 
     def sync_settings(self) -> None:
-        from gptchat.core.prompting.templates import get_template
-
         s = self.session.settings
         try:
             resolved = s.resolved(get_template(s.template).options)
@@ -403,27 +362,17 @@ class ChatScreen(Screen):
         if event.name == "pick_model":
             self.action_pick_model()
             return
-        self.apply_setting(event.name, event.value, quiet=not event.final)
+        self.controller.apply_setting(event.name, event.value, quiet=not event.final)
 
-    def apply_setting(self, name: str, value: str, quiet: bool = False) -> bool:
-        s = self.session.settings
-        try:
-            new = s.with_value(name, value)
-        except GptchatError as e:
-            if not quiet:
-                self.notify(str(e), severity="error")
-            return False
-        self.session.settings = new
-        if name in ("model", "device", "dtype") and (getattr(new, name) != getattr(s, name) or self.loaded is None):
+    def model_unloaded(self, spec: str) -> None:
+        if self.loaded is not None and self.loaded.spec == spec:
             self.loaded = None
-            self.start_load()
-        if not quiet:
-            self.sync_settings()
-            self.notify(f"{name} = {getattr(new, name) if getattr(new, name) is not None else 'default'}")
-        elif name == "template":
-            self.sync_settings()
+            self.query_one(StatusLine).state = "no model"
+        self.update_memory()
         self.update_budget()
-        return True
+
+    def input_text(self) -> str:
+        return self.query_one("#input", ChatInput).text
 
     def on_text_area_changed(self, event) -> None:
         if self._budget_timer is not None:
@@ -431,118 +380,13 @@ class ChatScreen(Screen):
         self._budget_timer = self.set_timer(0.15, self.update_budget)
 
     def update_budget(self) -> None:
+        self.controller.refresh_budget()
+
+    def on_budget_computed(self, msg: BudgetComputed) -> None:
+        if msg.seq != self.controller.budget_seq:
+            return  # the input or the settings changed since: a newer preview is on its way
         bar = self.query_one(BudgetBar)
-        if self.loaded is None:
-            bar.show_note("budget: no model loaded yet")
-            return
-        lm = self.loaded.lm
-        text = self.query_one("#input", ChatInput).text
-        if slash.is_slash(text):
-            text = ""
-        try:
-            r = self.session.preview(lm.tokenizer, lm.engine.n_ctx, text)
-        except GptchatError as e:
-            bar.show_note(f"budget: {e}")
-            return
-        bar.show(budget_segments(r), r.n_ctx, r.dropped)
-
-    # -- slash commands ---------------------------------------------------------------------------
-
-    def run_slash(self, text: str) -> None:
-        try:
-            name, arg = slash.parse(text)
-            getattr(self, f"slash_{name}")(arg)
-        except GptchatError as e:
-            self.notify(str(e), severity="error")
-
-    def slash_model(self, arg: str) -> None:
-        self.apply_setting("model", arg) if arg else self.action_pick_model()
-
-    def slash_template(self, arg: str) -> None:
-        self.apply_setting("template", arg)
-
-    def slash_shots(self, arg: str) -> None:
-        self.apply_setting("shots", arg)
-
-    def slash_examples(self, arg: str) -> None:
-        self.apply_setting("examples", arg)
-
-    def slash_set(self, arg: str) -> None:
-        name, _, value = arg.partition(" ")
-        if not name:
-            from gptchat.core.errors import UsageError
-
-            raise UsageError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
-        self.apply_setting(name, value)
-
-    def slash_compare(self, arg: str) -> None:
-        self.action_compare(arg)
-
-    def slash_finetune(self, arg: str) -> None:
-        from gptchat.tui.app.screens.finetune import open_finetune
-
-        open_finetune(self.app, arg)
-
-    def slash_new(self, arg: str) -> None:
-        self.action_new_chat()
-
-    def slash_history(self, arg: str) -> None:
-        self.action_history()
-
-    def slash_regen(self, arg: str) -> None:
-        self.action_regenerate()
-
-    def slash_edit(self, arg: str) -> None:
-        self.action_edit_last()
-
-    def slash_copy(self, arg: str) -> None:
-        self.action_copy_last()
-
-    def slash_help(self, arg: str) -> None:
-        self.action_help()
-
-    def slash_unload(self, arg: str) -> None:
-        self.app.pool.unload(arg)
-        if self.loaded is not None and self.loaded.spec == arg:
-            self.loaded = None
-            self.query_one(StatusLine).state = "no model"
-        self.update_memory()
-        self.notify(f"unloaded {arg}")
-
-    def slash_rename(self, arg: str) -> None:
-        from gptchat.core.errors import UsageError
-
-        if not self.session.conv_id or self.session.store is None:
-            raise UsageError("send a message first: this chat is not saved yet")
-        if not arg:
-            raise UsageError("usage: /rename NAME")
-        self.session.store.rename(self.session.conv_id, arg)
-        self.notify(f"renamed to {arg!r}")
-
-    def slash_export(self, arg: str) -> None:
-        from gptchat.core.errors import UsageError
-
-        from gptchat.core.session.store import export_file
-
-        if not self.session.conv_id or self.session.store is None:
-            raise UsageError("send a message first: this chat is not saved yet")
-        fmt, _, path = arg.partition(" ")
-        self.notify(f"exported to {export_file(self.session.store, self.session.conv_id, fmt or 'md', path or None)}")
-
-
-def _scan():
-    from gptchat.core.weights.discover import local_models
-
-    try:
-        return local_models()
-    except OSError:
-        return []
-
-
-def default_model() -> tuple[str | None, list[str]]:
-    """gpt2 from the Hugging Face cache if it is there, else the first checkpoint found on this machine."""
-    found = _scan()
-    names = [m.name for m in found]
-    if "gpt2" in names:
-        return "gpt2", names
-    return (names[0] if names else None), names
+        if msg.note:
+            bar.show_note(msg.note)
+        else:
+            bar.show(msg.segments, msg.n_ctx, msg.dropped)

@@ -6,10 +6,7 @@ The run is a detached `gptchat finetune` process (see finetune_launch.py); this 
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +20,17 @@ from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, 
 from textual.widgets.option_list import Option
 
 from gptchat.core.errors import GptchatError, UsageError
-
+from gptchat.core.paths import get_paths
+from gptchat.core.train.plan import preview
+from gptchat.core.train.runs import default_name, list_runs, run_info
+from gptchat.tui.app import finetune_launch as launch
+from gptchat.tui.app.event_tail import EventTail
+from gptchat.tui.app.finetune_launch import FIELDS
+from gptchat.tui.app.screens.compare import CompareScreen
 from gptchat.tui.app.widgets.loss_chart import LossChart
+from gptchat.tui.cli.finetune import hms, settings_from
 
 TAIL_S = 0.5
-FIELDS = [  # (input id, flag, label)
-    ("data", None, "Data (files or folders, space-separated)"),
-    ("model", "--model", "Base model"),
-    ("arch", "--arch", "Architecture (from scratch)"),
-    ("steps", "--steps", "Steps (empty: from epochs)"),
-    ("lr", "--lr", "Learning rate (empty: by model size)"),
-    ("batch", "--batch-size", "Batch size"),
-    ("block", "--block-size", "Block size"),
-    ("name", "--name", "Run name"),
-]
-FLAGS = {"--model": "model", "-m": "model", "--arch": "arch", "--steps": "steps", "--lr": "lr",
-         "--batch-size": "batch", "-b": "batch", "--block-size": "block", "--name": "name"}
 DONE_STATES = ("finished", "early-stopped", "interrupted", "failed", "dead")
 
 
@@ -46,50 +38,6 @@ DONE_STATES = ("finished", "early-stopped", "interrupted", "failed", "dead")
 class PlanReady(Message, bubble=False):
     lines: list[str]
     error: str | None = None
-    key: str = ""
-
-
-def parse_args(arg: str) -> tuple[dict[str, str], bool, list[str]]:
-    """``"docs.txt --steps 50 --lora"`` -> (form values, from_scratch, flags the form has no field for)."""
-    try:
-        words = shlex.split(arg)
-    except ValueError as e:
-        raise UsageError(f"/finetune: {e}") from None
-    values: dict[str, str] = {}
-    data: list[str] = []
-    extra: list[str] = []
-    scratch = False
-    i = 0
-    while i < len(words):
-        w = words[i]
-        flag, eq, val = w.partition("=")
-        if flag in FLAGS:
-            if not eq:
-                i += 1
-                if i >= len(words):
-                    raise UsageError(f"/finetune: {w} needs a value")
-                val = words[i]
-            values[FLAGS[flag]] = val
-        elif w == "--from-scratch":
-            scratch = True
-        elif w.startswith("-"):
-            extra.append(w)
-            if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
-                i += 1
-                extra.append(words[i])
-        else:
-            data.append(w)
-        i += 1
-    if data:
-        values["data"] = " ".join(shlex.quote(d) for d in data)
-    return values, scratch, extra
-
-
-def fmt_s(s) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 class FinetuneScreen(Screen):
@@ -109,8 +57,7 @@ class FinetuneScreen(Screen):
         self.extra: list[str] = []
         self.proc = None  # the Popen we started (None when attached to an older run)
         self.log_path: Path | None = None
-        self.tail_pos = 0
-        self.partial = b""
+        self.tail: EventTail | None = None
         self.state = "new"
         self.step = 0
         self.steps = 0
@@ -137,7 +84,7 @@ class FinetuneScreen(Screen):
         with Horizontal(id="ft-main"):
             with Vertical(id="ft-form"):
                 with VerticalScroll(id="ft-fields"):
-                    for fid, _flag, label in FIELDS:
+                    for fid, _param, label in FIELDS:
                         yield Label(label)
                         yield Input(id=f"ft-{fid}")
                         if fid == "model":
@@ -162,17 +109,16 @@ class FinetuneScreen(Screen):
         if self.run_name:
             self.attach(self.run_name)
             return
-        settings = getattr(self.app, "session", None)
-        model = self.base_model or (settings.settings.model if settings is not None else None) or "gpt2"
-        self.query_one("#ft-model", Input).value = model
+        self.query_one("#ft-model", Input).value = self.base_model or self.chat_model()
         try:
-            values, scratch, self.extra = parse_args(self.arg)
+            given = launch.parse(self.arg)
         except GptchatError as e:
             self.notify(str(e), severity="error")
-            values, scratch = {}, False
-        for k, v in values.items():
+            given = launch.FinetuneArgs()
+        for k, v in given.values.items():
             self.query_one(f"#ft-{k}", Input).value = v
-        self.query_one("#ft-scratch", Checkbox).value = scratch
+        self.query_one("#ft-scratch", Checkbox).value = given.from_scratch
+        self.extra = given.extra
         if self.extra:
             self.query_one("#ft-extra", Label).update("also passed: " + " ".join(self.extra))
         self.sync_scratch()
@@ -180,9 +126,11 @@ class FinetuneScreen(Screen):
         self.query_one("#ft-data", Input).focus()
         self.schedule_plan()
 
-    def fill_runs(self) -> None:
-        from gptchat.core.train.runs import list_runs
+    def chat_model(self) -> str:
+        session = getattr(self.app, "session", None)
+        return (session.settings.model if session is not None else None) or "gpt2"
 
+    def fill_runs(self) -> None:
         runs = self.query_one("#ft-runs", OptionList)
         runs.clear_options()
         found = list_runs()
@@ -199,11 +147,12 @@ class FinetuneScreen(Screen):
 
     # -- the form and its plan ---------------------------------------------------------------------
 
+    def form_values(self) -> dict[str, str]:
+        return {fid: self.query_one(f"#ft-{fid}", Input).value.strip() for fid, _param, _label in FIELDS}
+
     def form_args(self) -> tuple[list[str], str]:
         """The CLI arguments for the form (without --name) and the run name."""
-        from gptchat.core.train.runs import default_name
-
-        v = {fid: self.query_one(f"#ft-{fid}", Input).value.strip() for fid, _f, _l in FIELDS}
+        v = self.form_values()
         try:
             data = shlex.split(v["data"])
         except ValueError as e:
@@ -211,34 +160,18 @@ class FinetuneScreen(Screen):
         if not data:
             raise UsageError("give the training data: a .txt file, several files or a folder")
         args = list(data)
-        if self.query_one("#ft-scratch", Checkbox).value:
+        scratch = self.query_one("#ft-scratch", Checkbox).value
+        if scratch:
             args.append("--from-scratch")
-            if v["arch"]:
-                args += ["--arch", v["arch"]]
-        elif v["model"]:
-            args += ["--model", v["model"]]
-        for fid, flag, _l in FIELDS:
-            if fid in ("steps", "lr", "batch", "block") and v[fid]:
-                args += [flag, v[fid]]
+        for fid, param, _label in FIELDS:
+            if fid not in ("data", "name") and v[fid] and (fid != "model" or not scratch) and (fid != "arch" or scratch):
+                args += [launch.flag_of(param), v[fid]]
         return args + self.extra, v["name"] or default_name(data)
 
     def form_settings(self):
-        from gptchat.core.train.settings import Settings
-
+        """The form as the trainer's Settings: parsed by the finetune command itself (same checks as the CLI)."""
         args, name = self.form_args()
-        scratch = "--from-scratch" in args
-        v = {fid: self.query_one(f"#ft-{fid}", Input).value.strip() for fid, _f, _l in FIELDS}
-
-        def num(key, kind):
-            try:
-                return kind(v[key]) if v[key] else None
-            except ValueError:
-                raise UsageError(f"{key}: {v[key]!r} is not a number") from None
-
-        return Settings(data=shlex.split(v["data"]), model=None if scratch else (v["model"] or None),
-                        from_scratch=scratch, arch=(v["arch"] or None) if scratch else None, steps=num("steps", int),
-                        lr=num("lr", float), batch_size=num("batch", int), block_size=num("block", int),
-                        name=name, lora="--lora" in self.extra)
+        return settings_from(launch.command_params(args + ["--name", name]))
 
     @on(Input.Changed)
     @on(Checkbox.Changed)
@@ -265,8 +198,6 @@ class FinetuneScreen(Screen):
 
     @work(thread=True, exclusive=True, group="ft-plan", exit_on_error=False)
     def compute_plan(self, settings) -> None:
-        from gptchat.core.train.plan import preview
-
         try:
             plan, r = preview(settings)
         except (GptchatError, OSError, ValueError) as e:
@@ -287,8 +218,6 @@ class FinetuneScreen(Screen):
 
     @on(Button.Pressed, "#ft-start")
     def action_start(self) -> None:
-        from gptchat.tui.app.finetune_launch import start
-
         if self.run_name:
             return
         try:
@@ -298,13 +227,11 @@ class FinetuneScreen(Screen):
             return
         if not self.query_one("#ft-scratch", Checkbox).value:
             self.base_model = self.query_one("#ft-model", Input).value.strip() or "gpt2"
-        self.proc, self.log_path = start(args, name)
+        self.proc, self.log_path = launch.start(args, name)
         self.notify(f"run {name} started (pid {self.proc.pid}); it goes on if you leave this screen")
         self.attach(name)
 
     def attach(self, name: str) -> None:
-        from gptchat.core.paths import get_paths
-
         self.run_name = name
         self.folder = get_paths().runs / name
         if self.log_path is None:
@@ -316,7 +243,7 @@ class FinetuneScreen(Screen):
         self.refresh_bindings()
         self.query_one("#ft-run-title", Label).update(f"run {name}  ({self.folder})")
         self.query_one(LossChart).clear()
-        self.tail_pos, self.partial = 0, b""
+        self.tail = EventTail(self.folder / "events.jsonl")
         self.poll()
         self._tail_timer = self.set_interval(TAIL_S, self.poll)
 
@@ -326,52 +253,27 @@ class FinetuneScreen(Screen):
             self.attach(event.option.id)
 
     def poll(self) -> None:
-        """Read the new bytes of events.jsonl and the status file; update the view."""
-        path = self.folder / "events.jsonl"
-        try:
-            with open(path, "rb") as f:
-                f.seek(self.tail_pos)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            self.tail_pos += len(chunk)
-            data = self.partial + chunk
-            *lines, self.partial = data.split(b"\n")
-            for line in lines:
-                try:
-                    self.apply_event(json.loads(line))
-                except ValueError:
-                    pass
-        status = self.read_status()
-        self.state = status.get("state", self.state)
-        if self.proc is not None and self.proc.poll() is not None and self.state in ("new", "running"):
-            if not path.exists():  # failed before it made its folder: show why
-                self.state = "failed"
-                self.show_stats(error=self.log_tail())
-        self.show_stats()
-        if self.state in DONE_STATES and self._tail_timer is not None and (self.proc is None or self.proc.poll() is not None):
+        """Apply the new events and the status file; stop following once the run is over."""
+        for ev in self.tail.read():
+            self.apply_event(ev)
+        self.state = self.read_status().get("state", self.state)
+        exited = self.proc is None or self.proc.poll() is not None
+        if self.proc is not None and exited and self.state in ("new", "running") and not self.tail.path.exists():
+            self.state = "failed"  # it failed before it made its folder: show why
+            self.error = launch.log_tail(self.log_path)
+        if self.state in DONE_STATES and self._tail_timer is not None and exited:
             self._tail_timer.stop()
             self._tail_timer = None
             self.stopping = False
-            self.show_stats()
+        self.show_stats()
 
     def read_status(self) -> dict:
-        from gptchat.core.train.runs import run_info
-
         if not (self.folder / "run.json").is_file():
             return {}
         info = run_info(self.folder)
         if self.base_model is None and not info["base"].startswith("scratch:"):
             self.base_model = info["base"]
         return info
-
-    def log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except (OSError, AttributeError):
-            return "the trainer exited"
-        return lines[-1] if lines else "the trainer exited"
 
     def apply_event(self, ev: dict) -> None:
         t = ev.get("type")
@@ -401,13 +303,13 @@ class FinetuneScreen(Screen):
             self.state = ev.get("status", "finished")
             self.best_val = ev.get("best_val_loss", self.best_val)
 
-    def show_stats(self, error: str | None = None) -> None:
+    def show_stats(self) -> None:
         ev = self.last_step
         parts = [f"state {self.state}", f"step {self.step}/{self.steps or '?'}"]
         if ev:
             parts += [f"loss {ev['loss']:.4f}", f"{ev.get('tokens_per_s', 0):,.0f} tokens/s"]
             if self.state == "running":
-                parts.append(f"ETA {fmt_s(ev.get('eta_s'))}")
+                parts.append(f"ETA {hms(ev.get('eta_s'))}")
         if self.val_loss is not None:
             parts.append(f"val loss {self.val_loss:.4f}")
         if self.best_val is not None:
@@ -415,9 +317,8 @@ class FinetuneScreen(Screen):
         line = "  ·  ".join(parts)
         if self.stopping and self.state == "running":
             line += "\nstopping… (saving)"
-        err = error or self.error
-        if err and self.state in ("failed", "dead", "interrupted"):
-            line += f"\nerror: {err}"
+        if self.error and self.state in ("failed", "dead", "interrupted"):
+            line += f"\nerror: {self.error}"
         self.query_one("#ft-stats", Static).update(line)
         done = self.state in DONE_STATES
         self.query_one("#ft-stop", Button).disabled = done or self.stopping
@@ -434,9 +335,7 @@ class FinetuneScreen(Screen):
         if not pid:
             self.notify("the run has not started yet; try again in a moment", severity="warning")
             return
-        try:
-            os.kill(int(pid), signal.SIGINT)
-        except ProcessLookupError:
+        if not launch.stop(pid):
             self.notify(f"the trainer (pid {pid}) is gone", severity="warning")
             return
         self.stopping = True
@@ -444,10 +343,7 @@ class FinetuneScreen(Screen):
 
     @on(Button.Pressed, "#ft-compare")
     def action_compare(self) -> None:
-        from gptchat.tui.app.screens.compare import CompareScreen
-
-        session = getattr(self.app, "session", None)
-        base = self.base_model or (session.settings.model if session is not None else None) or "gpt2"
+        base = self.base_model or self.chat_model()
         self.app.push_screen(CompareScreen(f"{base}:chat, {self.run_name}:chat"))
 
     def action_back(self) -> None:
@@ -461,13 +357,11 @@ def open_finetune(app, arg: str = "") -> None:
 
     Raises UsageError for data that does not exist (the chat screen shows it as a notification).
     """
-    from gptchat.tui.app.finetune_launch import available
-
-    values, _scratch, _extra = parse_args(arg)
-    for path in shlex.split(values.get("data", "")):
+    given = launch.parse(arg)
+    for path in shlex.split(given.values.get("data", "")):
         if not Path(path).expanduser().exists():
             raise UsageError(f"{path} is not a file; give a plain text file (or a folder of them) to finetune on")
-    if not available():
+    if not launch.available():
         app.notify("finetuning is not available in this build", severity="warning")
         return
     app.push_screen(FinetuneScreen(arg))

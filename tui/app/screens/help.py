@@ -1,4 +1,7 @@
-"""Every key and slash command, built from the screens' BINDINGS so it cannot go stale."""
+"""Every key and slash command, built from the screens' BINDINGS so it cannot go stale.
+
+The chat screen opens this one and passes its own bindings in (importing the chat screen here would
+make a cycle)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from gptchat.tui.app import slash
+from gptchat.tui.app.screens.compare import CompareScreen
+from gptchat.tui.app.screens.history import HistoryScreen
+from gptchat.tui.app.widgets.message_view import MessageView
 
 
 def _key(b: Binding) -> str:
@@ -17,17 +23,12 @@ def _key(b: Binding) -> str:
                      if len(k.strip()) > 1 else k.strip() for k in b.key.split(","))
 
 
-def help_table() -> Table:
-    from gptchat.tui.app.screens.chat import ChatScreen
-    from gptchat.tui.app.screens.compare import CompareScreen
-    from gptchat.tui.app.screens.history import HistoryScreen
-    from gptchat.tui.app.widgets.message_view import MessageView
-
+def help_table(chat_bindings: list[Binding]) -> Table:
     t = Table(box=None, show_header=False, padding=(0, 2))
     t.add_column(style="bold cyan", no_wrap=True)
     t.add_column()
     sections = [
-        ("Chat", ChatScreen.BINDINGS + [Binding("enter", "", "Send"), Binding("shift+enter,ctrl+j", "", "New line"),
+        ("Chat", list(chat_bindings) + [Binding("enter", "", "Send"), Binding("shift+enter,ctrl+j", "", "New line"),
                                         Binding("ctrl+p", "", "Command palette"), Binding("ctrl+q", "", "Quit")]),
         ("A focused message (Tab to reach it)", MessageView.BINDINGS),
         ("History", HistoryScreen.BINDINGS),
@@ -48,6 +49,10 @@ def help_table() -> Table:
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1", "dismiss(None)", "Close")]
 
+    def __init__(self, chat_bindings: list[Binding]) -> None:
+        super().__init__()
+        self.chat_bindings = chat_bindings
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="dialog", classes="wide"):
-            yield Static(help_table(), id="help-table")
+            yield Static(help_table(self.chat_bindings), id="help-table")

@@ -1,6 +1,7 @@
 """A stacked bar of the context window: instruction, examples, history, input, reply reserve, free.
 
-The screen computes the numbers (core.chat.budget_segments) and calls ``show``; this only draws.
+The controller computes the numbers (tui/format.py budget_segments, in a worker) and the screen calls
+``show``; this only draws.
 """
 
 from __future__ import annotations

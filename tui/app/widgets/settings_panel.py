@@ -7,17 +7,15 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Select, Switch
 
-FIELDS = [  # (setting, label, placeholder)
-    ("model", "model", "gpt2, a folder or a run name"),
-    ("shots", "shots", "template default"),
-    ("examples", "examples file", "JSONL or TSV path"),
-    ("temperature", "temperature", ""),
-    ("top_k", "top-k", ""),
-    ("top_p", "top-p", ""),
-    ("max_new_tokens", "max new tokens", ""),
-    ("seed", "seed", "random"),
-    ("repetition_penalty", "repetition penalty", ""),
-]
+from gptchat.core.generate import options
+
+# (setting, label, placeholder, tooltip): generation options take their label and help from core's table.
+FIELDS = [
+    ("model", "model", "gpt2, a folder or a run name", "A checkpoint folder, a nanoGPT ckpt.pt, a run name or a hub name."),
+    ("shots", "shots", "template default", "How many examples few-shot templates show."),
+    ("examples", "examples file", "JSONL or TSV path", "A JSONL or TSV file of examples for the template."),
+] + [(n, options.SETTINGS[n].label, "random" if n == "seed" else "", options.SETTINGS[n].help)
+     for n in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "repetition_penalty")]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
@@ -34,22 +32,23 @@ class SettingsPanel(VerticalScroll):
         super().__init__(**kw)
         self.templates = templates
         self._syncing = False
+        self._shown: dict[str, str] = {}  # what sync last put in each select and switch
 
     def compose(self) -> ComposeResult:
         yield Label("Settings  (apply to the next message)", classes="panel-title")
         yield Label("template")
         yield Select([(t, t) for t in self.templates], id="set-template", allow_blank=False, compact=True)
-        for name, label, ph in FIELDS:
+        for name, label, ph, tip in FIELDS:
             yield Label(label)
             if name == "model":
                 with Horizontal(classes="model-row"):
-                    yield Input(placeholder=ph, id="set-model", compact=True)
+                    yield Input(placeholder=ph, id="set-model", compact=True, tooltip=tip)
                     yield Button("…", id="pick-model", compact=True, tooltip="Pick a model (Ctrl+O)")
             else:
-                yield Input(placeholder=ph, id=f"set-{name}", compact=True)
+                yield Input(placeholder=ph, id=f"set-{name}", compact=True, tooltip=tip)
         with Horizontal(classes="switch-row"):
-            yield Label("greedy ")
-            yield Switch(id="set-greedy")
+            yield Label(options.SETTINGS["greedy"].label + " ")
+            yield Switch(id="set-greedy", tooltip=options.SETTINGS["greedy"].help)
         yield Label("device")
         yield Select([(d, d) for d in DEVICES], id="set-device", allow_blank=False, compact=True)
         yield Label("dtype")
@@ -61,15 +60,17 @@ class SettingsPanel(VerticalScroll):
         try:
             if settings.template in self.templates:
                 self.query_one("#set-template", Select).value = settings.template
-            for name, _, ph in FIELDS:
+            for name, _, ph, _ in FIELDS:
                 w = self.query_one(f"#set-{name}", Input)
                 v = getattr(settings, name)
                 w.value = "" if v is None else str(v)
                 if name in resolved:
                     w.placeholder = f"{resolved[name]} (template)"
+            self._shown = {"set-template": settings.template, "set-greedy": "on" if settings.greedy else "off",
+                           "set-device": settings.device or "auto", "set-dtype": settings.dtype or "auto"}
             self.query_one("#set-greedy", Switch).value = settings.greedy
-            self.query_one("#set-device", Select).value = settings.device or "auto"
-            self.query_one("#set-dtype", Select).value = settings.dtype or "auto"
+            self.query_one("#set-device", Select).value = self._shown["set-device"]
+            self.query_one("#set-dtype", Select).value = self._shown["set-dtype"]
         finally:
             self.call_after_refresh(self._done_sync)
 
@@ -87,7 +88,9 @@ class SettingsPanel(VerticalScroll):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        if not self._syncing and event.value is not Select.BLANK:
+        # Selects post Changed for their first value when mounted, and sometimes after sync: neither is the
+        # user's choice (applying them loaded the model twice at start and showed stray toasts).
+        if not self._syncing and event.value is not Select.BLANK and event.value == event.select.value:
             self._changed(event.select.id, str(event.value))
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
@@ -101,5 +104,8 @@ class SettingsPanel(VerticalScroll):
             self.post_message(self.Changed("pick_model", ""))
 
     def _changed(self, wid: str | None, value: str) -> None:
-        if wid and wid.startswith("set-"):
-            self.post_message(self.Changed(wid[4:], value))
+        if not wid or not wid.startswith("set-") or not self._shown or self._shown.get(wid) == value:
+            return  # nothing changed (or no sync has shown anything yet: the widgets' own start-up events)
+        if wid in self._shown:
+            self._shown[wid] = value
+        self.post_message(self.Changed(wid[4:], value))

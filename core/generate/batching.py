@@ -1,4 +1,4 @@
-"""The rows of a running ``Engine.generate_rows`` batch: KV cache, masks, positions, samplers.
+"""Batching for the one decode loop: left padding, masks, and the live rows of a running batch.
 
 Rows join (prefilled on their own, their prompt placed to end at the current slot) and leave
 (compacted out of the cache) while the others keep decoding; no row ever attends to another's slots.
@@ -8,16 +8,47 @@ from __future__ import annotations
 
 import torch
 
-from gptchat.core.generate.engine import left_pad, prefill_mask
-from gptchat.core.model.kv_cache import KVCache
 from gptchat.core.generate.sampling import SamplingParams, make_generator
+from gptchat.core.model.kv_cache import KVCache
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """Left-pad ragged prompts. Returns ids (B, T), position ids (B, T), valid (B, T)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, T - len(p):] = True
+    # each row's positions start at 0 on its first real token (pads get position 0; they are masked)
+    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return ids, pos, valid
+
+
+def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, real tokens only; every slot also sees itself so no row is all-masked."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask |= torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return mask[:, None]
+
+
+def _cache_over(k: torch.Tensor, v: torch.Tensor) -> KVCache:
+    """A KVCache whose buffers are ``k`` and ``v`` (views allowed: prefill then writes in place)."""
+    cache = KVCache(0, k.shape[1], 0, k.shape[3], k.dtype, k.device)
+    cache.k, cache.v = k, v
+    return cache
 
 
 class LiveBatch:
-    """The live rows of ``Engine.generate_rows``: their KV cache, masks, positions and samplers.
+    """The live rows of ``Engine.generate``: their KV cache, masks, positions and samplers.
 
     Every row shares the cache's slot numbering; ``visible`` (B, cap) says which slots each row may
-    attend to (its own prompt and tokens), ``next_pos`` is each row's own next position id.
+    attend to (its own prompt and tokens), ``next_pos`` is each row's own next position id. While
+    ``dense`` (no padding, every row starting at slot 0: a single prompt, or prompts of one length)
+    attention needs no mask and positions equal slots, which keeps SDPA on its fastest path.
     """
 
     def __init__(self, engine, params: SamplingParams, cap: int):
@@ -26,7 +57,8 @@ class LiveBatch:
         self.shape = (cfg.n_head, cfg.head_dim)
         self.layers = [blk.attn for blk in engine.model.transformer.h]
         dev = engine.device
-        self.k = [torch.zeros(0, *self.shape[:1], cap, self.shape[1], dtype=engine.dtype, device=dev) for _ in self.layers]
+        self.k = [torch.zeros(0, self.shape[0], cap, self.shape[1], dtype=engine.dtype, device=dev)
+                  for _ in self.layers]
         self.v = [t.clone() for t in self.k]
         self.visible = torch.zeros(0, cap, dtype=torch.bool, device=dev)
         self.next_pos = torch.zeros(0, dtype=torch.long, device=dev)
@@ -40,31 +72,29 @@ class LiveBatch:
         self.limits: dict[int, int] = {}
         self.s_end = 0  # slots [0, s_end) hold tokens; the next decode step writes slot s_end
         self.n_rows = 0
+        self.dense = True
 
     def admit(self, items: list[tuple[list[int], int, int]], s_end: int) -> torch.Tensor:
         """Prefill new rows on their own and add them so their prompts end at slot ``s_end``.
         Returns their last logits (n, V)."""
         e, dev = self.e, self.e.device
-        prompts = [ids for ids, _, _ in items]
-        ids, pos, valid = left_pad(prompts, pad_id=e.eos_id or 0)
+        ids, pos, valid = left_pad([p for p, _, _ in items], pad_id=e.eos_id or 0)
         n, L = ids.shape
         ids, pos, valid = ids.to(dev), pos.to(dev), valid.to(dev)
         limits = [min(m, e.n_ctx - len(p)) for p, m, _ in items]
         ragged = not bool(valid.all())
-        for attn in self.layers:
-            attn.kv_cache = KVCache(n, self.shape[0], L, self.shape[1], e.dtype, dev)
+        self.dense = self.dense and not ragged and s_end == L
+        cap = max(self.cap, s_end + max(limits))
+        old = len(self.rows)
+        for i, attn in enumerate(self.layers):  # the new rows' prefill writes straight into the grown cache
+            new_k = self.k[i].new_zeros(old + n, self.shape[0], cap, self.shape[1])
+            new_v = torch.zeros_like(new_k)
+            new_k[:old, :, :s_end], new_v[:old, :, :s_end] = self.k[i][:, :, :s_end], self.v[i][:, :, :s_end]
+            self.k[i], self.v[i] = new_k, new_v
+            attn.kv_cache = _cache_over(new_k[old:, :, s_end - L : s_end], new_v[old:, :, s_end - L : s_end])
         logits = e.model(ids, pos if ragged else None, prefill_mask(valid) if ragged else None,
                          start=0, kv_len=L, last_only=True)[:, -1, :]
         self.s_end = s_end
-        cap = max(self.cap, s_end + max(limits))
-        old = len(self.rows)
-        for i, attn in enumerate(self.layers):
-            new_k = attn.kv_cache.k.new_zeros(old + n, self.shape[0], cap, self.shape[1])
-            new_v = torch.zeros_like(new_k)
-            new_k[:old, :, : s_end], new_v[:old, :, : s_end] = self.k[i][:, :, :s_end], self.v[i][:, :, :s_end]
-            new_k[old:, :, s_end - L : s_end] = attn.kv_cache.k
-            new_v[old:, :, s_end - L : s_end] = attn.kv_cache.v
-            self.k[i], self.v[i] = new_k, new_v
         vis = torch.zeros(n, cap, dtype=torch.bool, device=dev)
         vis[:, s_end - L : s_end] = valid
         vis[:, s_end:] = True
@@ -105,15 +135,15 @@ class LiveBatch:
     def decode(self, tok: torch.Tensor) -> torch.Tensor:
         """Feed each row's last token at slot s_end; logits (B', V)."""
         slot = self.s_end
-        mask = self.visible[:, None, None, : slot + 1]  # (B', 1, 1, slot+1)
-        logits = self.e.model(tok.view(-1, 1), self.next_pos[:, None], mask, start=slot, kv_len=slot + 1)
+        if self.dense:  # positions are the slots and every slot so far is visible: no mask
+            pos, mask = None, None
+        else:
+            pos, mask = self.next_pos[:, None], self.visible[:, None, None, : slot + 1]  # mask (B', 1, 1, slot+1)
+        logits = self.e.model(tok.view(-1, 1), pos, mask, start=slot, kv_len=slot + 1)
         self.next_pos = self.next_pos + 1
         self.s_end += 1
         return logits[:, -1, :]
 
     def _install(self) -> None:
         for attn, k, v in zip(self.layers, self.k, self.v):
-            cache = KVCache(0, self.shape[0], 0, self.shape[1], k.dtype, k.device)  # empty; takes our buffers
-            cache.k, cache.v = k, v
-            attn.kv_cache = cache
-
+            attn.kv_cache = _cache_over(k, v)

@@ -1,0 +1,101 @@
+"""Models kept loaded for a session (several at once), what they cost in memory, and checkpoint hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptchat.core.generate.loaded import LoadedModel, open_model
+
+
+@dataclass
+class Loaded:
+    spec: str
+    lm: LoadedModel
+    checkpoint_hash: str
+    bytes: int  # parameter memory
+
+    @property
+    def key(self) -> tuple:
+        d = self.lm.describe()
+        return (self.spec, d["device"], d["dtype"])
+
+
+class ModelPool:
+    """Models stay loaded (several at once) until unloaded; loading is blocking: call it in a worker."""
+
+    def __init__(self):
+        self._models: dict[tuple, Loaded] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: str | None, device: str | None = None, dtype: str | None = None) -> Loaded | None:
+        spec = spec or "gpt2"
+        with self._lock:
+            for (s, dev, dt), m in self._models.items():
+                if s == spec and (device in (None, "auto") or dev.startswith(device)) and (dtype in (None, "auto") or dt == dtype):
+                    return m
+        return None
+
+    def load(self, spec: str | None, device: str | None = None, dtype: str | None = None) -> Loaded:
+        spec = spec or "gpt2"
+        got = self.get(spec, device, dtype)
+        if got is not None:
+            return got
+        lm = open_model(spec, device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
+        n_bytes = sum(p.numel() * p.element_size() for p in lm.engine.model.parameters())
+        m = Loaded(spec, lm, checkpoint_hash(lm.checkpoint), n_bytes)
+        with self._lock:
+            self._models[m.key] = m
+        return m
+
+    def unload(self, spec: str) -> None:
+        with self._lock:
+            for k in [k for k in self._models if k[0] == spec]:
+                del self._models[k]
+
+    def loaded(self) -> list[Loaded]:
+        with self._lock:
+            return list(self._models.values())
+
+    def memory(self) -> tuple[int, int]:
+        """(bytes of parameters held, resident memory of this process)."""
+        return sum(m.bytes for m in self.loaded()), process_rss()
+
+
+def process_rss() -> int:
+    """Resident memory now (Linux /proc); elsewhere the peak, which getrusage reports in KB (bytes on macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource  # POSIX only: imported here so the pool still works on Windows
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
+def checkpoint_hash(ck, sample: int = 1 << 22) -> str:
+    """A sha256 over the config and weight files: whole files up to 64 MB, else size + head + tail."""
+    h = hashlib.sha256()
+    config = Path(ck.folder) / "config.json"
+    files = sorted(set(ck.files) | ({config} if config.is_file() else set()))
+    for f in files:
+        f = Path(f)
+        try:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}\n".encode())
+            with open(f, "rb") as fh:
+                if size <= 16 * sample:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                else:
+                    h.update(fh.read(sample))
+                    fh.seek(size - sample)
+                    h.update(fh.read(sample))
+        except OSError:
+            continue
+    return h.hexdigest()[:16]

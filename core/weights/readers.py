@@ -1,0 +1,181 @@
+"""Reading checkpoint files safely: JSON metadata, pickles of tensors only, safetensors headers.
+
+Each reader checks what a file declares before allocating anything for it (sizes against the file's
+real size, dtypes, shapes and byte ranges against each other), so a corrupt or hostile file fails in
+one line naming the file and the field. Shapes are checked against the model config by the caller
+(checkpoints.iter_tensors), which knows what a GPT-2 of that config holds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptchat.core.errors import CheckpointError
+
+MAX_JSON_BYTES = 16 << 20  # config.json is ~1 KB and a shard index ~100 KB: anything this big is not metadata
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}  # weights
+# every dtype safetensors defines, with its size: a mask buffer stored as BOOL is skipped, not refused
+ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+            "I64": 8, "U64": 8, **{k: v[1] for k, v in ST_DTYPES.items()}}
+# What a corrupt pickle or zip makes torch.load raise (it has no error class of its own for it).
+_CORRUPT = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            struct.error, UnicodeDecodeError, RecursionError)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A small JSON file holding one object (a config or a shard index), decoded strictly as UTF-8."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is {size:,} bytes, far too large for a {what}")
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; it is not a {what}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting thousands deep
+        raise CheckpointError(f"{path} is not a usable {what} ({type(e).__name__})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object; it is not a {what}")
+    return raw
+
+
+def torch_load(path: Path):
+    """``torch.load`` of tensors and plain data only (memory-mapped when the format allows).
+
+    A file that needs anything else (a class, a function: code that would run while unpickling) is
+    refused in gptchat's words: torch's own message suggests loading it unsafely, which we never do.
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is what matters
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # files from before torch 1.6's zip format cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} contains code or objects, which gptchat never unpickles ({_refusal_reason(str(e))}); "
+            "only tensors and plain data are loaded"
+        ) from None
+    except _CORRUPT as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} is truncated or corrupt, or not a PyTorch file ({type(e).__name__}: {first})") from None
+
+
+def _refusal_reason(message: str) -> str:
+    """What torch refused, without its advice to turn the safety off."""
+    if m := re.search(r"GLOBAL ([\w.]+)", message):
+        return f"it references {m.group(1)}"
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not any(w in line for w in ("weights_only", "torch.load", "Weights only", "documentation")):
+            return line[:120]
+    return "not plain data"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor a safetensors header declares: checked, but not yet read."""
+
+    key: str
+    dtype: str  # safetensors' name: F32, BF16, BOOL, ... (only ST_DTYPES are ever read)
+    shape: tuple[int, ...]
+    begin: int  # byte range in the data section
+    end: int
+
+
+def safetensors_header(path: Path) -> tuple[int, list[TensorEntry]]:
+    """(where the data section starts, the tensors in file order), every field checked against the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated or corrupt: no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path} is truncated or corrupt: its header claims {n:,} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path} is truncated or corrupt: unreadable header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is truncated or corrupt: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    base = 8 + n
+    entries = sorted((_entry(path, k, v) for k, v in header.items()), key=lambda e: (e.begin, e.end))
+    pos = 0
+    for e in entries:
+        if e.begin < pos:
+            raise CheckpointError(f"{path}: tensor {e.key} overlaps another tensor's bytes; the header is corrupt")
+        pos = e.end
+    if base + pos > size:
+        raise CheckpointError(f"{path} is truncated or corrupt: {size:,} bytes, but its header needs {base + pos:,}")
+    return base, entries
+
+
+def _entry(path: Path, key: str, info) -> TensorEntry:
+    where = f"{path}: tensor {key[:80]}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} has no dtype/shape/data_offsets in the header")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ST_SIZES:
+        raise CheckpointError(f"{where} has dtype {str(dtype)[:20]!r}, which is not a safetensors dtype")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_natural(d) for d in shape):
+        raise CheckpointError(f"{where} has shape {str(shape)[:60]}: not a list of sizes >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{where} has data_offsets {str(offsets)[:60]}: not [begin, end] with 0 <= begin <= end")
+    nbytes = ST_SIZES[dtype]
+    for d in shape:
+        nbytes *= d
+    if nbytes != offsets[1] - offsets[0]:
+        raise CheckpointError(f"{where}: shape {shape} needs {nbytes:,} bytes, but data_offsets span {offsets[1] - offsets[0]:,}")
+    return TensorEntry(key, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _natural(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_safetensors(path: Path, base: int, entries: list[TensorEntry]):
+    """(key, tensor) for each checked entry, each read straight into its own buffer.
+
+    Reading with readinto instead of memory-mapping keeps the file's pages out of our resident
+    memory, so peak memory while loading is the model plus one tensor, not the model twice.
+    """
+    import torch
+
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for e in entries:
+                t = torch.empty(e.shape, dtype=getattr(torch, ST_DTYPES[e.dtype][0]))
+                if t.numel():
+                    f.seek(base + e.begin)
+                    view, got = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
+                    while got < len(view):  # one read() returns at most ~2 GiB on Linux
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise CheckpointError(f"{path} is truncated or corrupt while reading {e.key}")
+                        got += n
+                yield e.key, t
+    except OSError as ex:
+        raise CheckpointError(f"cannot read {path}: {ex.strerror or ex}") from None

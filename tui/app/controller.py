@@ -1,0 +1,228 @@
+"""The chat screen's controller: slash commands, setting changes and the budget preview.
+
+The screen (screens/chat.py) is the view: it lays out widgets, streams replies and calls this for
+everything a user types that is not a message. Settings are parsed by core (``ChatSettings.with_value``
+over the one options module), so ``/set top-p 1``, ``/set temp 0.5`` and ``/set topk 5`` mean what the
+CLI's ``--top-p``, ``--temperature`` and ``--top-k`` mean. No slash command can close the app: every
+error becomes a notification. The budget preview tokenizes in a thread worker, never on the UI thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+from textual.message import Message
+
+from gptchat.core.errors import GptchatError, UsageError
+from gptchat.core.session.chat import ChatSession, ReplyDelta, ReplyDone, ReplyStarted, Turn, render_prompt
+from gptchat.core.session.pool import Loaded
+from gptchat.core.session.settings import ChatSettings, setting_name
+from gptchat.core.session.store import export_file
+from gptchat.core.weights.discover import local_models
+
+from gptchat.tui.app import slash
+from gptchat.tui.app.screens.finetune import open_finetune
+from gptchat.tui.app.messages import ModelLoading, ModelMissing, ModelReady, ReplyBegan, ReplyChunk, ReplyEnded
+from gptchat.tui.format import budget_segments
+
+BATCH_S = 0.04  # the reply worker posts streamed text at most this often
+USER_ERRORS = (GptchatError, ValueError, OSError)  # what a user can cause: shown as the message alone
+
+
+@dataclass
+class BudgetComputed(Message, bubble=False):
+    """The budget preview for the input as it was at ``seq`` (stale ones are dropped)."""
+
+    seq: int
+    segments: list[tuple[str, int]] = field(default_factory=list)
+    n_ctx: int = 0
+    dropped: list[str] = field(default_factory=list)
+    note: str = ""  # set when there is nothing to draw (the message says why)
+
+
+class ChatController:
+    def __init__(self, screen) -> None:
+        self.screen = screen  # the ChatScreen this controls
+        self.budget_seq = 0
+        self.before_switch: ChatSettings | None = None  # the settings before a model switch started
+
+    @property
+    def session(self):
+        return self.screen.app.session
+
+    def notify_error(self, e: Exception) -> None:
+        msg = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
+        self.screen.notify(msg or type(e).__name__, severity="error")
+
+    # -- slash commands -------------------------------------------------------------------------
+
+    def run_slash(self, text: str) -> None:
+        """Run one slash command. Any error is a notification: a slash command never closes the app."""
+        try:
+            self._dispatch(*slash.parse(text))
+        except Exception as e:  # noqa: BLE001 - the app must outlive any command; the error is shown
+            self.notify_error(e)
+
+    def _dispatch(self, name: str, arg: str) -> None:
+        cmd = slash.COMMANDS[name]
+        if cmd.setting and (arg or not cmd.action):
+            self.apply_setting(cmd.setting, arg)
+        elif cmd.action:
+            action = getattr(self.screen, f"action_{cmd.action}")
+            action(arg) if arg and cmd.args else action()
+        else:
+            getattr(self, f"cmd_{name}")(arg)
+
+    def cmd_set(self, arg: str) -> None:
+        name, _, value = arg.partition(" ")
+        if not name:
+            raise UsageError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
+        self.apply_setting(name, value)
+
+    def cmd_finetune(self, arg: str) -> None:
+        open_finetune(self.screen.app, arg)
+
+    def cmd_unload(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("usage: /unload NAME")
+        self.screen.app.pool.unload(arg)
+        self.screen.model_unloaded(arg)
+        self.screen.notify(f"unloaded {arg}")
+
+    def _saved_conversation(self) -> str:
+        if not self.session.conv_id or self.session.store is None:
+            raise UsageError("send a message first: this chat is not saved yet")
+        return self.session.conv_id
+
+    def cmd_rename(self, arg: str) -> None:
+        conv_id = self._saved_conversation()
+        if not arg:
+            raise UsageError("usage: /rename NAME")
+        self.session.store.rename(conv_id, arg)
+        self.screen.notify(f"renamed to {arg!r}")
+
+    def cmd_export(self, arg: str) -> None:
+        conv_id = self._saved_conversation()
+        fmt, _, path = arg.partition(" ")
+        self.screen.notify(f"exported to {export_file(self.session.store, conv_id, fmt or 'md', path or None)}")
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def apply_setting(self, spelling: str, value: str, quiet: bool = False) -> bool:
+        """Set one setting from text, any spelling. ``quiet`` (typing in the panel): no notifications."""
+        scr, old = self.screen, self.session.settings
+        try:
+            name = setting_name(spelling)
+            new = old.with_value(name, value)
+        except USER_ERRORS as e:
+            if not quiet:
+                self.notify_error(e)
+            return False
+        self.session.settings = new
+        if name in ("model", "device", "dtype") and (getattr(new, name) != getattr(old, name) or scr.loaded is None):
+            self.before_switch = old  # the working model stays until the new one is ready
+            scr.start_load()
+        if not quiet:
+            scr.sync_settings()
+            v = getattr(new, name)
+            scr.notify(f"{name} = {'default' if v is None else v}")
+        elif name == "template":
+            scr.sync_settings()
+        self.refresh_budget()
+        return True
+
+    # -- replies ----------------------------------------------------------------------------------
+
+    def generate(self, loaded: Loaded, cancel: threading.Event) -> None:
+        """Stream the reply to the last user message in a thread worker (group "generate")."""
+        self.screen.run_worker(partial(self._generate, self.session, loaded, cancel), name="generate",
+                               group="generate", thread=True, exclusive=True, exit_on_error=False)
+
+    def _generate(self, session: ChatSession, loaded: Loaded, cancel: threading.Event) -> None:
+        post = self.screen.post_message
+        buf: list[str] = []
+        last = time.monotonic()
+        for ev in session.reply(loaded, cancel):
+            if isinstance(ev, ReplyDelta):
+                buf.append(ev.text)
+                if time.monotonic() - last >= BATCH_S:
+                    post(ReplyChunk("".join(buf)))
+                    buf.clear()
+                    last = time.monotonic()
+            elif isinstance(ev, ReplyStarted):
+                post(ReplyBegan(ev.reply_id, ev.prompt_tokens, ev.dropped))
+            elif isinstance(ev, ReplyDone):
+                if buf:
+                    post(ReplyChunk("".join(buf)))
+                post(ReplyEnded(ev.turn.text, ev.turn.status, ev.turn.info))
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        """Load the settings' model in a thread worker; the screen hears ModelReady or ModelMissing."""
+        s = self.session.settings
+        self.screen.run_worker(partial(self._load, s.model, s.device, s.dtype), name="load", group="load",
+                               thread=True, exclusive=True, exit_on_error=False)
+
+    def keep_loaded_model(self, loaded) -> ChatSettings:
+        """The settings after a failed switch: model, device and dtype as they were for ``loaded``."""
+        prev = self.before_switch or self.session.settings
+        return replace(self.session.settings, model=loaded.spec, device=prev.device, dtype=prev.dtype)
+
+    def _load(self, spec: str | None, device: str | None, dtype: str | None) -> None:
+        post = self.screen.post_message
+        post(ModelLoading(spec or "a local model"))
+        local: list[str] = []
+        if spec is None:
+            spec, local = default_model()
+            if spec is None:
+                post(ModelMissing("no GPT-2 checkpoint was found on this machine", local))
+                return
+        try:
+            m = self.screen.app.pool.load(spec, device, dtype)
+        except USER_ERRORS as e:  # a bad path, device or dtype: say so, and keep any working model
+            post(ModelMissing(str(e), local or [lm.name for lm in _scan()]))
+            return
+        post(ModelReady(spec, {**m.lm.describe(), "hash": m.checkpoint_hash}))
+
+    # -- the budget preview -----------------------------------------------------------------------
+
+    def refresh_budget(self) -> None:
+        """Recompute the budget bar for the current input in a thread worker."""
+        self.budget_seq += 1
+        scr = self.screen
+        if scr.loaded is None:
+            scr.post_message(BudgetComputed(self.budget_seq, note="budget: no model loaded yet"))
+            return
+        text = scr.input_text()
+        text = "" if slash.is_slash(text) else text
+        job = partial(self._compute_budget, self.budget_seq, self.session.settings, list(self.session.turns),
+                      scr.loaded.lm, text)
+        scr.run_worker(job, name="budget", group="budget", thread=True, exclusive=True, exit_on_error=False)
+
+    def _compute_budget(self, seq: int, settings: ChatSettings, turns: list[Turn], lm, text: str) -> None:
+        """Runs in a worker thread on a snapshot of the settings and turns; talks back by message only."""
+        try:
+            r, _ = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, text or " ", turns)
+        except GptchatError as e:
+            self.screen.post_message(BudgetComputed(seq, note=f"budget: {e}"))
+            return
+        self.screen.post_message(BudgetComputed(seq, budget_segments(r), r.n_ctx, list(r.dropped)))
+
+
+def _scan():
+    try:
+        return local_models()
+    except OSError:
+        return []
+
+
+def default_model() -> tuple[str | None, list[str]]:
+    """gpt2 from the Hugging Face cache if it is there, else the first checkpoint found on this machine."""
+    names = [m.name for m in _scan()]
+    if "gpt2" in names:
+        return "gpt2", names
+    return (names[0] if names else None), names
