@@ -51,3 +51,7 @@ class BatchOutputError(GptchatError):
 
 class PathError(GptchatError):
     """A gptchat folder cannot be created or used (GPTCHAT_HOME is a file, no permission, disk full)."""
+
+
+class OutputError(GptchatError):
+    """An output file cannot be written now (another process is writing it, no permission, disk full)."""

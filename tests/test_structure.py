@@ -166,3 +166,18 @@ def test_help_and_light_commands_load_no_heavy_library():
         "print([m for m in ('torch', 'transformers', 'textual', 'safetensors', 'tiktoken') if m in sys.modules])\n"
     )
     assert _run(code) == "[]"
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists packages by hand (the package-dir mapping needs it): a folder missing from the
+    list imports in an editable install and is silently absent from a wheel."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"gptchat." + ".".join(init.parent.relative_to(ROOT).parts)
+             for top in ("core", "tui", "prompts") for init in (ROOT / top).glob("**/__init__.py")}
+    assert found - listed == set(), "add these packages to pyproject.toml"
+    assert listed - found == set(), "these listed packages have no folder"

@@ -30,3 +30,9 @@ def budget_segments(rendered) -> list[tuple[str, int]]:
     segs.append(("reserve", rendered.reserve))
     segs.append(("free", max(rendered.free, 0)))
     return segs
+
+
+def surprise_style(logprob: float) -> str:
+    """A token's colour by how much it surprised the model (bits): green expected, red surprising."""
+    bits = -logprob / 0.6931471805599453  # ln 2
+    return "green" if bits < 1 else "yellow" if bits < 4 else "dark_orange" if bits < 8 else "red"

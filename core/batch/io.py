@@ -4,8 +4,8 @@ Input is a .txt file (one prompt per line), a .jsonl file (one object per line: 
 template's variables, an optional ``id`` and per-row options), or the same text from stdin.
 
 Output is JSONL (one object per line) or CSV. Each record goes out in a single write followed by a
-flush, so a crash leaves whole records plus, at worst, one partial record at the end, which a
-resumed run cuts off. Records are keyed by (id, model, template, shots): the key says which work is
+flush to a part file beside the output, so a crash leaves whole records plus, at worst, one partial
+record at the end, which a resumed run cuts off; the output itself is only ever replaced whole. Records are keyed by (id, model, template, shots): the key says which work is
 done, whatever order the records are in.
 """
 
@@ -15,13 +15,13 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from gptchat.core.errors import BatchInputError, BatchOutputError
 from gptchat.core.generate.options import NAMES as OPTION_NAMES
+from gptchat.core.outputs import replace_atomic
 
 FORMATS = ("jsonl", "csv")
 INPUT_FORMATS = ("txt", "jsonl")
@@ -99,6 +99,9 @@ def read_rows(
         ids.add(row.id)
         row.index = len(rows)
         rows.append(row)
+    if not rows:  # an empty job would replace the output with nothing and exit 0
+        bad = len(skipped or []) if skip_bad else 0
+        raise BatchInputError(f"no prompts in {label}" + (f": all {bad} rows are bad" if bad else ""))
     return rows
 
 
@@ -287,16 +290,15 @@ def _split(data: bytes, fmt: str, path: Path) -> tuple[list[Chunk], int]:
 
 
 def write_atomic(path: Path, chunks: list[Chunk], fmt: str) -> None:
-    """Replace ``path`` with these records in one step (a temporary file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """Replace ``path`` with these records in one step (a temporary file beside it, then os.replace)."""
+
+    def write(f) -> None:
         if fmt == "csv":
             f.write(_csv_line(CSV_COLUMNS))
         for c in chunks:
             f.write(c.data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    replace_atomic(path, write)
 
 
 def canonical_order(chunks: list[Chunk], order: Callable[[tuple], tuple | None]) -> list[Chunk]:

@@ -1,9 +1,14 @@
 """The batch job from start to end: the grid, resume, sharding across torchrun ranks, the summary.
 
+The output file is never written in place: results go to a part file beside it
+(``out.jsonl.part-R-of-W``, ``part-0-of-1`` for one process), opened only when the first result is
+ready, and the finished output replaces the old file in one step (core.outputs). So a bad flag, a
+model that does not load or a bad row leaves an existing output exactly as it was, and a killed run
+leaves its part for ``--resume``. ``out.jsonl.lock`` keeps a second batch from writing the same output.
+
 Under torchrun (RANK / WORLD_SIZE in the environment) input row ``i`` goes to rank ``i % WORLD_SIZE``
-with every grid cell of that row. Each rank appends to its own part file next to the output
-(``out.jsonl.part-R-of-W``) and, when done, writes a ``.done`` marker. A gloo barrier (CPU, no GPU
-needed) then tells rank 0 that every rank has finished; rank 0 checks the markers, merges the parts
+with every grid cell of that row. Each rank appends to its own part file and, when done, writes a
+``.done`` marker. A gloo barrier (CPU, no GPU needed) then tells rank 0 that every rank has finished; rank 0 checks the markers, merges the parts
 (and, with --resume, the earlier output) into input order through a temporary file and
 ``os.replace``, and only then deletes the parts. A failed merge leaves the parts in place, and a
 rerun with --resume picks them up.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +33,7 @@ from gptchat.core.batch.jobs import Cell, Settings, auto_batch_size, build_jobs,
 from gptchat.core.batch.io import Row, Skipped
 from gptchat.core.errors import BatchOutputError, UsageError
 from gptchat.core.generate.loaded import open_model
+from gptchat.core.outputs import OutputLock
 from gptchat.core.prompting.templates import get_template
 from gptchat.core.weights.checkpoints import resolve
 
@@ -125,24 +132,33 @@ def run(
     summary = Summary(str(output) if output else None, rows=len(rows), rank=dist.rank, world=dist.world,
                       cells=[c.__dict__ for c in cells])
     t0 = time.perf_counter()
-    pg = _init_group(dist)
-    done = _already_done(target, dist) if resume else set()
-    mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
-    writer = _open_writer(target, dist)
-    pending = {c: [r for r in mine_rows if _key(r, c) not in done] for c in cells}
-    summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
-    job = _Pass(settings, label, skipped, batch_size, device, dtype, writer, summary,
-                Progress(rows_total=sum(len(p) for p in pending.values())), progress, log, t0, dist.rank)
-    try:
-        for model in dict.fromkeys(c.model for c in cells):
-            _run_model(job, model, [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]], pending)
-    finally:
-        if output is not None:
-            writer.close()
-    summary.bad = [s.reason for s in skipped[read_bad if dist.rank else 0:]]
-    _finish(target, summary, _order(rows, cells), dist, pg)
+    with _lock(target, dist):
+        pg = _init_group(dist)
+        done = _already_done(target, dist) if resume else set()
+        mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
+        pending = {c: [r for r in mine_rows if _key(r, c) not in done] for c in cells}
+        summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
+        job = _Pass(settings, label, skipped, batch_size, device, dtype, lambda: _open_writer(target, dist), summary,
+                    Progress(rows_total=sum(len(p) for p in pending.values())), progress, log, t0, dist.rank)
+        try:
+            for model in dict.fromkeys(c.model for c in cells):
+                mine = [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]]
+                _run_model(job, model, mine, pending)
+        finally:
+            if output is not None and job.writer is not None:
+                job.writer.close()
+        summary.bad = [s.reason for s in skipped[read_bad if dist.rank else 0:]]
+        _finish(target, summary, _order(rows, cells), dist, pg)
     summary.elapsed_s = time.perf_counter() - t0
     return summary
+
+
+def _lock(target: "_Target", dist: Dist):
+    """One batch per output: rank 0 (or the only process) holds the output's lock, other ranks their part's."""
+    if target.output is None:
+        return nullcontext()
+    held = target.output if dist.rank == 0 else part_path(target.output, dist.rank, dist.world)
+    return OutputLock(held, "gptchat batch")
 
 
 @dataclass
@@ -165,16 +181,19 @@ class _Pass:
     batch_size: int | None
     device: str | None
     dtype: str | None
-    writer: bio.Writer
+    open_writer: Callable[[], bio.Writer]  # called at the first result: nothing is written before then
     summary: Summary
     prog: Progress
     progress: Callable[[Progress], None]
     log: Callable[[str], None]
     t0: float
     rank: int
+    writer: bio.Writer | None = None
 
     def emit(self, rec: dict) -> None:
         """Write one result and count it."""
+        if self.writer is None:
+            self.writer = self.open_writer()
         self.writer.write(rec)
         self.summary.done += 1
         reason = rec["finish_reason"]
@@ -211,22 +230,25 @@ def _grid(models, templates, shots, log) -> list[Cell]:
 def _already_done(target: _Target, dist: Dist) -> set[tuple]:
     """The keys already written: the output itself and any parts a crashed or unmerged run left."""
     output, fmt = target.output, target.fmt
-    done = {c.key for c in bio.scan(output, fmt, repair=dist.world == 1)}
-    for part in output.parent.glob(output.name + ".part-*-of-*"):
-        if part.suffix != ".done" and not part.name.endswith(".tmp"):
-            mine = part == part_path(output, dist.rank, dist.world)
-            done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
+    done = {c.key for c in bio.scan(output, fmt, repair=False)}  # the output is only ever replaced whole
+    for part in _parts(output):
+        mine = part == part_path(output, dist.rank, dist.world)
+        done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
     return done
 
 
+def _parts(output: Path) -> list[Path]:
+    """The part files of results beside the output (not their .done markers, .lock files or temporaries)."""
+    return sorted(p for p in output.parent.glob(output.name + ".part-*-of-*")
+                  if p.suffix not in (".done", ".lock") and not p.name.endswith(".tmp"))
+
+
 def _open_writer(target: _Target, dist: Dist) -> bio.Writer:
-    """This rank's part file under torchrun, else the output file, else the stream."""
-    if dist.world > 1:
+    """This process's part file beside the output (appended to on --resume), else the stream."""
+    if target.output is not None:
         part = part_path(target.output, dist.rank, dist.world)
         _marker(part).unlink(missing_ok=True)
         return bio.Writer.open(part, target.fmt, append=target.resume)
-    if target.output is not None:
-        return bio.Writer.open(target.output, target.fmt, append=target.resume)
     return bio.Writer(target.stdout, target.fmt, header=True)
 
 
@@ -264,13 +286,7 @@ def _finish(target: _Target, summary: Summary, order, dist: Dist, pg) -> None:
         _barrier(pg)
         _close_group(pg)
     elif output is not None:
-        chunks = bio.scan(output, fmt)
-        if target.resume:  # parts a distributed run left unmerged
-            for part in sorted(output.parent.glob(output.name + ".part-*-of-*")):
-                if part.suffix != ".done" and not part.name.endswith(".tmp"):
-                    chunks += bio.scan(part, fmt, repair=False)
-        bio.write_atomic(output, bio.canonical_order(chunks, order), fmt)
-        _remove_parts(output)
+        _merge(output, fmt, 1, order, target.resume)
 
 
 def _order(rows: list[Row], cells: list[Cell]):
@@ -302,23 +318,24 @@ def _add_counts(summary: Summary, output: Path, world: int) -> None:
 
 def _merge(output: Path, fmt: str, world: int, order, resume: bool) -> None:
     parts = [part_path(output, r, world) for r in range(world)]
-    missing = [p.name for p in parts if not _marker(p).exists()]
+    missing = [p.name for p in parts if world > 1 and not _marker(p).exists()]
     if missing:
         raise BatchOutputError(
             f"cannot merge: {', '.join(missing)} did not finish (no .done marker); rerun with --resume"
         )
-    chunks = bio.scan(output, fmt) if resume else []
-    others = [p for p in output.parent.glob(output.name + ".part-*-of-*")
-              if p not in parts and p.suffix != ".done" and not p.name.endswith(".tmp")]
-    for p in parts + (sorted(others) if resume else []):
+    chunks = bio.scan(output, fmt, repair=False) if resume else []
+    others = [p for p in _parts(output) if p not in parts]
+    for p in parts + (others if resume else []):
         chunks += bio.scan(p, fmt, repair=False)
     bio.write_atomic(output, bio.canonical_order(chunks, order), fmt)
     _remove_parts(output)
 
 
 def _remove_parts(output: Path) -> None:
+    """The parts and their markers; the other ranks' .lock files are theirs to remove."""
     for p in output.parent.glob(output.name + ".part-*-of-*"):
-        p.unlink(missing_ok=True)
+        if p.suffix != ".lock":
+            p.unlink(missing_ok=True)
 
 
 # -- torch.distributed, only for barriers ---------------------------------------------------------

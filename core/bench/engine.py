@@ -1,11 +1,13 @@
 """Speed of gptchat's engine against transformers' GPT2LMHeadModel on the same weights, same process.
 
 Benchmarks print ratios against a reference run beside them, never absolute targets: this machine's
-speed varies, the ratio much less.
+speed varies, the ratio much less. Batch-1 decode also gets its ceiling: it reads every weight once
+per token, so it cannot beat (read bandwidth, measured here in the same run) / (bytes of weights).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -15,7 +17,9 @@ from typing import Callable
 
 import torch
 
+from gptchat.core.bench import quality
 from gptchat.core.model.config import PRESETS
+from gptchat.core.model.quant import QuantLinear
 from gptchat.core.generate.sampling import SamplingParams
 
 
@@ -25,6 +29,7 @@ class Result:
     unit: str
     ours: float
     reference: float | None = None
+    ceiling: float | None = None  # tok/s the read bandwidth allows (batch-1 decode only)
 
     @property
     def ratio(self) -> float | None:
@@ -33,6 +38,10 @@ class Result:
         # for seconds lower is better; for tokens/s higher is better: ratio > 1 means we are faster
         return self.reference / self.ours if self.unit == "s" else self.ours / self.reference
 
+    @property
+    def fraction(self) -> float | None:
+        return self.ours / self.ceiling if self.ceiling else None
+
 
 @dataclass
 class Report:
@@ -40,7 +49,14 @@ class Report:
     device: str
     dtype: str
     threads: int
+    quantize: str = "none"
+    cpu: str = ""
+    cpu_flags: list[str] = field(default_factory=list)
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() at the start
+    bandwidth_gbs: float = 0.0  # read bandwidth, measured in this run
+    weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
     results: list[Result] = field(default_factory=list)
+    quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
 
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
@@ -54,6 +70,46 @@ def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, 
             fn()
             out.append(time.perf_counter() - t0)
     return statistics.median(t_ours), (statistics.median(t_ref) if t_ref else None)
+
+
+def read_bandwidth(seconds: float = 1.0, megabytes: int = 512) -> float:
+    """Read bandwidth in GB/s: the median of repeated sums over a buffer larger than any L3 cache."""
+    buf = torch.ones(megabytes * 2**20 // 4)
+    buf.sum()  # pages touched and threads started before timing
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one batch-1 decode step reads: everything but the embedding tables, of which
+    a token reads one row (the tied head's table is counted, once, as the head)."""
+    tables = {id(model.transformer.wpe.weight)}
+    if getattr(model.lm_head, "weight", None) is not model.transformer.wte.weight:
+        tables.add(id(model.transformer.wte.weight))
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes()
+    return total
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and the flags that matter for these kernels."""
+    from gptchat.core.model.device import cpu_flags
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
+    return name, [f for f in wanted if f in cpu_flags()]
 
 
 def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
@@ -79,6 +135,7 @@ def run(
     batch_new_tokens: int = 64,
     reference: bool = True,
     repeats: int = 5,
+    quantize: str = "none",
     log: Callable[[str], None] = lambda s: None,
 ) -> Report:
     from gptchat.core.model.device import DTYPE_NAMES
@@ -90,10 +147,16 @@ def run(
         log(f"building a random-weight {shape} checkpoint (no model given)")
         model = str(random_checkpoint(shape, Path(tmp.name)))
     try:
-        eng = Engine.load(model, device=device, dtype=dtype)
-        report = Report(model=shape if tmp else model, device=str(eng.device),
-                        dtype=DTYPE_NAMES[eng.dtype], threads=torch.get_num_threads())
-        hf = _load_reference(eng) if reference else None
+        eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize)
+        cpu, flags = cpu_description()
+        report = Report(model=shape if tmp else model, device=str(eng.device), dtype=DTYPE_NAMES[eng.dtype],
+                        threads=torch.get_num_threads(), quantize=quantize, cpu=cpu, cpu_flags=flags,
+                        load=os.getloadavg(), weight_bytes=weight_bytes_per_token(eng.model))
+        log("read bandwidth: summing a 512 MB buffer for a second")
+        report.bandwidth_gbs = read_bandwidth()
+        # transformers reads a nanoGPT file through a copy saved from our model: not from an int8 one
+        copyable = quantize == "none" or eng.checkpoint.format != "nanogpt"
+        hf = _load_reference(eng) if reference and copyable else None
         greedy = SamplingParams(greedy=True)
         gen = torch.Generator().manual_seed(0)
         vocab = min(eng.model.config.vocab_size, 50257)
@@ -128,12 +191,29 @@ def run(
             ids = prompts.to(eng.device)
             ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
             t, t_ref = _median_times(ours_decode, ref, 1 if bs > 1 else repeats)
+            ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes if bs == 1 else None
             report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
-                                         bs * n_new / t_ref if t_ref else None))
+                                         bs * n_new / t_ref if t_ref else None, ceiling))
+        mode = quantize if quantize != "none" else ("bf16" if eng.dtype == torch.bfloat16 else None)
+        if mode is not None:
+            log(f"quality: {mode} against fp32 logits on a fixed prompt set")
+            report.quality = _quality(mode, None if tmp else model)
         return report
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _quality(mode: str, model: str | None) -> dict:
+    """``mode`` against fp32: on the given checkpoint, or (random weights say nothing) a tiny trained one."""
+    from dataclasses import asdict
+
+    from gptchat.core.weights.checkpoints import load
+
+    if model is None:
+        return asdict(quality.compare(quality.tiny_trained_model(), mode))
+    fp32, _ = load(model, device="cpu", dtype=torch.float32)
+    return asdict(quality.compare(fp32, mode, name=model))
 
 
 def _load_reference(eng):
@@ -142,12 +222,12 @@ def _load_reference(eng):
     from gptchat.core.weights.checkpoints import save_hf
 
     folder = eng.checkpoint.path if eng.checkpoint.format != "nanogpt" else None
-    tmp = None
-    if folder is None or not Path(folder).is_dir():
-        tmp = tempfile.mkdtemp(prefix="gptchat-bench-ref-")
+    if folder is not None and Path(folder).is_dir():
+        return GPT2LMHeadModel.from_pretrained(str(folder), dtype=eng.dtype).to(eng.device).eval()
+    # transformers reads only HF folders: a nanoGPT file goes through a copy, removed once it is loaded
+    with tempfile.TemporaryDirectory(prefix="gptchat-bench-ref-") as tmp:
         folder = save_hf(eng.model, Path(tmp))
-    hf = GPT2LMHeadModel.from_pretrained(str(folder), dtype=eng.dtype).to(eng.device).eval()
-    return hf
+        return GPT2LMHeadModel.from_pretrained(str(folder), dtype=eng.dtype).to(eng.device).eval()
 
 
 @torch.inference_mode()
@@ -163,12 +243,22 @@ def _hf_generate(hf, ids: torch.Tensor, n_new: int):
 
 
 def format_report(rep: Report) -> str:
-    lines = [f"model {rep.model}  device {rep.device}  dtype {rep.dtype}  threads {rep.threads}",
-             f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8}"]
+    quant = f"  quantize {rep.quantize}" if rep.quantize != "none" else ""
+    lines = [f"model {rep.model}  device {rep.device}  dtype {rep.dtype}{quant}  threads {rep.threads}",
+             f"cpu {rep.cpu or '?'} ({' '.join(rep.cpu_flags) or 'no flags read'})  load {' '.join(f'{x:.2f}' for x in rep.load)}",
+             f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
+             f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8} {'ceiling':>12} {'of ceiling':>10}"]
     for r in rep.results:
         fmt = (lambda v: f"{v:.3f} s") if r.unit == "s" else (lambda v: f"{v:.1f} tok/s")
         ref = fmt(r.reference) if r.reference else "-"
         ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
-        lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8}")
-    lines.append("ratio > 1: gptchat is faster")
+        ceiling = fmt(r.ceiling) if r.ceiling else "-"
+        frac = f"{r.fraction:.0%}" if r.fraction else "-"
+        lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
+    lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token")
+    if rep.quality:
+        q = rep.quality
+        lines.append(f"quality {q['mode']} vs fp32 ({q['model']}, {q['positions']} positions): mean |logit diff| "
+                     f"{q['mean_abs_logit_diff']:.4f} (max {q['max_abs_logit_diff']:.3f}, fp32 logit std "
+                     f"{q['logit_std']:.2f}), greedy agreement {q['greedy_agreement']:.1%}")
     return "\n".join(lines)

@@ -14,10 +14,10 @@ from typing import Iterator
 
 import torch
 
-from gptchat.core.errors import ContextOverflow
+from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
-from gptchat.core.generate.sampling import SamplingParams, sample
-from gptchat.core.model import packed
+from gptchat.core.generate.sampling import SamplingParams, greedy, sample
+from gptchat.core.model import packed, quant
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
 GPT2_VOCAB = 50257  # ids from here up (nanoGPT pads to 50304) are never sampled
@@ -38,11 +38,17 @@ class Engine:
     memory layout and train/eval mode, decode under ``no_grad`` (``inference_mode`` tensors could
     not take part in a later backward), never pack its weights, and free the cache afterwards.
     ``n_ctx`` narrows the window (a model trained on shorter blocks); ``vocab_limit`` and
-    ``eos_id`` override GPT-2's (a tokenizer of its own)."""
+    ``eos_id`` override GPT-2's (a tokenizer of its own). ``quantize`` "int8": every Linear and the
+    head become int8 (quant.py; CPU only)."""
 
     def __init__(self, model, checkpoint: Checkpoint | None = None, device=None, dtype=None, *,
                  borrowed: bool = False, n_ctx: int | None = None, vocab_limit: int | None = None,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, quantize: str = "none"):
+        if quantize != "none":
+            if borrowed:
+                raise ValueError("a training run's model cannot be quantized in place")
+            quant.quantize_model(model, quantize)
+        self.quantize = quantize
         self.model = model if borrowed else model.eval().to_inference_layout()
         self.checkpoint = checkpoint
         self.borrowed = borrowed
@@ -56,13 +62,21 @@ class Engine:
         self._packed = None
 
     @classmethod
-    def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True) -> "Engine":
-        from gptchat.core.model.device import pick_device, pick_dtype
+    def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True,
+             quantize: str | None = None) -> "Engine":
+        from gptchat.core.model.device import pick_device, pick_dtype, set_threads
 
+        quantize = quantize or "none"
+        if quantize not in quant.QUANT_MODES:
+            raise UsageError(f"unknown --quantize {quantize!r}; use {' or '.join(quant.QUANT_MODES)}")
         dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
-        model, ck = load(spec, device=dev, dtype=dt, download=download, inference_layout=True)
-        return cls(model, ck, dev, dt)
+        set_threads()
+        if quantize != "none" and dev.type != "cpu":
+            raise DeviceError(f"--quantize {quantize} runs on the CPU only; use --device cpu")
+        dt = torch.float32 if quantize != "none" else pick_dtype(dtype, dev)  # int8 computes in fp32
+        # quantized models keep the [out, in] layout their int8 kernel packs from
+        model, ck = load(spec, device=dev, dtype=dt, download=download, inference_layout=quantize == "none")
+        return cls(model, ck, dev, dt, quantize=quantize)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -141,8 +155,13 @@ class Engine:
         B0 = len(b.rows)
         stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         fast = self._packed_linears(B0)
+        fast_from = packed.min_batch(self.dtype)
+        # greedy without a penalty is the argmax alone (sample() also builds its filter stages: four
+        # more passes over the vocabulary per token)
+        plain_greedy = params.is_greedy and b.seen is None
         while True:
-            tok = sample(logits[:, : self.vocab_limit], params, b.gens, b.seen)  # (B',)
+            V = self.vocab_limit
+            tok = greedy(logits[:, :V]) if plain_greedy else sample(logits[:, :V], params, b.gens, b.seen)  # (B',)
             hit = torch.isin(tok, stop_t).tolist()
             if b.seen is not None:
                 b.seen.scatter_(1, tok[:, None], True)
@@ -165,7 +184,7 @@ class Engine:
             if dead and (4 * dead >= len(b.rows) or waiting):
                 tok = b.compact(tok)
             if n_alive:
-                with fast.use() if fast is not None and len(b.rows) >= 4 else nullcontext():
+                with fast.use() if fast is not None and len(b.rows) >= fast_from else nullcontext():
                     logits = b.decode(tok)
             if waiting:
                 new = b.admit(waiting, b.s_end)
@@ -188,10 +207,10 @@ class Engine:
 
     def _packed_linears(self, batch_size: int):
         """oneDNN-packed weights for batched CPU decode (see packed.py), or None where they do not help."""
-        if self.borrowed or batch_size < 4 or not packed.available(self.device, self.dtype):
+        if self.borrowed or batch_size < packed.min_batch(self.dtype) or not packed.available(self.device, self.dtype):
             return None
         if self._packed is None:
-            self._packed = packed.PackedLinears(self.model, batch_hint=16)
+            self._packed = packed.PackedLinears(self.model, batch_hint=1 if self.dtype == torch.bfloat16 else 16)
         return self._packed
 
     # -- scoring ------------------------------------------------------------------------------
@@ -210,3 +229,13 @@ class Engine:
             logp = torch.log_softmax(logits, dim=-1)
             out = logp.gather(1, x[0, 1:, None]).squeeze(1)
         return out.tolist()
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits (T, V) at every position of ``ids``, one pass without the cache (gptchat inspect)."""
+        if len(ids) > self.n_ctx:
+            raise ContextOverflow(f"cannot read {len(ids)} tokens in a {self.n_ctx}-token window")
+        with self._lock:  # one model call at a time: a generation may be using the cache
+            self.model.drop_cache()
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            return self.model(x).float()[0, :, : self.vocab_limit]

@@ -32,13 +32,15 @@ class LoadedModel:
             "params": self.checkpoint.config.n_params(),
             "device": str(e.device),
             "dtype": DTYPE_NAMES.get(e.dtype, str(e.dtype)),
+            "quantize": e.quantize,
             "n_ctx": e.n_ctx,
             "tokenizer": self.tokenizer.source,
         }
 
 
-def open_model(spec: str | None, device: str | None = None, dtype: str | None = None, download: bool = True) -> LoadedModel:
+def open_model(spec: str | None, device: str | None = None, dtype: str | None = None, download: bool = True,
+               quantize: str | None = None) -> LoadedModel:
     t0 = time.perf_counter()
-    engine = Engine.load(spec, device=device, dtype=dtype, download=download)
+    engine = Engine.load(spec, device=device, dtype=dtype, download=download, quantize=quantize)
     tok = load_tokenizer(engine.checkpoint.folder, engine.model.config.vocab_size)
     return LoadedModel(engine, tok, engine.checkpoint, time.perf_counter() - t0)

@@ -98,6 +98,41 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
+def filter_stages(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """The logits (B, V) after each step of the sampler, in order: ``[("logits", ...), ...]``.
+
+    The steps are repetition penalty (when ``seen`` is given and the penalty is on), then either
+    greedy (every token but the argmax set to -inf) or temperature, top-k and top-p. Steps that are
+    off are left out. ``gptchat inspect`` shows these; ``sample`` draws from the last one.
+    """
+    logits = logits.float()
+    stages = [("logits", logits)]
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        stages.append(("repetition_penalty", logits))
+    if params.is_greedy:
+        best = greedy(logits)[..., None]  # (B, 1)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, best, True)
+        stages.append(("greedy", logits.masked_fill(~keep, float("-inf"))))
+        return stages
+    logits = apply_temperature(logits, params.temperature)
+    if params.temperature != 1.0:
+        stages.append(("temperature", logits))
+    for name, on, step in (("top_k", params.top_k > 0, lambda x: top_k_filter(x, params.top_k)),
+                           ("top_p", params.top_p < 1.0, lambda x: top_p_filter(x, params.top_p))):
+        if on:
+            logits = step(logits)
+            stages.append((name, logits))
+    return stages
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, V) that ``sample`` draws from: softmax of the last filter stage."""
+    return torch.softmax(filter_stages(logits, params, seen)[-1][1], dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -107,17 +142,11 @@ def sample(
     """One token per row of logits (B, V) -> (B,).
 
     Each row draws from its own generator, so a row's tokens depend on its seed alone, never on
-    which other rows share the batch.
+    which other rows share the batch. Greedy settings take the argmax without touching a generator.
     """
-    logits = logits.float()
-    if seen is not None and params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    probs = filtered_probs(logits, params, seen)
     if params.is_greedy:
-        return greedy(logits)
-    logits = apply_temperature(logits, params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
+        return torch.argmax(probs, dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     if len(generators) != probs.shape[0]:

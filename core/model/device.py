@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from gptchat.core.errors import DeviceError
@@ -35,6 +39,45 @@ def pick_device(spec: str | None = None) -> torch.device:
     return dev
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX, or Arm's BF16 extension).
+    Elsewhere oneDNN emulates bf16 and it is slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: containers and taskset narrow it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads() -> int:
+    """One intra-op thread per usable core, unless the user set OMP_NUM_THREADS; returns the count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        n = usable_cores()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+_said = False
+
+
 def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     spec = (spec or "auto").strip().lower()
     aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
@@ -50,6 +93,14 @@ def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     dtype = DTYPES[spec]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError("--dtype bf16: this GPU does not support bfloat16; use fp16")
+    if dtype is torch.bfloat16 and device.type == "cpu" and not cpu_native_bf16():
+        global _said
+        if not _said:  # said once per process, however many models load
+            logging.getLogger("gptchat").warning(
+                "--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs slower "
+                "than fp32; using fp32")
+            _said = True
+        return torch.float32
     return dtype
 
 

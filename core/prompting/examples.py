@@ -15,6 +15,10 @@ from pathlib import Path
 from gptchat.core.errors import TemplateError
 
 ID = "id"
+# The key pairs of common instruction datasets, in the order they are looked for: a row with any of them
+# is a (prompt, completion) pair for finetuning, an example for any template, or a held-out document.
+KEY_PAIRS = (("prompt", "completion"), ("input", "output"), ("question", "answer"), ("instruction", "response"))
+TEXT_KEY = "text"  # a row that is one document, not a pair
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TSV_SUFFIXES = (".tsv", ".tab")
 # Backslash escapes inside TSV cells, so one row can hold a tab or a multi-line answer.
@@ -43,6 +47,41 @@ def load_examples(path: str | Path, fields: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def pair_keys(row: dict) -> tuple[str, str] | None:
+    """The first of KEY_PAIRS that ``row`` has both keys of, or None."""
+    return next(((a, b) for a, b in KEY_PAIRS if a in row and b in row), None)
+
+
+def pair_of(row: dict, where: str = "the row") -> tuple[str, str] | None:
+    """The row's (prompt, completion) under the first of KEY_PAIRS it has, or None."""
+    keys = pair_keys(row)
+    return (_cell(where, keys[0], row[keys[0]]), _cell(where, keys[1], row[keys[1]])) if keys else None
+
+
+def row_text(row) -> str:
+    """A JSONL row as one document: its ``text``, or its prompt followed by its completion."""
+    if isinstance(row, dict):
+        if isinstance(row.get(TEXT_KEY), str):
+            return row[TEXT_KEY]
+        pair = pair_of(row)
+        if pair is not None:
+            return pair[0] + pair[1]
+    raise ValueError(f"expected an object with \"text\" or one of the key pairs {pairs_help()}")
+
+
+def fit_fields(row: dict, fields: list[str]) -> dict[str, str] | None:
+    """``row``'s values for a template's example ``fields``: its own keys when it has them all, else a
+    two-field template (input/output, question/answer ...) takes any of KEY_PAIRS in order; None if neither."""
+    if all(f in row for f in fields):
+        return {f: row[f] for f in fields}
+    pair = pair_of(row) if len(fields) == 2 else None
+    return dict(zip(fields, pair)) if pair else None
+
+
+def pairs_help() -> str:
+    return ", ".join(f"{a}/{b}" for a, b in KEY_PAIRS)
+
+
 def _cell(where: str, key: str, value) -> str:
     # Numbers are fine as labels (0/1 classes); lists, objects and null are almost certainly a
     # mistake in how the file was written.
@@ -67,13 +106,15 @@ def _jsonl(name: str, lines: list[str], fields: list[str]) -> list[dict[str, str
             raise TemplateError(
                 f"{where}: expected a JSON object with keys {', '.join(fields)}, got {type(obj).__name__}"
             )
-        missing = [f for f in fields if f not in obj]
-        if missing:
+        fitted = fit_fields(obj, fields)
+        if fitted is None:
+            missing = [f for f in fields if f not in obj]
             raise TemplateError(
                 f"{where}: missing key {', '.join(map(repr, missing))} "
-                f"(the template's examples need {', '.join(fields)})"
+                f"(the template's examples need {', '.join(fields)}"
+                + (f", or one of the pairs {pairs_help()})" if len(fields) == 2 else ")")
             )
-        row = {f: _cell(where, f, obj[f]) for f in fields}
+        row = {f: _cell(where, f, v) for f, v in fitted.items()}
         row[ID] = _cell(where, ID, obj[ID]) if ID in obj else where
         rows.append(row)
     return rows
@@ -102,6 +143,12 @@ def _tsv(name: str, lines: list[str], fields: list[str]) -> list[dict[str, str]]
     if dupes:
         raise TemplateError(f"{name}:{head_no}: the header names column {', '.join(map(repr, dupes))} twice")
     missing = [f for f in fields if f not in columns]
+    mapped = fit_fields(dict.fromkeys(columns, ""), fields)
+    if missing and mapped is not None:  # e.g. prompt/completion columns for an input/output template
+        pair = next(p for p in KEY_PAIRS if p[0] in columns and p[1] in columns)
+        rename = dict(zip(pair, fields))
+        columns = [rename.get(c, c) for c in columns]
+        missing = []
     if missing:
         raise TemplateError(
             f"{name}:{head_no}: the header has no column {', '.join(map(repr, missing))} "

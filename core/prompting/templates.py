@@ -12,17 +12,16 @@ ids are ``tokenizer.encode(text)`` and the part counts add up to ``len(ids)`` by
 
 from __future__ import annotations
 
-import json
-from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
-from itertools import accumulate
+from dataclasses import dataclass
 
 from gptchat import prompts
 from gptchat.prompts import Template, TemplateFileError
 
 from gptchat.core.errors import ContextOverflow, TemplateError
 from gptchat.core.generate import options as gen_options
+from gptchat.core.prompting import fit as fit_
 from gptchat.core.prompting.examples import ID, choose_examples, load_examples
+from gptchat.core.prompting.rendered import Budget, Part, Rendered, format_explain
 
 __all__ = [
     "Budget", "Part", "Rendered", "Template", "check_template_options", "get_template", "list_templates", "load_examples",
@@ -30,53 +29,6 @@ __all__ = [
 ]
 
 DEFAULT_RESERVE = gen_options.DEFAULTS["max_new_tokens"]  # reply tokens when neither the caller nor the template says
-
-
-@dataclass(frozen=True)
-class Budget:
-    n_ctx: int = 1024  # the model's n_positions
-    reserve: int | None = None  # tokens kept for the reply; None: the template's max_new_tokens
-    min_input: int = 16  # never cut the input below this many tokens (or its length, if shorter)
-
-
-@dataclass
-class Part:
-    kind: str  # "instruction" | "example" | "history" | "input"
-    label: str  # "instruction", "example #2", "user turn 3", "input"
-    text: str  # separators that follow a part belong to it
-    tokens: int = 0
-
-
-@dataclass
-class Rendered:
-    template: str
-    ids: list[int]
-    text: str
-    parts: list[Part]
-    n_ctx: int
-    reserve: int
-    stop: list[str]
-    options: dict  # the template's default sampling options
-    examples_used: list[int] = field(default_factory=list)  # indices into the pool, prompt order
-    example_ids: list[str] = field(default_factory=list)  # "#2", "faq.jsonl:7" or the row's id
-    dropped: list[str] = field(default_factory=list)  # what was removed to fit, in order
-    turns_dropped: int = 0
-    examples_dropped: list[int] = field(default_factory=list)
-    input_cut: int = 0  # tokens cut from the start of the input
-
-    @property
-    def n_prompt(self) -> int:
-        return len(self.ids)
-
-    @property
-    def free(self) -> int:
-        return self.n_ctx - self.n_prompt - self.reserve
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("ids")
-        d["n_prompt"] = self.n_prompt
-        return d
 
 
 # -- templates by name, with the user's folder -------------------------------------------------
@@ -155,12 +107,40 @@ def render(
     ``variables`` fills the template's fields (the user's text goes in ``template.input_variable``;
     the template's own defaults apply to the rest). ``history`` is (role, text) chat turns, role
     "user" or "assistant", oldest first. ``examples`` replaces the template's example pool;
-    ``shots`` of the pool are picked by ``seed``.
+    ``shots`` of the pool are picked by ``seed``. With the caller's ``examples``, an instruction
+    variable left at the template's demo value is left out (and ``dropped`` says so): a bundled
+    few-shot's "Write the opposite of each word." would misdescribe the caller's examples.
     """
     if tokenizer is None:
         raise TypeError("render() needs a tokenizer")
     tpl = get_template(template) if isinstance(template, str) else template
     budget = budget or Budget()
+    reserve = _reserve(tpl, budget)
+    values = _values(tpl, variables or {})
+    notes = _drop_demo_instruction(tpl, values, variables or {}) if examples is not None else []
+    pool, chosen = _pick_examples(tpl, examples, shots, seed)
+    pieces = _pieces(tpl, values, _turns(tpl, history or []), pool, chosen)
+    out = Rendered(tpl.name, [], "", [], budget.n_ctx, reserve, list(tpl.stop), dict(tpl.options))
+    fit = fit_.Fit(list(range(len(pieces.turns))), list(chosen), pieces.value)
+    while True:
+        parts = pieces.assemble(tpl, values, fit)
+        ids = tokenizer.encode("".join(p.text for p in parts))
+        for p, n in zip(parts, fit_.attribute(tokenizer, ids, [p.text for p in parts])):
+            p.tokens = n
+        over = len(ids) + reserve - budget.n_ctx
+        if over <= 0:
+            break
+        fit_.shrink(fit, pieces, parts, over, out, tokenizer, budget, reserve, len(ids))
+    if not ids:
+        raise TemplateError("the prompt is empty: give some input text")
+    out.dropped = notes + fit_.steps(fit, out, tokenizer)
+    out.ids, out.parts, out.text = ids, parts, "".join(p.text for p in parts)
+    out.examples_used = fit.examples
+    out.example_ids = [pool[i][ID] for i in fit.examples]
+    return out
+
+
+def _reserve(tpl: Template, budget: Budget) -> int:
     reserve = budget.reserve
     if reserve is None:
         reserve = int(tpl.options.get("max_new_tokens", DEFAULT_RESERVE))
@@ -169,10 +149,41 @@ def render(
             f"{reserve} tokens reserved for the reply leave no room for a prompt in a {budget.n_ctx}-token "
             f"window; use --max-new-tokens below {budget.n_ctx}"
         )
-    values = _values(tpl, variables or {})
-    turns = _turns(tpl, history or [])
-    pool, chosen = _pick_examples(tpl, examples, shots, seed)
+    return reserve
 
+
+def _drop_demo_instruction(tpl: Template, values: dict[str, str], given: dict[str, str]) -> list[str]:
+    """Blank the instruction's variables still at the template's defaults; the note that says so."""
+    demo = [n for n in prompts.format_fields(tpl.instruction)
+            if n in tpl.variables and n not in given and n not in prompts.format_fields(tpl.input_format)]
+    for n in demo:
+        values[n] = ""
+    if not demo or not substitute(tpl.instruction, {**values, **{n: tpl.variables[n] for n in demo}}, "instruction"):
+        return []
+    return [f"left out the template's demo instruction (your examples replace its own; "
+            f"give {' '.join(f'--var {n}=...' for n in demo)} to keep one)"]
+
+
+@dataclass
+class _Pieces:
+    """The prompt's parts before fitting: the instruction, every example, every turn, the input value."""
+
+    head: list[Part]
+    examples: dict[int, Part]
+    turns: list[Part]
+    turn_roles: list[tuple[str, str]]
+    value: str
+
+    def assemble(self, tpl: Template, values: dict[str, str], fit: "fit_.Fit") -> list[Part]:
+        # fresh Part objects each pass: their token counts are set from this pass's encoding
+        parts = [Part(p.kind, p.label, p.text) for p in self.head]
+        parts += [Part(p.kind, p.label, p.text) for p in (self.examples[i] for i in fit.examples)]
+        parts += [Part(p.kind, p.label, p.text) for p in (self.turns[i] for i in fit.turns)]
+        parts.append(Part("input", "input", _input_text(tpl, values, fit.value)))
+        return parts
+
+
+def _pieces(tpl: Template, values: dict[str, str], turns, pool, chosen) -> _Pieces:
     sep = tpl.separators
     instruction = substitute(tpl.instruction, values, f"template {tpl.name!r}: instruction")
     head = [Part("instruction", "instruction", instruction + sep["instruction"])] if instruction else []
@@ -185,59 +196,7 @@ def render(
         for n, (role, text) in enumerate(turns, 1)
     ]
     value = values[tpl.input_variable]
-    if tpl.kind == "chat":
-        value = value.strip()
-
-    kept_turns, kept_ex = list(range(len(turns))), list(chosen)
-    turn_tokens, example_steps = 0, []
-    value_ids: list[int] | None = None
-    keep: int | None = None  # input tokens kept, once cutting starts
-    out = Rendered(tpl.name, [], "", [], budget.n_ctx, reserve, list(tpl.stop), dict(tpl.options))
-    while True:
-        parts = head + [ex_parts[i] for i in kept_ex] + [turn_parts[i] for i in kept_turns]
-        parts.append(Part("input", "input", _input_text(tpl, values, value)))
-        ids = tokenizer.encode("".join(p.text for p in parts))
-        for p, n in zip(parts, _attribute(tokenizer, ids, [p.text for p in parts])):
-            p.tokens = n
-        over = len(ids) + reserve - budget.n_ctx
-        if over <= 0:
-            break
-        n_hist = len(head) + len(kept_ex)
-        if kept_turns:
-            n, saved = _drop_turns(turns, kept_turns, parts[n_hist : n_hist + len(kept_turns)], over)
-            out.turns_dropped += n
-            turn_tokens += saved
-            kept_turns = kept_turns[n:]
-        elif kept_ex:
-            for j in _examples_to_drop(parts[len(head) : n_hist], over):
-                out.examples_dropped.append(kept_ex[j])
-                part = parts[len(head) + j]
-                example_steps.append(f"dropped {part.label} ({part.tokens} tokens)")
-            kept_ex = [i for i in kept_ex if i not in out.examples_dropped]
-        else:
-            if value_ids is None:
-                value_ids = tokenizer.encode(value)
-                keep = len(value_ids)
-            new_keep = max(keep - over, min(budget.min_input, len(value_ids)))
-            if new_keep >= keep:  # nothing left that we may cut
-                raise ContextOverflow(_overflow_message(budget, reserve, len(ids) - keep, new_keep))
-            keep = new_keep
-            value = _tail(tokenizer, value_ids, keep)
-    # Turns can go over several passes (re-encoding shifts a token at a boundary): one step each.
-    if out.turns_dropped:
-        plural = "s" if out.turns_dropped != 1 else ""
-        out.dropped.append(f"dropped {out.turns_dropped} oldest chat turn{plural} ({turn_tokens} tokens)")
-    out.dropped += example_steps
-    if value_ids is not None:
-        kept = len(tokenizer.encode(value))
-        out.input_cut = len(value_ids) - kept
-        out.dropped.append(f"cut {out.input_cut} tokens from the start of the input (kept the last {kept})")
-    if not ids:
-        raise TemplateError("the prompt is empty: give some input text")
-    out.ids, out.parts, out.text = ids, parts, "".join(p.text for p in parts)
-    out.examples_used = kept_ex
-    out.example_ids = [pool[i][ID] for i in kept_ex]
-    return out
+    return _Pieces(head, ex_parts, turn_parts, turns, value.strip() if tpl.kind == "chat" else value)
 
 
 def _values(tpl: Template, given: dict[str, str]) -> dict[str, str]:
@@ -313,86 +272,3 @@ def _input_text(tpl: Template, values: dict[str, str], value: str) -> str:
     return substitute(tpl.input_format, values, f"template {tpl.name!r}: input_format")
 
 
-def _attribute(tokenizer, ids: list[int], texts: list[str]) -> list[int]:
-    """Tokens per part: each token counts for the part holding its first byte."""
-    starts = list(accumulate((len(t.encode("utf-8")) for t in texts), initial=0))[:-1]
-    counts, offset = [0] * len(texts), 0
-    for t in ids:
-        counts[bisect_right(starts, offset) - 1] += 1
-        offset += len(tokenizer.token_bytes(t))
-    return counts
-
-
-def _drop_turns(turns, kept: list[int], parts: list[Part], over: int) -> tuple[int, int]:
-    """How many of the oldest kept turns to drop, and the tokens that frees."""
-    n = saved = 0
-    while n < len(kept) and saved < over:
-        saved += parts[n].tokens
-        n += 1
-    # A transcript that opens with a reply to a question it no longer shows confuses the model.
-    while n < len(kept) and turns[kept[n]][0] == "assistant":
-        saved += parts[n].tokens
-        n += 1
-    return n, saved
-
-
-def _examples_to_drop(parts: list[Part], over: int) -> list[int]:
-    """Positions of the examples to drop: largest first, so the fewest go that free enough room."""
-    out = []
-    for j in sorted(range(len(parts)), key=lambda j: -parts[j].tokens):  # stable: ties go earliest first
-        out.append(j)
-        over -= parts[j].tokens
-        if over <= 0:
-            break
-    return out
-
-
-def _tail(tokenizer, ids: list[int], keep: int) -> str:
-    """The text of the last ``keep`` tokens, starting on a whole character."""
-    data = b"".join(tokenizer.token_bytes(t) for t in ids[len(ids) - keep :]) if keep else b""
-    start = 0
-    while start < len(data) and 0x80 <= data[start] < 0xC0:  # UTF-8 continuation bytes
-        start += 1
-    return data[start:].decode("utf-8", errors="replace")
-
-
-def _overflow_message(budget: Budget, reserve: int, fixed: int, min_keep: int) -> str:
-    room = budget.n_ctx - reserve - fixed
-    return (
-        f"the prompt cannot fit in {budget.n_ctx} tokens: without the input it takes {fixed} tokens and "
-        f"{reserve} are reserved for the reply, leaving {max(room, 0)} for the input (at least {min_keep} "
-        f"needed); lower --max-new-tokens or use a template with a shorter instruction"
-    )
-
-
-# -- the --explain report -----------------------------------------------------------------------
-
-
-def format_explain(r: Rendered) -> str:
-    """The budget, what was dropped to fit, and the exact prompt text, for a person to read."""
-    rows: list[tuple[str, int]] = []
-    history = [p for p in r.parts if p.kind == "history"]
-    for p in r.parts:
-        if p.kind != "history":
-            rows.append((p.label, p.tokens))
-        elif p is history[0]:  # turns are many and alike: one line for all of them
-            n = len(history)
-            rows.append((f"history ({n} turn{'s' if n != 1 else ''})", sum(h.tokens for h in history)))
-    totals = [("prompt", r.n_prompt), ("reserved for the reply", r.reserve), ("free", r.free)]
-    width = max(len(label) for label, _ in rows + totals)
-    lines = [f"budget: template {r.template}, {r.n_ctx}-token window"]
-    lines += [f"  {label:<{width}}  {n:>5}" for label, n in rows]
-    lines.append("  " + "-" * (width + 7))
-    lines += [f"  {label:<{width}}  {n:>5}" for label, n in totals]
-    lines.append("dropped to fit:" + ("" if r.dropped else " nothing"))
-    lines += [f"  - {step}" for step in r.dropped]
-    if r.stop:
-        lines.append("stop at: " + "  ".join(_show(s) for s in r.stop))
-    lines.append(f"----- prompt text ({r.n_prompt} tokens, exactly what the model sees) -----")
-    lines.append(r.text)
-    lines.append("----- end of prompt text -----")
-    return "\n".join(lines)
-
-
-def _show(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # quotes, with newlines shown as \n

@@ -18,6 +18,7 @@ from gptchat.core.errors import GptchatError, UsageError
 from gptchat.core.generate.text import Completion, new_seed, stream
 from gptchat.core.prompting.templates import Budget, Rendered, Template, get_template, load_examples, render
 from gptchat.core.session.pool import Loaded
+from gptchat.core.session.prefs import conversation_settings
 from gptchat.core.session.settings import ChatSettings
 from gptchat.core.session.store import Store
 
@@ -44,6 +45,7 @@ class ReplyStarted:
     reply_id: str | None
     prompt_tokens: int
     dropped: list[str]
+    turns_dropped: int = 0  # the oldest chat turns left out of the prompt to fit the window
 
 
 @dataclass
@@ -77,11 +79,13 @@ class ChatSession:
             raise GptchatError(f"conversation {conv_id} no longer exists")
         self.conv_id = conv_id
         self.turns = []
-        for m in self.store.messages(conv_id):
+        messages = self.store.messages(conv_id)
+        for m in messages:
             if m.status == "replaced" or m.pane is not None:
                 continue
             status = "stopped" if m.status == "streaming" else m.status  # a reply cut off by a crash
             self.turns.append(Turn(m.role, m.content, m.id, status, _info(m)))
+        self.settings = conversation_settings(self.settings, _saved_settings(conv, messages))
 
     def _ensure_conv(self) -> str:
         if self.conv_id is None and self.store is not None:
@@ -158,7 +162,7 @@ class ChatSession:
         if self.store is not None:
             turn.msg_id = self.store.add_message(self._ensure_conv(), "assistant", "", status="streaming", **prov).id
         self.turns.append(turn)
-        yield ReplyStarted(turn.msg_id, len(rendered.ids), list(rendered.dropped))
+        yield ReplyStarted(turn.msg_id, len(rendered.ids), list(rendered.dropped), rendered.turns_dropped)
         parts: list[str] = []
         last_flush = time.monotonic()
         comp = None
@@ -198,8 +202,10 @@ def render_prompt(settings: ChatSettings, tokenizer, n_ctx: int, text: str,
     pool = load_examples(settings.examples, tpl.example_fields) if settings.examples else None
     reserve = int(settings.resolved(tpl.options)["max_new_tokens"])
     budget = Budget(n_ctx=n_ctx, reserve=min(reserve, n_ctx // 2))
-    return render(tpl, {tpl.input_variable: text}, turns, tokenizer, budget, examples=pool, shots=settings.shots,
-                  seed=settings.seed or 0), tpl
+    used = set(tpl.variable_names())  # variables set for another template are kept, not passed to this one
+    values = {k: v for k, v in settings.vars.items() if k in used and k != tpl.input_variable}
+    return render(tpl, {**values, tpl.input_variable: text}, turns, tokenizer, budget, examples=pool,
+                  shots=settings.shots, seed=settings.seed or 0), tpl
 
 
 def provenance(loaded: Loaded, s: ChatSettings, tpl, rendered, opts) -> dict:
@@ -209,8 +215,20 @@ def provenance(loaded: Loaded, s: ChatSettings, tpl, rendered, opts) -> dict:
         examples_used=list(rendered.example_ids), prompt_tokens=len(rendered.ids),
         options={**opts.params.to_dict(), "max_new_tokens": opts.max_new_tokens, "stop": list(opts.stop),
                  "shots": s.shots, "examples": s.examples, "device": d["device"], "dtype": d["dtype"],
-                 "checkpoint_path": d["path"], "dropped": list(rendered.dropped)},
+                 "checkpoint_path": d["path"], "dropped": list(rendered.dropped), "settings": s.to_dict()},
     )
+
+
+def _saved_settings(conv, messages) -> dict:
+    """The settings a conversation last replied with: the newest reply's, else those it was created with,
+    else (replies saved before settings were) the newest reply's model and template."""
+    replies = [m for m in messages if m.role == "assistant" and m.pane is None]
+    for m in reversed(replies):
+        if isinstance((m.options or {}).get("settings"), dict):
+            return m.options["settings"]
+    if isinstance(conv.meta.get("settings"), dict):
+        return conv.meta["settings"]
+    return {"model": replies[-1].model, "template": replies[-1].template} if replies else {}
 
 
 def completion_info(comp, loaded: Loaded) -> dict:

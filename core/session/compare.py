@@ -18,6 +18,7 @@ from gptchat.core.session.settings import ChatSettings
 from gptchat.core.errors import UsageError
 from gptchat.core.session.store import Store
 from gptchat.core.generate.text import Completion, RowRequest, new_seed, stream_rows
+from gptchat.core.eval.perplexity import mean_logprob
 
 MAX_PANES = 4
 
@@ -72,8 +73,11 @@ def run_compare(
     settings: ChatSettings,
     cancel: threading.Event,
     store: Store | None = None,
+    score: bool = False,
 ) -> Iterator[PaneDelta | PaneDone]:
-    """Stream every pane's reply to ``text``; models are loaded through ``pool`` first (blocking)."""
+    """Stream every pane's reply to ``text``; models are loaded through ``pool`` first (blocking).
+    ``score``: each PaneDone's info gets ``mean_logprob``, the completion's under its own model (the
+    PaneDones of a model then come when all its panes are done: scoring needs the engine free)."""
     if not text.strip():
         raise UsageError("the prompt is empty")
     seed = settings.seed if settings.seed is not None else new_seed()
@@ -100,7 +104,7 @@ def run_compare(
     groups: dict[int, list] = {}
     for job in jobs:
         groups.setdefault(id(job[1]), []).append(job)
-    streams = [_group_stream(g, cancel) for g in groups.values()]
+    streams = [_group_stream(g, cancel, score) for g in groups.values()]
     texts: dict[int, list[str]] = {i: [] for i in range(len(panes))}
     while streams:
         for st in list(streams):
@@ -123,14 +127,21 @@ def run_compare(
         store.touch(conv_id)
 
 
-def _group_stream(jobs: list, cancel: threading.Event) -> Iterator[PaneDelta | PaneDone]:
+def _group_stream(jobs: list, cancel: threading.Event, score: bool = False) -> Iterator[PaneDelta | PaneDone]:
     """One batched generation for panes sharing a model; yields per-pane text and completions."""
     loaded: Loaded = jobs[0][1]
     opts = jobs[0][3]
     rows = [RowRequest(j[2].ids, j[3].max_new_tokens, opts.seed, j[3].stop) for j in jobs]
+    held: list[tuple[int, PaneDone]] = []  # with score: until generation ends and frees the engine
     for ev in stream_rows(loaded.lm.engine, loaded.lm.tokenizer, opts.params, rows, cancel):
         pane = jobs[ev.row][0]
         if ev.text:
             yield PaneDelta(pane, ev.text)
         if ev.completion is not None:
-            yield PaneDone(pane, ev.completion, completion_info(ev.completion, loaded))
+            done = PaneDone(pane, ev.completion, completion_info(ev.completion, loaded))
+            if not score:
+                yield done
+            held.append((ev.row, done))
+    for row, done in held if score else ():
+        done.info["mean_logprob"] = mean_logprob(loaded.lm.engine, jobs[row][2].ids, done.completion.token_ids)
+        yield done

@@ -3,7 +3,7 @@ settings of core/generate/options.py (names, ranges and defaults come from there
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from gptchat.core.errors import UsageError
@@ -29,6 +29,7 @@ class ChatSettings:
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    vars: dict[str, str] = field(default_factory=dict)  # template variables other than the input (zero-shot's task)
 
     def resolved(self, template_options: dict) -> dict:
         """Concrete generation values: the setting, else the template's option, else gptchat's default."""
@@ -45,6 +46,14 @@ class ChatSettings:
         """A copy with one setting parsed from text (``/set temp 0.7``: any spelling); UsageError if bad."""
         name = setting_name(name)
         return replace(self, **{name: parse_setting(name, text)})
+
+    def with_var(self, name: str, value: str) -> "ChatSettings":
+        """A copy with one template variable set (``/var task Translate``); an empty value unsets it."""
+        name = name.strip()
+        if not name or not name.replace("_", "").isalnum():
+            raise UsageError(f"a variable name is letters, digits and _, got {name!r}")
+        kept = {k: v for k, v in self.vars.items() if k != name}
+        return replace(self, vars={**kept, name: options.unescape(value)} if value else kept)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +76,11 @@ def parse_setting(name: str, text: str):
     if name in options.SETTINGS:
         try:
             return options.parse(name, text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if name == "vars":
+        try:
+            return options.parse_vars(str(text).split())
         except ValueError as e:
             raise UsageError(str(e)) from None
     text = str(text).strip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -380,13 +381,15 @@ def _when(t: float) -> str:
 
 
 def export_file(store: Store, conv_id: str, fmt: str = "md", path: str | Path | None = None) -> Path:
-    """Write a conversation to ``path`` (default: <data>/exports/<id>.<fmt>) as Markdown or JSON."""
+    """Write a conversation to ``path`` (default: <data>/exports/<name>-<id>.<fmt>) as Markdown or JSON."""
     fmt = {"markdown": "md", "md": "md", "json": "json"}.get(fmt.lower().lstrip("."))
     if fmt is None:
         raise UsageError("export formats are md (Markdown) and json")
     default = path is None
     if default:  # under gptchat's data folder: as private as the history it copies
-        path = private_dir(get_paths().data / "exports") / f"{conv_id}.{fmt}"
+        c = store.conversation(conv_id)  # named after the conversation; the id keeps names apart
+        slug = "-".join(re.findall(r"[A-Za-z0-9]+", c.name if c is not None else ""))[:48].lower()
+        path = private_dir(get_paths().data / "exports") / f"{slug + '-' if slug else ''}{conv_id}.{fmt}"
     path = Path(path).expanduser()
     text = store.export_markdown(conv_id) if fmt == "md" else json.dumps(store.export_json(conv_id), indent=2, ensure_ascii=False)
     try:

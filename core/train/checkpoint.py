@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from gptchat.core.errors import TrainError
-from gptchat.core.model.gpt import GPT
 from gptchat.core.train import lora, runs
 from gptchat.core.train.context import Progress, Run, Trainee
 from gptchat.core.train.dist import full_state, load_full_state
@@ -69,17 +68,17 @@ def restore(run: Run, t: Trainee, trainer: dict | None) -> Progress:
 def save(run: Run, t: Trainee, p: Progress, links: list[str], metrics: dict) -> None:
     """Write the checkpoint for step ``p.step`` and point ``links`` (last, best) at it; every rank calls this."""
     if "last" in links:
-        p.saved_step = p.step
+        p.saved_step, p.t_saved = p.step, time.monotonic()
     dist = run.dist
     msd, osd = full_state(t.raw, t.opt, run.s.fsdp, dist) if (run.s.fsdp or dist.main) else (None, None)
     if not dist.main:
         dist.barrier()
         return
-    state = _trainer_state(run, t, p, osd)
+    state = _trainer_state(run, t, p, osd, msd)
     prov = _provenance(run, p, links, metrics)
 
     def write(tmp: Path):
-        save_hf(_plain(t.raw, msd, run.s.fsdp), tmp, run.tok_dir, prov)
+        save_hf(lora.plain_model(t.raw, msd), tmp, run.tok_dir, prov)  # adapters merged; msd is gathered under FSDP
         if "last" in links:
             torch.save(state, tmp / "trainer.pt")
 
@@ -89,14 +88,14 @@ def save(run: Run, t: Trainee, p: Progress, links: list[str], metrics: dict) -> 
     dist.barrier()
 
 
-def _trainer_state(run: Run, t: Trainee, p: Progress, osd) -> dict:
+def _trainer_state(run: Run, t: Trainee, p: Progress, osd, msd) -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     state = {"step": p.step, "optimizer": osd, "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
              "rng": rng, "best_val_loss": p.best_val_loss, "bad_evals": p.bad_evals, "tokens_seen": p.tokens_seen,
              "elapsed": p.elapsed_now()}
     if run.s.lora:
-        state["adapters"] = lora.adapter_state(t.raw)
+        state["adapters"] = lora.adapter_state(t.raw, msd)  # msd: under FSDP the parameters are shards
     return state
 
 
@@ -113,13 +112,6 @@ def _provenance(run: Run, p: Progress, links: list[str], metrics: dict) -> dict:
         "metrics": metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _plain(raw, msd, fsdp: bool):
-    """The model to export: adapters merged; under FSDP rebuilt from the gathered full state dict."""
-    if msd is None or not fsdp:
-        return lora.plain_model(raw)
-    return GPT.from_state_dict(raw.config, msd, source="the gathered FSDP state")
 
 
 def ppl(v: float | None) -> float | None:

@@ -1,9 +1,10 @@
 """A run's context: what a run knows before its model is built, and the folder it lives in.
 
 ``open_run`` does the cheap work first (settings, device, data, tokenizer, model shape, the resolved
-numbers), so a bad option or a bad file fails before anything big is loaded; ``make_folder`` then
-creates (or reuses, on resume) the run folder. The ``Run`` it returns travels through every step of
-the loop (loop.py) and into every checkpoint (checkpoint.py).
+numbers), so a bad option or a bad file fails before anything big is loaded; ``name_folder`` picks
+the run's folder (refusing a taken name early) and ``create_folder`` makes it only once the model is
+built and the plan checked, so a start that fails leaves no folder behind. The ``Run`` travels
+through every step of the loop (loop.py) and into every checkpoint (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Run:
     folder: Path | None = None
     log: EventLog | None = None
     status: Status | None = None
+    lock: runs.RunLock | None = None  # held for the whole run by the process that writes the folder
+    created: bool = True  # False until a new run's folder exists (create_folder)
 
     @property
     def tok_dir(self) -> Path | None:
@@ -84,6 +87,7 @@ class Progress:
     tokens_seen: int = 0
     elapsed: float = 0.0  # seconds trained in earlier sessions
     saved_step: int = 0  # the step of the newest "last" checkpoint
+    t_saved: float = field(default_factory=time.monotonic)  # when it was saved (or this session began)
     t_session: float = field(default_factory=time.time)
     step_times: list[float] = field(default_factory=list)  # this session's, for tokens/s and the ETA
 
@@ -92,7 +96,11 @@ class Progress:
 
 
 def settings_for(settings: Settings | None, resume: str | None, steps: int | None):
-    """(settings, run folder or None, run.json or None): a new run's checked settings, or a saved run's."""
+    """(settings, run folder or None, run.json or None): a new run's checked settings, or a saved run's.
+
+    A saved run with no checkpoint yet (killed before its first save) is started over by open_run
+    with these same settings: resuming it never dead-ends.
+    """
     if resume is None:
         if settings is None:
             raise UsageError("nothing to train: give data files or --resume NAME")
@@ -108,16 +116,16 @@ def settings_for(settings: Settings | None, resume: str | None, steps: int | Non
         if steps <= 0:
             raise UsageError(f"--steps must be > 0, not {steps}")
         meta["resolved"]["steps"] = steps
-    if runs.link_target(folder, "last") is None:
-        raise TrainError(f"run {resume!r} has no finished checkpoint to resume from; start it again")
     return s, folder, meta
 
 
-def open_run(s: Settings, meta: dict | None, dist: Dist, resume: str | None) -> Run:
-    """Device, data, tokenizer and resolved numbers: every cheap check, before a model is loaded."""
+def open_run(s: Settings, meta: dict | None, dist: Dist, resume: str | None, folder: Path | None = None) -> Run:
+    """Device, data, tokenizer and resolved numbers: every cheap check, before a model is loaded.
+
+    ``folder``: the saved run's (with ``meta``, its run.json); it resumes from its ``last`` checkpoint,
+    or starts over with its saved settings when it has none.
+    """
     device, amp_dtype = _device(s, dist)
-    if s.fsdp and s.lora:
-        raise UsageError("--fsdp with --lora is not supported; LoRA's small optimizer state rarely needs sharding")
     warnings: list[str] = []
     scanned = scan(s.data, s.format, warn=warnings.append)
     if s.template is not None:
@@ -136,6 +144,9 @@ def open_run(s: Settings, meta: dict | None, dist: Dist, resume: str | None) -> 
     else:
         r = resolve(s, n_positions=cfg.n_positions, n_params=cfg.n_params(), n_tokens=ds.n_tokens,
                     world=dist.world, device_type=device.type)
+    resuming = folder is not None and runs.link_target(folder, "last") is not None
+    if folder is not None and not resuming:
+        warnings.append(f"run {resume!r} has no checkpoint yet: starting it over from step 0 with its saved settings")
     if r.world != dist.world:
         warnings.append(f"the run started with {r.world} process(es), now {dist.world}: the batch order changes")
         r.world = dist.world
@@ -149,7 +160,7 @@ def open_run(s: Settings, meta: dict | None, dist: Dist, resume: str | None) -> 
     batches = Batches(ds, sp.train, r.block_size, s.seed)
     probes = probe_prompts(ds, sp.val, tok.eot_id)[:2] if s.sample_tokens else []
     return Run(s, r, dist, device, amp_dtype, amp_context(device, amp_dtype), cfg, ck, tok, ds, sp,
-               resuming=meta is not None, batches=batches, probes=probes, warnings=warnings)
+               resuming=resuming, batches=batches, probes=probes, warnings=warnings, folder=folder)
 
 
 def _device(s: Settings, dist: Dist) -> tuple[torch.device, torch.dtype]:
@@ -176,20 +187,28 @@ def _model_shape(s: Settings):
     return cfg, ck, tok
 
 
-def make_folder(run: Run, folder: Path | None, meta: dict | None, steps: int | None) -> Path:
-    """A new run's folder with its run.json (rank 0 writes, the others wait), or the resumed one's."""
+def name_folder(run: Run, meta: dict | None, steps: int | None) -> None:
+    """Where the run lives: a new run's name is checked free now (its folder is made by create_folder,
+    once the run is known to start); a resumed run's folder is there already (locked by the caller)."""
     s, dist = run.s, run.dist
-    if folder is None:
-        name = dist.broadcast_obj(s.name or (runs.default_name(s.data) if dist.main else None))
-        s.name = name
-        if dist.main:
-            folder = runs.create_run(name)
-            data = {"key": run.ds.key, **{k: run.ds.meta[k] for k in ("files", "n_tokens", "n_docs", "format")}}
-            runs.save_run_json(folder, {"settings": s.to_dict(), "resolved": run.r.to_dict(), "data": data,
-                                        "created": time.time()})
-        dist.barrier()
-        folder = runs.runs_root() / name
-    elif dist.main and steps is not None:
-        runs.save_run_json(folder, meta)  # the new --steps
-    run.folder = folder
-    return folder
+    if run.folder is not None:
+        if dist.main and steps is not None:
+            runs.save_run_json(run.folder, meta)  # the new --steps (settings_for put it in meta)
+        return
+    name = dist.broadcast_obj(s.name or (runs.default_name(s.data) if dist.main else None))
+    s.name = name
+    if dist.main and runs.check_free(name):
+        run.warnings.append(f"replacing folder {name!r}, left by a run that did not start (no run.json, no checkpoint)")
+    run.folder, run.created = runs.runs_root() / name, False
+
+
+def create_folder(run: Run) -> None:
+    """Make a new run's folder (rank 0), with its run.json and lock, now that the run can start."""
+    if run.created:
+        return
+    run.created = True
+    if not run.dist.main:
+        return
+    data = {"key": run.ds.key, **{k: run.ds.meta[k] for k in ("files", "n_tokens", "n_docs", "format")}}
+    meta = {"settings": run.s.to_dict(), "resolved": run.r.to_dict(), "data": data, "created": time.time()}
+    run.folder, run.lock = runs.create_run(run.folder.name, meta)

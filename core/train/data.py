@@ -23,6 +23,7 @@ import numpy as np
 
 from gptchat.core.errors import DataError
 from gptchat.core.paths import private_dir
+from gptchat.core.prompting import examples
 from gptchat.core.text.tokenizer import EOT
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".text", ".markdown")
@@ -102,13 +103,15 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or "prompt" not in obj or "completion" not in obj:
-            raise DataError(f'{path}:{n}: expected an object with "prompt" and "completion"')
-        if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
-            raise DataError(f'{path}:{n}: "prompt" and "completion" must be strings')
-        if not obj["completion"].strip():
+        keys = examples.pair_keys(obj) if isinstance(obj, dict) else None  # prompt/completion, input/output, ...
+        if keys is None:
+            raise DataError(f'{path}:{n}: expected an object with "prompt" and "completion" (or {examples.pairs_help()})')
+        pair = (obj[keys[0]], obj[keys[1]])
+        if not isinstance(pair[0], str) or not isinstance(pair[1], str):
+            raise DataError(f'{path}:{n}: "{keys[0]}" and "{keys[1]}" must be strings')
+        if not pair[1].strip():
             raise DataError(f'{path}:{n}: the completion is empty')
-        pairs.append((obj["prompt"], obj["completion"]))
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{path} holds no prompt/completion lines")
     return pairs

@@ -2,6 +2,10 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op. The
 backend is NCCL on GPUs and gloo on CPU (which is how the distributed path is tested here).
+
+Every rank reads its own micro-batches of each step (data.Batches.micro_batch), so one process with
+``--grad-accum W``, DDP on W ranks and FSDP on W ranks average the gradients of the same sequences
+and compute the same run (tests/train/test_train_dist.py holds them to 1e-5).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -85,26 +90,46 @@ class Dist:
             tdist.destroy_process_group()
 
 
-def wrap(model, dist: Dist, device: torch.device, fsdp: bool):
-    """DDP (or FSDP2 with --fsdp) around ``model``; returns (wrapped, raw)."""
+def wrap(model, dist: Dist, device: torch.device, fsdp: bool, amp_dtype: torch.dtype = torch.float32):
+    """DDP (or FSDP2 with --fsdp) around ``model``; returns (wrapped, raw).
+
+    Every rank must hold the same weights before this (a seeded init or a loaded checkpoint). FSDP2
+    replaces each parameter with a sharded one: whatever lists parameters (the optimizer, clipping)
+    must take them from ``raw`` after this call, never from before it.
+    """
     if not dist.enabled:
         return model, model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # here: FSDP's modules take a second or two to import
 
+        kw = {"mp_policy": mixed_precision(amp_dtype)}
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)  # the root holds wte (tied to lm_head: one parameter, sharded once), wpe, ln_f
         return model, model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids), model
+
+
+def mixed_precision(amp_dtype: torch.dtype):
+    """FSDP2's policy: 16-bit copies for compute, fp32 master weights, fp32 gradient reduce-scatter.
+
+    With bf16 the all-gathered weights are bf16 (half the traffic and memory of fp32) while the
+    sharded parameters the optimizer updates stay fp32, and gradients are averaged in fp32 so the
+    sum over ranks loses nothing. fp16 keeps fp32 parameters under autocast: its GradScaler
+    unscales fp32 gradients, and fp16 weight copies would overflow where bf16 does not.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # here: see wrap
+
+    if amp_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def full_state(model, optimizer, fsdp: bool, dist: Dist):
     """Full (unsharded) model and optimizer state dicts on CPU; under FSDP every rank must call this."""
     if fsdp and dist.enabled:
+        # here: torch.distributed.checkpoint takes a second or two to import, and only FSDP needs it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -17,6 +17,52 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> t
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction=reduction)
 
 
+def head_loss(hidden: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden`` (B, T, C) @ ``head`` (V, C).T against ``y`` (B, T; -1 ignored),
+    equal to ``loss_fn(model(x), y)`` from ``model(x, return_hidden=True)``, without the (B*T, V) fp32
+    logits: rows go ``chunk`` at a time and their gradients are computed on the way (a fused
+    linear-cross-entropy), so the head's peak memory is one chunk's logits whatever the batch."""
+    return _HeadCrossEntropy.apply(hidden, head, y, chunk)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, head, y, chunk):
+        h, t = hidden.reshape(-1, hidden.shape[-1]), y.reshape(-1)
+        n = (t != -1).sum().clamp(min=1)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_w else None
+        w = head.detach()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i : i + chunk].detach(), t[i : i + chunk]
+            logits = (hc @ w.t()).float()  # (c, V): under autocast the product runs in bf16/fp16
+            lse = torch.logsumexp(logits, dim=-1)
+            valid, tgt = tc != -1, tc.clamp(min=0)
+            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(tc), device=g.device), tgt] -= 1
+                g *= valid[:, None]
+                g = g.to(hc.dtype)
+                if want_h:
+                    grad_h[i : i + chunk] = g @ w.to(hc.dtype)
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None, n)
+        ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, head.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_out / n
+        gh = None if grad_h is None else (grad_h * scale).view(ctx.shape).to(ctx.dtypes[0])
+        gw = None if grad_w is None else (grad_w * scale).to(ctx.dtypes[1])
+        return gh, gw, None, None
+
+
 @torch.no_grad()
 def val_loss(net, ds: Dataset, val_range, block: int, batch: int, n_batches: int, device, amp, dist) -> tuple[float, int]:
     """Mean loss over the same windows every time, split over ranks: (loss, tokens scored)."""

@@ -10,6 +10,7 @@ and the TUI's chart can follow a run that lives in another process:
     {"type": "sample", "step": 50, "prompt": "...", "text": "..."}
     {"type": "checkpoint", "step": 50, "kind": "last" | "best", "path": "..."}
     {"type": "warning", "message": "..."}
+    {"type": "notice", "message": "..."}          (Ctrl+C: what the run does about it)
     {"type": "done", "status": "finished" | "early-stopped" | "interrupted", "step": ..., "best_val_loss": ...}
     {"type": "error", "message": "..."}
 
@@ -30,18 +31,33 @@ from gptchat.core.paths import open_private
 
 
 class EventLog:
-    """Appends events to ``events.jsonl`` and hands each one to an optional callback."""
+    """Appends events to ``events.jsonl`` and hands each one to an optional callback.
 
-    def __init__(self, path: Path | None, callback=None):
+    ``hold=True``: the run folder does not exist yet; events are kept and written by ``attach``
+    once it does (a run that fails to start leaves no folder, and its events go to the callback only).
+    """
+
+    def __init__(self, path: Path | None, callback=None, hold: bool = False):
         self.path = path
         self.callback = callback
         self._f = open_private(path, "a") if path is not None else None
+        self._held: list[str] | None = [] if hold else None
+
+    def attach(self, path: Path) -> None:
+        """Start writing to ``path``, held events first."""
+        self.path, self._f = path, open_private(path, "a")
+        self._f.write("".join(self._held or []))
+        self._f.flush()
+        self._held = None
 
     def emit(self, type: str, **fields) -> dict:
         ev = {"type": type, "t": round(time.time(), 3), **fields}
+        line = json.dumps(ev, ensure_ascii=False, default=str) + "\n"
         if self._f is not None:
-            self._f.write(json.dumps(ev, ensure_ascii=False, default=str) + "\n")
+            self._f.write(line)
             self._f.flush()
+        elif self._held is not None:
+            self._held.append(line)
         if self.callback is not None:
             try:
                 self.callback(ev)

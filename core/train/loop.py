@@ -4,9 +4,10 @@
 reported as events (events.py); the function returns a ``Result`` for callers and tests.
 
 A run goes through named steps over its context (context.py): open (settings, device, data), build
-(model, plan, optimizer), restore (checkpoint.py: optimizer, scaler, RNG, counters), then per step
+(model, plan, optimizer), restore (checkpoint.py: optimizer, scaler, RNG, counters), create its
+folder (only now: a start that fails leaves none), then per step
 ``_step`` (one optimizer step with accumulation and clipping), ``_evaluate`` (val loss, samples)
-and ``checkpoint.save``.
+and ``checkpoint.save`` (every ``save_every`` steps, and whenever ``save_minutes`` have passed).
 
 Resume is exact: the batch order is a pure function of (seed, step) (data.Batches), the learning
 rate a pure function of step (settings.lr_at), and the checkpoint holds the fp32 weights, the
@@ -21,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +32,11 @@ from gptchat.core.errors import TrainError
 from gptchat.core.model.gpt import GPT
 from gptchat.core.train import checkpoint, lora, runs
 from gptchat.core.train.checkpoint import ppl
-from gptchat.core.train.context import Progress, Run, Trainee, make_folder, open_run, settings_for
+from gptchat.core.train.context import Progress, Run, Trainee, create_folder, name_folder, open_run, settings_for
 from gptchat.core.train.dist import Dist, wrap
 from gptchat.core.train.evaluate import loss_fn, sample, val_loss
 from gptchat.core.train.events import EventLog, Status
-from gptchat.core.train.plan import make_plan
+from gptchat.core.train.plan import make_plan, pick_sharding
 from gptchat.core.train.settings import Settings, lr_at
 from gptchat.core.weights.checkpoints import load_model, sniff
 
@@ -52,10 +53,18 @@ class Result:
 
 
 class _Stop:
-    """Ctrl+C / SIGTERM: finish the step, save, exit. A second Ctrl+C stops at once."""
+    """Ctrl+C / SIGTERM: finish the step, save, stop. A second Ctrl+C stops at once, without saving
+    (the run resumes from its last checkpoint); during a save it is held back with a message, and
+    only another one within ``GRACE_S`` seconds aborts the save."""
+
+    GRACE_S = 5
 
     def __init__(self):
         self.flag = False
+        self.aborted = False
+        self.saving = False
+        self.notify = lambda message: None  # the run's event log, once it has one
+        self._warned = -math.inf
         self._old = {}
 
     def install(self) -> None:
@@ -65,9 +74,27 @@ class _Stop:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag = True
+        if not self.flag:
+            self.flag = True
+            self.notify("stopping after this step and saving a checkpoint (Ctrl+C again: stop now, without saving)")
+            return
+        if signum != signal.SIGINT:
+            return
+        now = time.monotonic()
+        if self.saving and now - self._warned > self.GRACE_S:
+            self._warned = now
+            self.notify(f"saving a checkpoint; press Ctrl+C again within {self.GRACE_S} s to stop without it")
+            return
+        self.aborted = True
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def save(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -78,32 +105,53 @@ def train(settings: Settings | None = None, *, resume: str | None = None, steps:
           on_event=None, stop_at: int | None = None) -> Result:
     """Run (or continue) a training run. ``stop_at``: behave as if interrupted after that step."""
     dist = Dist.from_env()
-    s, folder, meta = settings_for(settings, resume, steps)
-    run = open_run(s, meta, dist, resume)
-    folder = make_folder(run, folder, meta, steps)
-    lock = runs.RunLock(folder).acquire() if dist.main else None
-    run.log = EventLog(folder / "events.jsonl" if dist.main else None, on_event if dist.main else None)
-    run.status = Status(folder / "status.json" if dist.main else None)
     stopper = _Stop()
-    result = Result(folder.name, folder, "failed", 0, None)
+    run = lock = None
     try:
-        run.status.update(state="running", steps=run.r.steps, step=None)
+        s, folder, meta = settings_for(settings, resume, steps)
+        lock = runs.RunLock(folder).acquire() if (folder is not None and dist.main) else None
+        run = open_run(s, meta, dist, resume, folder)
+        run.lock, lock = lock, None
+        name_folder(run, meta, steps)
+        main, held = dist.main, not run.created
+        run.log = EventLog(run.folder / "events.jsonl" if main and not held else None, on_event if main else None,
+                           hold=main and held)
+        run.status = Status(run.folder / "status.json" if main and not held else None)
+        stopper.notify = lambda message: run.log.emit("notice", message=message)
+        result = Result(run.folder.name, run.folder, "failed", 0, None)
         for w in run.warnings:
             run.log.emit("warning", message=w)
         _run(run, stopper, result, stop_at)
         return result
     except BaseException as e:
-        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        run.log.emit("error", message=msg, step=result.step)
-        run.status.update(state=state, error=msg)
-        raise
+        if run is None or run.log is None:
+            raise
+        return _failed(run, stopper, e)
     finally:
         stopper.restore()
-        run.log.close()
-        if lock is not None:
-            lock.release()
+        if run is not None and run.log is not None:
+            run.log.close()
+        for held_lock in (lock, run.lock if run is not None else None):
+            if held_lock is not None:
+                held_lock.release()
         dist.close()
+
+
+def _failed(run: Run, stopper: _Stop, e: BaseException) -> Result:
+    """Record why the run ended early, with the step a resume continues from; re-raise, except for
+    a second Ctrl+C, which is an ordinary (if unsaved) stop."""
+    saved = runs.last_step(run.folder) if run.created and run.dist.main else 0
+    state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if stopper.aborted and run.created:
+        run.log.emit("notice", message=f"stopped without saving; --resume continues from step {saved}")
+        run.status.update(state=state, step=saved)
+        run.log.emit("done", status=state, step=saved, steps=run.r.steps, best_val_loss=None, path=str(run.folder),
+                     elapsed_s=None, saved=False)
+        return Result(run.folder.name, run.folder, state, saved, None)
+    run.log.emit("error", message=msg, step=saved)
+    run.status.update(state=state, error=msg, step=saved)
+    raise e
 
 
 def _run(run: Run, stopper: _Stop, result: Result, stop_at: int | None) -> None:
@@ -111,24 +159,48 @@ def _run(run: Run, stopper: _Stop, result: Result, stop_at: int | None) -> None:
     last_dir, trainer = checkpoint.load_trainer(run)
     t = _build(run, trainer, last_dir)
     p = checkpoint.restore(run, t, trainer)
+    _open_folder(run, p)
     result.best_val_loss = p.best_val_loss
     stopper.install()
-    p.t_session = time.time()
+    p.t_session, p.t_saved = time.time(), time.monotonic()
     reason = _loop(run, t, p, stopper, result, stop_at)
     if reason == "interrupted" and p.saved_step != p.step:
-        checkpoint.save(run, t, p, ["last"], _metrics(result, p, None))
+        with stopper.save():
+            checkpoint.save(run, t, p, ["last"], _metrics(result, p, None))
     result.status, result.step = reason, p.step
     run.status.update(state=reason, step=p.step, best_val_loss=p.best_val_loss, pid=os.getpid())
     run.log.emit("done", status=reason, step=p.step, steps=run.r.steps, best_val_loss=p.best_val_loss,
                  path=str(run.folder), elapsed_s=round(p.elapsed_now(), 1))
 
 
+def _open_folder(run: Run, p: Progress) -> None:
+    """The run can start: make a new run's folder, write the events held so far, mark it running."""
+    create_folder(run)
+    if run.dist.main:
+        if run.log.path is None:
+            run.log.attach(run.folder / "events.jsonl")
+        run.status.path = run.folder / "status.json"
+        run.status.update(state="running", steps=run.r.steps, step=p.step)
+
+
+def _flags(run: Run, stopper: _Stop, p: Progress) -> tuple[bool, bool]:
+    """(stop, save now), agreed by every rank in one all-reduce: a stop request; save_minutes passed."""
+    minutes = run.s.save_minutes
+    due = bool(minutes) and time.monotonic() - p.t_saved >= minutes * 60
+    stop, due = run.dist.sum([float(stopper.flag), float(due)], run.device)
+    return stop > 0, due > 0
+
+
 def _loop(run: Run, t: Trainee, p: Progress, stopper: _Stop, result: Result, stop_at: int | None) -> str:
     """Step, evaluate and save until the run ends; returns why it ended."""
     r = run.r
     while p.step < r.steps:
-        if run.dist.any(stopper.flag, run.device):
+        stop, due = _flags(run, stopper, p)
+        if stop:
             return "interrupted"
+        if due and p.saved_step != p.step:
+            with stopper.save():
+                checkpoint.save(run, t, p, ["last"], _metrics(result, p, None))
         _step(run, t, p, result)
         links: list[str] = []
         val, early = None, False
@@ -140,7 +212,8 @@ def _loop(run: Run, t: Trainee, p: Progress, stopper: _Stop, result: Result, sto
         if p.step % r.save_every == 0 or early or stop_here or p.step == r.steps:
             links.append("last")
         if links:
-            checkpoint.save(run, t, p, links, _metrics(result, p, val))
+            with stopper.save():
+                checkpoint.save(run, t, p, links, _metrics(result, p, val))
         if early:
             return "early-stopped"
         if stop_here and p.step < r.steps:
@@ -164,9 +237,8 @@ def _build(run: Run, trainer: dict | None, last_dir: Path | None) -> Trainee:
     model.train()
     for block in model.transformer.h:
         block.grad_checkpointing = s.grad_checkpointing
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    _check_plan(run, sum(q.numel() for q in trainable), frozen_bytes)
-    return _optimizer(run, model, trainable)
+    _check_plan(run, sum(q.numel() for q in model.parameters() if q.requires_grad), frozen_bytes)
+    return _optimizer(run, model)
 
 
 def _load_model(run: Run, last_dir: Path | None):
@@ -180,8 +252,9 @@ def _load_model(run: Run, last_dir: Path | None):
             model = GPT(run.cfg)
         model.init_weights(s.seed)
     else:
-        # a LoRA base on GPU stays in the autocast dtype: it is frozen, so no fp32 master copy is needed
-        base_dtype = run.amp_dtype if (s.lora and device.type == "cuda") else torch.float32
+        # a LoRA base on GPU stays in the autocast dtype: it is frozen, so no fp32 master copy is needed;
+        # not under FSDP, which shards a block's frozen and trained weights together and needs one dtype
+        base_dtype = run.amp_dtype if (s.lora and device.type == "cuda" and not s.fsdp) else torch.float32
         frozen_bytes = torch.finfo(base_dtype).bits // 8
         model = load_model(run.ck, device=device, dtype=base_dtype)
     if s.dropout:  # a checkpoint's config.json does not carry it (a resumed scratch run included)
@@ -197,10 +270,18 @@ def _check_plan(run: Run, n_trainable: int, frozen_bytes: int) -> None:
     """Emit the start event with the memory and time plan; refuse a run that will not fit."""
     s, r, dist, device, ds, sp = run.s, run.r, run.dist, run.device, run.ds, run.sp
     amp_bytes = 4 if run.amp_dtype == torch.float32 else 2
-    plan = make_plan(run.cfg, trainable=n_trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
-                     tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
-                     frozen_bytes=frozen_bytes, grad_checkpointing=s.grad_checkpointing,
-                     shards=dist.world if s.fsdp else 1, measure=dist.main)
+
+    def plan_at(shards: int):
+        return make_plan(run.cfg, trainable=n_trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
+                         tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
+                         frozen_bytes=frozen_bytes, grad_checkpointing=s.grad_checkpointing, shards=shards,
+                         measure=dist.main)
+
+    plan, fsdp = pick_sharding(plan_at, dist.world, s.fsdp)
+    if dist.any(fsdp, device) and not s.fsdp:  # one rank short of memory is enough: all ranks shard
+        plan, s.fsdp = plan_at(dist.world), True
+        run.log.emit("warning", message=f"a full copy of the model and optimizer state does not fit one device: "
+                                        f"sharding it over {dist.world} processes (FSDP, as with --fsdp)")
     data = {"key": ds.key, "n_tokens": ds.n_tokens, "train_tokens": sp.train[1] - sp.train[0],
             "val_tokens": sp.val[1] - sp.val[0], "n_docs": ds.meta["n_docs"]}
     run.log.emit("start", run=run.folder.name, path=str(run.folder), resumed=run.resuming, settings=s.to_dict(),
@@ -210,13 +291,16 @@ def _check_plan(run: Run, n_trainable: int, frozen_bytes: int) -> None:
         raise TrainError(plan.advice())
 
 
-def _optimizer(run: Run, model, trainable: list) -> Trainee:
+def _optimizer(run: Run, model) -> Trainee:
     """DDP/FSDP around the model, AdamW (decay on 2-D weights only), the fp16 GradScaler."""
     s, device = run.s, run.device
-    net, raw = wrap(model, run.dist, device, s.fsdp)
+    net, raw = wrap(model, run.dist, device, s.fsdp, run.amp_dtype)
     fwd = torch.compile(net) if s.compile else net
-    decay = [q for q in raw.parameters() if q.requires_grad and q.dim() >= 2]
-    no_decay = [q for q in raw.parameters() if q.requires_grad and q.dim() < 2]
+    # listed after wrapping: fully_shard swaps every parameter for a sharded one, and a list taken
+    # before would hold tensors that never get a gradient (clipping them was a silent no-op, issue 13)
+    trainable = [q for q in raw.parameters() if q.requires_grad]
+    decay = [q for q in trainable if q.dim() >= 2]  # FSDP2 keeps each parameter's logical shape
+    no_decay = [q for q in trainable if q.dim() < 2]
     groups = [{"params": decay, "weight_decay": run.r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda" or (device.type == "cpu" and not s.fsdp)
     opt = torch.optim.AdamW(groups, lr=run.r.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)

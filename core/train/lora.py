@@ -3,7 +3,8 @@
 GPT-2 computes q, k and v with one fused ``attn.c_attn`` (n_embd -> 3*n_embd). A single adapter on
 it would couple the three; here each chosen part (q, k or v) gets its own ``A`` (r x d) and ``B``
 (d x r) that update only its third of the output rows, so ``--lora-targets q,v`` leaves k exactly as
-it was. Merging adds ``scale * B @ A`` to that third of ``c_attn.weight``.
+it was. Merging adds ``scale * B @ A`` to that third of ``c_attn.weight``. Under FSDP the merge reads
+the full state dict gathered from the shards, with the same rule.
 """
 
 from __future__ import annotations
@@ -55,17 +56,19 @@ class LoRALinear(nn.Module):
             ys[part] = ys[part] + self.scale * delta.to(y.dtype)
         return torch.cat(ys, dim=-1)
 
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        w = self.base.weight.detach().float().clone()  # (out, in)
-        rows = w.shape[0] // self.n_split
-        for i, part in enumerate(self.parts):
-            delta = self.scale * (self.lora_B[i] @ self.lora_A[i])  # (rows, in)
-            if part is None:
-                w += delta
-            else:
-                w[part * rows : (part + 1) * rows] += delta
-        return w
+
+@torch.no_grad()
+def _merge(m: LoRALinear, weight, a_list, b_list) -> torch.Tensor:
+    """``weight`` (out, in) with ``scale * B @ A`` added to each adapted part of its rows, in fp32."""
+    w = weight.detach().float().clone()
+    rows = w.shape[0] // m.n_split
+    for a, b, part in zip(a_list, b_list, m.parts):
+        delta = m.scale * (b.detach().float() @ a.detach().float())  # (rows, in)
+        if part is None:
+            w += delta
+        else:
+            w[part * rows : (part + 1) * rows] += delta
+    return w
 
 
 def add_lora(model, targets: list[str], rank: int, alpha: float) -> list[str]:
@@ -90,27 +93,42 @@ def has_lora(model) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+def adapter_state(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' tensors on CPU, from ``model`` or (under FSDP, whose parameters are shards) from
+    its gathered full state dict ``sd``."""
+    items = sd.items() if sd is not None else model.named_parameters()
+    return {n: p.detach().cpu().clone() for n, p in items if "lora_" in n}
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The plain GPT state dict (HF names) with every adapter folded into its weight."""
-    sd = {}
+def merged_state_dict(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
+    """The plain GPT state dict (HF names) with every adapter folded into its weight.
+
+    ``sd``: the tensors to read instead of ``model``'s own (the full state dict gathered under FSDP);
+    ``model`` then only says where the adapters are and how they are shaped.
+    """
+    sd = model.state_dict() if sd is None else sd
+    out = {}
     lora_mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    for name, t in model.state_dict().items():
+    for name, t in sd.items():
         if "lora_" in name:
             continue
         mod = name.rsplit(".base.", 1)[0] if ".base." in name else None
         if mod is not None and mod in lora_mods:
             leaf = name.rsplit(".", 1)[1]
-            sd[f"{mod}.{leaf}"] = lora_mods[mod].merged_weight() if leaf == "weight" else t
+            m = lora_mods[mod]
+            if leaf == "weight":
+                idx = range(len(m.parts))
+                t = _merge(m, t, [sd[f"{mod}.lora_A.{i}"] for i in idx], [sd[f"{mod}.lora_B.{i}"] for i in idx])
+            out[f"{mod}.{leaf}"] = t
         else:
-            sd[name] = t
-    return sd
+            out[name] = t
+    return out
 
 
-def plain_model(model):
-    """A plain GPT (no adapters) holding ``model``'s weights, adapters merged; shares unmerged tensors."""
-    sd = merged_state_dict(model) if has_lora(model) else model.state_dict()
-    return GPT.from_state_dict(model.config, sd, dtype=torch.float32, source="the trained model")
+def plain_model(model, sd: dict | None = None):
+    """A plain GPT (no adapters) holding ``model``'s weights (or those of its full state dict ``sd``),
+    adapters merged; shares unmerged tensors."""
+    if has_lora(model):
+        sd = merged_state_dict(model, sd)
+    return GPT.from_state_dict(model.config, model.state_dict() if sd is None else sd, dtype=torch.float32,
+                               source="the trained model")

@@ -1,11 +1,9 @@
 """Memory and time plan before launch: will the run fit, and how long will it take?
 
-Memory per device = weights + gradients + two Adam moments (fp32, trainable parameters only) +
-activations. Activations follow Korthikanti et al. (2022): a transformer block keeps about
-``34 * T * d`` bytes per sequence at 16-bit (twice that at fp32) when attention runs as a fused
-kernel (SDPA: no T x T matrix is stored), plus the logits (B*T*V, three copies in fp32 for the
-softmax and its gradient). Gradient checkpointing keeps one block input per layer plus one block's
-working set. The estimate is deliberately a little pessimistic.
+The memory and FLOP arithmetic lives in ``core.eval.estimate`` (the same numbers ``gptchat estimate``
+prints, checked there against measured training steps); this module adds what a launch needs: the
+memory available on the device, a live speed probe, and, for a run that cannot fit, the smallest
+change that would make it fit.
 """
 
 from __future__ import annotations
@@ -13,6 +11,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
+
+from gptchat.core.eval.estimate import flops_per_token, lora_params, training_memory
 
 GIB = 1 << 30
 
@@ -34,6 +35,7 @@ class Plan:
     flops_per_token: float
     est_tokens_per_s: float | None
     est_seconds: float | None
+    fix: str | None = None  # for a run that does not fit: the change that would make it fit
 
     @property
     def fits(self) -> bool:
@@ -50,7 +52,7 @@ class Plan:
         out = [
             f"plan: {self.params / 1e6:.1f}M parameters ({self.trainable / 1e6:.2f}M trained) on {self.device} in {self.precision}",
             f"  memory: weights {g(self.weights_b)} + gradients {g(self.grads_b)} + Adam {g(self.adam_b)}"
-            f" + activations {g(self.activations_b)} = {g(self.total_b)} of {avail} available",
+            f" + activations {g(self.activations_b)}: peak {g(self.total_b)} of {avail} available",
         ]
         if self.est_seconds is not None:
             out.append(
@@ -60,10 +62,11 @@ class Plan:
         return out
 
     def advice(self) -> str:
+        fix = f"{self.fix}; " if self.fix else "no single change found that fits; "
         return (
             f"training needs about {self.total_b / GIB:.1f} GiB but {self.device} has "
-            f"{(self.available_b or 0) / GIB:.1f} GiB available; try a smaller --batch-size (with --grad-accum to "
-            "keep the batch), a smaller --block-size, --grad-checkpointing, --lora, or bf16 on a GPU"
+            f"{(self.available_b or 0) / GIB:.1f} GiB available; {fix}other ways: a smaller --batch-size (with "
+            "--grad-accum to keep the batch), a smaller --block-size, --grad-checkpointing, --lora, or bf16 on a GPU"
         )
 
 
@@ -95,30 +98,83 @@ def available_bytes(device) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What the memory of a step depends on (the knobs a fix may turn)."""
+    batch: int
+    grad_checkpointing: bool
+    lora: bool
+    amp_bytes: int
+
+
+def _peak(cfg, shape: Shape, *, block: int, trainable: int, frozen_bytes: int, shards: int,
+          lora_targets: list[str] | None) -> tuple:
+    if shape.lora and trainable >= cfg.n_params():
+        trainable = lora_params(cfg, 8, ["q", "k", "v"])  # the default adapters, for a suggested --lora
+        lora_targets = ["q", "k", "v"]
+    lora = trainable < cfg.n_params()
+    mem = training_memory(cfg, batch=shape.batch, block=block, mixed=shape.amp_bytes < 4,
+                          trainable=trainable if lora else None, frozen_bytes=frozen_bytes,
+                          grad_checkpointing=shape.grad_checkpointing, fsdp_shards=shards, lora_targets=lora_targets)
+    return mem, trainable
+
+
+def suggest_fix(cfg, shape: Shape, fits: Callable[[int], bool], *, device_type: str, **kw) -> str | None:
+    """The first change, in order of least disruption, whose peak memory ``fits``: a smaller micro-batch
+    (with accumulation keeping the batch), gradient checkpointing, both, bf16 on a GPU, then LoRA."""
+    tries: list[tuple[Shape, str]] = []
+    b = shape.batch // 2
+    while b >= 1:
+        acc = f"--batch-size {b} with --grad-accum x{shape.batch // b} (the same tokens per step)"
+        tries.append((Shape(b, shape.grad_checkpointing, shape.lora, shape.amp_bytes), acc))
+        b //= 2
+    if not shape.grad_checkpointing:
+        tries.append((Shape(shape.batch, True, shape.lora, shape.amp_bytes), "--grad-checkpointing"))
+        tries.append((Shape(1, True, shape.lora, shape.amp_bytes),
+                      f"--grad-checkpointing with --batch-size 1 and --grad-accum x{shape.batch}"))
+    if device_type == "cuda" and shape.amp_bytes == 4:
+        tries.append((Shape(shape.batch, shape.grad_checkpointing, shape.lora, 2), "--dtype bf16"))
+    if not shape.lora:
+        tries.append((Shape(shape.batch, shape.grad_checkpointing, True, shape.amp_bytes), "--lora"))
+        tries.append((Shape(1, True, True, shape.amp_bytes), f"--lora --grad-checkpointing --batch-size 1 --grad-accum x{shape.batch}"))
+    for t, text in tries:
+        if fits(_peak(cfg, t, **kw)[0].total):
+            return f"try {text}"
+    return None
+
+
 def make_plan(cfg, *, trainable: int, batch: int, block: int, steps: int, tokens_per_step: int,
               device, amp_bytes: int, frozen_bytes: int = 4, grad_checkpointing: bool = False,
-              shards: int = 1, measure: bool = True) -> Plan:
-    """Estimate memory per device (``shards`` > 1: FSDP splits weights, grads and Adam states)."""
+              shards: int = 1, measure: bool = True, lora_targets: list[str] | None = None) -> Plan:
+    """Peak memory per device from ``core.eval.estimate`` (``shards`` > 1: FSDP splits weights, grads
+    and Adam states); for a run that does not fit, ``Plan.fix`` names the change that would.
+    ``lora_targets``: the adapted matrices of a LoRA run (None: counted as if all were adapted)."""
     params = cfg.n_params()
-    d, L, V, T, B = cfg.n_embd, cfg.n_layer, cfg.vocab_size, block, batch
-    master = trainable * 4 + (params - trainable) * frozen_bytes
-    weights = master + (params * amp_bytes if amp_bytes < 4 else 0)  # autocast keeps 16-bit copies
-    grads = trainable * 4
-    adam = trainable * 8
-    if shards > 1:
-        weights, grads, adam = weights // shards, grads // shards, adam // shards
-    per_block = 34 * T * d * B * amp_bytes // 2
-    acts = (L * T * d * B * amp_bytes + per_block) if grad_checkpointing else L * per_block
-    acts += 3 * B * T * V * 4 + B * T * d * 4 * 2  # logits, softmax grad; embeddings
-    total = int(weights + grads + adam + acts)
+    shape = Shape(batch, grad_checkpointing, trainable < params, amp_bytes)
+    kw = dict(block=block, trainable=trainable, frozen_bytes=frozen_bytes, shards=shards, lora_targets=lora_targets)
+    mem, _ = _peak(cfg, shape, **kw)
     precision = {4: "fp32", 2: "mixed 16-bit"}.get(amp_bytes, f"{amp_bytes * 8}-bit")
-    # training costs ~6 FLOPs per parameter per token, plus attention's 12 * L * T * d
-    fpt = 6.0 * params + 12.0 * L * T * d
+    fpt = flops_per_token(params, cfg, block, trainable if shape.lora else None)
     rate = _device_flops(device) if measure else None
     tps = rate * 0.35 / fpt if rate else None
     est = steps * tokens_per_step / tps if tps else None
-    return Plan(params, trainable, int(weights), int(grads), int(adam), int(acts), total, available_bytes(device),
-                str(device), precision, tokens_per_step, steps, fpt, tps, est)
+    plan = Plan(params, trainable, mem.weights + mem.weight_copies, mem.grads, mem.adam, mem.activations, mem.total,
+                available_bytes(device), str(device), precision, tokens_per_step, steps, fpt, tps, est)
+    if not plan.fits:
+        avail = plan.available_b
+        plan.fix = suggest_fix(cfg, shape, lambda total: total <= 0.9 * avail, device_type=device.type, **kw)
+    return plan
+
+
+def pick_sharding(plan_at: Callable[[int], Plan], world: int, fsdp: bool) -> tuple[Plan, bool]:
+    """(the plan, whether to shard with FSDP): as asked with --fsdp; otherwise, with several processes,
+    FSDP when a full replica of the weights, gradients and Adam state would not fit one device but a
+    1/``world`` shard of them would. ``plan_at(shards)`` makes the plan for that many shards."""
+    plan = plan_at(world if fsdp else 1)
+    if fsdp or world <= 1 or plan.fits:
+        return plan, fsdp
+    sharded = plan_at(world)
+    return (sharded, True) if sharded.fits else (plan, False)
 
 
 def _device_flops(device) -> float | None:
@@ -168,13 +224,12 @@ def preview(settings, *, measure: bool = True) -> tuple[Plan, dict]:
     amp_bytes = 4 if pick_dtype(settings.dtype, device) == torch.float32 else 2
     r = resolve(settings, n_positions=cfg.n_positions, n_params=cfg.n_params(), n_tokens=n_tokens, world=1,
                 device_type=device.type)
-    trainable = cfg.n_params()
-    if settings.lora:  # rank x (in + out) per adapted matrix per layer
-        per = {"q": 2 * cfg.n_embd, "k": 2 * cfg.n_embd, "v": 2 * cfg.n_embd, "o": 2 * cfg.n_embd,
-               "fc": 5 * cfg.n_embd, "proj": 5 * cfg.n_embd}
+    trainable, targets = cfg.n_params(), None
+    if settings.lora:
         targets = [t.strip() for t in settings.lora_targets.split(",") if t.strip()]
-        trainable = cfg.n_layer * settings.lora_rank * sum(per.get(t, 0) for t in targets)
+        trainable = lora_params(cfg, settings.lora_rank, targets)
     plan = make_plan(cfg, trainable=trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
                      tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
-                     grad_checkpointing=settings.grad_checkpointing, measure=measure)
+                     grad_checkpointing=settings.grad_checkpointing, measure=measure,
+                     lora_targets=targets if settings.lora else None)
     return plan, {**r.to_dict(), "est_tokens": n_tokens}

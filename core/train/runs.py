@@ -12,6 +12,11 @@ A run folder (``get_paths().runs/NAME``)::
 A checkpoint is written into ``.ckpt-N.tmp/``, every file fsynced, DONE written last, and the folder
 renamed into place; only then does the ``last``/``best`` link move. A kill at any moment leaves the
 previous links pointing at complete checkpoints; leftovers are removed by the next save.
+
+A run folder appears only once the run is known to start (base model loaded, data read, plan
+checked): it is built as ``.NAME.new-PID/`` beside it, run.json written and the lock taken there, and
+renamed into place. A folder without run.json (left by an older version, or by hand) never blocks
+the name: the next run of that name replaces it, saying so.
 """
 
 from __future__ import annotations
@@ -41,19 +46,55 @@ def default_name(data: list[str]) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "run"
     root = runs_root()
     name, n = stem[:48], 2
-    while (root / name).exists():
+    while (root / name).exists() and not is_leftover(root / name):
         name, n = f"{stem[:48]}-{n}", n + 1
     return name
 
 
-def create_run(name: str) -> Path:
+def is_leftover(folder: Path) -> bool:
+    """A folder no run owns: no run.json, no checkpoint, no trainer holding its lock (a failed start)."""
+    return (folder.is_dir() and not (folder / "run.json").exists() and link_target(folder, "last") is None
+            and not is_locked(folder))
+
+
+def _exists_error(name: str) -> TrainError:
+    return TrainError(f"a run named {name!r} exists already; continue it with --resume {name} or pick another --name")
+
+
+def check_free(name: str) -> bool:
+    """Refuse a name a run already has; True when a leftover folder will be replaced."""
+    folder = runs_root() / name
+    if not (folder.exists() or folder.is_symlink()):
+        return False
+    if is_leftover(folder):
+        return True
+    raise _exists_error(name)
+
+
+def create_run(name: str, run_json: dict) -> tuple[Path, "RunLock"]:
+    """The run folder with its run.json, locked, appearing at once (built beside it, then renamed)."""
     root = private_dir(runs_root())
     folder = root / name
+    tmp = root / f".{name}.new-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    lock = None
     try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:
-        raise TrainError(f"a run named {name!r} exists already; continue it with --resume {name} or pick another --name") from None
-    return folder
+        save_run_json(tmp, run_json)
+        lock = RunLock(tmp).acquire()
+        if check_free(name):
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)  # fails on a folder that is not empty: another run took the name
+        except OSError:
+            raise _exists_error(name) from None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    lock.path = folder / ".lock"  # the flock stays on the file; only its path changed
+    return folder, lock
 
 
 def find_run(name: str) -> Path:
@@ -169,10 +210,23 @@ def prune(run: Path) -> None:
 
 
 def _status(folder: Path) -> dict:
+    """status.json as a dict; a missing one is a new run, a corrupt one (not a JSON object) is listed as unreadable."""
     try:
-        return json.loads((folder / "status.json").read_text())
-    except (OSError, ValueError):
+        st = json.loads((folder / "status.json").read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError):
+        st = None
+    return st if isinstance(st, dict) else {"state": "unreadable"}
+
+
+def last_step(folder: Path) -> int:
+    """The step a resume continues from: the ``last`` checkpoint's (0 when there is none)."""
+    last = link_target(folder, "last")
+    try:
+        return int((last / "DONE").read_text()) if last is not None else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def run_info(folder: Path) -> dict:
@@ -181,16 +235,20 @@ def run_info(folder: Path) -> dict:
         meta = json.loads((folder / "run.json").read_text())
     except (OSError, ValueError):
         meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     state = st.get("state", "new")
     if state == "running" and not is_locked(folder):
         state = "dead"  # the trainer process is gone without writing its final state
     best = link_target(folder, "best")
     last = link_target(folder, "last")
     settings = meta.get("settings", {})
+    saved = last_step(folder)
     return {
         "name": folder.name,
         "state": state,
-        "step": st.get("step"),
+        # a live run shows where it is; any other the step --resume continues from (its last checkpoint)
+        "step": st.get("step") if state == "running" else saved,
+        "saved_step": saved,
         "steps": st.get("steps") or meta.get("resolved", {}).get("steps"),
         "best_val_loss": st.get("best_val_loss"),
         "base": "scratch:" + (settings.get("arch") or "tiny") if settings.get("from_scratch") else (settings.get("model") or "gpt2"),
@@ -207,7 +265,8 @@ def list_runs() -> list[dict]:
     root = runs_root()
     if not root.is_dir():
         return []
-    out = [run_info(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "run.json").is_file()]
+    out = [run_info(p) for p in sorted(root.iterdir())
+           if p.is_dir() and not p.name.startswith(".") and (p / "run.json").is_file()]
     out.sort(key=lambda r: r.get("updated") or 0, reverse=True)
     return out
 
@@ -223,4 +282,4 @@ def load_run_json(folder: Path) -> dict:
         raise TrainError(f"{folder / 'run.json'} is unreadable ({e}); the run cannot be resumed") from None
 
 
-__all__ = ["read_events", "create_run", "find_run", "RunLock", "write_checkpoint", "link_target", "list_runs", "run_info"]
+__all__ = ["read_events", "create_run", "check_free", "last_step", "find_run", "RunLock", "write_checkpoint", "link_target", "list_runs", "run_info"]

@@ -36,6 +36,7 @@ class Settings:
     eval_every: int | None = None
     eval_batches: int = 8  # micro-batches in the fixed validation window
     save_every: int | None = None  # default: every eval
+    save_minutes: float = 10.0  # also save when this long has passed since the last save; 0 = by steps only
     patience: int | None = None  # evals without a better val loss before stopping
     format: str = "text"
     template: str | None = None
@@ -74,6 +75,7 @@ class Settings:
         pos("warmup", self.warmup, allow_zero=True)
         pos("weight_decay", self.weight_decay, allow_zero=True)
         pos("sample_tokens", self.sample_tokens, allow_zero=True)
+        pos("save_minutes", self.save_minutes, allow_zero=True)
         if self.steps is not None and self.epochs is not None:
             raise UsageError("pass --steps or --epochs, not both")
         if not 0 < self.val_fraction < 1:

@@ -214,14 +214,19 @@ def _checked_headers(ck: Checkpoint) -> dict[Path, tuple[int, list[TensorEntry]]
 
 
 def _read_bin(path: Path):
-    import torch
-
     sd = torch_load(path)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
+    return _tensor_items(path, sd, "entry")
+
+
+def _tensor_items(path: Path, sd: dict, what: str):
+    """(name, tensor) pairs of a loaded dict; anything that is not a named tensor is refused."""
+    import torch
+
     for key, t in sd.items():
         if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {str(key)[:60]!r} is not a tensor ({type(t).__name__})")
+            raise CheckpointError(f"{path}: {what} {str(key)[:60]!r} is not a tensor ({type(t).__name__})")
         yield key, t
 
 
@@ -250,15 +255,10 @@ def iter_tensors(ck: Checkpoint):
 
 
 def _nanogpt_tensors(path: Path, payload):
-    import torch
-
     model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(model, dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
-    for key, t in model.items():
-        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: model entry {str(key)[:60]!r} is not a tensor ({type(t).__name__})")
-        yield key, t
+    return _tensor_items(path, model, "model entry")
 
 
 def load_model(ck: Checkpoint, device=None, dtype=None, inference_layout: bool = False):

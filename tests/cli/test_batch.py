@@ -221,22 +221,25 @@ def test_resume_after_kill(tmp_path, tiny, capfd):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "gptchat.tui", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    part = out.with_name(out.name + ".part-0-of-1")  # results go beside the output until the run ends
     deadline = time.time() + 60
-    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 3):
+    while time.time() < deadline and (not part.exists() or part.read_bytes().count(b"\n") < 3):
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = out.read_bytes()
+    assert not out.exists()  # the output is only ever replaced whole
+    before = part.read_bytes()
     n_before = before.count(b"\n")
     assert 3 <= n_before < 24
-    with open(out, "ab") as f:
+    with open(part, "ab") as f:
         f.write(b'{"id": "39", "model": "half a rec')  # as if killed in the middle of a write
     code, stdout, err = cli(capfd, "batch", *args[1:], "--resume", "--json")
     assert code == 0, err
     s = json.loads(stdout)
     assert s["resumed"] == n_before and s["done"] == 24 - n_before
     resumed = records(out.read_text())
+    assert not part.exists() and not out.with_name(out.name + ".lock").exists()
     fresh_out = tmp_path / "fresh.jsonl"
     code, _, err = cli(capfd, "batch", *args[1:-1], fresh_out)
     assert code == 0, err
@@ -278,3 +281,20 @@ def test_usage_errors_are_one_line(tmp_path, tiny, capfd, args, message):
     code, out, err = cli(capfd, "batch", *args, "-m", tiny)
     assert code in (1, 2) and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+def test_fresh_run_keeps_the_old_output_until_done_and_resume_ignores_lock_files(tmp_path, tiny, capfd):
+    src = tmp_path / "p.txt"
+    src.write_text("one\ntwo\n")
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"earlier results\n")
+    code, _, err = cli(capfd, "batch", src, "-m", tiny, "-n", "2", "-o", out, "--device", "tpu")
+    assert code == 1 and out.read_bytes() == b"earlier results\n"  # a failed start leaves it whole
+    code, _, err = cli(capfd, "batch", src, "-m", tiny, "-n", "2", "-o", out)
+    assert code == 0, err
+    first = out.read_bytes()
+    (tmp_path / "out.jsonl.part-1-of-2.lock").write_text("4242\n")  # another rank's lock, not results
+    code, stdout, err = cli(capfd, "batch", src, "-m", tiny, "-n", "2", "-o", out, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed"] == 2 and out.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl.")) == ["out.jsonl.part-1-of-2.lock"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptchat.core.model.device import pick_device, pick_dtype
+from gptchat.core.model import device as device_mod
+from gptchat.core.model.device import cpu_native_bf16, pick_device, pick_dtype, set_threads, usable_cores
 from gptchat.core.errors import DeviceError
 from gptchat.core.generate.loaded import open_model
 from gptchat.core.generate.sampling import SamplingParams
@@ -20,10 +21,33 @@ def test_auto_picks_what_this_machine_has():
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.parametrize("spec,dtype", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16),
-                                        ("bfloat16", torch.bfloat16), ("half", torch.float16)])
+CPU_BF16 = torch.bfloat16 if cpu_native_bf16() else torch.float32  # no native bf16: fp32, said once
+
+
+@pytest.mark.parametrize("spec,dtype", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", CPU_BF16),
+                                        ("bfloat16", CPU_BF16), ("half", torch.float16)])
 def test_dtype_overrides(spec, dtype):
     assert pick_dtype(spec, torch.device("cpu")) == dtype
+
+
+def test_bf16_without_native_support_falls_back_to_fp32_once(monkeypatch, caplog):
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(device_mod, "_said", False)
+    with caplog.at_level("WARNING", logger="gptchat"):
+        assert pick_dtype("bf16", torch.device("cpu")) == torch.float32
+        assert pick_dtype("bf16", torch.device("cpu")) == torch.float32
+    assert len([r for r in caplog.records if "native bf16" in r.getMessage()]) == 1
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_threads_follow_the_affinity_mask(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert set_threads() == usable_cores() >= 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("spec", ["tpu", "cuda:x", "gpu"])
@@ -43,6 +67,7 @@ def test_unknown_dtype():
         pick_dtype("int8", torch.device("cpu"))
 
 
+@pytest.mark.skipif(not cpu_native_bf16(), reason="bf16 on the CPU needs native support (else fp32 is used)")
 def test_bf16_generation_on_cpu_tracks_fp32(tmp_path):
     folder = save(hf_model(seed=31), tmp_path / "m")
     full = open_model(str(folder), dtype="fp32")

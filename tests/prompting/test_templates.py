@@ -135,7 +135,11 @@ def test_shots_are_deterministic_for_a_seed_and_recorded(tokenizer):
         shown = [p.text for p in r.parts if p.kind == "example"]
         assert shown == [f"Input: w{i}\nOutput: o{i}\n\n" for i in r.examples_used]
     zero = render("few-shot", {"input": "x"}, None, tokenizer, examples=pool, shots=0)
-    assert zero.examples_used == [] and zero.text == "Write the opposite of each word.\n\nInput: x\nOutput:"
+    # the caller's examples replace the demo task: its instruction is left out, and the render says so
+    assert zero.examples_used == [] and zero.text == "Input: x\nOutput:"
+    assert "demo instruction" in zero.dropped[0]
+    kept = render("few-shot", {"input": "x", "task": "Echo."}, None, tokenizer, examples=pool, shots=0)
+    assert kept.text == "Echo.\n\nInput: x\nOutput:" and kept.dropped == []
 
 
 def test_shots_errors(tokenizer):
@@ -314,7 +318,7 @@ def test_drops_the_fewest_examples_largest_first(tokenizer):
     r = render("few-shot", {"input": "x"}, None, tokenizer, Budget(n_ctx=full.n_prompt + 9, reserve=10), examples=pool, shots=3)
     _check_exact(r, tokenizer)
     assert r.examples_dropped == [1] and sorted(r.examples_used) == [0, 2]
-    assert r.dropped == [f"dropped example #2 ({sizes['example #2']} tokens)"]
+    assert r.dropped[1:] == [f"dropped example #2 ({sizes['example #2']} tokens)"]  # [0]: the demo instruction
     # Room only without both big ones: exactly those two go.
     tight = full.n_prompt + 10 - sizes["example #2"] - sizes["example #3"]
     r = render("few-shot", {"input": "x"}, None, tokenizer, Budget(n_ctx=tight, reserve=10), examples=pool, shots=3)

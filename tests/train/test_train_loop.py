@@ -12,6 +12,7 @@ import torch
 from gptchat.core.errors import TrainError, UsageError
 from gptchat.core.train import Settings, train
 from gptchat.core.train.events import read_events
+from gptchat.core.train.runs import runs_root
 from tests.train.util import FAST, install_vocab, write_corpus
 
 
@@ -116,6 +117,7 @@ def test_plan_refuses_what_cannot_fit(corpus, monkeypatch):
     monkeypatch.setattr(plan, "available_bytes", lambda device: 64 << 20)  # a 64 MiB machine
     with pytest.raises(TrainError, match=r"needs about .* GiB .*--grad-checkpointing, --lora"):
         train(Settings(data=[str(corpus)], steps=2, name="big", **{**FAST, "arch": "tiny", "block_size": 256}))
+    assert not (runs_root() / "big").exists()  # a run that cannot start leaves no folder to block its name
 
 
 def test_lora_adapters_on_q_v_parts_merge_exactly():

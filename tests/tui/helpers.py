@@ -5,6 +5,7 @@ The fixtures (tiny_model, slower_model) are in conftest.py."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 import time
 
 
@@ -70,3 +71,24 @@ def palette_shows(palette, title: str) -> bool:
         return False
     ol = lists.first()
     return str(ol.get_option_at_index(ol.highlighted).prompt).startswith(title)
+
+
+async def open_with(pilot, app, key: str, screen_type, timeout: float = 30.0):
+    """Press ``key`` and wait until a screen of ``screen_type`` is on top; returns it."""
+    await pilot.press(key)
+    await wait_for(pilot, lambda: isinstance(app.screen, screen_type), timeout, f"{screen_type.__name__} after {key}")
+    return app.screen
+
+
+@asynccontextmanager
+async def ready(app, size: tuple[int, int]):
+    """``app.run_test`` at ``size``, entered once the model has loaded."""
+    async with app.run_test(size=size) as pilot:
+        await wait_ready(pilot, app)
+        yield pilot
+
+
+async def exchange(pilot, app, text: str, timeout: float = 60):
+    """Send a message and wait for its whole reply."""
+    await send(pilot, app, text)
+    await wait_reply(pilot, app, timeout)

@@ -134,13 +134,15 @@ def test_no_model_screen_says_how_to_get_one(tmp_path, monkeypatch):
             await wait_for(pilot, lambda: len(app.screen_stack) > 1 and not chat_screen(app).query_one("#no-model").has_class("hidden"),
                            what="the no-model panel")
             scr = chat_screen(app)
-            text = str(scr.query_one("#no-model").render())
+            text = str(scr.query_one("#no-model #how").render())
+            buttons = [str(b.label) for b in scr.query("#no-model Button")]
             await send(pilot, app, "hello?")  # does not crash; says what to do
             await pilot.pause()
-            return text, str(scr.query_one("#status").render()), notifications(app)
+            return text, buttons, str(scr.query_one("#status").render()), notifications(app)
 
-    text, status, notes = run(go())
-    assert "gptchat pull gpt2" in text and "/model PATH" in text and "/finetune data.txt" in text
+    text, buttons, status, notes = run(go())
+    assert "/model gpt2" in text and "/model PATH" in text and "Train a small GPT-2" in text
+    assert buttons == ["Open folder or ckpt.pt", "Download gpt2", "Train on my text"]
     assert "no model" in status
     assert any("no model is loaded" in n for n in notes)
 
@@ -152,7 +154,7 @@ def test_bad_model_path_shows_the_panel_not_a_crash(tmp_path):
         async with app.run_test(size=(120, 40)) as pilot:
             await wait_for(pilot, lambda: len(app.screen_stack) > 1 and not chat_screen(app).query_one("#no-model").has_class("hidden"),
                            what="the no-model panel")
-            return str(chat_screen(app).query_one("#no-model").render())
+            return str(chat_screen(app).query_one("#no-model #how").render())
 
     assert "does not exist" in run(go())
 

@@ -85,7 +85,7 @@ def test_budget_bar_shows_what_will_be_dropped_before_sending(tiny_model):
     values, dropped, text = run(go())
     assert values["reserve"] == 200 and sum(values.values()) == 1024 and values["history"] > 0
     assert dropped and "oldest chat turns" in dropped[0]
-    assert "will drop:" in text
+    assert "to fit the window: dropped" in text
 
 
 def test_help_screen_lists_every_key_and_command(tiny_model):

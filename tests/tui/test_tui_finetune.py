@@ -79,8 +79,16 @@ def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, 
             assert scr.query_one("#ft-scratch").value
             assert scr.query_one("#ft-name").value == "ui-run"
             await wait_for(pilot, lambda: "memory:" in text_of(scr, "#ft-plan"), 30, "the plan")
-            await pilot.click("#ft-start")
+            scr.query_one("#ft-data").focus()  # typing in the form, then Ctrl+S as a person would
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: scr.run_name == "ui-run", 10, "the run to start")
+            # the live view takes the focus: Ctrl+X stops at once (the hidden form's input would take it as "cut")
+            started = (scr.focused.id if scr.focused else None, scr.check_action("stop", ()),
+                       any(b.binding.action == "stop" for b in scr.active_bindings.values()))
             await wait_for(pilot, lambda: scr.state == "finished" and scr._tail_timer is None, 90, "the run to finish")
+            assert started == ("ft-stop", True, True), started
+            assert not scr.check_action("stop", ()) and not any(  # the binding leaves the footer when the run ends
+                b.binding.action == "stop" for b in scr.active_bindings.values())
             chart = scr.query_one(LossChart)
             stats = text_of(scr, "#ft-stats")
             live = (chart.train[-1][0], chart.val[-1][0], chart.val[-1][1], stats, str(chart.render()),
@@ -106,9 +114,16 @@ def test_start_from_the_form_follows_a_real_run_then_attach_and_compare(corpus, 
             await pilot.press("enter")
             await wait_for(pilot, lambda: scr2.run_name == "ui-run" and scr2.state == "finished" and scr2.step == 6,
                            10, "attach")
-            return live, spec, text_of(scr2, "#ft-stats"), isinstance(scr2, FinetuneScreen)
+            attached = text_of(scr2, "#ft-stats")
+            # (5) "Chat with it": back on the chat screen, talking to the new model
+            await wait_for(pilot, lambda: scr2.focused is not None and scr2.focused.id == "ft-chat", 10, "Chat with it")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not isinstance(app.screen, FinetuneScreen), what="back to the chat")
+            await wait_for(pilot, lambda: getattr(app.screen, "loaded", None) is not None, 60, "the run's model")
+            return live, spec, attached, (app.session.settings.model, app.screen.loaded.spec)
 
-    live, spec, attached, _ = run(go())
+    live, spec, attached, chatting = run(go())
+    assert chatting == ("ui-run", "ui-run")
     folder = runs_dir() / "ui-run"
     events = read_events(folder / "events.jsonl")
     last_eval = [e for e in events if e["type"] == "eval"][-1]
@@ -206,7 +221,9 @@ def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
         async with app.run_test(size=(140, 45)) as pilot:
             await wait_for(pilot, lambda: len(app.screen_stack) > 1, what="the chat screen")
             await send(pilot, app, "/finetune missing.txt")
-            await wait_for(pilot, lambda: any("missing.txt" in n for n in notifications(app)), 10, "the notification")
+            # checked as it shows: a toast expires after a few seconds, and a loaded machine can take longer
+            await wait_for(pilot, lambda: any("missing.txt is not a file" in n for n in notifications(app)), 10,
+                           "the notification")
             assert not isinstance(app.screen, FinetuneScreen)
             await send(pilot, app, f"/finetune {data} --steps nine")  # a bad value: a notification, no screen
             await wait_for(pilot, lambda: any("--steps" in n for n in notifications(app)), 10, "the bad flag")
@@ -217,8 +234,7 @@ def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
             await wait_for(pilot, lambda: scr.query("#ft-steps") and scr.query_one("#ft-steps").value == "5",
                            10, "the prefilled form")
             got = {k: scr.query_one(f"#ft-{k}").value for k in ("data", "steps", "lr", "model")}
-            return got, notifications(app)
+            return got
 
-    got, notes = run(go())
+    got = run(go())
     assert got == {"data": str(data), "steps": "5", "lr": "1e-4", "model": tiny_model}
-    assert any("missing.txt is not a file" in n for n in notes)

@@ -73,6 +73,36 @@ def test_snapshot_chat_after_greedy_reply(in_model_dir, tmp_path, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_snapshot_empty_chat_80x24(in_model_dir, snap_compare):
+    """A small terminal: the settings panel is hidden, the welcome says what to type, Help and Quit show."""
+    app = make_app(in_model_dir, None)
+
+    async def run_before(pilot):
+        await wait_ready(pilot, app)
+        bar = chat_screen(app).query_one("#budget")
+        await wait_for(pilot, lambda: bool(bar.segments), 30, "the budget bar")
+        freeze(app)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_snapshot_chat_160x48_with_settings(in_model_dir, tmp_path, snap_compare):
+    """A large terminal: the settings panel is open beside the conversation, its title whole."""
+    app = make_app(in_model_dir, Store(tmp_path / "h.sqlite3"), max_new_tokens=20, greedy=True, seed=1,
+                   template="zero-shot")
+
+    async def run_before(pilot):
+        await wait_ready(pilot, app)
+        await send(pilot, app, "/var task Answer briefly")
+        await send(pilot, app, "What is a transformer?")
+        await wait_reply(pilot, app)
+        bar = chat_screen(app).query_one("#budget")
+        await wait_for(pilot, lambda: bool(bar.segments), 30, "the budget bar")
+        freeze(app)
+
+    assert snap_compare(app, terminal_size=(160, 48), run_before=run_before)
+
+
 def test_snapshot_help(in_model_dir, snap_compare):
     app = make_app(in_model_dir, None)
 

@@ -23,12 +23,19 @@ class GptchatApp(App):
     COMMANDS = App.COMMANDS | {GptchatCommands}
 
     def __init__(self, settings: ChatSettings | None = None, store=None, pool: ModelPool | None = None,
-                 autoload: bool = True, store_error: str | None = None):
+                 autoload: bool = True, store_error: str | None = None, remember: bool = True):
         super().__init__()
+        self.remember = remember  # keep the settings for the next launch (core/session/prefs.py)
         self.session = ChatSession(store, settings or ChatSettings())
         self.pool = pool or ModelPool()
         self.autoload = autoload
         self.store_error = store_error
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every notification is plain text: they show paths, model names, settings and errors as typed
+        (``[compare]`` in a name stays). Widget.notify always passes markup=True, so it is ignored here."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
@@ -60,6 +67,7 @@ class GptchatApp(App):
                 ("Settings", "Show or hide the settings panel (F2)", screen.action_toggle_settings),
                 ("History", "Reopen, rename, delete, export or search conversations (F3)", screen.action_history),
                 ("Compare", "Send one prompt to 2-4 panes side by side (F4)", screen.action_compare),
+                ("Show prompt", "The exact prompt the model sees, part by part (F5)", screen.action_show_prompt),
                 ("Pick model", "Choose a local checkpoint or type a path (Ctrl+O)", screen.action_pick_model),
                 ("Help", "Every key and slash command (F1)", screen.action_help),
             ]:

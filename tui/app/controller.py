@@ -17,15 +17,19 @@ from functools import partial
 from textual.message import Message
 
 from gptchat.core.errors import GptchatError, UsageError
+from gptchat.core.session import prefs
 from gptchat.core.session.chat import ChatSession, ReplyDelta, ReplyDone, ReplyStarted, Turn, render_prompt
 from gptchat.core.session.pool import Loaded
 from gptchat.core.session.settings import ChatSettings, setting_name
+from gptchat.core.prompting.templates import get_template
 from gptchat.core.session.store import export_file
 from gptchat.core.weights.discover import local_models
 
 from gptchat.tui.app import slash
 from gptchat.tui.app.screens.finetune import open_finetune
-from gptchat.tui.app.messages import ModelLoading, ModelMissing, ModelReady, ReplyBegan, ReplyChunk, ReplyEnded
+from gptchat.tui.app.messages import (
+    ModelLoading, ModelMissing, ModelReady, PromptRendered, ReplyBegan, ReplyChunk, ReplyEnded,
+)
 from gptchat.tui.format import budget_segments
 
 BATCH_S = 0.04  # the reply worker posts streamed text at most this often
@@ -41,6 +45,8 @@ class BudgetComputed(Message, bubble=False):
     n_ctx: int = 0
     dropped: list[str] = field(default_factory=list)
     note: str = ""  # set when there is nothing to draw (the message says why)
+    turns_dropped: int = 0  # the oldest chat turns the next prompt leaves out
+    reserve_note: str = ""  # set when the reply reserve is smaller than max new tokens
 
 
 class ChatController:
@@ -48,6 +54,7 @@ class ChatController:
         self.screen = screen  # the ChatScreen this controls
         self.budget_seq = 0
         self.before_switch: ChatSettings | None = None  # the settings before a model switch started
+        self.remember_failed = False  # the settings file could not be written (said once)
 
     @property
     def session(self):
@@ -81,6 +88,28 @@ class ChatController:
         if not name:
             raise UsageError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
         self.apply_setting(name, value)
+
+    def cmd_var(self, arg: str) -> None:
+        name, _, value = arg.partition(" ")
+        if not name:
+            raise UsageError("usage: /var NAME VALUE, e.g. /var task Translate to French; /var NAME alone unsets it")
+        self.set_var(name, value.strip())
+
+    def set_var(self, name: str, value: str, quiet: bool = False) -> None:
+        """Set a template variable (``quiet``: typed in the panel, which already shows it)."""
+        self.session.settings = self.session.settings.with_var(name, value)
+        self.remember()
+        if not quiet:
+            self.screen.sync_settings()
+            self.screen.notify(f"{name} = {value!r}" if value else f"{name} unset")
+        self.refresh_budget()
+
+    def cmd_markdown(self, arg: str) -> None:
+        words = {"on": True, "true": True, "yes": True, "": True, "off": False, "false": False, "no": False}
+        if arg.lower() not in words:
+            raise UsageError("usage: /markdown on|off")
+        self.screen.set_markdown(words[arg.lower()])
+        self.screen.notify(f"markdown {'on' if words[arg.lower()] else 'off'}")
 
     def cmd_finetune(self, arg: str) -> None:
         open_finetune(self.screen.app, arg)
@@ -122,6 +151,7 @@ class ChatController:
                 self.notify_error(e)
             return False
         self.session.settings = new
+        self.remember()
         if name in ("model", "device", "dtype") and (getattr(new, name) != getattr(old, name) or scr.loaded is None):
             self.before_switch = old  # the working model stays until the new one is ready
             scr.start_load()
@@ -133,6 +163,17 @@ class ChatController:
             scr.sync_settings()
         self.refresh_budget()
         return True
+
+    def remember(self) -> None:
+        """Keep the settings for the next launch (core/session/prefs.py); a failure is said once."""
+        if not self.screen.app.remember:
+            return
+        try:
+            prefs.save(self.session.settings)
+        except (GptchatError, OSError) as e:
+            if not self.remember_failed:
+                self.remember_failed = True
+                self.screen.notify(f"settings will not be kept for the next launch: {e}", severity="warning")
 
     # -- replies ----------------------------------------------------------------------------------
 
@@ -153,7 +194,7 @@ class ChatController:
                     buf.clear()
                     last = time.monotonic()
             elif isinstance(ev, ReplyStarted):
-                post(ReplyBegan(ev.reply_id, ev.prompt_tokens, ev.dropped))
+                post(ReplyBegan(ev.reply_id, ev.prompt_tokens, ev.dropped, ev.turns_dropped))
             elif isinstance(ev, ReplyDone):
                 if buf:
                     post(ReplyChunk("".join(buf)))
@@ -206,11 +247,39 @@ class ChatController:
     def _compute_budget(self, seq: int, settings: ChatSettings, turns: list[Turn], lm, text: str) -> None:
         """Runs in a worker thread on a snapshot of the settings and turns; talks back by message only."""
         try:
-            r, _ = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, text or " ", turns)
+            r, _ = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, text, turns)
         except GptchatError as e:
             self.screen.post_message(BudgetComputed(seq, note=f"budget: {e}"))
             return
-        self.screen.post_message(BudgetComputed(seq, budget_segments(r), r.n_ctx, list(r.dropped)))
+        wanted = int(settings.resolved(get_template(settings.template).options)["max_new_tokens"])
+        note = (f"reply capped at {r.reserve} tokens (max new tokens {wanted}): half the window at most"
+                if r.reserve < wanted else "")
+        self.screen.post_message(BudgetComputed(seq, budget_segments(r), r.n_ctx, list(r.dropped),
+                                                turns_dropped=r.turns_dropped, reserve_note=note))
+
+    # -- the exact prompt -------------------------------------------------------------------------
+
+    def show_prompt(self) -> None:
+        """Render the prompt for the input (or, when it is empty, for the last message) in a worker;
+        the screen opens the prompt view when PromptRendered arrives."""
+        scr = self.screen
+        if scr.loaded is None:
+            raise UsageError("no model is loaded: the prompt depends on the model's window")
+        turns = list(self.session.turns)
+        text = scr.input_text()
+        what = "the message you are typing"
+        if not text.strip() or slash.is_slash(text):
+            while turns and turns[-1].role == "assistant":
+                turns.pop()
+            if not turns:
+                raise UsageError("type a message first: the prompt view shows what it will send")
+            text, what, turns = turns[-1].text, "your last message", turns[:-1]
+        job = partial(self._render_prompt, self.session.settings, turns, scr.loaded.lm, text, what)
+        scr.run_worker(job, name="prompt", group="prompt", thread=True, exclusive=True, exit_on_error=False)
+
+    def _render_prompt(self, settings: ChatSettings, turns: list[Turn], lm, text: str, what: str) -> None:
+        r, _ = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, text, turns)
+        self.screen.post_message(PromptRendered(r, what))
 
 
 def _scan():

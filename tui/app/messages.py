@@ -31,6 +31,7 @@ class ReplyBegan(Message, bubble=False):
     reply_id: str | None
     prompt_tokens: int
     dropped: list[str]
+    turns_dropped: int = 0
 
 
 @dataclass
@@ -57,6 +58,14 @@ class PaneEnded(Message, bubble=False):
     text: str
     status: str
     info: dict
+
+
+@dataclass
+class PromptRendered(Message, bubble=False):
+    """The exact prompt for the input (or the last message), for the prompt view."""
+
+    rendered: object  # core.prompting.templates.Rendered
+    what: str
 
 
 @dataclass

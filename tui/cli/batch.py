@@ -10,6 +10,7 @@ import typer
 
 from gptchat.core.errors import UsageError
 from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
+from gptchat.core.outputs import check_target
 from gptchat.tui.cli.common import (
     DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt, err,
     print_json, sampling_given,
@@ -76,18 +77,21 @@ def batch(
         raise UsageError(str(e)) from None
     if examples and not Path(examples).is_file():
         raise UsageError(f"--examples: no such file: {examples}")
+    if output is not None:  # a folder, a path under a file, or the input itself: refused before anything loads
+        output = str(check_target(output, inputs=[input, examples]))
 
     # the batch modules import torch: loaded inside the command so `gptchat --help` stays fast
     from gptchat.core.batch.jobs import Settings
     from gptchat.core.batch.io import Skipped, read_rows
     from gptchat.core.batch.run import Dist, run
 
+    stops = _stops(stop)
     name, text = _read_input(input)
     skipped: list[Skipped] = []
     rows = read_rows(name, text, input_format, templated=bool(template), skip_bad=skip_bad, skipped=skipped)
     dist = Dist.from_env()
-    settings = Settings(given=given, greedy=greedy, stop=tuple(unescape(s) for s in stop or []), seed=seed,
-                        variables=variables, examples=examples, skip_bad=skip_bad)
+    settings = Settings(given=given, greedy=greedy, stop=stops, seed=seed, variables=variables, examples=examples,
+                        skip_bad=skip_bad)
     quiet = dist.rank != 0
     bar = _Bar(enabled=sys.stderr.isatty() and not quiet)
     summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
@@ -132,6 +136,18 @@ class _Bar:
         if self.drawn:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def _stops(stop: list[str] | None) -> tuple[str, ...]:
+    """The --stop texts, checked by generate's rule (an empty one is refused) in its one home, GenOptions."""
+    from gptchat.core.generate.text import GenOptions  # torch: see batch()
+
+    stops = tuple(unescape(s) for s in stop or [])
+    try:
+        GenOptions(stop=stops)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return stops
 
 
 def _read_input(path: str) -> tuple[str, str]:

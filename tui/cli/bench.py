@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, err, print_json
+from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json
 
 
 def bench(
@@ -20,11 +20,16 @@ def bench(
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also run transformers' generate on the same weights.")] = True,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure prefill and decode speed against transformers on the same weights.
 
-    Example: gptchat bench --shape gpt2 --batch-sizes 1,8,32
+    Batch-1 decode is also shown against its ceiling (the read bandwidth, measured in the same run,
+    over the bytes of weights a token reads). With --quantize int8 or --dtype bf16 the quality
+    against fp32 is measured too.
+
+    Examples: gptchat bench --shape gpt2 --batch-sizes 1,8,32 ; gptchat bench --quantize int8 --json
     """
     from gptchat.core.model.config import PRESETS
     from gptchat.core.errors import UsageError
@@ -42,13 +47,13 @@ def bench(
 
     rep = B.run(model=model, shape=shape, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
-                reference=reference, repeats=repeats, log=lambda s: err(f"bench: {s}"))
+                reference=reference, repeats=repeats, quantize=quantize or "none", log=lambda s: err(f"bench: {s}"))
     if json_out:
         from dataclasses import asdict
 
         d = asdict(rep)
         for r, row in zip(rep.results, d["results"]):
-            row["ratio"] = r.ratio
+            row["ratio"], row["fraction_of_ceiling"] = r.ratio, r.fraction
         print_json(d)
     else:
         print(B.format_report(rep))

@@ -13,7 +13,7 @@ from gptchat.tui.cli.common import (
 
 def chat(
     model: ModelOpt = None,
-    template: Annotated[str, typer.Option("--template", "-t", help="The prompt template for chat messages (`gptchat templates list`).")] = "chat",
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help="The prompt template for chat messages (`gptchat templates list`). Default: the last one used, else chat.", show_default=False)] = None,
     shots: Annotated[Optional[int], typer.Option(help="How many examples few-shot templates show. Default: the template's.", show_default=False)] = None,
     examples: Annotated[Optional[str], typer.Option(help="A JSONL or TSV file of examples for the template.", show_default=False)] = None,
     temperature: TemperatureOpt = None,
@@ -35,13 +35,14 @@ def chat(
     """
     # heavy imports (torch, textual) stay inside the command so `gptchat --help` is fast
     from gptchat.core.errors import GptchatError
-    from gptchat.core.session.settings import settings_from
+    from gptchat.core.session.prefs import startup_settings
     from gptchat.core.session.store import Store
 
-    settings = settings_from(  # UsageError (exit 2) before the app starts
+    settings = startup_settings(dict(  # a flag given wins over the last launch's setting; UsageError (exit 2)
         model=model, template=template, shots=shots, examples=examples, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy, max_new_tokens=max_new_tokens, seed=seed,
-        device=device, dtype=dtype)
+        top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy or None, max_new_tokens=max_new_tokens,
+        seed=seed, device=device, dtype=dtype))
+    _check_start(model, device, dtype)
     store, store_error = None, None
     try:
         store = Store.open_default()
@@ -50,3 +51,25 @@ def chat(
     from gptchat.tui.app.app import GptchatApp
 
     GptchatApp(settings, store=store, store_error=store_error).run()
+
+
+def _check_start(model: str | None, device: str | None, dtype: str | None) -> None:
+    """What can be checked before the app starts, so a typo is one line and exit 2, not a crash inside the app:
+    the device and dtype names (core.model.device's list) and a model given as a path. A hub name not in the
+    cache is left to the app, which downloads it."""
+    from gptchat.core.errors import DeviceError, ModelNotFound, UsageError  # torch below: see chat()
+    from gptchat.core.model.device import pick_device, pick_dtype
+    from gptchat.core.weights.checkpoints import resolve
+    from gptchat.core.weights.hub import looks_like_repo_id
+
+    try:
+        pick_dtype(dtype, pick_device(device))
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
+    if model is None:
+        return
+    try:
+        resolve(model, download=False)
+    except ModelNotFound as e:
+        if not looks_like_repo_id(model):
+            raise UsageError(str(e)) from None

@@ -39,7 +39,9 @@ def finetune(
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step (a larger batch without more memory). Default: 1.", show_default=False)] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per training sequence, up to 1024. Default: the model's window, smaller for small data.", show_default=False)] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="The share of the data (its tail) held out for validation, between 0 and 1.")] = 0.1,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate, sample and save every this many steps. Default: a tenth of the run, at most 250.", show_default=False)] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate and sample every this many steps. Default: a tenth of the run, at most 250.", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Save a checkpoint (last/) every this many steps. Default: at every evaluation.", show_default=False)] = None,
+    save_minutes: Annotated[Optional[float], typer.Option("--save-minutes", help="Also save whenever this many minutes of training have passed since the last save, so a crash loses little work; 0 saves by steps only. Default: 10.", show_default=False)] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop early after this many evaluations without a better validation loss. Default: never.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="The run's name (its folder, and what --model and --resume take). Default: from the data file name.", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run of this name exactly where it stopped (its settings are reused).", show_default=False)] = None,
@@ -61,7 +63,7 @@ def finetune(
     """Finetune a GPT-2 model on text files (or train one from scratch).
 
     Writes a run folder with checkpoints (best/ and last/, Hugging Face format) and events.jsonl;
-    Ctrl+C saves and stops, --resume continues. `gptchat runs` lists runs.
+    Ctrl+C saves and stops (a second one stops without saving), --resume continues. `gptchat runs` lists runs.
     """
     settings = settings_from(dict(locals()))
     show = _json_printer if json_out else TrainProgress(stderr_console())
@@ -97,6 +99,8 @@ def settings_from(params: dict) -> Settings | None:
             raise UsageError(f"--resume reuses the run's settings; drop {', '.join(extra)} (only --steps and --device may change)")
         return Settings(device=params["device"]) if params.get("device") else None
     kw = {("format" if k == "fmt" else k): v for k, v in params.items() if k not in NOT_SETTINGS}
+    if kw.get("save_minutes") is None:
+        kw.pop("save_minutes", None)  # the Settings default
     return Settings(**{**kw, "data": list(data)})
 
 
@@ -146,6 +150,8 @@ class TrainProgress:
             self.line("  sample: " + (ev["prompt"] + "|" + ev["text"]).replace("\n", "⏎")[:160])
         elif t == "warning":
             self.line(f"warning: {ev['message']}")
+        elif t == "notice":
+            self.line(ev["message"])
         elif t == "done":
             self.close()
             best = ev.get("best_val_loss")

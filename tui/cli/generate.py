@@ -13,7 +13,7 @@ from gptchat.core.generate import options
 from gptchat.core.prompting.templates import Budget, format_explain, get_template, load_examples, render
 from gptchat.tui.cli.common import (
     DeviceOpt, DtypeOpt, GreedyOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
-    TopPOpt, err, print_json, sampling_given,
+    QuantizeOpt, TopPOpt, err, print_json, sampling_given,
 )
 
 EXAMPLES = """
@@ -23,6 +23,12 @@ Examples:
   echo "The capital of France is" | gptchat generate - --model gpt2 --greedy --json
   gptchat generate "Q: What is 2+2?\\nA:" --stop "\\nQ:" --temperature 0.7 --seed 7
 """
+
+# GPT-2's window is 1024 tokens and no GPT-2 token is longer than 128 bytes, so no prompt over 128 KiB
+# can be used whole (text averages ~4 bytes a token: 1 MiB is ~250k tokens, over any window a config may
+# declare). A template keeps what fits of a longer input; 1 MiB leaves room for that and refuses a runaway
+# file (a 50 MB prompt) before tokenising it costs a gigabyte of memory.
+MAX_PROMPT_BYTES = 1 << 20
 
 
 def generate(
@@ -44,6 +50,7 @@ def generate(
     explain: Annotated[bool, typer.Option("--explain", help="Print the token budget and the exact prompt text on stderr before the completion.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate a completion of a prompt with a GPT-2 model."""
@@ -63,7 +70,7 @@ def generate(
     tty = sys.stderr.isatty()
     if tty and not json_out:
         err(f"loading {model or 'gpt2'} ...")
-    lm = open_model(model, device=device, dtype=dtype)
+    lm = open_model(model, device=device, dtype=dtype, quantize=quantize)
     rendered = None
     if tpl is not None:
         reserve = opts.max_new_tokens
@@ -92,7 +99,9 @@ def generate(
             "completion_tokens": comp.completion_tokens,
             "seed": comp.seed,
             "sampling": params.to_dict(),
-            "max_new_tokens": opts.max_new_tokens,
+            # the number the run could use: the window lowers a larger request (comp.notes says so)
+            "max_new_tokens": min(opts.max_new_tokens, lm.engine.n_ctx - comp.prompt_tokens),
+            "notes": comp.notes,
             "stop": list(opts.stop),
             "template": rendered.to_dict() if rendered is not None else None,
             "timings": {"load_s": round(lm.load_s, 4), "prefill_s": round(comp.prefill_s, 4),
@@ -143,7 +152,8 @@ def _read_prompt(prompt: str | None) -> str:
     if prompt == "-":
         if sys.stdin.isatty():
             err("reading the prompt from stdin; end it with Ctrl+D")
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)  # bounded: a huge stdin is refused unread
+        _check_size(len(data), "stdin")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -151,9 +161,16 @@ def _read_prompt(prompt: str | None) -> str:
         text = text[:-1] if text.endswith("\n") else text
     else:
         text = prompt
+        _check_size(len(text.encode("utf-8", "surrogatepass")), "the prompt")
     if not text:
         raise UsageError("the prompt is empty; give the model some text to continue")
     return text
+
+
+def _check_size(n_bytes: int, what: str) -> None:
+    if n_bytes > MAX_PROMPT_BYTES:
+        raise UsageError(f"{what} is over {MAX_PROMPT_BYTES >> 20} MiB, far more than a model's window holds "
+                         f"(GPT-2: 1024 tokens, ~4 KB of text); give the part you want the model to continue")
 
 
 generate.__doc__ = (generate.__doc__ or "") + "\n" + EXAMPLES

@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from gptchat.tui.cli import batch as cmd_batch
 from gptchat.tui.cli import bench as cmd_bench
 from gptchat.tui.cli import chat as cmd_chat
+from gptchat.tui.cli import estimate as cmd_estimate
+from gptchat.tui.cli import compare as cmd_compare
+from gptchat.tui.cli import eval as cmd_eval
+from gptchat.tui.cli import experiment as cmd_experiment
 from gptchat.tui.cli import finetune as cmd_finetune
 from gptchat.tui.cli import generate as cmd_generate
+from gptchat.tui.cli import inspect as cmd_inspect
 from gptchat.tui.cli import models as cmd_models
 from gptchat.tui.cli import paths as cmd_paths
 from gptchat.tui.cli import templates as cmd_templates
+from gptchat.tui.cli.common import ModelOpt
+
+class _Commands(TyperGroup):
+    """The command group; a reader that closes stdout (`gptchat generate ... | head`) ends a command normally."""
+
+    def invoke(self, ctx):
+        try:
+            rv = super().invoke(ctx)
+            sys.stdout.flush()  # inside the try: what is still buffered meets the closed pipe here, not at exit
+            return rv
+        except BrokenPipeError:
+            # Python's advice (docs, "Note on SIGPIPE"): point stdout at devnull so the flush at interpreter
+            # shutdown finds nothing to complain about; Click's own handler would exit 1 instead
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
+
 
 app = typer.Typer(
     name="gptchat",
+    cls=_Commands,
     help="Chat with, prompt, compare and finetune GPT-2 models from a terminal.",
     add_completion=False,
     invoke_without_command=True,
@@ -28,13 +52,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def _default(ctx: typer.Context) -> None:
+def _default(ctx: typer.Context, model: ModelOpt = None) -> None:
     """Chat with, prompt, compare and finetune GPT-2 models from a terminal.
 
-    With no command, opens the chat app (gptchat chat).
+    With no command, opens the chat app (gptchat chat); `gptchat --model X` opens it with that model.
     """
     if ctx.invoked_subcommand is None:
-        ctx.invoke(cmd_chat.chat)
+        ctx.invoke(cmd_chat.chat, model=model)
 
 
 # Each command module imports only typer and the stdlib at top level: `gptchat --help` never loads torch.
@@ -46,6 +70,11 @@ app.command("runs")(cmd_finetune.runs)
 app.command("models")(cmd_models.models)
 app.command("pull")(cmd_models.pull)
 app.command("bench")(cmd_bench.bench)
+app.command("eval")(cmd_eval.eval_cmd)
+app.command("compare")(cmd_compare.compare)
+app.command("experiment")(cmd_experiment.experiment)
+app.command("estimate")(cmd_estimate.estimate)
+app.command("inspect")(cmd_inspect.inspect)
 app.command("paths")(cmd_paths.paths)
 app.add_typer(cmd_templates.app, name="templates")
 
@@ -70,5 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err("interrupted")
         sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
+    except OSError as e:  # a file the user named cannot be read or written: one line, as for our own errors
+        if debug():
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        err(f"error: {e.strerror or e}{where}")
+        sys.exit(1)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import WorkerState
@@ -24,31 +24,44 @@ from gptchat.core.prompting.templates import get_template, list_templates
 
 from gptchat.tui.app import slash
 from gptchat.tui.app.controller import BudgetComputed, ChatController
+from gptchat.tui.app.first_run import FirstRun, ModelDownloaded
+from gptchat.tui.app.screens.chat_edits import MessageEdits
 from gptchat.tui.app.screens.compare import CompareScreen
 from gptchat.tui.app.screens.help import HelpScreen
 from gptchat.tui.app.screens.history import HistoryScreen
 from gptchat.tui.app.screens.model_picker import ModelPicker
-from gptchat.tui.app.messages import ModelLoading, ModelMissing, ModelReady, ReplyBegan, ReplyChunk, ReplyEnded
+from gptchat.tui.app.screens.prompt_view import PromptView
+from gptchat.tui.app.messages import (
+    ModelLoading, ModelMissing, ModelReady, PromptRendered, ReplyBegan, ReplyChunk, ReplyEnded,
+)
 from gptchat.tui.app.widgets.budget_bar import BudgetBar
 from gptchat.tui.app.widgets.chat_input import ChatInput
 from gptchat.tui.app.widgets.message_view import MessageView
 from gptchat.tui.app.widgets.no_model import NoModelPanel
 from gptchat.tui.app.widgets.settings_panel import SettingsPanel
 from gptchat.tui.app.widgets.status_line import StatusLine
+from gptchat.tui.app.widgets.transcript import Transcript
 from gptchat.tui.format import human_bytes
 
-class ChatScreen(Screen):
+WIDE = 120  # from this many columns the settings panel is open unless the user closed it (F2)
+PLACEHOLDER = "Type a message (Enter sends, Shift+Enter new line, /help lists commands)"
+
+class ChatScreen(MessageEdits, Screen):
+    # The footer shows these in this order and cuts what does not fit: Help and Quit come first so they
+    # always show; the rest are in Help (F1) and the command palette.
     BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "app.quit", "Quit"),
         Binding("escape", "stop", "Stop reply"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+b", "edit_last", "Edit last"),
-        Binding("ctrl+t", "copy_last", "Copy reply"),
-        Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("f2", "toggle_settings", "Settings"),
         Binding("f3", "history", "History"),
         Binding("f4", "compare", "Compare"),
-        Binding("f1", "help", "Help"),
+        Binding("f5", "show_prompt", "Prompt"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", show=False),
+        Binding("ctrl+b", "edit_last", "Edit last", show=False),
+        Binding("ctrl+t", "copy_last", "Copy reply", show=False),
     ]
 
     def __init__(self, **kw):
@@ -58,7 +71,9 @@ class ChatScreen(Screen):
         self.cancel = threading.Event()
         self.reply_view: MessageView | None = None
         self._budget_timer = None
+        self.settings_choice: bool | None = None  # the panel shown (True) or hidden by F2; None: by width
         self.controller = ChatController(self)
+        self.first_run = FirstRun(self)
 
     @property
     def session(self):
@@ -68,16 +83,15 @@ class ChatScreen(Screen):
         names = [t.name for t in list_templates()[0]]
         with Horizontal(id="main"):
             with Vertical(id="chat-col"):
-                with VerticalScroll(id="messages"):
-                    yield NoModelPanel(id="no-model", classes="hidden")
+                yield Transcript(id="messages")
                 yield BudgetBar(id="budget")
-                yield ChatInput(id="input")
+                yield ChatInput(id="input", placeholder=PLACEHOLDER)
             yield SettingsPanel(names, id="settings")
         yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#messages", VerticalScroll).anchor()
+        self.fit_settings_panel()
         self.show_turns()
         self.sync_settings()
         self.query_one("#input", ChatInput).focus()
@@ -100,7 +114,11 @@ class ChatScreen(Screen):
         if s.model != msg.spec:
             self.session.settings = replace(s, model=msg.spec)
             self.sync_settings()
-        self.query_one("#no-model").add_class("hidden")
+        self.messages.model_ready(msg.spec, self.session.settings.template)
+        panel = self.query_one(NoModelPanel)
+        if self.focused is None or panel in self.focused.ancestors:  # its buttons are hidden now: type a message
+            self.query_one("#input", ChatInput).focus()
+        self.controller.remember()
         self.show_model(msg.spec, i)
         self.update_memory()
         self.update_budget()
@@ -117,9 +135,7 @@ class ChatScreen(Screen):
             self.show_model(self.loaded.spec, self.loaded.lm.describe())
             self.notify(f"{msg.reason}; still using {self.loaded.spec}", title="Model not switched", severity="warning")
             return
-        panel = self.query_one("#no-model", NoModelPanel)
-        panel.set_reason(msg.reason, msg.local)
-        panel.remove_class("hidden")
+        self.messages.show_no_model(msg.reason, msg.local)
         st = self.query_one(StatusLine)
         st.state, st.model = "no model", msg.reason
         self.controller.budget_seq += 1  # any preview still on its way is for a model we no longer have
@@ -152,24 +168,23 @@ class ChatScreen(Screen):
         if text.startswith("//"):
             text = text[1:]
         turn = self.session.add_user(text)
-        self.messages.mount(MessageView("user", turn.text))
+        self.messages.add("user", turn.text)
         box.clear()
         self.start_reply()
 
     @property
-    def messages(self) -> VerticalScroll:
-        return self.query_one("#messages", VerticalScroll)
+    def messages(self) -> Transcript:
+        return self.query_one("#messages", Transcript)
 
     def start_reply(self) -> None:
-        self.reply_view = MessageView("assistant", "", status="streaming")
-        self.messages.mount(self.reply_view)
-        self.messages.anchor()
+        self.reply_view = self.messages.add("assistant", "", status="streaming")
         self.generating = True
         self.query_one(StatusLine).state = "generating"
         self.cancel = threading.Event()
         self.controller.generate(self.loaded, self.cancel)
 
     def on_reply_began(self, msg: ReplyBegan) -> None:
+        self.messages.mark_dropped(msg.turns_dropped)
         if msg.dropped:
             self.notify("; ".join(msg.dropped), title="Dropped to fit the window")
 
@@ -189,9 +204,21 @@ class ChatScreen(Screen):
         self.update_memory()
         self.update_budget()
 
+    @on(NoModelPanel.Chosen)
+    def on_first_model(self, event: NoModelPanel.Chosen) -> None:
+        try:
+            self.first_run.choose(event.choice)
+        except GptchatError as e:
+            self.controller.notify_error(e)
+
+    def on_model_downloaded(self, msg: ModelDownloaded) -> None:
+        self.controller.apply_setting("model", msg.name)
+
     def on_worker_state_changed(self, event) -> None:
         self.app.report_worker_error(event)  # the app shows worker errors; here we leave "generating"
         w = event.worker
+        if w.group == "download" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            self.first_run.ended()
         if w.group == "generate" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self.generating = False
             if self.reply_view is not None and self.reply_view.status == "streaming":
@@ -208,91 +235,6 @@ class ChatScreen(Screen):
         elif self.focused is not None and self.focused.id != "input":
             self.query_one("#input", ChatInput).focus()
 
-    def _busy(self) -> bool:
-        if self.generating:
-            self.notify("a reply is streaming: press Escape to stop it first", severity="warning")
-        return self.generating
-
-    def action_regenerate(self) -> None:
-        if self._busy():
-            return
-        if self.loaded is None:
-            self.notify("no model is loaded", severity="warning")
-            return
-        if self.session.pop_reply() is not None:
-            views = self.messages.query(MessageView)
-            if views and views.last().role == "assistant":
-                views.last().remove()
-        if self.session.pending_input() is None:
-            self.notify("nothing to regenerate yet", severity="warning")
-            return
-        self.start_reply()
-
-    def action_edit_last(self) -> None:
-        if self._busy():
-            return
-        text = self.session.pop_exchange()
-        if text is None:
-            self.notify("no message to edit", severity="warning")
-            return
-        views = list(self.messages.query(MessageView))
-        while views and views[-1].role == "assistant":
-            views.pop().remove()
-        if views:
-            views.pop().remove()
-        self.put_input(text)
-
-    def action_copy_last(self) -> None:
-        for t in reversed(self.session.turns):
-            if t.role == "assistant":
-                self.copy(t.text)
-                return
-        self.notify("no reply to copy yet", severity="warning")
-
-    def copy(self, text: str) -> None:
-        self.app.copy_to_clipboard(text)
-        self.notify(f"copied {len(text)} characters")
-
-    @on(MessageView.Action)
-    def on_message_action(self, event: MessageView.Action) -> None:
-        if event.action == "copy":
-            self.copy(event.view.text)
-        elif event.action == "edit":
-            views = list(self.messages.query(MessageView))
-            users = [v for v in views if v.role == "user"]
-            if users and event.view is users[-1]:
-                self.action_edit_last()
-            elif event.view.role == "user":
-                self.edit_from(views, event.view)
-            else:  # a reply: bring its text back to send it as a message
-                self.put_input(event.view.text)
-
-    def edit_from(self, views: list[MessageView], view: MessageView) -> None:
-        """Branch at an older message of yours: it and everything after it leave the view (kept in
-        history, marked replaced), its text goes to the input, and sending continues from there."""
-        if self._busy():
-            return
-        i = views.index(view)
-        turns = self.session.turns
-        if len(views) != len(turns) or turns[i].role != "user" or turns[i].text != view.text:
-            self.notify("this view is out of step with the conversation: reopen it from History (F3)",
-                        severity="warning")
-            return
-        n_later = len(turns) - i - 1
-        text = self.session.branch(i)
-        for v in views[i:]:
-            v.remove()
-        self.reply_view = None
-        self.put_input(text)
-        self.notify(f"editing an earlier message: the {n_later} after it are set aside (kept in history)")
-
-    def put_input(self, text: str) -> None:
-        box = self.query_one("#input", ChatInput)
-        box.text = text
-        box.focus()
-        box.move_cursor(box.document.end)
-        self.update_budget()
-
     def action_new_chat(self) -> None:
         if self.generating:
             self.cancel.set()
@@ -305,13 +247,46 @@ class ChatScreen(Screen):
     def action_toggle_settings(self) -> None:
         panel = self.query_one(SettingsPanel)
         panel.toggle_class("hidden")
-        if not panel.has_class("hidden"):
+        self.settings_choice = not panel.has_class("hidden")
+        if self.settings_choice:
             panel.query_one("#set-template").focus()
         else:
             self.query_one("#input", ChatInput).focus()
 
+    def fit_settings_panel(self) -> None:
+        """Below WIDE columns the panel starts hidden (the chat needs the room); F2 overrides."""
+        if self.settings_choice is None:
+            self.query_one(SettingsPanel).set_class(self.app.size.width < WIDE, "hidden")
+
+    def on_resize(self, event) -> None:
+        self.fit_settings_panel()
+
+    @property
+    def focus_chain(self):
+        """Tab from the input reaches the messages (newest first) before the settings panel."""
+        chain = super().focus_chain
+        views = [w for w in chain if isinstance(w, MessageView)]
+        rest = [w for w in chain if not isinstance(w, MessageView)]
+        box = self.query_one("#input", ChatInput)
+        if box not in rest:
+            return chain
+        i = rest.index(box) + 1
+        return rest[:i] + views[::-1] + rest[i:]
+
+    def set_markdown(self, on: bool) -> None:
+        self.messages.set_markdown(on)
+
+    def action_show_prompt(self) -> None:
+        try:
+            self.controller.show_prompt()
+        except GptchatError as e:
+            self.controller.notify_error(e)
+
+    def on_prompt_rendered(self, msg: PromptRendered) -> None:
+        self.app.push_screen(PromptView(msg.rendered, msg.what))
+
     def action_pick_model(self) -> None:
-        self.app.push_screen(ModelPicker(), self._picked)
+        self.app.push_screen(ModelPicker(self.session.settings.model), self._picked)
 
     def _picked(self, spec: str | None) -> None:
         if spec:
@@ -328,8 +303,15 @@ class ChatScreen(Screen):
             return
         if self.generating:
             self.cancel.set()
-        self.session.open(conv_id)
+        before = self.session.settings
+        self.session.open(conv_id)  # the conversation's own settings come back with it
         self.show_turns()
+        self.sync_settings()
+        self.controller.remember()
+        s = self.session.settings
+        if s.model is not None and (s.model, s.device, s.dtype) != (before.model, before.device, before.dtype):
+            self.controller.before_switch = before  # the working model stays until this one is ready
+            self.start_load()
         self.update_budget()
 
     def action_compare(self, spec: str = "") -> None:
@@ -342,25 +324,27 @@ class ChatScreen(Screen):
 
     def show_turns(self) -> None:
         """Rebuild the message list from the session (after new chat or reopening one)."""
-        self.messages.query(MessageView).remove()
         self.reply_view = None
-        views = [MessageView(t.role, t.text, t.status, t.info) for t in self.session.turns]
-        if views:
-            self.messages.mount_all(views)
-        self.messages.anchor()
+        self.messages.show_turns(self.session.turns)
 
     def sync_settings(self) -> None:
         s = self.session.settings
         try:
-            resolved = s.resolved(get_template(s.template).options)
+            tpl = get_template(s.template)
         except GptchatError:
-            resolved = {}
-        self.query_one(SettingsPanel).sync(s, resolved)
+            resolved, variables = {}, {}
+        else:
+            resolved = s.resolved(tpl.options)
+            variables = {n: tpl.variables.get(n, "") for n in tpl.variable_names() if n != tpl.input_variable}
+        self.query_one(SettingsPanel).sync(s, resolved, variables)
 
     @on(SettingsPanel.Changed)
     def on_setting(self, event: SettingsPanel.Changed) -> None:
         if event.name == "pick_model":
             self.action_pick_model()
+            return
+        if event.name.startswith("var:"):
+            self.controller.set_var(event.name[4:], event.value, quiet=not event.final)
             return
         self.controller.apply_setting(event.name, event.value, quiet=not event.final)
 
@@ -389,4 +373,6 @@ class ChatScreen(Screen):
         if msg.note:
             bar.show_note(msg.note)
         else:
-            bar.show(msg.segments, msg.n_ctx, msg.dropped)
+            bar.show(msg.segments, msg.n_ctx, msg.dropped, msg.reserve_note)
+            if not self.generating:
+                self.messages.mark_dropped(msg.turns_dropped)

@@ -22,6 +22,14 @@ from gptchat.tui.app.widgets.message_view import MessageView
 BATCH_S = 0.04
 
 
+def pane_speed(tokens: int, first: float | None, end: float, fallback: float | None) -> float | None:
+    """A pane's own tokens per second, from its first text to its last. Panes of different models run one
+    after another, so a figure timed from the comparison's start counts the wait for the panes before."""
+    if first is None or tokens < 2 or end <= first:
+        return fallback
+    return (tokens - 1) / (end - first)
+
+
 class CompareScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop_or_back", "Stop / back"),
@@ -81,7 +89,8 @@ class CompareScreen(Screen):
     def build(self, panes) -> None:
         row = self.query_one("#pane-row", Horizontal)
         row.remove_children()
-        self.views = [MessageView("assistant", "", status="done", label=p.label()) for p in panes]
+        # footers inside the box: a narrow pane cuts a border subtitle, the body wraps
+        self.views = [MessageView("assistant", "", status="done", label=p.label(), footer_inside=True) for p in panes]
         for v in self.views:
             row.mount(VerticalScroll(v, classes="pane"))
 
@@ -112,9 +121,11 @@ class CompareScreen(Screen):
 
         app = self.app
         bufs: dict[int, list[str]] = {}
+        first: dict[int, float] = {}  # when each pane's first text came
         last = time.monotonic()
         for ev in run_compare(app.pool, panes, text, app.session.settings, cancel, app.session.store):
             if isinstance(ev, PaneDelta):
+                first.setdefault(ev.pane, time.monotonic())
                 bufs.setdefault(ev.pane, []).append(ev.text)
                 if time.monotonic() - last >= BATCH_S:
                     for i, b in bufs.items():
@@ -126,7 +137,9 @@ class CompareScreen(Screen):
                 if bufs.get(ev.pane):
                     self.post_message(PaneChunk(ev.pane, "".join(bufs.pop(ev.pane))))
                 c = ev.completion
-                self.post_message(PaneEnded(ev.pane, c.text, "stopped" if c.finish_reason == "cancelled" else "done", ev.info))
+                info = {**ev.info, "tokens_per_s": pane_speed(c.completion_tokens, first.get(ev.pane), time.monotonic(),
+                                                              ev.info.get("tokens_per_s"))}
+                self.post_message(PaneEnded(ev.pane, c.text, "stopped" if c.finish_reason == "cancelled" else "done", info))
 
     def on_pane_chunk(self, msg: PaneChunk) -> None:
         self.views[msg.pane].append(msg.text)

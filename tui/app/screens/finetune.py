@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from textual import on, work
@@ -73,8 +74,8 @@ class FinetuneScreen(Screen):
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "start":
             return not self.run_name
-        if action == "stop":
-            return bool(self.run_name)
+        if action == "stop":  # shown while the run can be stopped, and only then
+            return bool(self.run_name) and self.state not in DONE_STATES and not self.stopping
         return True
 
     # -- layout -----------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class FinetuneScreen(Screen):
                 with Horizontal(id="ft-buttons"):
                     yield Button("Stop", id="ft-stop", variant="error")
                     yield Button("Compare base vs finetuned", id="ft-compare", variant="success", disabled=True)
+                    yield Button("Chat with it", id="ft-chat", variant="primary", disabled=True)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -239,6 +241,7 @@ class FinetuneScreen(Screen):
         self.query_one("#ft-form").add_class("hidden")
         self.query_one("#ft-side").add_class("hidden")
         self.query_one("#ft-live").remove_class("hidden")
+        self.query_one("#ft-stop", Button).focus()  # the hidden form must not keep the keys (Ctrl+X is its "cut")
         self.query_one("#ft-title", Label).update(f"Finetune · {name}")
         self.refresh_bindings()
         self.query_one("#ft-run-title", Label).update(f"run {name}  ({self.folder})")
@@ -321,9 +324,15 @@ class FinetuneScreen(Screen):
             line += f"\nerror: {self.error}"
         self.query_one("#ft-stats", Static).update(line)
         done = self.state in DONE_STATES
-        self.query_one("#ft-stop", Button).disabled = done or self.stopping
+        stop, compare = self.query_one("#ft-stop", Button), self.query_one("#ft-compare", Button)
+        stop.disabled = done or self.stopping
         has_ckpt = (self.folder / "best").exists() or (self.folder / "last").exists()
-        self.query_one("#ft-compare", Button).disabled = not (done and has_ckpt)
+        compare.disabled = not (done and has_ckpt)
+        chat = self.query_one("#ft-chat", Button)
+        chat.disabled = compare.disabled
+        if stop.disabled and self.focused in (stop, None) and not chat.disabled:
+            chat.focus()  # what comes next once the run is over
+        self.refresh_bindings()
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -346,6 +355,13 @@ class FinetuneScreen(Screen):
         base = self.base_model or self.chat_model()
         self.app.push_screen(CompareScreen(f"{base}:chat, {self.run_name}:chat"))
 
+    @on(Button.Pressed, "#ft-chat")
+    def chat_with_it(self) -> None:
+        """Back to the chat, switched to this run's model (open_finetune's callback switches it)."""
+        if self._tail_timer is not None:
+            self._tail_timer.stop()
+        self.dismiss(self.run_name)
+
     def action_back(self) -> None:
         if self._tail_timer is not None:
             self._tail_timer.stop()
@@ -364,4 +380,11 @@ def open_finetune(app, arg: str = "") -> None:
     if not launch.available():
         app.notify("finetuning is not available in this build", severity="warning")
         return
-    app.push_screen(FinetuneScreen(arg))
+    app.push_screen(FinetuneScreen(arg), partial(_chat_with, app))
+
+
+def _chat_with(app, run_name: str | None) -> None:
+    """The finetune screen closed with "Chat with it": the chat switches to the run's model."""
+    controller = getattr(app.screen, "controller", None)  # only the chat screen has one
+    if run_name and controller is not None:
+        controller.apply_setting("model", run_name)

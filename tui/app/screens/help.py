@@ -6,6 +6,7 @@ make a cycle)."""
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -26,23 +27,23 @@ def _key(b: Binding) -> str:
 def help_table(chat_bindings: list[Binding]) -> Table:
     t = Table(box=None, show_header=False, padding=(0, 2))
     t.add_column(style="bold cyan", no_wrap=True)
-    t.add_column()
-    sections = [
-        ("Chat", list(chat_bindings) + [Binding("enter", "", "Send"), Binding("shift+enter,ctrl+j", "", "New line"),
-                                        Binding("ctrl+p", "", "Command palette"), Binding("ctrl+q", "", "Quit")]),
-        ("A focused message (Tab to reach it)", MessageView.BINDINGS),
-        ("History", HistoryScreen.BINDINGS),
-        ("Compare", CompareScreen.BINDINGS),
+    t.add_column()  # cells are Text: "/export [md|json] [PATH]" must not be read as markup
+    sections = [  # (title, a note beside it, bindings)
+        ("Chat", "", list(chat_bindings) + [Binding("enter", "", "Send"), Binding("shift+enter,ctrl+j", "", "New line"),
+                                            Binding("ctrl+p", "", "Command palette")]),
+        ("A message", "Tab from the input reaches the newest", MessageView.BINDINGS),
+        ("History", "", HistoryScreen.BINDINGS),
+        ("Compare", "", CompareScreen.BINDINGS),
     ]
-    for title, bindings in sections:
-        t.add_row(f"[b u]{title}[/]", "")
+    for title, note, bindings in sections:
+        t.add_row(Text(title, style="bold underline"), Text(note, style="dim"))
         for b in bindings:
             if b.description:
-                t.add_row(_key(b), b.description)
+                t.add_row(Text(_key(b)), Text(b.description))
         t.add_row("", "")
-    t.add_row("[b u]Slash commands[/] (type in the input)", "")
+    t.add_row(Text("Slash commands", style="bold underline"), Text("type them in the input", style="dim"))
     for cmd, desc in slash.help_lines():
-        t.add_row(cmd, desc)
+        t.add_row(Text(cmd), Text(desc))
     return t
 
 

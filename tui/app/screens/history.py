@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -49,7 +50,8 @@ class HistoryScreen(Screen[str | None]):
         for c in self.store.conversations(query or None):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
             kind = " [compare]" if c.kind == "compare" else ""
-            ol.add_option(Option(f"{when}  {c.name or 'Untitled'}{kind}  ({c.n_messages} messages)", id=c.id))
+            # a Text prompt: names are shown as typed, and " [compare]" is not read as markup
+            ol.add_option(Option(Text(f"{when}  {c.name or 'Untitled'}{kind}  ({c.n_messages} messages)"), id=c.id))
         if ol.option_count:
             ol.highlighted = 0
 
@@ -60,6 +62,12 @@ class HistoryScreen(Screen[str | None]):
     @on(Input.Submitted, "#search")
     def search_done(self, event: Input.Submitted) -> None:
         self.query_one(OptionList).focus()
+
+    def on_key(self, event) -> None:
+        """Down leaves the search box for the list (as its title says)."""
+        if event.key == "down" and self.focused is self.query_one("#search", Input):
+            event.stop()
+            self.query_one(OptionList).focus()
 
     def action_search(self) -> None:
         self.query_one("#search", Input).focus()

@@ -22,9 +22,11 @@ class BudgetBar(Static):
         self.n_ctx = 0
         self.dropped: list[str] = []
         self.note = "budget: no model loaded yet"
+        self.reserve_note = ""
 
-    def show(self, segments: list[tuple[str, int]], n_ctx: int, dropped: list[str]) -> None:
+    def show(self, segments: list[tuple[str, int]], n_ctx: int, dropped: list[str], reserve_note: str = "") -> None:
         self.segments, self.n_ctx, self.dropped, self.note = list(segments), n_ctx, list(dropped), ""
+        self.reserve_note = reserve_note
         self.refresh(layout=True)
 
     def show_note(self, note: str) -> None:
@@ -56,7 +58,9 @@ class BudgetBar(Static):
             legend.append(f"{NAMES.get(kind, kind)} {n}  ")
         legend.append(f"of {self.n_ctx}", style="dim")
         out = Text("\n").join([bar, legend])
-        if self.dropped:
+        notes = [f"to fit the window: {'; '.join(self.dropped)} (dimmed above, F5 shows the prompt)"] if self.dropped else []
+        notes += [self.reserve_note] if self.reserve_note else []
+        if notes:
             out.append("\n")
-            out.append("will drop: " + "; ".join(self.dropped), style="bold yellow")
+            out.append("; ".join(notes), style="bold yellow")
         return out

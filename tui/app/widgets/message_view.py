@@ -1,11 +1,17 @@
-"""One chat message: its text grows while a reply streams; focus it to copy or edit."""
+"""One chat message: its text grows while a reply streams; focus it to copy or edit.
+
+Text is shown as typed (never parsed as markup); replies can be drawn as Markdown (``/markdown on``).
+A message dropped from the prompt to fit the window is dimmed and says so in its title.
+"""
 
 from __future__ import annotations
 
+from rich.console import Group
+from rich.markdown import Markdown
+from rich.text import Text
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Static
-from rich.text import Text
 
 
 class MessageView(Static, can_focus=True):
@@ -20,14 +26,19 @@ class MessageView(Static, can_focus=True):
             self.view = view
             self.action = action
 
-    def __init__(self, role: str, text: str = "", status: str = "done", info: dict | None = None, label: str | None = None, **kw):
+    def __init__(self, role: str, text: str = "", status: str = "done", info: dict | None = None,
+                 label: str | None = None, markdown: bool = False, footer_inside: bool = False, **kw):
         super().__init__("", markup=False, **kw)
         self.role = role
         self.text = text
         self.status = status
         self.info = info or {}
+        self.markdown = markdown  # draw a reply as Markdown
+        self.footer_inside = footer_inside  # the footer as the body's last line (narrow panes), not the border
+        self.dropped = False
+        self.label = label or ("You" if role == "user" else "GPT-2")
         self.add_class(role)
-        self.border_title = label or ("You" if role == "user" else "GPT-2")
+        self.border_title = self.label
         self._paint()
 
     def append(self, text: str) -> None:
@@ -42,16 +53,33 @@ class MessageView(Static, can_focus=True):
         self.status = status
         self._paint()
 
+    def set_markdown(self, on: bool) -> None:
+        if on != self.markdown:
+            self.markdown = on
+            self._paint()
+
+    def set_dropped(self, dropped: bool) -> None:
+        """Mark a message the prompt no longer holds (the oldest turns are dropped to fit the window)."""
+        if dropped != self.dropped:
+            self.dropped = dropped
+            self.set_class(dropped, "dropped")
+            self.border_title = f"{self.label} · not in the prompt (dropped to fit)" if dropped else self.label
+
     def _paint(self) -> None:
         self.set_class(self.status == "streaming", "streaming")
         self.set_class(self.status in ("stopped", "error"), "stopped")
-        body = Text(self.text.strip("\n") if self.status != "streaming" else self.text.lstrip("\n"))
+        text = self.text.strip("\n") if self.status != "streaming" else self.text.lstrip("\n")
+        body = Text(text)
         if self.status == "streaming":
             body.append(" ▌", style="bold")
         elif not self.text.strip() and self.role == "assistant":
             body.append("(empty reply)", style="dim italic")
-        self.update(body)
-        self.border_subtitle = self.footer()
+        footer = self.footer()
+        self.border_subtitle = "" if self.footer_inside else footer
+        parts = [Markdown(text) if self.markdown and self.role == "assistant" and text.strip() else body]
+        if self.footer_inside and footer:
+            parts.append(Text(footer, style="dim"))
+        self.update(parts[0] if len(parts) == 1 else Group(*parts))
 
     def footer(self) -> str:
         if self.role != "assistant":

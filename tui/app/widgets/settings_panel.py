@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Select, Switch
 
@@ -35,9 +35,11 @@ class SettingsPanel(VerticalScroll):
         self._shown: dict[str, str] = {}  # what sync last put in each select and switch
 
     def compose(self) -> ComposeResult:
-        yield Label("Settings  (apply to the next message)", classes="panel-title")
+        yield Label("Settings", classes="panel-title")
+        yield Label("apply to the next message", classes="dim panel-sub")
         yield Label("template")
         yield Select([(t, t) for t in self.templates], id="set-template", allow_blank=False, compact=True)
+        yield Vertical(id="vars-box")  # one box per variable of the template (zero-shot's task ...)
         for name, label, ph, tip in FIELDS:
             yield Label(label)
             if name == "model":
@@ -54,10 +56,12 @@ class SettingsPanel(VerticalScroll):
         yield Label("dtype")
         yield Select([(d, d) for d in DTYPES], id="set-dtype", allow_blank=False, compact=True)
 
-    def sync(self, settings, resolved: dict) -> None:
-        """Show ``settings``; unset sampling values show the template's default as a placeholder."""
+    def sync(self, settings, resolved: dict, variables: dict[str, str] | None = None) -> None:
+        """Show ``settings``; unset sampling values show the template's default as a placeholder.
+        ``variables``: the template's variables other than the input, with their defaults."""
         self._syncing = True
         try:
+            self.sync_vars(settings.vars, variables or {})
             if settings.template in self.templates:
                 self.query_one("#set-template", Select).value = settings.template
             for name, _, ph, _ in FIELDS:
@@ -74,15 +78,39 @@ class SettingsPanel(VerticalScroll):
         finally:
             self.call_after_refresh(self._done_sync)
 
+    def sync_vars(self, values: dict[str, str], variables: dict[str, str]) -> None:
+        box = self.query_one("#vars-box", Vertical)
+        shown = [w.id[4:] for w in box.query(Input)]
+        if shown != list(variables):
+            box.remove_children()
+            for name, default in variables.items():
+                box.mount(Label(f"{{{name}}} (template variable)", markup=False))
+                box.mount(Input(placeholder=default or "", id=f"var-{name}", compact=True,
+                                tooltip=f"The template's {{{name}}}; also /var {name} VALUE"))
+            self.call_after_refresh(self._fill_vars, values)
+        else:
+            self._fill_vars(values)
+
+    def _fill_vars(self, values: dict[str, str]) -> None:
+        for w in self.query_one("#vars-box").query(Input):
+            w.value = values.get(w.id[4:], "")
+
     def _done_sync(self) -> None:
         self._syncing = False
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
-        self._changed(event.input.id, event.value)
+        if event.input.id.startswith("var-"):
+            self.post_message(self.Changed(f"var:{event.input.id[4:]}", event.value))
+        else:
+            self._changed(event.input.id, event.value)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
+        if event.input.id.startswith("var-"):
+            if not self._syncing:
+                self.post_message(self.Changed(f"var:{event.input.id[4:]}", event.value, final=False))
+            return
         if not self._syncing and event.input.id != "set-model":
             self.post_message(self.Changed(event.input.id[4:], event.value, final=False))
 

@@ -1,0 +1,1 @@
+"""Scoring models on held-out text: perplexity, in-context examples, experiments."""

@@ -1,0 +1,211 @@
+"""Perplexity of a model on held-out text: sliding windows, batched, the head and the loss in chunks.
+
+The windows are Hugging Face's perplexity-guide scheme: windows of ``window`` tokens start every
+``stride`` tokens; each scores only the tokens the previous one did not reach, so every token after the
+first is scored exactly once, with as much left context as the window allows. Here several windows go
+through the model in one forward (right-padded: attention is causal, so padding after a row never
+changes it), and the final hidden states of the scored positions only go through the head, a few
+thousand rows at a time, so full-vocabulary logits for a whole batch never sit in memory at once.
+
+With a ``prefix`` (in-context examples, see shots.py) each window starts with those tokens: they are
+context only, never scored, and the held-out context shrinks to make room, so the scored tokens are
+the same as without examples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from gptchat.core.errors import ContextOverflow, UsageError
+from gptchat.core.eval.heldout import HeldOut
+from gptchat.core.eval.shots import InContext
+
+HEAD_ROWS = 2048  # scored positions per head chunk: 2048 x 50257 fp32 logits = 0.4 GB
+
+
+@dataclass(frozen=True)
+class Window:
+    """Held-out tokens ``[begin, end)`` as context; ``[first, end)`` of them are scored."""
+
+    begin: int
+    end: int
+    first: int
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - self.first
+
+
+def plan_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
+    """The perplexity guide's windows over ``n_tokens`` tokens (token 0 has no context: never scored)."""
+    if window < 2:
+        raise UsageError(f"the window is {window} tokens; it must be at least 2")
+    if not 1 <= stride < window:
+        # stride == window would leave each window's first token without context, hence unscored
+        raise UsageError(f"--stride is {stride}; it must be at least 1 and less than the window ({window} tokens)")
+    if n_tokens < 2:
+        raise UsageError(f"the held-out text is {n_tokens} token{'s' if n_tokens != 1 else ''}; scoring needs at least 2")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        out.append(Window(begin, end, max(prev_end, 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@dataclass
+class Score:
+    """Sums over the scored tokens, and the normalisations lm-evaluation-harness reports."""
+
+    model: str
+    tokens: int  # held-out tokens scored
+    nats: float  # sum of -log p over them
+    bytes: int  # UTF-8 bytes of the held-out text
+    words: int  # whitespace-separated words of the held-out text
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+    forwarded: int  # tokens through the model (context included)
+    params: int = 0
+    shots: int = 0
+    context_tokens: list[int] = field(default_factory=list)  # example tokens per window (shots > 0)
+    scored_per_window: list[int] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / max(self.bytes, 1)
+
+    @property
+    def word_ppl(self) -> float:
+        return math.exp(min(self.nats / max(self.words, 1), 700.0))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(loss=self.loss, ppl=self.ppl, bits_per_byte=self.bits_per_byte, word_ppl=self.word_ppl,
+                 tokens_per_s=self.tokens_per_s)
+        return d
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One forward's inputs: right-padded ids, and for each scored token its (row, column) and id."""
+
+    ids: torch.Tensor  # (B, T)
+    rows: torch.Tensor  # (N,) batch row of the position that predicts each scored token
+    cols: torch.Tensor  # (N,)
+    targets: torch.Tensor  # (N,)
+
+
+def _batch(ids: list[int], windows: list[Window], prefixes: list[list[int]]) -> Rows:
+    seqs = [p + ids[w.begin : w.end] for w, p in zip(windows, prefixes)]
+    T = max(map(len, seqs))
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, (w, p, s) in enumerate(zip(windows, prefixes, seqs)):
+        x[b, : len(s)] = torch.tensor(s)
+        lo = len(p) + w.first - w.begin  # column of the first scored token
+        rows += [b] * w.n_scored
+        cols += range(lo - 1, lo - 1 + w.n_scored)
+        targets += ids[w.first : w.end]
+    return Rows(x, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
+@torch.inference_mode()
+def _nats(model, vocab: int, batch: Rows, device) -> float:
+    hidden = model(batch.ids.to(device), return_hidden=True)  # (B, T, C)
+    h = hidden[batch.rows.to(device), batch.cols.to(device)]  # (N, C): only the scored positions
+    targets = batch.targets.to(device)
+    total = 0.0
+    for i in range(0, h.shape[0], HEAD_ROWS):
+        # the model's own head module (tied, or whatever the engine made of it), a chunk at a time
+        logits = model.lm_head(h[i : i + HEAD_ROWS])[:, :vocab].float()  # (n, V)
+        nll = torch.logsumexp(logits, -1) - logits.gather(1, targets[i : i + HEAD_ROWS, None]).squeeze(1)
+        total += float(nll.double().sum())
+    return total
+
+
+@dataclass(frozen=True)
+class Plan:
+    windows: list[Window]
+    window: int  # tokens per window, examples included
+    stride: int
+
+
+def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int | None = None,
+              shots: InContext | None = None, batch_tokens: int = 8192,
+              progress: Callable[[int, int], None] | None = None) -> tuple[float, Plan]:
+    """Sum of -log p over held-out ``ids`` with ``engine``'s model, and the windows it used.
+
+    ``window`` defaults to the model's context; ``stride`` to half the held-out part of the window.
+    With ``shots``, window i starts with ``shots.prefix(i)`` (context only, never scored), at most
+    ``shots.room`` tokens: the held-out part of every window is ``window - shots.room`` tokens, so
+    every window fits whatever examples it draws. ``batch_tokens``: tokens per forward (whole
+    windows). ``progress(done, total)`` after each batch.
+    """
+    window = min(window or engine.n_ctx, engine.n_ctx)
+    room = window - (shots.room if shots else 0)
+    if room < 2:
+        raise ContextOverflow(
+            f"the examples alone take up to {shots.room} tokens of the {window}-token window, leaving no room "
+            f"for held-out text; use fewer --shots or shorter examples"
+        )
+    if stride is not None and stride >= room:
+        raise UsageError(f"--stride is {stride}; it must be less than the {room} held-out tokens of each window")
+    plan = Plan(plan_windows(len(ids), room, stride or max(room // 2, 1)), window, stride or max(room // 2, 1))
+    model = engine.model
+    per = max(1, batch_tokens // window)
+    total = 0.0
+    with engine._lock:  # the engine's one-model-at-a-time rule; scoring uses no cache
+        model.drop_cache()
+        for i in range(0, len(plan.windows), per):
+            ws = plan.windows[i : i + per]
+            pre = [shots.prefix(i + j) if shots else [] for j in range(len(ws))]
+            total += _nats(model, engine.vocab_limit, _batch(ids, ws, pre), engine.device)
+            if progress:
+                progress(min(i + per, len(plan.windows)), len(plan.windows))
+    return total, plan
+
+
+def evaluate(lm, text: HeldOut, *, stride: int | None = None, window: int | None = None,
+             shots: InContext | None = None, progress=None) -> Score:
+    """Score ``lm`` (a LoadedModel) on held-out text, zero-shot or with ``shots`` (see shots.py)."""
+    ids = text.ids(lm.tokenizer)
+    t0 = time.perf_counter()
+    nats, plan = score_ids(lm.engine, ids, stride=stride, window=window, shots=shots, progress=progress)
+    seconds = time.perf_counter() - t0
+    ws = plan.windows
+    n_pre = [len(shots.prefix(i)) for i in range(len(ws))] if shots else []
+    return Score(
+        model=lm.name, tokens=sum(w.n_scored for w in ws), nats=nats, bytes=text.n_bytes, words=text.n_words,
+        windows=len(ws), window=plan.window, stride=plan.stride, seconds=seconds,
+        forwarded=sum(w.end - w.begin for w in ws) + sum(n_pre), params=lm.checkpoint.config.n_params(),
+        shots=shots.k if shots else 0, context_tokens=n_pre, scored_per_window=[w.n_scored for w in ws],
+    )
+
+
+def mean_logprob(engine, prompt_ids: list[int], completion_ids: list[int]) -> float | None:
+    """Mean log p of a completion's tokens after its prompt, under ``engine``'s model (None if empty)."""
+    if not completion_ids:
+        return None
+    lp = engine.score(list(prompt_ids) + list(completion_ids))[-len(completion_ids):]
+    return sum(lp) / len(lp)

@@ -1,0 +1,103 @@
+"""`gptchat eval` and `gptchat compare` on the command line: output, JSON, and one clear line per bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptchat.tui.cli.main import main
+from tests.factory import hf_model, save
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(save(hf_model(n_layer=1, n_embd=32, n_positions=64), tmp_path_factory.mktemp("cli") / "m"))
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main([*map(str, args)])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_json_and_table(model, tmp_path, capsys):
+    (tmp_path / "h.txt").write_text("the cat sat on the mat. " * 30)
+    (tmp_path / "ex.jsonl").write_text('{"input": "a", "output": "b"}\n{"question": "c", "answer": "d"}\n')
+    code, out, err = _run(capsys, "eval", tmp_path / "h.txt", "-m", model, "--shots", "0", "--shots", "2",
+                          "--examples", tmp_path / "ex.jsonl", "--device", "cpu", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [r["shots"] for r in rows] == [0, 2] and rows[0]["tokens"] == rows[1]["tokens"]
+    assert "examples took" in err and "per window" in err
+    code, out, _ = _run(capsys, "eval", tmp_path / "h.txt", "-m", model, "--device", "cpu")
+    assert code == 0 and "bits/byte" in out.splitlines()[0] and len(out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "is empty"),
+    ("one-token", "at least 2"),
+    ("unknown-model", "no-such-model"),
+    ("shots-no-examples", "needs --examples"),
+    ("examples-overflow", "examples alone"),
+])
+def test_bad_input_is_one_line(model, tmp_path, capsys, case, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("a")
+    (tmp_path / "h.txt").write_text("the cat sat on the mat. " * 30)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "word " * 100, "completion": "x"}) + "\n")
+    args = {
+        "empty": [tmp_path / "empty.txt", "-m", model],
+        "one-token": [tmp_path / "one.txt", "-m", model],
+        "unknown-model": [tmp_path / "h.txt", "-m", "no-such-model"],
+        "shots-no-examples": [tmp_path / "h.txt", "-m", model, "--shots", "2"],
+        "examples-overflow": [tmp_path / "h.txt", "-m", model, "--shots", "1", "--examples", tmp_path / "long.jsonl"],
+    }[case]
+    code, out, err = _run(capsys, "eval", *args, "--device", "cpu")
+    assert code in (1, 2) and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_compare_scores_each_pane_under_its_model(model, capsys):
+    code, out, err = _run(capsys, "compare", "the cat", "a dog", "-m", model, "-t", "raw", "-t", "zero-shot",
+                          "--seed", "3", "-n", "4", "--device", "cpu", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["seed"] == 3 and len(doc["results"]) == 2
+    panes = doc["results"][0]["panes"]
+    assert [p["template"] for p in panes] == ["raw", "zero-shot"]
+    assert all(p["mean_logprob"] is not None and p["mean_logprob"] < 0 for p in panes)
+    again = _run(capsys, "compare", "the cat", "a dog", "-m", model, "-t", "raw", "-t", "zero-shot",
+                 "--seed", "3", "-n", "4", "--device", "cpu", "--json")[1]
+    assert json.loads(again) == doc  # same seed, same completions and scores
+
+
+def test_a_panes_score_is_its_completions_mean_log_prob_in_transformers(model):
+    import threading
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from gptchat.core.prompting.templates import render
+    from gptchat.core.session.compare import Pane, PaneDone, run_compare
+    from gptchat.core.session.pool import ModelPool
+    from gptchat.core.session.settings import ChatSettings
+
+    pool = ModelPool()
+    panes = [Pane(model, "raw"), Pane(model, "zero-shot")]
+    s = ChatSettings(seed=5, device="cpu", dtype="fp32", max_new_tokens=6)
+    done = [ev for ev in run_compare(pool, panes, "the cat", s, threading.Event(), score=True) if isinstance(ev, PaneDone)]
+    hf = GPT2LMHeadModel.from_pretrained(model).eval()
+    tok = pool.load(model, "cpu", "fp32").lm.tokenizer
+    for ev in done:
+        prompt = render(panes[ev.pane].template, {"input": "the cat"}, tokenizer=tok).ids
+        ids = prompt + ev.completion.token_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        want = logp[torch.arange(len(prompt) - 1, len(ids) - 1), torch.tensor(ids[len(prompt):])].mean().item()
+        assert ev.info["mean_logprob"] == pytest.approx(want, abs=1e-4)

@@ -1,0 +1,91 @@
+"""`gptchat experiment` end to end in subprocesses: killed mid-way, it resumes without redoing cells;
+the same JSONL file drives finetuning, --examples and the experiment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gptchat.core.eval.shots import in_context
+from gptchat.core.generate.loaded import open_model
+from gptchat.core.paths import get_paths
+from gptchat.core.prompting.templates import list_templates, load_examples, render
+from gptchat.core.train import data, list_runs
+from gptchat.tui.cli.main import main
+from tests.factory import hf_model, save
+
+# a corpus the model can only get better at: one sentence, again and again
+PAIRS = [{"prompt": "The red fox", "completion": " jumps over the lazy dog." * (3 + i % 4)} for i in range(40)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return f
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "gptchat.tui", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_one_jsonl_file_drives_finetune_data_and_examples(corpus, tmp_path):
+    path = save(hf_model(n_layer=1, n_embd=32, n_positions=64), tmp_path / "m")
+    lm = open_model(str(path), device="cpu", dtype="fp32")
+    ds = data.prepare([corpus], lm.tokenizer, fmt="jsonl")
+    assert ds.n_tokens > 0 and ds.mask is not None
+    for template in (None, "few-shot", "one-shot", "few-shot-qa"):
+        ctx = in_context(1, str(corpus), lm.tokenizer, template)
+        assert "lazy dog" in lm.tokenizer.decode(ctx.prefix(0))
+    # --examples for every bundled template that shows examples: the pair maps onto its two fields
+    templates, _ = list_templates()
+    for tpl in [t for t in templates if t.takes_examples]:
+        pool = load_examples(corpus, tpl.example_fields)
+        r = render(tpl, {tpl.input_variable: "x"}, tokenizer=lm.tokenizer, examples=pool, shots=1)
+        assert "lazy dog" in r.text and r.examples_used, tpl.name
+
+
+@pytest.mark.slow
+def test_experiment_resumes_after_sigkill_and_finetuning_lowers_the_loss(corpus, tmp_path, capsys):
+    a = save(hf_model(n_layer=1, n_embd=32, n_positions=64, seed=1), tmp_path / "a")
+    b = save(hf_model(n_layer=1, n_embd=32, n_positions=64, seed=2), tmp_path / "b")
+    args = ["experiment", corpus, "--name", "study", "--models", f"{a},{b}", "--finetune-steps", "20",
+            "--lr", "3e-3", "--batch-size", "4", "--block-size", "32", "--device", "cpu", "--json"]
+    cells = get_paths().data / "experiments" / "study" / "cells"
+    first = _cli(*args)
+    deadline = time.monotonic() + 120
+    while not (cells / "base-a.json").exists():  # wait for the first finished cell, then kill mid-study
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    assert "base-a.json" in done and len(done) < 4
+
+    second = _cli(*args)
+    out, errs = second.communicate(timeout=300)
+    assert second.returncode == 0, errs
+    assert "a: cached" in errs
+    for name, mtime in done.items():
+        assert (cells / name).stat().st_mtime_ns == mtime  # finished cells were not redone
+    rows = {r["row"]: r for r in json.loads(out)["rows"]}
+    assert set(rows) == {"base-a", "finetuned-a", "base-b", "finetuned-b"}
+    assert rows["finetuned-a"]["loss"] < rows["base-a"]["loss"] - 1.0
+    assert rows["finetuned-b"]["loss"] < rows["base-b"]["loss"] - 1.0
+    assert all(len(r["samples"]) >= 1 for r in rows.values()) and rows["finetuned-a"]["curve"]
+
+    with pytest.raises(SystemExit) as e:  # in process: --show computes nothing
+        main(["experiment", "--show", "study", "--markdown", str(tmp_path / "r.md")])
+    assert e.value.code in (0, None)
+    assert "finetuned" in capsys.readouterr().out
+    report = (tmp_path / "r.md").read_text()
+    assert report.count("<svg") == 2 and "<polyline" in report and "| * |" in report
+    assert {"study-finetuned-a", "study-finetuned-b"} <= {r["name"] for r in list_runs()}  # ordinary runs

@@ -1,0 +1,135 @@
+"""`gptchat eval`'s numbers against transformers' loss on the same weights and the same windows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gptchat.core.errors import ContextOverflow, DataError, GptchatError, UsageError
+from gptchat.core.eval.heldout import HeldOut, load_heldout
+from gptchat.core.eval.perplexity import evaluate, plan_windows, score_ids
+from gptchat.core.eval.shots import in_context
+from gptchat.core.generate.loaded import open_model
+from tests.factory import hf_model, save
+
+N_CTX = 64
+WORDS = "the cat sat on a mat while every dog ran far into green parks".split()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = hf_model(n_positions=N_CTX)
+    path = save(hf, tmp_path_factory.mktemp("eval") / "m")
+    return hf, open_model(str(path), device="cpu", dtype="fp32")
+
+
+def _text(n_words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n_words,), generator=g).tolist())
+
+
+def _reference(hf, ids, windows, prefix=lambda i: []) -> tuple[float, int]:
+    """The perplexity guide's loop: one window at a time, labels -100 on context, transformers' own loss."""
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for i, w in enumerate(windows):
+            p = prefix(i)
+            x = torch.tensor([p + ids[w.begin : w.end]])
+            labels = x.clone()
+            labels[0, : len(p) + w.first - w.begin] = -100
+            k = int((labels[0, 1:] != -100).sum())
+            nats += float(hf(x, labels=labels).loss) * k
+            n += k
+    return nats, n
+
+
+@pytest.mark.parametrize("stride", [3, 32, 63])
+def test_loss_equals_transformers_for_every_stride(models, stride):
+    hf, lm = models
+    text = HeldOut([_text(150)], "t")
+    ids = text.ids(lm.tokenizer)
+    s = evaluate(lm, text, stride=stride)
+    nats, plan = score_ids(lm.engine, ids, stride=stride)
+    ref, n = _reference(hf, ids, plan.windows)
+    assert s.tokens == n == len(ids) - 1  # every token but the first, once
+    assert s.loss == pytest.approx(ref / n, abs=1e-4)
+    assert s.stride == stride and s.windows == len(plan.windows)
+
+
+def test_a_file_shorter_than_one_window(models):
+    hf, lm = models
+    text = HeldOut(["the cat sat on the mat"], "t")
+    ids = text.ids(lm.tokenizer)
+    s = evaluate(lm, text)
+    assert s.windows == 1 and s.tokens == len(ids) - 1
+    ref, n = _reference(hf, ids, plan_windows(len(ids), N_CTX, N_CTX // 2))
+    assert s.loss == pytest.approx(ref / n, abs=1e-4)
+
+
+def test_endoftext_separates_documents_and_sums_give_the_normalisations(models, tmp_path):
+    hf, lm = models
+    docs = [_text(40, 1), _text(90, 2), _text(30, 3)]
+    f = tmp_path / "held.txt"
+    f.write_text("<|endoftext|>".join(docs))
+    text = load_heldout([str(f)])
+    ids = text.ids(lm.tokenizer)
+    assert ids.count(lm.tokenizer.eot_id) == 2 and text.docs == docs
+    s = evaluate(lm, text, stride=20)
+    ref, n = _reference(hf, ids, plan_windows(len(ids), N_CTX, 20))
+    assert s.loss == pytest.approx(ref / n, abs=1e-4)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    n_words = sum(len(d.split()) for d in docs)
+    assert s.bits_per_byte == pytest.approx(ref / math.log(2) / n_bytes, rel=1e-5)
+    assert s.word_ppl == pytest.approx(math.exp(ref / n_words), rel=1e-4)
+    assert s.ppl == pytest.approx(math.exp(ref / n), rel=1e-4)
+
+
+def test_k_shot_scores_the_same_tokens_and_never_the_examples(models, tmp_path):
+    hf, lm = models
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text("".join(json.dumps({"question": f"what is {w}?", "answer": w}) + "\n" for w in WORDS))
+    text = HeldOut([_text(200, 4)], "t")
+    ids = text.ids(lm.tokenizer)
+    zero = evaluate(lm, text)
+    ctx = in_context(2, str(ex), lm.tokenizer, "few-shot-qa", seed=3)
+    k = evaluate(lm, text, shots=ctx)
+    assert k.tokens == zero.tokens == len(ids) - 1
+    assert len(k.context_tokens) == k.windows and min(k.context_tokens) > 0
+    assert sum(k.scored_per_window) == k.tokens
+    nats, plan = score_ids(lm.engine, ids, shots=ctx)
+    ref, n = _reference(hf, ids, plan.windows, ctx.prefix)
+    assert n == k.tokens and k.loss == pytest.approx(ref / n, abs=1e-4)
+    assert k.loss != pytest.approx(zero.loss, abs=1e-6)  # the examples did change the context
+
+
+def test_plain_text_and_pair_rows_work_as_examples(models, tmp_path):
+    _, lm = models
+    (tmp_path / "ex.txt").write_text("<|endoftext|>".join(_text(10, i) for i in range(5)))
+    (tmp_path / "ex.jsonl").write_text('{"prompt": "a", "completion": " b"}\n{"instruction": "c", "response": " d"}\n')
+    for f, tpl in (("ex.txt", None), ("ex.jsonl", None), ("ex.jsonl", "few-shot")):
+        ctx = in_context(2, str(tmp_path / f), lm.tokenizer, tpl)
+        assert ctx.room > 0 and len(ctx.prefix(0)) <= ctx.room
+    fs = in_context(1, str(tmp_path / "ex.jsonl"), lm.tokenizer, "few-shot")
+    # the bundled demo instruction ("Write the opposite of each word.") is not shown with the user's examples
+    assert "opposite" not in lm.tokenizer.decode(fs.prefix(0))
+    assert "Input: " in lm.tokenizer.decode(fs.prefix(0))
+
+
+def test_bad_input_is_one_clear_error(models, tmp_path):
+    _, lm = models
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        load_heldout([str(tmp_path / "empty.txt")])
+    with pytest.raises(GptchatError, match="at least 2"):
+        evaluate(lm, HeldOut(["a"], "one.txt"))
+    with pytest.raises(UsageError, match="--examples"):
+        in_context(3, None, lm.tokenizer)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"input": _text(80), "output": "x"}) + "\n")
+    ctx = in_context(1, str(tmp_path / "long.jsonl"), lm.tokenizer, "few-shot")
+    with pytest.raises(ContextOverflow, match="examples alone"):
+        evaluate(lm, HeldOut([_text(50)], "t"), shots=ctx)
+    with pytest.raises(UsageError, match="stride"):
+        evaluate(lm, HeldOut([_text(50)], "t"), stride=N_CTX)

@@ -1,0 +1,89 @@
+"""`gptchat experiment`: base, in-context, finetuned and from-scratch models on the same held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, err, print_json
+from gptchat.tui.cli.table import print_table
+
+EXAMPLES = """
+\b
+Examples:
+  gptchat experiment docs/ --name azure
+  gptchat experiment docs/ --name azure --models gpt2,gpt2-medium --shots 0,1,3 --finetune-steps 300 --from-scratch tiny
+  gptchat experiment --show azure --markdown report.md
+"""
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from gptchat.core.errors import UsageError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be whole numbers separated by commas, got {text!r}") from None
+
+
+def experiment(
+    data: Annotated[Optional[list[str]], typer.Argument(help="Text files or folders (.txt/.md/.jsonl) to split into training and held-out text.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="The experiment's name (its folder under the data dir); a rerun with the same name resumes it.")] = None,
+    models: Annotated[str, typer.Option(help="Comma-separated models to compare, each as it is (checkpoints, run names or hub names).")] = "gpt2",
+    shots: Annotated[str, typer.Option(help="Comma-separated example counts: each K > 0 adds a row per model with K training documents before each window.")] = "0",
+    finetune_steps: Annotated[int, typer.Option(help="Finetune each model for this many steps on the training split (0: no finetuned rows); also the steps of --from-scratch.")] = 0,
+    lora: Annotated[bool, typer.Option("--lora", help="Finetune LoRA adapters instead of all weights.")] = False,
+    from_scratch: Annotated[Optional[str], typer.Option(help="Also train a model of this shape from scratch (nano, tiny, mini, gpt2 ...).")] = None,
+    heldout: Annotated[Optional[str], typer.Option(help="Score on this file instead of a split of DATA (then all of DATA trains).")] = None,
+    heldout_fraction: Annotated[float, typer.Option(help="Share of the documents held out by the split.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the split and of the examples' draw.")] = 0,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the finetunes. Default: finetune's.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Finetune batch size. Default: finetune's.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Finetune window in tokens. Default: finetune's.")] = None,
+    show: Annotated[Optional[str], typer.Option(help="Show the experiment NAME's table and samples again (nothing is computed).")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown report (table, samples, SVG charts) to this file.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare base, in-context, finetuned and from-scratch models on the same held-out text."""
+    from gptchat.core.errors import UsageError
+
+    # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
+    from gptchat.core.eval import experiment as X
+
+    if show:
+        spec = X.load_spec(show)
+        cells = X.load_cells(X.folder(show))
+    else:
+        if not data or not name:
+            raise UsageError("give DATA and --name NAME (or --show NAME for a finished experiment)")
+        train = {k: v for k, v in dict(lr=lr, batch_size=batch_size, block_size=block_size).items() if v is not None}
+        spec = X.Spec(name=name, data=list(data), models=[m for m in models.split(",") if m.strip()],
+                      shots=_ints(shots, "--shots"), finetune_steps=finetune_steps, lora=lora, from_scratch=from_scratch,
+                      heldout=heldout, heldout_fraction=heldout_fraction, seed=seed, train=train, device=device, dtype=dtype)
+        cells = X.run(spec, log=lambda s: err(f"experiment: {s}"))
+    _output(X, spec, cells, json_out, markdown)
+
+
+experiment.__doc__ += "\n" + EXAMPLES
+
+
+def _output(X, spec, cells: dict, json_out: bool, markdown: Optional[Path]) -> None:
+    from gptchat.core.eval import report
+
+    order = [r.id for r in X.rows(spec)]
+    best = X.best(cells)
+    if markdown is not None:
+        markdown.write_text(report.markdown(spec.name, X.split_rule(spec), cells, order, best), encoding="utf-8")
+        err(f"wrote {markdown}")
+    if json_out:
+        print_json({"name": spec.name, "split": X.split_rule(spec), "best": best,
+                    "rows": [cells[r] for r in order if r in cells], "missing": [r for r in order if r not in cells]})
+        return
+    print_table(report.table_rows(cells, order, best), report.HEADERS)
+    for r in order:
+        for s in cells.get(r, {}).get("samples", [])[:1]:
+            print(f"{cells[r]['label']}: {s['prompt']}|{s['completion']}".replace("\n", " "))
