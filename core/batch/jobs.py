@@ -203,16 +203,17 @@ def _run(lm, first: list[Job], queue: deque, emit, cancel, rank: int, batch_size
         c = ev.completion
         if c is not None and c.finish_reason != "cancelled":
             n_tokens += c.completion_tokens + (c.finish_reason == "eos")
-            emit(_record(jobs[ev.row], c, batch_size, rank))
+            emit(_record(jobs[ev.row], c, batch_size, rank, lm.engine.quantize))
     for _ in range(len(jobs) - len(first) - len(waiting)):
         queue.popleft()
     return n_tokens
 
 
-def _record(j: Job, c: Completion, batch_size: int, rank: int) -> dict:
+def _record(j: Job, c: Completion, batch_size: int, rank: int, quantize: str = "none") -> dict:
     rec = {
         "id": j.row.id,
         "model": j.cell.model,
+        **({} if quantize == "none" else {"quantize": quantize}),  # the weights the completion came from
         "template": j.cell.template,
         "shots": j.cell.shots,
         "examples": j.example_ids,

@@ -117,6 +117,7 @@ def run(
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
     skipped: list[Skipped] | None = None,
     progress: Callable[[Progress], None] = lambda p: None,
     log: Callable[[str], None] = lambda s: None,
@@ -138,8 +139,8 @@ def run(
         mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
         pending = {c: [r for r in mine_rows if _key(r, c) not in done] for c in cells}
         summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
-        job = _Pass(settings, label, skipped, batch_size, device, dtype, lambda: _open_writer(target, dist), summary,
-                    Progress(rows_total=sum(len(p) for p in pending.values())), progress, log, t0, dist.rank)
+        job = _Pass(settings, label, skipped, batch_size, device, dtype, quantize, lambda: _open_writer(target, dist),
+                    summary, Progress(rows_total=sum(len(p) for p in pending.values())), progress, log, t0, dist.rank)
         try:
             for model in dict.fromkeys(c.model for c in cells):
                 mine = [(i, c) for i, c in enumerate(cells) if c.model == model and pending[c]]
@@ -181,6 +182,7 @@ class _Pass:
     batch_size: int | None
     device: str | None
     dtype: str | None
+    quantize: str | None  # None or "none": the checkpoint's weights; "int8": core/model/quant.py
     open_writer: Callable[[], bio.Writer]  # called at the first result: nothing is written before then
     summary: Summary
     prog: Progress
@@ -261,7 +263,7 @@ def _run_model(job: _Pass, model: str, my_cells: list[tuple[int, Cell]], pending
     if not my_cells:
         return
     job.log(f"loading {model} ...")
-    lm = open_model(model, device=job.device, dtype=job.dtype)
+    lm = open_model(model, device=job.device, dtype=job.dtype, quantize=job.quantize)
     job.summary.load_s += lm.load_s
     job.prog.model = model
     jobs = []

@@ -78,6 +78,7 @@ class Score:
     shots: int = 0
     context_tokens: list[int] = field(default_factory=list)  # example tokens per window (shots > 0)
     scored_per_window: list[int] = field(default_factory=list)
+    quantize: str = "none"  # the model's weights: "none" (as loaded) or "int8" (core/model/quant.py)
 
     @property
     def loss(self) -> float:
@@ -200,6 +201,7 @@ def evaluate(lm, text: HeldOut, *, stride: int | None = None, window: int | None
         windows=len(ws), window=plan.window, stride=plan.stride, seconds=seconds,
         forwarded=sum(w.end - w.begin for w in ws) + sum(n_pre), params=lm.checkpoint.config.n_params(),
         shots=shots.k if shots else 0, context_tokens=n_pre, scored_per_window=[w.n_scored for w in ws],
+        quantize=lm.engine.quantize,
     )
 
 

@@ -183,7 +183,8 @@ class ChatSession:
             raise
         turn.text = comp.text
         turn.status = "stopped" if comp.finish_reason == "cancelled" else "done"
-        turn.info = completion_info(comp, loaded)
+        # the ids as sampled (stop string included) for the inspect view; in memory only, never stored
+        turn.info = {**completion_info(comp, loaded), "token_ids": list(comp.token_ids)}
         if self.store is not None:
             self.store.update_message(
                 turn.msg_id, content=comp.text, status=turn.status, prompt_tokens=comp.prompt_tokens,

@@ -84,7 +84,7 @@ def run_compare(
     base = replace(settings, seed=seed)
     jobs = []  # (pane index, loaded, rendered, opts, template)
     for i, p in enumerate(panes):
-        loaded = pool.load(p.model, settings.device, settings.dtype)
+        loaded = pool.load(p.model, settings.device, settings.dtype, settings.quantize)
         s = replace(base, model=p.model, template=p.template, shots=p.shots)
         rendered, tpl = render_prompt(s, loaded.lm.tokenizer, loaded.lm.engine.n_ctx, text, [])
         if i == 0:  # one sampler for every pane: the settings over the first pane's template defaults

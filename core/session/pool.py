@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptchat.core.generate.loaded import LoadedModel, open_model
+from gptchat.core.model.quant import QuantLinear
 
 
 @dataclass
@@ -21,8 +22,9 @@ class Loaded:
 
     @property
     def key(self) -> tuple:
+        """(spec, device, dtype, quantize): an fp32 and an int8 copy of one checkpoint are two entries."""
         d = self.lm.describe()
-        return (self.spec, d["device"], d["dtype"])
+        return (self.spec, d["device"], d["dtype"], d["quantize"])
 
 
 class ModelPool:
@@ -32,22 +34,26 @@ class ModelPool:
         self._models: dict[tuple, Loaded] = {}
         self._lock = threading.Lock()
 
-    def get(self, spec: str | None, device: str | None = None, dtype: str | None = None) -> Loaded | None:
-        spec = spec or "gpt2"
+    def get(self, spec: str | None, device: str | None = None, dtype: str | None = None,
+            quantize: str | None = None) -> Loaded | None:
+        """The loaded copy matching; device/dtype None or "auto" match any, quantize None means "none"."""
+        spec, quantize = spec or "gpt2", quantize or "none"
         with self._lock:
-            for (s, dev, dt), m in self._models.items():
-                if s == spec and (device in (None, "auto") or dev.startswith(device)) and (dtype in (None, "auto") or dt == dtype):
+            for (s, dev, dt, q), m in self._models.items():
+                if (s == spec and q == quantize and (device in (None, "auto") or dev.startswith(device))
+                        and (dtype in (None, "auto") or dt == dtype)):
                     return m
         return None
 
-    def load(self, spec: str | None, device: str | None = None, dtype: str | None = None) -> Loaded:
+    def load(self, spec: str | None, device: str | None = None, dtype: str | None = None,
+             quantize: str | None = None) -> Loaded:
         spec = spec or "gpt2"
-        got = self.get(spec, device, dtype)
+        got = self.get(spec, device, dtype, quantize)
         if got is not None:
             return got
-        lm = open_model(spec, device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
-        n_bytes = sum(p.numel() * p.element_size() for p in lm.engine.model.parameters())
-        m = Loaded(spec, lm, checkpoint_hash(lm.checkpoint), n_bytes)
+        lm = open_model(spec, device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                        quantize=quantize)
+        m = Loaded(spec, lm, checkpoint_hash(lm.checkpoint), weight_bytes(lm.engine.model))
         with self._lock:
             self._models[m.key] = m
         return m
@@ -64,6 +70,12 @@ class ModelPool:
     def memory(self) -> tuple[int, int]:
         """(bytes of parameters held, resident memory of this process)."""
         return sum(m.bytes for m in self.loaded()), process_rss()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights held: the parameters, plus the int8 layers' packed weights (buffers, not parameters)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def process_rss() -> int:

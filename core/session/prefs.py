@@ -20,7 +20,8 @@ from gptchat.core.paths import get_paths, open_private, private_dir
 from gptchat.core.session.settings import SETTING_NAMES, ChatSettings, parse_setting, settings_from
 
 FILE_NAME = "chat-settings.json"
-KEPT = tuple(n for n in SETTING_NAMES if n not in ("device", "dtype"))  # the machine's, not the chat's
+MACHINE = ("device", "dtype", "quantize")  # the machine's settings, not the chat's: never kept nor restored
+KEPT = tuple(n for n in SETTING_NAMES if n not in MACHINE)
 
 
 def prefs_path() -> Path:
@@ -76,8 +77,8 @@ def startup_settings(given: dict) -> ChatSettings:
 
 def conversation_settings(current: ChatSettings, saved: dict) -> ChatSettings:
     """The settings to continue a conversation with: what it last used (``saved``; settings not in it
-    back to their defaults), on this machine's device and dtype. ``saved`` empty: ``current``."""
+    back to their defaults), on this machine's device, dtype and quantization. ``saved`` empty: ``current``."""
     kept = kept_values(saved)
     if not kept:
         return current
-    return replace(ChatSettings(device=current.device, dtype=current.dtype), **kept)
+    return replace(ChatSettings(**{k: getattr(current, k) for k in MACHINE}), **kept)

@@ -9,6 +9,7 @@ from pathlib import Path
 from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.core.generate.text import GenOptions
+from gptchat.core.model.quant import QUANT_MODES
 from gptchat.core.prompting.templates import get_template
 
 
@@ -29,6 +30,7 @@ class ChatSettings:
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None  # None: the checkpoint's weights; "int8" (core/model/quant.py), CPU only
     vars: dict[str, str] = field(default_factory=dict)  # template variables other than the input (zero-shot's task)
 
     def resolved(self, template_options: dict) -> dict:
@@ -86,6 +88,10 @@ def parse_setting(name: str, text: str):
     text = str(text).strip()
     if text.lower() in options.DEFAULT_WORDS:
         return "chat" if name == "template" else None
+    if name == "quantize":
+        if text.lower() not in QUANT_MODES:
+            raise UsageError(f"quantize is one of {', '.join(QUANT_MODES)}, got {text!r}")
+        return text.lower()
     if name == "shots":
         try:
             v = int(text)
@@ -114,6 +120,6 @@ def settings_from(**given) -> ChatSettings:
                 given[k] = options.check(k, v)
             except ValueError as e:
                 raise UsageError(str(e)) from None
-        elif k in ("template", "shots", "examples"):
+        elif k in ("template", "shots", "examples", "quantize"):
             given[k] = parse_setting(k, str(v))
     return ChatSettings(**given)

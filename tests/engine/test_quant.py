@@ -14,6 +14,7 @@ from gptchat.core.bench import quality
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model import quant
+from tests.cli.test_batch import cli  # `gptchat ARGS` in-process: (exit code, stdout, stderr)
 from tests.factory import hf_model, save
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="this PyTorch has no fbgemm int8 kernels")
@@ -84,3 +85,51 @@ def test_head_loss_equals_the_full_cross_entropy_and_its_gradients():
     chunked.backward()
     assert torch.allclose(full, chunked, atol=1e-5)
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return save(hf_model(seed=7), tmp_path_factory.mktemp("q") / "m")
+
+
+def test_batch_quantize_int8_writes_every_row_from_the_int8_model(small, tmp_path, capfd):
+    import json
+
+    from gptchat.core.generate.loaded import open_model
+    from gptchat.core.generate.text import GenOptions, complete
+
+    prompts = ["Hello there", "The capital of France is", "1, 2, 3,"]
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    # batch size 1: int8 activations share one scale per forward, so only a lone row is batch-independent
+    code, out, err = cli(capfd, "batch", src, "-m", small, "--greedy", "-n", "6", "--device", "cpu",
+                          "--quantize", "int8", "--batch-size", "1")
+    assert code == 0, err
+    recs = sorted((json.loads(line) for line in out.splitlines()), key=lambda r: r["id"])  # stdout: as finished
+    assert [r["id"] for r in recs] == ["1", "2", "3"] and all(r["quantize"] == "int8" for r in recs)
+    low = open_model(str(small), device="cpu", quantize="int8")
+    for r, p in zip(recs, prompts):
+        ref = complete(low.engine, low.tokenizer, low.tokenizer.encode(p), GenOptions(SamplingParams(greedy=True), 6))
+        assert (r["completion"], r["completion_tokens"]) == (ref.text, ref.completion_tokens), p
+    code, out, err = cli(capfd, "batch", src, "-m", small, "--greedy", "-n", "2", "--device", "cpu")
+    assert code == 0, err
+    assert all("quantize" not in json.loads(line) for line in out.splitlines())  # fp32 records are as before
+    code, out, err = cli(capfd, "batch", src, "-m", small, "--device", "cpu", "--quantize", "int4")
+    assert code != 0 and out == "" and "int4" in err
+
+
+def test_eval_scores_the_int8_model_through_its_quantized_head(small, tmp_path, capfd):
+    import json
+
+    (tmp_path / "h.txt").write_text("the cat sat on the mat. " * 30)
+    runs = {}
+    for q in ("none", "int8"):
+        code, out, err = cli(capfd, "eval", tmp_path / "h.txt", "-m", small, "--device", "cpu", "--quantize", q,
+                              "--json")
+        assert code == 0, err
+        runs[q] = json.loads(out)["results"][0]
+    assert runs["int8"]["quantize"] == "int8" and runs["none"]["quantize"] == "none"
+    assert runs["int8"]["tokens"] == runs["none"]["tokens"]
+    # random factory weights: int8 follows fp32's loss to within a few percent, and is not the same number
+    assert abs(runs["int8"]["loss"] - runs["none"]["loss"]) < 0.05 * runs["none"]["loss"]
+    assert runs["int8"]["loss"] != runs["none"]["loss"]

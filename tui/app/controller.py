@@ -49,6 +49,16 @@ class BudgetComputed(Message, bubble=False):
     reserve_note: str = ""  # set when the reply reserve is smaller than max new tokens
 
 
+@dataclass
+class InspectReady(Message, bubble=False):
+    """A reply's prompt and token ids, ready for the inspect view (screens/inspect.py)."""
+
+    lm: object  # the LoadedModel that scores it
+    context_ids: list[int]
+    reply_ids: list[int]
+    params: object  # the settings' SamplingParams
+
+
 class ChatController:
     def __init__(self, screen) -> None:
         self.screen = screen  # the ChatScreen this controls
@@ -152,7 +162,7 @@ class ChatController:
             return False
         self.session.settings = new
         self.remember()
-        if name in ("model", "device", "dtype") and (getattr(new, name) != getattr(old, name) or scr.loaded is None):
+        if name in ("model", "device", "dtype", "quantize") and (getattr(new, name) != getattr(old, name) or scr.loaded is None):
             self.before_switch = old  # the working model stays until the new one is ready
             scr.start_load()
         if not quiet:
@@ -205,15 +215,16 @@ class ChatController:
     def load_model(self) -> None:
         """Load the settings' model in a thread worker; the screen hears ModelReady or ModelMissing."""
         s = self.session.settings
-        self.screen.run_worker(partial(self._load, s.model, s.device, s.dtype), name="load", group="load",
+        self.screen.run_worker(partial(self._load, s.model, s.device, s.dtype, s.quantize), name="load", group="load",
                                thread=True, exclusive=True, exit_on_error=False)
 
     def keep_loaded_model(self, loaded) -> ChatSettings:
-        """The settings after a failed switch: model, device and dtype as they were for ``loaded``."""
+        """The settings after a failed switch: model, device, dtype and quantize as they were for ``loaded``."""
         prev = self.before_switch or self.session.settings
-        return replace(self.session.settings, model=loaded.spec, device=prev.device, dtype=prev.dtype)
+        return replace(self.session.settings, model=loaded.spec, device=prev.device, dtype=prev.dtype,
+                       quantize=prev.quantize)
 
-    def _load(self, spec: str | None, device: str | None, dtype: str | None) -> None:
+    def _load(self, spec: str | None, device: str | None, dtype: str | None, quantize: str | None = None) -> None:
         post = self.screen.post_message
         post(ModelLoading(spec or "a local model"))
         local: list[str] = []
@@ -223,7 +234,7 @@ class ChatController:
                 post(ModelMissing("no GPT-2 checkpoint was found on this machine", local))
                 return
         try:
-            m = self.screen.app.pool.load(spec, device, dtype)
+            m = self.screen.app.pool.load(spec, device, dtype, quantize)
         except USER_ERRORS as e:  # a bad path, device or dtype: say so, and keep any working model
             post(ModelMissing(str(e), local or [lm.name for lm in _scan()]))
             return
@@ -280,6 +291,31 @@ class ChatController:
     def _render_prompt(self, settings: ChatSettings, turns: list[Turn], lm, text: str, what: str) -> None:
         r, _ = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, text, turns)
         self.screen.post_message(PromptRendered(r, what))
+
+    # -- inspecting a reply -----------------------------------------------------------------------
+
+    def inspect(self, index: int) -> None:
+        """Open the inspect view on the reply at ``index`` of the conversation. Its prompt is rendered
+        again from the turns before it (in a worker, like every tokenization); the screen opens the view
+        when InspectReady arrives."""
+        scr = self.screen
+        if scr.loaded is None:
+            raise UsageError("no model is loaded: the model scores the reply")
+        turns = self.session.turns
+        if not 0 < index < len(turns) or turns[index].role != "assistant" or turns[index - 1].role != "user":
+            raise UsageError("only a reply to a message can be inspected")
+        reply = turns[index]
+        if not reply.text and not reply.info.get("token_ids"):
+            raise UsageError("this reply is empty: nothing to inspect")
+        job = partial(self._inspect, self.session.settings, turns[:index], reply, scr.loaded.lm)
+        scr.run_worker(job, name="inspect", group="inspect-prompt", thread=True, exclusive=True, exit_on_error=False)
+
+    def _inspect(self, settings: ChatSettings, before: list[Turn], reply: Turn, lm) -> None:
+        r, tpl = render_prompt(settings, lm.tokenizer, lm.engine.n_ctx, before[-1].text, before[:-1])
+        # the ids as generated when this session wrote the reply; a reopened one has only its text
+        ids = reply.info.get("token_ids") or lm.tokenizer.encode(reply.text)
+        params = settings.gen_options(tpl.options, stop=r.stop).params
+        self.screen.post_message(InspectReady(lm, list(r.ids), list(ids), params))
 
 
 def _scan():

@@ -37,6 +37,8 @@ COMMANDS: dict[str, Command] = {
     "regen": Command("", "regenerate the last reply", action="regenerate"),
     "edit": Command("", "edit the last message and send it again", action="edit_last"),
     "copy": Command("", "copy the last reply", action="copy_last"),
+    "inspect": Command("", "each token of the last reply with its probability and the alternatives (i on a reply)",
+                       action="inspect_last"),
     "rename": Command("NAME", "rename this conversation"),
     "export": Command("[md|json] [PATH]", "export this conversation to Markdown or JSON"),
     "unload": Command("NAME", "unload a model to free memory"),

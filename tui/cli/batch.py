@@ -12,8 +12,8 @@ from gptchat.core.errors import UsageError
 from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
 from gptchat.core.outputs import check_target
 from gptchat.tui.cli.common import (
-    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt, err,
-    print_json, sampling_given,
+    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, QuantizeOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt,
+    err, print_json, sampling_given,
 )
 
 EXAMPLES = """
@@ -30,7 +30,9 @@ Input: .txt (one prompt per line; the id is the line number) or .jsonl (one obje
 "prompt" or the template's variables, an optional "id", and optional per-row temperature, top_k,
 top_p, repetition_penalty, max_new_tokens, greedy, stop, seed). Each output record holds the id,
 model, template, shots, examples used, sampling settings, seed, token counts, the completion, the
-finish reason and timings. A row's seed is sha256("SEED:ID"), so results do not depend on batching.
+finish reason and timings ("quantize": "int8" too under --quantize int8). A row's seed is
+sha256("SEED:ID"), so results do not depend on batching (except under --quantize int8, whose
+activations share one int8 scale per forward: use --batch-size 1 there for batch-independent rows).
 Throughput against transformers: python -m gptchat.core.bench.batch
 """
 
@@ -58,6 +60,7 @@ def batch(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop a completion when the model writes this text (not included); repeatable; \\n and \\t are understood.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout (needs -o).")] = False,
 ) -> None:
     """Complete many prompts in batches, over a grid of models, templates and shots."""
@@ -96,8 +99,8 @@ def batch(
     bar = _Bar(enabled=sys.stderr.isatty() and not quiet)
     summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
                   settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
-                  resume=resume, batch_size=batch_size, device=device, dtype=dtype, skipped=skipped,
-                  progress=bar.update, log=(lambda s: None) if quiet else err, dist=dist)
+                  resume=resume, batch_size=batch_size, device=device, dtype=dtype, quantize=quantize,
+                  skipped=skipped, progress=bar.update, log=(lambda s: None) if quiet else err, dist=dist)
     bar.close()
     if quiet:
         return  # rank 0 reports for every rank

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from gptchat.tui.cli.common import (
-    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, ModelOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt,
+    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, ModelOpt, QuantizeOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
+    TopPOpt,
 )
 
 
@@ -25,6 +26,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for every reply. Default: a new random seed each reply (saved in history).", show_default=False)] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Open the chat app: stream replies, stop with Escape, compare models, search history.
 
@@ -32,6 +34,7 @@ def chat(
       gptchat
       gptchat chat --model ./my-finetune --template chat --temperature 0.7
       gptchat chat -m gpt2-medium --greedy
+      gptchat chat --device cpu --quantize int8
     """
     # heavy imports (torch, textual) stay inside the command so `gptchat --help` is fast
     from gptchat.core.errors import GptchatError
@@ -41,7 +44,7 @@ def chat(
     settings = startup_settings(dict(  # a flag given wins over the last launch's setting; UsageError (exit 2)
         model=model, template=template, shots=shots, examples=examples, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy or None, max_new_tokens=max_new_tokens,
-        seed=seed, device=device, dtype=dtype))
+        seed=seed, device=device, dtype=dtype, quantize=quantize))
     _check_start(model, device, dtype)
     store, store_error = None, None
     try:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, err, print_json
+from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json
 from gptchat.tui.cli.table import print_table
 
 EXAMPLES = """
@@ -15,6 +15,7 @@ Examples:
   gptchat eval heldout.txt --model gpt2 --model gpt2-medium
   gptchat eval docs/ --model gpt2 --stride 256 --json
   gptchat eval heldout.txt --model gpt2 --shots 0 --shots 3 --examples train.jsonl
+  gptchat eval heldout.txt --model gpt2 --device cpu --quantize int8
 """
 HEADERS = ["model", "shots", "tokens", "loss", "ppl", "bits/byte", "word ppl", "seconds", "tokens/s"]
 
@@ -30,6 +31,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed for drawing the examples of each window.")] = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure perplexity, bits per byte and word perplexity of models on held-out text."""
@@ -49,7 +51,7 @@ def eval_cmd(
     text = load_heldout(files)
     scores = []
     for spec in model or ["gpt2"]:
-        lm = open_model(spec, device=device, dtype=dtype)
+        lm = open_model(spec, device=device, dtype=dtype, quantize=quantize)
         for k in ks:
             ctx = in_context(k, examples, lm.tokenizer, template, seed)
             s = evaluate(lm, text, stride=stride, window=window, shots=ctx)
@@ -67,7 +69,8 @@ eval_cmd.__doc__ += "\n" + EXAMPLES
 
 def describe(s) -> str:
     """One line on how a row was scored: windows, stride, example context, scored tokens per window."""
-    line = f"{s.model}: {s.windows} windows of {s.window} tokens, stride {s.stride}, {s.tokens} tokens scored"
+    weights = f" ({s.quantize} weights)" if s.quantize != "none" else ""
+    line = f"{s.model}{weights}: {s.windows} windows of {s.window} tokens, stride {s.stride}, {s.tokens} tokens scored"
     per = s.scored_per_window
     line += f" ({min(per)}-{max(per)} per window)" if per and min(per) != max(per) else f" ({per[0]} per window)" if per else ""
     if s.shots:

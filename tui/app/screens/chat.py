@@ -109,7 +109,7 @@ class ChatScreen(MessageEdits, Screen):
 
     def on_model_ready(self, msg: ModelReady) -> None:
         i = msg.info
-        self.loaded = self.app.pool.get(msg.spec, i["device"], i["dtype"])
+        self.loaded = self.app.pool.get(msg.spec, i["device"], i["dtype"], i["quantize"])
         s = self.session.settings
         if s.model != msg.spec:
             self.session.settings = replace(s, model=msg.spec)
@@ -126,7 +126,8 @@ class ChatScreen(MessageEdits, Screen):
     def show_model(self, spec: str, i: dict) -> None:
         st = self.query_one(StatusLine)
         st.state = "generating" if self.generating else "ready"
-        st.model = f"{spec} · {i['device']} {i['dtype']} · {i['params'] / 1e6:.1f}M params · ctx {i['n_ctx']}"
+        weights = i["dtype"] if i.get("quantize", "none") == "none" else f"{i['quantize']} weights"
+        st.model = f"{spec} · {i['device']} {weights} · {i['params'] / 1e6:.1f}M params · ctx {i['n_ctx']}"
 
     def on_model_missing(self, msg: ModelMissing) -> None:
         if self.loaded is not None:  # a switch failed: keep working with the model we have

@@ -1,4 +1,4 @@
-"""One chat message: its text grows while a reply streams; focus it to copy or edit.
+"""One chat message: its text grows while a reply streams; focus it to copy, edit or inspect.
 
 Text is shown as typed (never parsed as markup); replies can be drawn as Markdown (``/markdown on``).
 A message dropped from the prompt to fit the window is dimmed and says so in its title.
@@ -18,6 +18,7 @@ class MessageView(Static, can_focus=True):
     BINDINGS = [
         Binding("c", "copy", "Copy message"),
         Binding("e", "edit", "Edit and resend"),
+        Binding("i", "inspect", "Inspect a reply: each token's probability"),
     ]
 
     class Action(Message):
@@ -107,3 +108,6 @@ class MessageView(Static, can_focus=True):
 
     def action_edit(self) -> None:
         self.post_message(self.Action(self, "edit"))
+
+    def action_inspect(self) -> None:
+        self.post_message(self.Action(self, "inspect"))
