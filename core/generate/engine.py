@@ -16,7 +16,7 @@ import torch
 
 from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
-from gptchat.core.generate.sampling import SamplingParams, greedy, sample
+from gptchat.core.generate.sampling import SamplingParams, sample
 from gptchat.core.model import packed, quant
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
@@ -156,12 +156,9 @@ class Engine:
         stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         fast = self._packed_linears(B0)
         fast_from = packed.min_batch(self.dtype)
-        # greedy without a penalty is the argmax alone (sample() also builds its filter stages: four
-        # more passes over the vocabulary per token)
-        plain_greedy = params.is_greedy and b.seen is None
         while True:
             V = self.vocab_limit
-            tok = greedy(logits[:, :V]) if plain_greedy else sample(logits[:, :V], params, b.gens, b.seen)  # (B',)
+            tok = sample(logits[:, :V], params, b.gens, b.seen)  # (B',)
             hit = torch.isin(tok, stop_t).tolist()
             if b.seen is not None:
                 b.seen.scatter_(1, tok[:, None], True)

@@ -144,9 +144,9 @@ def sample(
     Each row draws from its own generator, so a row's tokens depend on its seed alone, never on
     which other rows share the batch. Greedy settings take the argmax without touching a generator.
     """
+    if params.is_greedy:  # the last stage keeps only the argmax: no softmax, no generator
+        return greedy(filter_stages(logits, params, seen)[-1][1])
     probs = filtered_probs(logits, params, seen)
-    if params.is_greedy:
-        return torch.argmax(probs, dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     if len(generators) != probs.shape[0]:
