@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from gptchat.core.session.chat import Turn
+from dataclasses import replace
+
+import pytest
+
+from gptchat.core.session.chat import Turn, render_prompt
+from gptchat.core.session.compare import parse_panes
 from gptchat.core.session.store import Store
 from gptchat.tui.app.widgets.budget_bar import BudgetBar
 from gptchat.tui.app.widgets.message_view import MessageView
@@ -13,6 +18,16 @@ from gptchat.tui.app.screens.history import HistoryScreen
 from tests.tui.helpers import (
     chat_screen, make_app, notifications, palette_shows, run, send, wait_for, wait_ready, wait_reply,
 )
+
+
+def expected_score(app, pane, text, completion_ids):
+    """The mean of Engine.score over a pane's completion tokens, after the prompt compare rendered for it."""
+    s = replace(app.session.settings, model=pane.model, template=pane.template, shots=pane.shots)
+    lm = app.pool.load(pane.model, "cpu").lm
+    engine = lm.engine
+    rendered, _ = render_prompt(s, lm.tokenizer, engine.n_ctx, text, [])
+    lp = engine.score(list(rendered.ids) + list(completion_ids))[-len(completion_ids):]
+    return sum(lp) / len(lp) if completion_ids else None
 
 
 async def slash(pilot, app, text):
@@ -235,12 +250,19 @@ def test_compare_panes_stream_together_and_are_saved(tiny_model, tmp_path):
             await wait_for(pilot, lambda: not scr.running and len(scr.views) == 3
                            and all(v.status != "streaming" for v in scr.views), 60, "the comparison")
             views = [(v.border_title, v.text, v.status) for v in scr.views]
+            scores = [(v.info.get("mean_logprob"), v.footer()) for v in scr.views]
+            expected = [expected_score(app, p, "hot", scr.completions[i].token_ids)
+                        for i, p in enumerate(parse_panes(scr.query_one("#panes").value))]
             await pilot.press("escape")
             await pilot.pause()
-            return views, type(app.screen).__name__
+            return views, type(app.screen).__name__, scores, expected
 
-    views, back = run(go())
+    views, back, scores, expected = run(go())
     assert len(views) == 3 and all(status == "done" and text for _, text, status in views)
+    # each pane's footer: its reply's mean log p under its own model, as Engine.score gives it
+    assert all(e is not None for e in expected)
+    assert [lp for lp, _ in scores] == pytest.approx(expected)
+    assert all(f"mean log p {e:.2f}" in footer for e, (_, footer) in zip(expected, scores))
     assert "few-shot 3-shot" in views[1][0]
     assert back == "ChatScreen"
     (conv,) = store.conversations()

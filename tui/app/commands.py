@@ -7,6 +7,7 @@ from functools import partial
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from gptchat.core.prompting.templates import list_templates
+from gptchat.tui.app.screens.experiment import ExperimentScreen
 
 
 class GptchatCommands(Provider):
@@ -18,10 +19,14 @@ class GptchatCommands(Provider):
             out.append((f"model: {m.spec}", "switch to this loaded model", "model", m.spec))
         out += [("greedy on", "always take the most likely token", "greedy", "on"),
                 ("greedy off", "sample with temperature / top-k / top-p", "greedy", "off"),
-                ("seed: random", "a new random seed for every reply", "seed", "none")]
+                ("seed: random", "a new random seed for every reply", "seed", "none"),
+                ("experiments", "each study's table and perplexity chart; start a new study", "screen", "experiment")]
         return out
 
     def _apply(self, name: str, value: str) -> None:
+        if name == "screen":  # a screen to open, not a setting
+            self.app.push_screen(ExperimentScreen())
+            return
         controller = getattr(self.app.screen, "controller", None)  # only the chat screen has one
         if controller is not None:
             controller.apply_setting(name, value)

@@ -26,6 +26,7 @@ from gptchat.core.session.store import export_file
 from gptchat.core.weights.discover import local_models
 
 from gptchat.tui.app import slash
+from gptchat.tui.app.screens.experiment import ExperimentScreen
 from gptchat.tui.app.screens.finetune import open_finetune
 from gptchat.tui.app.messages import (
     ModelLoading, ModelMissing, ModelReady, PromptRendered, ReplyBegan, ReplyChunk, ReplyEnded,
@@ -123,6 +124,9 @@ class ChatController:
 
     def cmd_finetune(self, arg: str) -> None:
         open_finetune(self.screen.app, arg)
+
+    def cmd_experiment(self, arg: str) -> None:
+        self.screen.app.push_screen(ExperimentScreen(arg or None))
 
     def cmd_unload(self, arg: str) -> None:
         if not arg:

@@ -114,11 +114,15 @@ def start(args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
 
     The output goes to ``runs/NAME.log``, next to the run folder the trainer creates.
     """
-    root = get_paths().runs
-    private_dir(root)
-    log = root / f"{name}.log"
+    return start_command("finetune", args, name, get_paths().runs)
+
+
+def start_command(cmd: str, args: list[str], name: str, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """Start ``gptchat CMD ARGS --name NAME`` detached, its output in ``LOG_DIR/NAME.log``."""
+    private_dir(log_dir)
+    log = log_dir / f"{name}.log"
     with open_private(log, "wb") as out:
-        p = subprocess.Popen([sys.executable, "-m", "gptchat.tui", "finetune", *args, "--name", name], stdout=out,
+        p = subprocess.Popen([sys.executable, "-m", "gptchat.tui", cmd, *args, "--name", name], stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return p, log
 

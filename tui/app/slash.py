@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "prompt": Command("", "show the exact prompt the model sees (F5)", action="show_prompt"),
     "compare": Command("[MODEL:TEMPLATE:SHOTS, ...]", "send one prompt to 2-4 panes side by side", action="compare"),
     "finetune": Command("FILE [--steps N ...]", "open the finetune screen (no argument: also the list of runs)"),
+    "experiment": Command("[NAME]", "open the experiments: each study's table and perplexity chart, or start one"),
     "new": Command("", "start a new chat", action="new_chat"),
     "history": Command("", "open the conversation list", action="history"),
     "regen": Command("", "regenerate the last reply", action="regenerate"),
@@ -44,7 +45,7 @@ COMMANDS: dict[str, Command] = {
     "unload": Command("NAME", "unload a model to free memory"),
     "help": Command("", "list every key and command", action="help"),
 }
-ALIASES = {"runs": "finetune", "m": "model", "t": "template", "h": "help", "?": "help", "regenerate": "regen", "clear": "new",
+ALIASES = {"runs": "finetune", "experiments": "experiment", "m": "model", "t": "template", "h": "help", "?": "help", "regenerate": "regen", "clear": "new",
            "temp": "set temperature"}
 
 

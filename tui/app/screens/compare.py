@@ -44,6 +44,7 @@ class CompareScreen(Screen):
         self.running = False
         self.cancel = threading.Event()
         self.views: list[MessageView] = []
+        self.completions: dict = {}  # pane -> its Completion, for what a footer's score was taken over
 
     @classmethod
     def from_history(cls, store, conv_id: str) -> "CompareScreen":
@@ -109,6 +110,7 @@ class CompareScreen(Screen):
             self.notify(str(e), severity="error")
             return
         self.build(panes)
+        self.completions = {}
         for v in self.views:
             v.set_status("streaming")
         self.running = True
@@ -123,7 +125,8 @@ class CompareScreen(Screen):
         bufs: dict[int, list[str]] = {}
         first: dict[int, float] = {}  # when each pane's first text came
         last = time.monotonic()
-        for ev in run_compare(app.pool, panes, text, app.session.settings, cancel, app.session.store):
+        # score: each pane's footer shows its reply's mean log p under its own model
+        for ev in run_compare(app.pool, panes, text, app.session.settings, cancel, app.session.store, score=True):
             if isinstance(ev, PaneDelta):
                 first.setdefault(ev.pane, time.monotonic())
                 bufs.setdefault(ev.pane, []).append(ev.text)
@@ -136,7 +139,7 @@ class CompareScreen(Screen):
             else:
                 if bufs.get(ev.pane):
                     self.post_message(PaneChunk(ev.pane, "".join(bufs.pop(ev.pane))))
-                c = ev.completion
+                c = self.completions[ev.pane] = ev.completion
                 info = {**ev.info, "tokens_per_s": pane_speed(c.completion_tokens, first.get(ev.pane), time.monotonic(),
                                                               ev.info.get("tokens_per_s"))}
                 self.post_message(PaneEnded(ev.pane, c.text, "stopped" if c.finish_reason == "cancelled" else "done", info))

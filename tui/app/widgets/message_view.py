@@ -101,6 +101,8 @@ class MessageView(Static, can_focus=True):
             bits.append(str(i["finish"]))
         if i.get("seed") is not None:
             bits.append(f"seed {i['seed']}")
+        if i.get("mean_logprob") is not None:
+            bits.append(f"mean log p {i['mean_logprob']:.2f}")
         return " · ".join(bits)
 
     def action_copy(self) -> None:
