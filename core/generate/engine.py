@@ -137,7 +137,7 @@ class Engine:
         stop = set(stop_ids or ()) | ({self.eos_id} if self.eos_id is not None and not ignore_eos else set())
         drop = drop if drop is not None else set()
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
-        B0, T = len(prompts), max(map(len, prompts))
+        T = max(map(len, prompts))
         # cache slots: the longest prompt plus the most tokens any row may add (this can pass n_ctx:
         # slots are shared, positions are each row's own and stay inside its window)
         cap = T + max(min(m, self.n_ctx - len(p)) for p, m in zip(prompts, limits))

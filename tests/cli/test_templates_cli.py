@@ -6,14 +6,12 @@ point, and are skipped while the main CLI still misses modules other issues add.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import tomllib
 from importlib import resources
 
-import pytest
 from typer.testing import CliRunner
 
 from gptchat.core.errors import TemplateError

@@ -20,7 +20,7 @@ import pytest
 from gptchat.core.train import Settings, train
 from gptchat.core.train.events import read_events
 from tests.train.test_train_cli import FAST_ARGS, cli, runs_dir, wait_for
-from tests.train.util import FAST, install_vocab, write_corpus
+from tests.train.util import FAST, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,6 @@ SAVE_DELAY = "1.0"  # every checkpoint write held open this long: a wide window 
 
 @pytest.fixture
 def corpus(tmp_path):
-    install_vocab()
     return write_corpus(tmp_path / "data", 40_000)
 
 

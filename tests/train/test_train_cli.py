@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gptchat.core.train.events import read_events
-from tests.train.util import install_vocab, write_corpus
+from tests.train.util import write_corpus
 
 FAST_ARGS = ["--from-scratch", "--arch", "nano", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0"]
 
@@ -59,7 +59,6 @@ def wait_for(cond, timeout=90.0, proc=None):
 
 @pytest.fixture
 def corpus(tmp_path):
-    install_vocab()
     return write_corpus(tmp_path / "data", 40_000)
 
 

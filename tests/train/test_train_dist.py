@@ -24,7 +24,7 @@ from gptchat.core.train.dist import Dist, mixed_precision, wrap
 from gptchat.core.train.events import read_events
 from gptchat.core.train.plan import Plan, pick_sharding
 from tests.factory import hf_model, save
-from tests.train.util import install_vocab, write_corpus
+from tests.train.util import write_corpus
 
 W = 2  # processes; the single process accumulates W micro-batches to see the same sequences a step
 TOL = 1e-5
@@ -101,7 +101,6 @@ def _assert_hf_equal(folder: Path) -> None:
 
 def _baseline(tmp_path, run: dict):
     """(the corpus, the one-process run with W micro-batches a step that the torchrun runs must equal)."""
-    install_vocab()
     corpus = write_corpus(tmp_path / "data", 40_000)
     return corpus, train(Settings(data=[str(corpus)], grad_accum=W, name="one", **run))
 

@@ -13,12 +13,11 @@ from gptchat.core.errors import TrainError, UsageError
 from gptchat.core.train import Settings, train
 from gptchat.core.train.events import read_events
 from gptchat.core.train.runs import runs_root
-from tests.train.util import FAST, install_vocab, write_corpus
+from tests.train.util import FAST, write_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    install_vocab()
     return write_corpus(tmp_path / "data", 60_000)
 
 

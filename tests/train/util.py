@@ -25,13 +25,5 @@ def write_corpus(folder: Path, n_chars: int = 60_000, name: str = "corpus.txt") 
     return p
 
 
-def install_vocab() -> Path:
-    """Put GPT-2's vocabulary where load_tokenizer(None) finds it (the isolated GPTCHAT_HOME)."""
-    from gptchat.core.paths import get_paths
-    from tests.factory import write_hf_vocab
-
-    return write_hf_vocab(get_paths().data / "tokenizer")
-
-
 # fast settings for a nano model on a slow shared CPU: 128 tokens a step, short evals, no samples
 FAST = dict(from_scratch=True, arch="nano", block_size=32, batch_size=4, eval_batches=2, sample_tokens=0)

@@ -147,25 +147,20 @@ def test_palette_switches_template(tiny_model):
     assert run(go()) == "raw"
 
 
-def test_finetune_slash_without_the_module(tiny_model, tmp_path, monkeypatch):
-    from gptchat.tui.app import finetune_launch
-
-    monkeypatch.setattr(finetune_launch, "available", lambda: False)
-    data = tmp_path / "data.txt"
-    data.write_text("hello world\n" * 10)
+def test_finetune_slash_with_missing_data_is_a_notification(tiny_model, tmp_path):
     app = make_app(tiny_model, None)
 
     async def go():
         async with app.run_test(size=(130, 45)) as pilot:
             await wait_for(pilot, lambda: len(app.screen_stack) > 1, 10, "the chat screen")
-            await slash(pilot, app, f"/finetune {data}")
+            screens = len(app.screen_stack)
             await slash(pilot, app, "/finetune missing.txt")
-            await wait_for(pilot, lambda: len(notifications(app)) >= 2, 10, "both notifications")
-            return notifications(app)
+            await wait_for(pilot, lambda: len(notifications(app)) >= 1, 10, "the notification")
+            return notifications(app), len(app.screen_stack) == screens
 
-    notes = run(go())
-    assert "finetuning is not available in this build" in notes
+    notes, same_screen = run(go())
     assert any("missing.txt is not a file" in n for n in notes)
+    assert same_screen  # no finetune form opened on data that does not exist
 
 
 def test_history_reopen_rename_export_search_delete(tiny_model, tmp_path):

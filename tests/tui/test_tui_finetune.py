@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gptchat.core.train.events import read_events
-from tests.train.util import install_vocab, write_corpus
+from tests.train.util import write_corpus
 from tests.tui.helpers import make_app, notifications, palette_shows, run, send, wait_for
 
 FAST = ["--from-scratch", "--arch", "nano", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "4"]
@@ -18,7 +18,6 @@ FAST = ["--from-scratch", "--arch", "nano", "--block-size", "32", "--batch-size"
 
 @pytest.fixture
 def corpus(tmp_path):
-    install_vocab()
     return write_corpus(tmp_path / "data", 20_000)
 
 

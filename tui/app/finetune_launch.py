@@ -6,7 +6,6 @@ type are the same in the CLI and the TUI by construction (the form only keeps th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -34,10 +33,6 @@ FIELDS = [
     ("block", "block_size", "Block size"),
     ("name", "name", "Run name"),
 ]
-
-
-def available() -> bool:
-    return importlib.util.find_spec("gptchat.tui.cli.finetune") is not None
 
 
 @lru_cache(maxsize=1)

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from gptchat.core.generate import options  # the one table of generation settings; imports no torch
-from gptchat.tui.format import human_bytes, human_count  # noqa: F401  (the command modules' import point)
 
 ModelOpt = Annotated[
     Optional[str],

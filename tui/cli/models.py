@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from gptchat.tui.cli.common import JsonOpt, err, human_bytes, human_count, print_json
+from gptchat.tui.cli.common import JsonOpt, err, print_json
+from gptchat.tui.format import human_bytes, human_count
 from gptchat.tui.cli.table import print_table
 
 

@@ -377,9 +377,6 @@ def open_finetune(app, arg: str = "") -> None:
     for path in shlex.split(given.values.get("data", "")):
         if not Path(path).expanduser().exists():
             raise UsageError(f"{path} is not a file; give a plain text file (or a folder of them) to finetune on")
-    if not launch.available():
-        app.notify("finetuning is not available in this build", severity="warning")
-        return
     app.push_screen(FinetuneScreen(arg), partial(_chat_with, app))
 
 
