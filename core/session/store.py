@@ -144,11 +144,24 @@ class Store:
             # timeout: how long to wait for another process's write lock (a migration, a long write)
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self.db.execute("PRAGMA foreign_keys=ON")
             self.migrate()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the history database {self.path}: {e}") from None
+
+    def _wal(self) -> None:
+        """Switch to WAL. Switching needs an exclusive lock, and SQLite can refuse it at once (no busy
+        handler) while other processes open the same fresh file: retry until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @classmethod
     def open_default(cls) -> "Store":
