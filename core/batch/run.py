@@ -135,7 +135,7 @@ def run(
     t0 = time.perf_counter()
     with _lock(target, dist):
         pg = _init_group(dist)
-        done = _already_done(target, dist) if resume else set()
+        done = _already_done(target, dist, quantize or "none") if resume else set()
         mine_rows = [r for r in rows if r.index % dist.world == dist.rank]
         pending = {c: [r for r in mine_rows if _key(r, c) not in done] for c in cells}
         summary.resumed = sum(len(mine_rows) - len(p) for p in pending.values())
@@ -229,14 +229,27 @@ def _grid(models, templates, shots, log) -> list[Cell]:
     return cells
 
 
-def _already_done(target: _Target, dist: Dist) -> set[tuple]:
+def _already_done(target: _Target, dist: Dist, quantize: str) -> set[tuple]:
     """The keys already written: the output itself and any parts a crashed or unmerged run left."""
     output, fmt = target.output, target.fmt
-    done = {c.key for c in bio.scan(output, fmt, repair=False)}  # the output is only ever replaced whole
+    chunks = bio.scan(output, fmt, repair=False)  # the output is only ever replaced whole
     for part in _parts(output):
-        mine = part == part_path(output, dist.rank, dist.world)
-        done |= {c.key for c in bio.scan(part, fmt, repair=mine)}
-    return done
+        chunks += bio.scan(part, fmt, repair=part == part_path(output, dist.rank, dist.world))
+    _same_weights(chunks, fmt, output, quantize)
+    return {c.key for c in chunks}
+
+
+def _same_weights(chunks: list, fmt: str, output: Path, quantize: str) -> None:
+    """Rows are reused only from the same weights: an output written with another --quantize is
+    refused (its rows would pass for this run's, and one file holds one setting: the merge keys rows
+    by id and grid cell). JSON records name their quantization; CSV has no column for it."""
+    if fmt != "jsonl":
+        return
+    for c in chunks:
+        got = json.loads(c.data).get("quantize", "none")
+        if got != quantize:
+            raise UsageError(f"{output} holds rows made with --quantize {got}; resume with --quantize {got}, "
+                             f"or write the --quantize {quantize} run to another file")
 
 
 def _parts(output: Path) -> list[Path]:

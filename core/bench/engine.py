@@ -57,6 +57,8 @@ class Report:
     weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
     results: list[Result] = field(default_factory=list)
     quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
+    omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default"))
+    compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
 
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
@@ -89,8 +91,9 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one batch-1 decode step reads: everything but the embedding tables, of which
     a token reads one row (the tied head's table is counted, once, as the head)."""
     tables = {id(model.transformer.wpe.weight)}
-    if getattr(model.lm_head, "weight", None) is not model.transformer.wte.weight:
-        tables.add(id(model.transformer.wte.weight))
+    wte = getattr(model.transformer.wte, "weight", None)  # None: int8 rows (QuantEmbedding), looked up
+    if getattr(model.lm_head, "weight", None) is not wte:
+        tables.add(id(wte))
     total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -137,6 +140,7 @@ def run(
     repeats: int = 5,
     quantize: str = "none",
     log: Callable[[str], None] = lambda s: None,
+    compile: bool = False,
 ) -> Report:
     from gptchat.core.model.device import DTYPE_NAMES
     from gptchat.core.generate.engine import Engine
@@ -147,7 +151,12 @@ def run(
         log(f"building a random-weight {shape} checkpoint (no model given)")
         model = str(random_checkpoint(shape, Path(tmp.name)))
     try:
-        eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize)
+        if quantize == "int8":  # quantized tensor by tensor while loading, as generate and chat do
+            from gptchat.core.generate.loaded import open_model
+
+            eng = open_model(model, device=device, quantize=quantize).engine
+        else:
+            eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize)
         cpu, flags = cpu_description()
         report = Report(model=shape if tmp else model, device=str(eng.device), dtype=DTYPE_NAMES[eng.dtype],
                         threads=torch.get_num_threads(), quantize=quantize, cpu=cpu, cpu_flags=flags,
@@ -194,6 +203,10 @@ def run(
             ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes if bs == 1 else None
             report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
                                          bs * n_new / t_ref if t_ref else None, ceiling))
+        if compile:
+            _bench_compiled(eng, report, torch.randint(0, vocab, (1, 16), generator=gen).tolist(),
+                            min(new_tokens, eng.n_ctx - 16), repeats, log)
+        hf = None  # freed before the quality figure (gpt2-xl in fp32 is 6 GB)
         mode = quantize if quantize != "none" else ("bf16" if eng.dtype == torch.bfloat16 else None)
         if mode is not None:
             log(f"quality: {mode} against fp32 logits on a fixed prompt set")
@@ -202,6 +215,32 @@ def run(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _bench_compiled(eng, report: Report, prompts, n_new: int, repeats: int, log) -> None:
+    """Batch-1 decode with the compiled step against the eager one, alternating in this run."""
+    log("compile: compiling the decode step (warm-up), then compiled against eager batch-1 decode")
+    eng.compile = True
+    try:
+        warm = eng.warm_up()
+    except Exception as e:  # noqa: BLE001 -- a compiler failure is a figure to report, not a crash
+        eng.compile = False
+        report.compile = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        return
+
+    def run_with(flag: bool):
+        def fn():
+            eng.compile = flag
+            for _ in eng.generate(prompts, SamplingParams(greedy=True), n_new, ignore_eos=True):
+                pass
+        return fn
+
+    t_c, t_e = _median_times(run_with(True), run_with(False), repeats)
+    eng.compile = False
+    ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
+    report.results.append(Result(f"decode batch 1 compiled ({n_new})", "tok/s", n_new / t_c, None, ceiling))
+    report.compile = {"warm_up_s": warm, "compiled_tok_s": n_new / t_c, "eager_tok_s": n_new / t_e,
+                      "compiled_vs_eager": t_e / t_c}
 
 
 def _quality(mode: str, model: str | None) -> dict:
@@ -245,7 +284,8 @@ def _hf_generate(hf, ids: torch.Tensor, n_new: int):
 def format_report(rep: Report) -> str:
     quant = f"  quantize {rep.quantize}" if rep.quantize != "none" else ""
     lines = [f"model {rep.model}  device {rep.device}  dtype {rep.dtype}{quant}  threads {rep.threads}",
-             f"cpu {rep.cpu or '?'} ({' '.join(rep.cpu_flags) or 'no flags read'})  load {' '.join(f'{x:.2f}' for x in rep.load)}",
+             f"cpu {rep.cpu or '?'} ({' '.join(rep.cpu_flags) or 'no flags read'})  load {' '.join(f'{x:.2f}' for x in rep.load)}  "
+             f"OMP_WAIT_POLICY {rep.omp_wait_policy}",
              f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
              f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8} {'ceiling':>12} {'of ceiling':>10}"]
     for r in rep.results:
@@ -256,6 +296,14 @@ def format_report(rep: Report) -> str:
         frac = f"{r.fraction:.0%}" if r.fraction else "-"
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
     lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token")
+    if rep.quantize != "none":
+        lines.append(f"transformers runs the same weights in fp32 (it has no CPU {rep.quantize}): ratios are "
+                     f"gptchat {rep.quantize} against transformers fp32")
+    if rep.compile:
+        c = rep.compile
+        lines.append(f"compile: failed ({c['error']})" if "error" in c else
+                     f"compile: warm-up {c['warm_up_s']:.1f} s; batch-1 decode compiled {c['compiled_tok_s']:.1f} "
+                     f"tok/s against eager {c['eager_tok_s']:.1f} (same run, alternating): {c['compiled_vs_eager']:.2f}x")
     if rep.quality:
         q = rep.quality
         lines.append(f"quality {q['mode']} vs fp32 ({q['model']}, {q['positions']} positions): mean |logit diff| "

@@ -1,112 +1,248 @@
-"""Speed of `gptchat eval` against the engine's prefill and transformers' perplexity-guide loop.
+"""Speed and memory of `gptchat eval` against the engine's prefill and transformers' perplexity-guide loop.
 
-    python -m gptchat.core.bench.eval --shape gpt2 --tokens 65536 [--device cuda] [--stride 512]
+    python -m gptchat.core.bench.eval [--shape gpt2] [--rounds 3] [--windows 4] [--stride 512] [--json]
 
-Random weights of a preset shape, random token ids (speed does not depend on the text). Three
-figures on the same windows: eval's scored tokens/s and window tokens/s (tokens through the model,
-context included), the engine's prefill tokens/s on one 1024-token prompt, and the scored tokens/s of
-the loop in Hugging Face's perplexity guide (one window per forward, full logits, its own loss), with
-the two losses side by side. Ratios > 1 mean eval is faster.
+Random weights of a preset shape and random token ids (speed does not depend on the text). Each round
+scores the same ``windows`` sliding windows three ways, one after the other, so that a change in
+background load hits all three: our eval (score_windows, the code `gptchat eval` runs), the engine's
+prefill of one 1000-token prompt, and the loop of Hugging Face's perplexity guide on the same weights
+(GPT2LMHeadModel, one window per forward, labels -100 on the context, its own loss). The figures are
+medians over rounds of the per-round ratios:
+
+(a) eval's window tokens/s (context included) over the prefill's tokens/s; target >= 0.9;
+(b) eval's scored tokens/s over the guide loop's; target >= 1.5;
+(c) the peak RSS of a child process that opens the model and scores one batch of windows of a
+    ``heldout_tokens``-token text (1 MB of English is about 250k GPT-2 tokens) and never builds the
+    transformers model; target < 1.5 x the fp32 weights + 1 GB.
+
+The rounds take windows from the middle of the text (each scores ``stride`` tokens, as all but the
+first of a long text do).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing
+import os
+import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gptchat.core.bench.engine import random_checkpoint
-from gptchat.core.eval.perplexity import score_ids
+from gptchat.core.eval.perplexity import plan_windows, score_windows
 from gptchat.core.generate.loaded import open_model
 
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak(device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+TARGET_VS_PREFILL = 0.9
+TARGET_VS_HF = 1.5
+RSS_WEIGHTS_FACTOR, RSS_SLACK = 1.5, 10**9  # peak RSS < 1.5 x fp32 weights + 1 GB
+PREFILL_TOKENS = 1000
+HELDOUT_TOKENS = 250_000  # about 1 MB of English text in GPT-2 tokens
 
 
-def _prefill_rate(engine, n: int = 1024, repeats: int = 3) -> float:
-    x = torch.randint(0, 50000, (1, min(n, engine.n_ctx)))
-    engine.prefill(x, None, None)  # warm-up
-    _sync(engine.device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        engine.prefill(x, None, None)
-    _sync(engine.device)
-    engine.model.drop_cache()
-    return repeats * x.shape[1] / (time.perf_counter() - t0)
+@dataclass
+class EvalBench:
+    shape: str
+    device: str
+    dtype: str
+    threads: int
+    cores: int
+    load: tuple[float, float]  # 1-minute load average at the start and at the end
+    window: int
+    stride: int
+    rounds: int
+    windows_per_round: int
+    batch_tokens: int
+    eval_window_tok_s: float  # medians over rounds
+    eval_scored_tok_s: float
+    prefill_tok_s: float
+    window_vs_prefill: float  # median of the per-round ratios
+    loss: float
+    weights_bytes: int  # fp32 bytes of the weights
+    hf_scored_tok_s: float | None = None
+    scored_vs_hf: float | None = None
+    hf_loss: float | None = None
+    peak_rss_bytes: int | None = None  # of the child process
+    rss_after_load_bytes: int | None = None
+    heldout_tokens: int = 0
+
+    @property
+    def rss_limit_bytes(self) -> int:
+        return int(RSS_WEIGHTS_FACTOR * self.weights_bytes + RSS_SLACK)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rss_limit_bytes": self.rss_limit_bytes, "targets": {
+            "window_vs_prefill": TARGET_VS_PREFILL, "scored_vs_hf": TARGET_VS_HF, "peak_rss_bytes": self.rss_limit_bytes}}
+
+    def format(self) -> str:
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "MISSED"
+
+        gb = 1e9
+        lines = [
+            f"eval bench: {self.shape} (random weights), {self.device} {self.dtype}, {self.threads} threads on "
+            f"{self.cores} cores, load {self.load[0]:.1f} -> {self.load[1]:.1f}; {self.rounds} rounds of "
+            f"{self.windows_per_round} windows of {self.window} tokens, stride {self.stride}, batches of "
+            f"{self.batch_tokens} tokens",
+            f"(a) window tokens/s: eval {self.eval_window_tok_s:.1f}, engine prefill ({PREFILL_TOKENS} tokens) "
+            f"{self.prefill_tok_s:.1f}: {self.window_vs_prefill:.2f}x (target >= {TARGET_VS_PREFILL}x: "
+            f"{verdict(self.window_vs_prefill >= TARGET_VS_PREFILL)})",
+        ]
+        if self.scored_vs_hf is not None:
+            lines += [
+                f"(b) scored tokens/s: eval {self.eval_scored_tok_s:.1f}, transformers' perplexity-guide loop "
+                f"{self.hf_scored_tok_s:.1f}: {self.scored_vs_hf:.2f}x (target >= {TARGET_VS_HF}x: "
+                f"{verdict(self.scored_vs_hf >= TARGET_VS_HF)})",
+                f"    loss: eval {self.loss:.6f}, transformers {self.hf_loss:.6f} (difference "
+                f"{abs(self.loss - self.hf_loss):.1e})",
+            ]
+        if self.peak_rss_bytes is not None:
+            lines.append(
+                f"(c) peak RSS of eval in a child process ({self.heldout_tokens} held-out tokens): "
+                f"{self.peak_rss_bytes / gb:.2f} GB (after loading the model {self.rss_after_load_bytes / gb:.2f} GB); "
+                f"limit 1.5 x {self.weights_bytes / gb:.2f} GB weights + 1 GB = {self.rss_limit_bytes / gb:.2f} GB: "
+                f"{self.peak_rss_bytes / self.rss_limit_bytes:.2f} of it ({verdict(self.peak_rss_bytes < self.rss_limit_bytes)})")
+        return "\n".join(lines)
 
 
-def _reference(folder: Path, ids: list[int], plan, device, dtype) -> tuple[float, float]:
-    """The perplexity guide's loop on the same windows: (scored tokens/s, mean loss)."""
-    from transformers import GPT2LMHeadModel
+def _status_bytes(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: a spawned child's ru_maxrss starts from
+    its parent's RSS at the fork, kept by Linux across the exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
-    hf = GPT2LMHeadModel.from_pretrained(str(folder), dtype=dtype).to(device).eval()
-    nats = n = 0
-    _sync(device)
-    t0 = time.perf_counter()
+
+def _peak_child(folder: str, heldout_tokens: int, n_windows: int, stride: int | None, batch_tokens: int, out) -> None:
+    """In a fresh process: open the model, hold a held-out text's ids, score ``n_windows`` windows of it."""
+    lm = open_model(folder, device="cpu", dtype="fp32")
+    after_load = _status_bytes("VmRSS")
+    e = lm.engine
+    ids = torch.randint(0, 50000, (heldout_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    ws = plan_windows(len(ids), e.n_ctx, stride or e.n_ctx // 2)
+    score_windows(e, ids, ws[1 : 1 + n_windows], batch_tokens=batch_tokens)
+    out.put((after_load, _status_bytes("VmHWM")))
+
+
+def peak_rss(folder: Path, heldout_tokens: int, n_windows: int, stride: int | None, batch_tokens: int) -> tuple[int, int]:
+    """(RSS after loading, peak RSS) of eval in a child process (RSS peaks are per process)."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=(str(folder), heldout_tokens, n_windows, stride, batch_tokens, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def _hf_loop(hf, ids: list[int], windows) -> tuple[float, int]:
+    """The perplexity guide's loop: (sum of -log p, scored tokens)."""
+    nats, n = 0.0, 0
     with torch.no_grad():
-        for w in plan.windows:
-            x = torch.tensor([ids[w.begin : w.end]], device=device)
+        for w in windows:
+            x = torch.tensor([ids[w.begin : w.end]])
             labels = x.clone()
             labels[0, : w.first - w.begin] = -100
-            k = w.n_scored
-            nats += float(hf(x, labels=labels).loss) * k
-            n += k
-    _sync(device)
-    return n / (time.perf_counter() - t0), nats / n
+            nats += float(hf(x, labels=labels).loss) * w.n_scored
+            n += w.n_scored
+    return nats, n
 
 
-def run(shape: str, tokens: int, device: str | None, dtype: str | None, stride: int | None, reference: bool) -> dict:
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | None = None, batch_tokens: int = 4096,
+        reference: bool = True, memory: bool = True, heldout_tokens: int = HELDOUT_TOKENS,
+        log: Callable[[str], None] = lambda s: None) -> EvalBench:
+    """Measure (a), (b) and (c) of the module docstring on CPU in fp32."""
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(shape, Path(tmp) / "m")
-        lm = open_model(str(folder), device=device, dtype=dtype)
+        lm = open_model(str(folder), device="cpu", dtype="fp32")
         e = lm.engine
-        ids = torch.randint(0, 50000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-        weights = sum(p.numel() * p.element_size() for p in e.model.parameters())
-        score_ids(e, ids[: 4 * e.n_ctx], stride=stride)  # warm-up
-        if e.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(e.device)
-        _sync(e.device)
-        t0 = time.perf_counter()
-        nats, plan = score_ids(e, ids, stride=stride)
-        _sync(e.device)
-        secs = time.perf_counter() - t0
-        scored = sum(w.n_scored for w in plan.windows)
-        forwarded = sum(w.end - w.begin for w in plan.windows)
-        out = {"shape": shape, "device": str(e.device), "dtype": str(e.dtype), "tokens": tokens,
-               "window": plan.window, "stride": plan.stride, "windows": len(plan.windows), "loss": nats / scored,
-               "eval_scored_tok_s": scored / secs, "eval_window_tok_s": forwarded / secs,
-               "peak_mem_bytes": _peak(e.device), "weights_bytes": weights,
-               "prefill_tok_s": _prefill_rate(e)}
-        out["window_vs_prefill"] = out["eval_window_tok_s"] / out["prefill_tok_s"]
+        stride = stride or e.n_ctx // 2
+        n_ids = (1 + rounds * windows) * stride + e.n_ctx
+        ids = torch.randint(0, 50000, (n_ids,), generator=torch.Generator().manual_seed(0)).tolist()
+        plan = plan_windows(n_ids, e.n_ctx, stride)
+        chunks = [plan[1 + r * windows : 1 + (r + 1) * windows] for r in range(rounds)]
+        prompt = torch.randint(0, 50000, (1, min(PREFILL_TOKENS, e.n_ctx)))
+        hf = None
         if reference:
-            ref_rate, ref_loss = _reference(folder, ids, plan, e.device, e.dtype)
-            out.update(hf_scored_tok_s=ref_rate, hf_loss=ref_loss, scored_vs_hf=out["eval_scored_tok_s"] / ref_rate)
-        return out
+            from transformers import GPT2LMHeadModel
+
+            hf = GPT2LMHeadModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+        log("warm-up")
+        score_windows(e, ids, chunks[0][:1], batch_tokens=batch_tokens)
+        e.prefill(prompt, None, None)
+        if hf is not None:
+            _hf_loop(hf, ids, chunks[0][:1])
+        ours, pre, ref, nats, hf_nats = [], [], [], 0.0, 0.0
+        for r, ws in enumerate(chunks):
+            s, n = _timed(lambda: score_windows(e, ids, ws, batch_tokens=batch_tokens))
+            nats += n
+            ours.append(s)
+            pre.append(_timed(lambda: e.prefill(prompt, None, None))[0])
+            e.model.drop_cache()
+            if hf is not None:
+                s, (n, _) = _timed(lambda: _hf_loop(hf, ids, ws))
+                hf_nats += n
+                ref.append(s)
+            log(f"round {r + 1}/{rounds}: eval {ours[-1]:.1f} s, prefill {pre[-1]:.1f} s"
+                + (f", transformers {ref[-1]:.1f} s" if ref else ""))
+        del hf
+        win = sum(w.end - w.begin for w in chunks[0])
+        scored = sum(w.n_scored for w in chunks[0])
+        n_scored = sum(w.n_scored for ws in chunks for w in ws)
+        med = statistics.median
+        b = EvalBench(
+            shape=shape, device=str(e.device), dtype=str(e.dtype).replace("torch.", ""),
+            threads=torch.get_num_threads(), cores=len(os.sched_getaffinity(0)), load=(load0, 0.0),
+            window=e.n_ctx, stride=stride, rounds=rounds, windows_per_round=windows, batch_tokens=batch_tokens,
+            eval_window_tok_s=med(win / s for s in ours), eval_scored_tok_s=med(scored / s for s in ours),
+            prefill_tok_s=med(prompt.shape[1] / s for s in pre),
+            window_vs_prefill=med((win / s) / (prompt.shape[1] / p) for s, p in zip(ours, pre)),
+            loss=nats / n_scored, weights_bytes=sum(p.numel() * 4 for p in e.model.parameters()),
+        )
+        if ref:
+            b.hf_scored_tok_s = med(scored / s for s in ref)
+            b.scored_vs_hf = med(h / s for s, h in zip(ours, ref))
+            b.hf_loss = hf_nats / n_scored
+        del lm, e
+        if memory:
+            log("peak RSS in a child process")
+            b.rss_after_load_bytes, b.peak_rss_bytes = peak_rss(folder, heldout_tokens, windows, stride, batch_tokens)
+            b.heldout_tokens = heldout_tokens
+    b.load = (load0, os.getloadavg()[0])
+    return b
 
 
 def main() -> None:
+    import sys
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="gpt2")
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--device")
-    ap.add_argument("--dtype")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=4, help="windows per round (one batch at the default batch size)")
     ap.add_argument("--stride", type=int)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    print(json.dumps(run(a.shape, a.tokens, a.device, a.dtype, a.stride, not a.no_reference), indent=2))
+    b = run(a.shape, a.rounds, a.windows, a.stride, a.batch_tokens, not a.no_reference, not a.no_memory,
+            a.heldout_tokens, log=lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    print(json.dumps(b.to_dict(), indent=2) if a.json else b.format())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,14 @@
 An experiment lives in ``<data>/experiments/NAME/``: ``spec.json`` (what was asked), ``train.txt`` and
 ``heldout.txt`` (the split, written once), and one ``cells/ROW.json`` per finished row, written
 atomically. A rerun skips every row whose cell exists, so a study killed at any point resumes where
-it stopped; a finetune killed mid-way resumes its own run (``gptchat runs`` lists it).
+it stopped; a finetune killed mid-way resumes its own run (``gptchat runs`` lists it). ``state.json``
+says whether the study is running (with its pid), finished, stopped (SIGTERM or Ctrl+C: the running
+finetune saves first) or failed; "running" with a dead pid is read back as killed.
+
+Under torchrun rank 0 alone writes the folder and scores; before each finetune it tells the other
+ranks what to train (a broadcast), and they all run it with DDP through ``train``. ``train`` destroys
+its process group when it ends and torchrun's rendezvous cannot be joined twice, so each finetune
+gets a new group on torchrun's store under a prefix of its own.
 
 The split rule (stated in the output): the documents of DATA (``<|endoftext|>`` separates them in a
 text file; a JSONL row is one) are shuffled with ``random.Random(seed)``, and the first
@@ -17,27 +24,36 @@ import json
 import os
 import random
 import resource
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as tdist
 
-from gptchat.core.errors import DataError, TrainError, UsageError
+from gptchat.core.errors import DataError, GptchatError, TrainError, UsageError
 from gptchat.core.eval.heldout import HeldOut, documents
 from gptchat.core.eval.perplexity import evaluate
 from gptchat.core.eval.shots import InContext
 from gptchat.core.generate.loaded import LoadedModel, open_model
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.generate.text import GenOptions, complete
+from gptchat.core.model.config import PRESETS
+from gptchat.core.model.device import pick_device
 from gptchat.core.paths import get_paths, private_dir
 from gptchat.core.text.tokenizer import EOT
 from gptchat.core.train import Settings, train
 from gptchat.core.train.data import collect_files
+from gptchat.core.train.dist import Dist
 from gptchat.core.train.events import read_events
 from gptchat.core.train.runs import find_run, run_info
 from gptchat.core.train.settings import NAME_RE
+
+STATES = ("running", "finished", "stopped", "failed", "killed")
 
 PROBES = 3  # probe prompts, taken from the held-out text
 PROBE_WORDS = 8  # words of held-out text per probe prompt
@@ -68,8 +84,16 @@ class Spec:
             raise UsageError("nothing to compare: give --models, or --from-scratch ARCH")
         if any(k < 0 for k in self.shots) or self.finetune_steps < 0:
             raise UsageError("--shots and --finetune-steps must be 0 or more")
+        if self.from_scratch and self.from_scratch not in PRESETS:
+            raise UsageError(f"--from-scratch {self.from_scratch!r}: not an architecture; use one of {', '.join(PRESETS)}")
         if self.from_scratch and not self.finetune_steps:
             raise UsageError("--from-scratch needs --finetune-steps N (the steps to train it for)")
+        if not 0 < self.heldout_fraction < 1:
+            raise UsageError(f"--heldout-fraction must be between 0 and 1, not {self.heldout_fraction}")
+
+
+class Stopped(GptchatError):
+    """The study was asked to stop (SIGTERM, Ctrl+C); its finished cells are kept."""
 
 
 @dataclass(frozen=True)
@@ -182,14 +206,47 @@ class Context:
     heldout: HeldOut
     train_docs: list[str]
     log: Callable[[str], None]
+    ranks: "Ranks"
 
 
-def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
-    """Compute every missing cell; returns all cells by row id."""
+def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, dict] | None:
+    """Compute every missing cell; returns all cells by row id (None on a torchrun rank other than 0,
+    which only takes part in the finetunes). Raises Stopped after SIGTERM or Ctrl+C."""
+    ranks = Ranks(Dist.from_env(), spec.device)
+    if not ranks.dist.main:
+        ranks.follow()
+        return None
     root = open_experiment(spec)
+    old = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _set_state(root, "running")
+        _run_rows(spec, root, ranks, log)
+        ranks.order(None)
+        _set_state(root, "finished")
+    except (Stopped, KeyboardInterrupt):
+        _set_state(root, "stopped")
+        if not ranks.training:  # the other ranks wait for an order: let them go
+            ranks.order(None)
+        raise Stopped(f"study {spec.name!r} stopped; its finished rows are kept: run the same command "
+                      "again to resume it") from None
+    except BaseException as e:
+        _set_state(root, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        ranks.close()
+    return load_cells(root)
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped("stopped")
+
+
+def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None]) -> None:
     held = HeldOut([d for d in (root / "heldout.txt").read_text().split(EOT) if d.strip()], "heldout.txt")
     train_docs = [d for d in (root / "train.txt").read_text().split(EOT) if d.strip()]
-    ctx = Context(spec, root, held, train_docs, log)
+    ctx = Context(spec, root, held, train_docs, log, ranks)
     log(f"split: {split_rule(spec)} -> {len(train_docs)} training, {len(held.docs)} held-out documents")
     loaded: tuple[str, LoadedModel] | None = None
     for row in rows(spec):
@@ -197,22 +254,105 @@ def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, di
         if path.exists():
             log(f"{row.label}: cached")
             continue
+        _set_state(root, "running", row=row.id)
         if row.kind in ("base", "shots") and (loaded is None or loaded[0] != row.model):
             loaded = (row.model, open_model(row.model, device=spec.device, dtype=spec.dtype))
         cell = _cell(ctx, row, loaded[1] if row.kind in ("base", "shots") else None)
         _write(path, json.dumps(cell, indent=2))
         log(f"{row.label}: loss {cell['loss']:.4f}, ppl {cell['ppl']:.2f}")
-    return load_cells(root)
+
+
+def _set_state(root: Path, state: str, **more) -> None:
+    _write(root / "state.json", json.dumps({"state": state, "pid": os.getpid(), "t": time.time(), **more}))
+
+
+def study_state(name: str) -> dict:
+    """The study's state.json ({"state": ..., "pid": ..., "row": ...}); "running" whose process is gone
+    reads as "killed"; a study without one (never started here) as "unknown"."""
+    try:
+        st = json.loads((folder(name) / "state.json").read_text())
+    except (OSError, ValueError):
+        return {"state": "unknown"}
+    if st.get("state") == "running" and not _alive(st.get("pid")):
+        st["state"] = "killed"
+    return st
+
+
+def _alive(pid) -> bool:
+    """Whether process ``pid`` runs (an exited child not yet waited for, a zombie, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # someone else's
+        return True
+    stat = Path(f"/proc/{int(pid)}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[:1] != ["Z"]
+
+
+class Ranks:
+    """Rank 0 announces each finetune to the other torchrun ranks, and every rank runs it (DDP).
+
+    Each announcement needs a process group, and ``train`` destroys the one it ran in; torchrun's
+    env:// rendezvous cannot be joined twice, so the store is joined once and every group gets a
+    prefix of its own on it. The others wait while rank 0 scores: the groups' timeout is long.
+    """
+
+    TIMEOUT = timedelta(hours=24)
+
+    def __init__(self, dist: Dist, device: str | None):
+        self.dist, self.device, self.store, self.groups, self.training = dist, device, None, 0, False
+
+    def order(self, order: dict | None = None) -> dict | None:
+        """Rank 0: send ``order`` (None: the study is over); the others: receive it."""
+        if not self.dist.enabled:
+            return order
+        if not tdist.is_initialized():
+            self._group()
+        box = [order]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _group(self) -> None:
+        device = self.dist.device_for(pick_device(self.device))
+        if self.store is None:
+            self.store = next(tdist.rendezvous("env://", self.dist.rank, self.dist.world, timeout=self.TIMEOUT))[0]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.groups += 1
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=self.dist.rank,
+                                 world_size=self.dist.world, timeout=self.TIMEOUT,
+                                 store=tdist.PrefixStore(f"gptchat-experiment/{self.groups}", self.store))
+
+    def train(self, order: dict):
+        """The announced finetune, on this rank: a new run's settings, or the run to resume."""
+        self.training = True
+        try:
+            return train(Settings.from_dict(order["settings"])) if "settings" in order else train(resume=order["resume"])
+        finally:
+            self.training = False
+
+    def follow(self) -> None:
+        """A rank other than 0: take part in every finetune rank 0 announces, until it says the end."""
+        try:
+            while (order := self.order()) is not None:
+                self.train(order)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.dist.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 def _cell(ctx: Context, row: Row, lm: LoadedModel | None) -> dict:
     _reset_peak()
-    prepare_s, run_name, curve = 0.0, None, []
+    prepare_s, run_name, curve, world = 0.0, None, [], 1
     if lm is None:
         t0 = time.perf_counter()
         run_name = _train(ctx, row)
         prepare_s = time.perf_counter() - t0
-        curve = _curve(run_name)
+        curve, world = _run_facts(run_name)
         lm = open_model(run_name, device=ctx.spec.device, dtype=ctx.spec.dtype)
     shots = InContext(row.shots, [{"text": d} for d in ctx.train_docs], lm.tokenizer, seed=ctx.spec.seed) \
         if row.shots else None
@@ -220,15 +360,15 @@ def _cell(ctx: Context, row: Row, lm: LoadedModel | None) -> dict:
     s = evaluate(lm, ctx.heldout, shots=shots)
     return {
         "row": row.id, "label": row.label, "kind": row.kind, "model": row.model, "shots": row.shots,
-        "run": run_name, "loss": s.loss, "ppl": s.ppl, "bits_per_byte": s.bits_per_byte, "word_ppl": s.word_ppl,
-        "tokens": s.tokens, "params": s.params, "prepare_s": prepare_s, "score_s": s.seconds,
+        "run": run_name, "world": world, "loss": s.loss, "ppl": s.ppl, "bits_per_byte": s.bits_per_byte,
+        "word_ppl": s.word_ppl, "tokens": s.tokens, "params": s.params, "prepare_s": prepare_s, "score_s": s.seconds,
         "peak_mem": _peak(lm), "context_tokens": max(s.context_tokens, default=0), "curve": curve,
         "samples": samples(lm, probes(ctx.heldout), shots),
     }
 
 
 def _train(ctx: Context, row: Row) -> str:
-    """The row's finetune (or from-scratch run) through the ordinary training machinery."""
+    """The row's finetune (or from-scratch run) through the ordinary training machinery, on every rank."""
     name = f"{ctx.spec.name}-{row.id}"[:64]
     try:
         info = run_info(find_run(name))
@@ -238,25 +378,33 @@ def _train(ctx: Context, row: Row) -> str:
         return name
     if info is not None and info["saved_step"]:
         ctx.log(f"{row.label}: resuming run {name} from step {info['saved_step']}")
-        result = train(resume=name)
+        order: dict = {"resume": name}
     else:
         if info is not None:  # killed before its first checkpoint: nothing to resume
             name = f"{name[:58]}-{int(time.time()) % 100000}"
-        ctx.log(f"{row.label}: training run {name} for {ctx.spec.finetune_steps} steps")
+        ctx.log(f"{row.label}: training run {name} for {ctx.spec.finetune_steps} steps"
+                + (f" on {ctx.ranks.dist.world} processes" if ctx.ranks.dist.enabled else ""))
         scratch = row.kind == "scratch"
         s = Settings(data=[str(ctx.root / "train.txt")], model=None if scratch else row.model, from_scratch=scratch,
                      arch=row.model if scratch else None, steps=ctx.spec.finetune_steps, lora=ctx.spec.lora and not scratch,
                      name=name, device=ctx.spec.device, dtype=ctx.spec.dtype, seed=ctx.spec.seed,
                      **{"sample_tokens": 0, **ctx.spec.train})
-        result = train(s)
+        order = {"settings": s.to_dict()}
+    ctx.ranks.order(order)
+    result = ctx.ranks.train(order)
+    if result.status == "interrupted":  # SIGTERM or Ctrl+C: the run saved its step; a rerun resumes it
+        raise Stopped(f"the run {result.name} stopped at step {result.step}")
     if result.status not in ("finished", "early-stopped"):
         raise UsageError(f"the run {name} ended {result.status}; rerun the experiment to resume it")
     return result.name
 
 
-def _curve(run_name: str) -> list[list[float]]:
+def _run_facts(run_name: str) -> tuple[list[list[float]], int]:
+    """(the run's loss curve [[step, loss] ...], the number of processes its last session ran on)."""
     events = read_events(find_run(run_name) / "events.jsonl")
-    return [[e["step"], e["loss"]] for e in events if e.get("type") == "step" and "loss" in e]
+    starts = [e for e in events if e.get("type") == "start"]
+    curve = [[e["step"], e["loss"]] for e in events if e.get("type") == "step" and "loss" in e]
+    return curve, int(starts[-1].get("world", 1)) if starts else 1
 
 
 def probes(held: HeldOut) -> list[str]:

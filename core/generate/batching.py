@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from gptchat.core.generate.sampling import SamplingParams, make_generator
+from gptchat.core.model.device import to_device
 from gptchat.core.model.kv_cache import KVCache
 
 
@@ -73,6 +74,7 @@ class LiveBatch:
         self.s_end = 0  # slots [0, s_end) hold tokens; the next decode step writes slot s_end
         self.n_rows = 0
         self.dense = True
+        self.slot = None  # s_end as a 0-d tensor, for a compiled step
 
     def admit(self, items: list[tuple[list[int], int, int]], s_end: int) -> torch.Tensor:
         """Prefill new rows on their own and add them so their prompts end at slot ``s_end``.
@@ -80,7 +82,7 @@ class LiveBatch:
         e, dev = self.e, self.e.device
         ids, pos, valid = left_pad([p for p, _, _ in items], pad_id=e.eos_id or 0)
         n, L = ids.shape
-        ids, pos, valid = ids.to(dev), pos.to(dev), valid.to(dev)
+        ids, pos, valid = to_device(ids, dev), to_device(pos, dev), to_device(valid, dev)
         limits = [min(m, e.n_ctx - len(p)) for p, m, _ in items]
         ragged = not bool(valid.all())
         self.dense = self.dense and not ragged and s_end == L
@@ -132,9 +134,20 @@ class LiveBatch:
         self._install()
         return tok[idx]
 
-    def decode(self, tok: torch.Tensor) -> torch.Tensor:
-        """Feed each row's last token at slot s_end; logits (B', V)."""
+    def decode(self, tok: torch.Tensor, step=None) -> torch.Tensor:
+        """Feed each row's last token at slot s_end; logits (B', V). ``step``: a compiled
+        GPT.decode_step, for a dense batch (it takes the slot as a tensor: one graph for every slot)."""
         slot = self.s_end
+        if step is not None:
+            if self.slot is None:
+                self.slot = torch.zeros((), dtype=torch.long, device=self.e.device)
+            self.slot.fill_(slot)  # in place: no new tensor, and on CUDA no host sync
+            if self.e.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
+            logits = step(tok.view(-1, 1), self.slot)
+            self.next_pos += 1
+            self.s_end += 1
+            return logits
         if self.dense:  # positions are the slots and every slot so far is visible: no mask
             pos, mask = None, None
         else:

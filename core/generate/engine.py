@@ -7,6 +7,7 @@ text, applies stop strings and measures time; ``batching.py`` holds the rows of 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,11 +40,12 @@ class Engine:
     not take part in a later backward), never pack its weights, and free the cache afterwards.
     ``n_ctx`` narrows the window (a model trained on shorter blocks); ``vocab_limit`` and
     ``eos_id`` override GPT-2's (a tokenizer of its own). ``quantize`` "int8": every Linear and the
-    head become int8 (quant.py; CPU only)."""
+    head become int8 (quant.py; CPU only). ``compile``: batch-1 decode steps run through
+    torch.compile of ``GPT.decode_step`` (on CUDA as CUDA graphs); see compile_step."""
 
     def __init__(self, model, checkpoint: Checkpoint | None = None, device=None, dtype=None, *,
                  borrowed: bool = False, n_ctx: int | None = None, vocab_limit: int | None = None,
-                 eos_id: int | None = None, quantize: str = "none"):
+                 eos_id: int | None = None, quantize: str = "none", compile: bool = False):
         if quantize != "none":
             if borrowed:
                 raise ValueError("a training run's model cannot be quantized in place")
@@ -60,11 +62,15 @@ class Engine:
         self.eos_id = eos_id if eos_id is not None else (GPT2_EOS if model.config.vocab_size > GPT2_EOS else None)
         self._lock = threading.Lock()  # one generation at a time per loaded model
         self._packed = None
+        self.compile = compile and not borrowed  # a training run's model changes under it: never compiled
+        self._step = None  # the compiled decode step, built on first use
+        self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
 
     @classmethod
     def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True,
-             quantize: str | None = None) -> "Engine":
-        from gptchat.core.model.device import pick_device, pick_dtype, set_threads
+             quantize: str | None = None, compile: bool | None = None) -> "Engine":
+        """``compile`` None: on where it is measured faster (compile_default)."""
+        from gptchat.core.model.device import compile_default, pick_device, pick_dtype, set_threads
 
         quantize = quantize or "none"
         if quantize not in quant.QUANT_MODES:
@@ -76,7 +82,9 @@ class Engine:
         dt = torch.float32 if quantize != "none" else pick_dtype(dtype, dev)  # int8 computes in fp32
         # quantized models keep the [out, in] layout their int8 kernel packs from
         model, ck = load(spec, device=dev, dtype=dt, download=download, inference_layout=quantize == "none")
-        return cls(model, ck, dev, dt, quantize=quantize)
+        if compile is None:
+            compile = compile_default(dev)
+        return cls(model, ck, dev, dt, quantize=quantize, compile=compile)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -141,6 +149,8 @@ class Engine:
         # cache slots: the longest prompt plus the most tokens any row may add (this can pass n_ctx:
         # slots are shared, positions are each row's own and stay inside its window)
         cap = T + max(min(m, self.n_ctx - len(p)) for p, m in zip(prompts, limits))
+        if self.compile and len(prompts) == 1:
+            cap = self.n_ctx  # one cache size, so the compiled step is compiled once (its shapes are the cache's)
         no_grad = torch.no_grad if self.borrowed else torch.inference_mode
         with self._lock, no_grad():
             try:
@@ -153,20 +163,21 @@ class Engine:
 
     def _decode(self, b: LiveBatch, logits, params, stop, cancel, drop, refill, cap_max) -> Iterator[list[RowToken]]:
         B0 = len(b.rows)
-        stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         fast = self._packed_linears(B0)
         fast_from = packed.min_batch(self.dtype)
+        V = self.vocab_limit
+        argmax = params.is_greedy and b.seen is None  # all the greedy sampler does then: one argmax
         while True:
-            V = self.vocab_limit
-            tok = sample(logits[:, :V], params, b.gens, b.seen)  # (B',)
-            hit = torch.isin(tok, stop_t).tolist()
+            lg = logits[:, :V]
+            tok = lg.argmax(dim=-1) if argmax else sample(lg, params, b.gens, b.seen)  # (B',)
+            ids = tok.tolist()  # the one host sync of a step: the caller needs the tokens
             if b.seen is not None:
                 b.seen.scatter_(1, tok[:, None], True)
             out = []
-            for j, (r, t) in enumerate(zip(b.rows, tok.tolist())):
+            for j, (r, t) in enumerate(zip(b.rows, ids)):
                 if b.alive[j]:
                     b.count[r] += 1
-                    done = hit[j] or b.count[r] >= b.limits[r]
+                    done = t in stop or b.count[r] >= b.limits[r]
                     out.append(RowToken(r, t, done))
                     b.alive[j] = not done
             yield out
@@ -180,7 +191,9 @@ class Engine:
                 return
             if dead and (4 * dead >= len(b.rows) or waiting):
                 tok = b.compact(tok)
-            if n_alive:
+            if n_alive and self.compile and b.dense and len(b.rows) == 1:
+                logits = b.decode(tok, self.compiled_step())
+            elif n_alive:
                 with fast.use() if fast is not None and len(b.rows) >= fast_from else nullcontext():
                     logits = b.decode(tok)
             if waiting:
@@ -201,6 +214,27 @@ class Engine:
             self.check_window(len(ids), 1)
             waiting.append(refill.popleft())
         return waiting
+
+    def compiled_step(self):
+        """torch.compile of GPT.decode_step: built once, compiled at its first call (see warm_up)."""
+        if self._step is None:
+            from gptchat.core.model.device import compile_mode
+
+            self._step = torch.compile(self.model.decode_step, mode=compile_mode(self.device), fullgraph=True)
+        return self._step
+
+    def warm_up(self) -> float:
+        """Compile the decode step now rather than during the first reply (one short throwaway
+        generation: a single prompt always gets an n_ctx-slot cache, so one graph serves every
+        later reply). Returns the seconds spent (also compile_s)."""
+        if not self.compile or self.compile_s:
+            return self.compile_s
+        t0 = time.perf_counter()
+        greedy = SamplingParams(greedy=True)
+        for _ in self.generate([[0, 0]], greedy, 3, ignore_eos=True):
+            pass
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
 
     def _packed_linears(self, batch_size: int):
         """oneDNN-packed weights for batched CPU decode (see packed.py), or None where they do not help."""

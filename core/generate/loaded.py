@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gptchat.core.weights.checkpoints import Checkpoint
+import torch
+
+from gptchat.core.errors import DeviceError
+from gptchat.core.model import quant
+from gptchat.core.model.gpt import GPT
+from gptchat.core.weights.checkpoints import Checkpoint, iter_tensors, resolve, skip_init
 from gptchat.core.generate.engine import Engine
 from gptchat.core.text.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,8 +44,30 @@ class LoadedModel:
 
 
 def open_model(spec: str | None, device: str | None = None, dtype: str | None = None, download: bool = True,
-               quantize: str | None = None) -> LoadedModel:
+               quantize: str | None = None, compile: bool | None = None) -> LoadedModel:
+    """``compile``: see Engine.load; when on, the step is compiled here (its time is in load_s)."""
     t0 = time.perf_counter()
-    engine = Engine.load(spec, device=device, dtype=dtype, download=download, quantize=quantize)
+    if quantize == "int8":
+        engine = _load_int8(spec, device, download)
+    else:
+        engine = Engine.load(spec, device=device, dtype=dtype, download=download, quantize=quantize, compile=compile)
+    engine.warm_up()
     tok = load_tokenizer(engine.checkpoint.folder, engine.model.config.vocab_size)
     return LoadedModel(engine, tok, engine.checkpoint, time.perf_counter() - t0)
+
+
+def _load_int8(spec: str | None, device: str | None, download: bool) -> Engine:
+    """Engine.load for int8, quantizing each tensor as it streams from disk (quant.StreamQuantizer):
+    the fp32 model never exists whole, so peak memory stays near the int8 model's."""
+    from gptchat.core.model.device import pick_device, set_threads
+
+    dev = pick_device(device)
+    if dev.type != "cpu":
+        raise DeviceError("--quantize int8 runs on the CPU only; use --device cpu")
+    set_threads()
+    ck = resolve(spec, download=download)
+    stream = quant.StreamQuantizer(str(ck.path))
+    with skip_init():  # no nn.init on meta (it would import torch._dynamo): see checkpoints.skip_init
+        model = GPT.from_state_dict(ck.config, iter_tensors(ck), device=dev, dtype=torch.float32,
+                                    source=str(ck.path), transform=stream)
+    return Engine(stream.install(model), ck, dev, torch.float32, quantize="int8")

@@ -117,14 +117,16 @@ class GPT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: GPTConfig, tensors, *, device=None, dtype=None, inference_layout: bool = False,
-                        source: str = "the state dict") -> "GPT":
+                        source: str = "the state dict", transform=None) -> "GPT":
         """The one way to build a GPT from weights: on the meta device, filled with ``assign=True``.
 
         ``tensors``: a mapping or an iterable of (name, tensor) pairs under our names and [out, in]
         shapes (checkpoints.iter_tensors streams them from disk, so each is checked, then converted
         to ``device``/``dtype``, one at a time). ``lm_head.weight`` may be absent: the head is tied to
         ``wte``; when present it must equal ``wte``. Unknown, missing or misshapen tensors raise
-        CheckpointError naming ``source``. ``inference_layout``: see to_inference_layout. Returns the
+        CheckpointError naming ``source``. ``inference_layout``: see to_inference_layout. ``transform``:
+        called as transform(key, tensor) on each checked tensor, its result loaded instead (int8's
+        StreamQuantizer returns meta stand-ins and installs its modules afterwards). Returns the
         model in eval mode.
         """
         with torch.device("meta"):
@@ -134,20 +136,22 @@ class GPT(nn.Module):
         head = None
         for key, t in tensors.items() if hasattr(tensors, "items") else tensors:
             if key == "lm_head.weight":
-                head = t  # tied to wte; compared below, not loaded twice
+                head = t if transform is None else transform(key, t)  # tied to wte; compared below
                 continue
             if key not in expected:
                 raise CheckpointError(f"{source}: unexpected tensor {key!r}; this is not a GPT-2 checkpoint")
             if tuple(t.shape) != expected[key]:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, but the config implies {expected[key]}")
             sd[key] = _placed(t.detach().to(device=device, dtype=dtype), inference_layout and key != "transformer.wpe.weight")
+            if transform is not None:
+                sd[key] = transform(key, sd[key])
         missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
         if missing:
             raise CheckpointError(f"{source}: missing {len(missing)} tensors (first: {missing[0]}); the file is incomplete")
         wte = sd["transformer.wte.weight"]
         model.load_state_dict({**sd, "lm_head.weight": wte}, strict=True, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the Parameter: re-tie
-        if head is not None and head.shape == wte.shape and head.data_ptr() != wte.data_ptr():
+        if head is not None and not head.is_meta and head.shape == wte.shape and head.data_ptr() != wte.data_ptr():
             # a few exports carry an untied head; gptchat's GPT-2 is always tied, so say so rather than guess
             if not torch.equal(head.to(device=wte.device, dtype=wte.dtype), wte):
                 raise CheckpointError(f"{source}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
@@ -181,8 +185,9 @@ class GPT(nn.Module):
         with torch.no_grad():
             # wpe, and wte once the head is not tied to it (an int8 head, quant.py), are only looked up
             skip = {id(self.transformer.wpe.weight)}
-            if getattr(self.lm_head, "weight", None) is not self.transformer.wte.weight:
-                skip.add(id(self.transformer.wte.weight))
+            wte = getattr(self.transformer.wte, "weight", None)  # None: an int8 table (QuantEmbedding)
+            if getattr(self.lm_head, "weight", None) is not wte:
+                skip.add(id(wte))
             for p in self.parameters():
                 if p.dim() == 2 and p.is_contiguous() and id(p) not in skip:
                     p.data = p.data.t().contiguous().t()
@@ -196,7 +201,7 @@ class GPT(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """(Re)allocate the KV cache; reuses the current one when it is already this size."""
         max_len = min(max_len or self.config.n_positions, self.config.n_positions)
-        p = self.transformer.wte.weight
+        p = self.transformer.wpe.weight  # the compute dtype (an int8 model's wte is int8)
         first = self.transformer.h[0].attn.kv_cache
         if first is not None and first.batch_size == batch_size and first.max_len == max_len and first.k.dtype == p.dtype:
             return
@@ -230,14 +235,14 @@ class GPT(nn.Module):
         last_only: compute logits for the last position only (B, 1, V).
         """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device)
         if mask is None and start > 0 and T > 1:
             # a chunk after a cached prefix: causal within the chunk, everything before it visible
             kv = kv_len if kv_len is not None else start + T
             q_slot = torch.arange(start, start + T, device=idx.device)[:, None]
             mask = (torch.arange(kv, device=idx.device)[None, :] <= q_slot)[None, None]
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        # positions start..start+T-1 are a slice of the table: no index tensor to build each step
+        wpe = self.transformer.wpe(pos) if pos is not None else self.transformer.wpe.weight[start : start + T]
+        x = self.transformer.wte(idx) + wpe  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, mask, start, kv_len)
@@ -247,6 +252,18 @@ class GPT(nn.Module):
         if return_hidden:  # the final hidden states; eval applies the head in chunks (core/eval)
             return x  # (B, T, C)
         return self.lm_head(x)  # (B, T, V)
+
+    def decode_step(self, idx: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for one token a row, idx (B, 1), written at cache slot ``slot`` (a 0-d long
+        tensor), every row dense (its position is the slot). Attention reads the whole cache through
+        a mask of the slots written so far, so no shape depends on the slot: the step compiles once
+        (and on CUDA can be replayed as a graph) for a given cache size."""
+        cap = self.transformer.h[0].attn.kv_cache.max_len
+        mask = (torch.arange(cap, device=idx.device) <= slot)[None, None, None]  # (1, 1, 1, cap)
+        x = self.transformer.wte(idx) + self.transformer.wpe(slot.view(1, 1))  # (B, 1, C)
+        for block in self.transformer.h:
+            x = block(x, mask, slot)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
 
 def _placed(t: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -27,7 +27,14 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k, v (B, nh, T, hs) at slots [start, start+T); return the first kv_len slots."""
+        """Write k, v (B, nh, T, hs) at slots [start, start+T); return the first kv_len slots.
+
+        ``start`` a 0-d long tensor (GPT.decode_step): write one slot there and return the whole
+        buffers, so that no shape depends on the slot (the caller masks the slots not yet written)."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v
         T = k.shape[2]
         self.k[:, :, start : start + T] = k
         self.v[:, :, start : start + T] = v

@@ -2,18 +2,26 @@
 
 Why: batch-1 decode reads every weight once per token, so its speed is the memory bandwidth over
 the bytes of weights; int8 reads a quarter of fp32's. Quantized at load from whatever checkpoint
-was read (the fp32/bf16 weights are symmetric-rounded per output row: w ~= q * scale, q in
-[-127, 127]), so every checkpoint format gets it.
+was read (w ~= q * scale, q in [-127, 127], symmetric per output row), tensor by tensor while the
+checkpoint streams from disk (StreamQuantizer), so the fp32 model never exists whole.
 
-The kernel: PyTorch's fbgemm dynamic linear (``quantized::linear_dynamic``), which quantizes each
-activation row on the fly (per tensor, 8 bits) and multiplies int8 x int8 with VNNI. Measured on
-this project's CPU (AMD EPYC, AVX512-VNNI, 2 threads) against the other int8 CPU kernels in torch
-2.13, for the 50257x768 head read from memory: fbgemm 1.5 ms, oneDNN ``qlinear_pointwise`` 1.1-3
-ms (plus a host sync per call for its scalar activation scale), ``aten._weight_int8pack_mm``
-(weight-only, bf16 activations) 7-12 ms -- it is fast only while the weight sits in cache --,
-``torch._int_mm`` 17 ms; fp32 ``F.linear`` 6 ms. The quality cost of quantizing activations too is
-measured (mean |logit - fp32 logit|, greedy agreement) by ``gptchat bench --quantize int8`` and
-pinned in tests/engine/test_quant.py.
+Weight-only in effect: a row's output never depends on the other rows of its batch. The kernel is
+fbgemm's int8 x int8 product (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``), whose
+activation quantization is one scale per call; each row is therefore divided by its own max |x|
+first (every row then spans [-1, 1], so the one scale fits every row exactly as it would fit that
+row alone), and the output row multiplied back. Activations get 7 bits (0..127): on CPUs without
+VNNI fbgemm sums pairs of u8 x s8 products in int16, which saturates with 8-bit activations
+(measured here: errors of the size of the output itself).
+
+Measured on this project's CPU (AMD EPYC Milan, AVX2, no VNNI; one thread, machine under heavy
+load), one row through the 124M model's matrices: this kernel 0.17 ms against fp32's 0.3-0.6 ms for
+3072x768 and 32-42 ms against 94-116 ms for the 50257x768 head; ``aten._weight_int8pack_mm``
+(weight-only) is 5-50x slower than fp32 with fp32 activations and no faster than fp32 with bf16
+ones (no native bf16 here); dequantizing each weight on the fly (w.float() * scale, then fp32)
+is 10-40x slower than fp32. Whole decode steps gained less: 1.31x fp32 at batch 1, one thread,
+under load (the per-row scaling adds four small ops to every Linear).
+The quality cost (mean |logit - fp32 logit|, greedy agreement on a trained model) is printed by
+``gptchat bench --quantize int8`` and pinned in tests/engine/test_quant.py.
 """
 
 from __future__ import annotations
@@ -23,38 +31,51 @@ import warnings
 import torch
 from torch import nn
 
+from gptchat.core.errors import CheckpointError
+
 QUANT_MODES = ("none", "int8")
+ACT_SCALE, ACT_ZERO = 1.0 / 63.0, 64  # a row divided by its max |x| lies in [-1, 1]: 7-bit codes 1..127
+_BLOCK = 1 << 18  # elements quantized at a time: float temporaries of 1 MB, which the allocator reuses
 
 
 def available() -> bool:
     """True where the int8 kernel exists (PyTorch built with fbgemm: x86 CPUs)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: returns (q int8 [out, in], scale fp32 [out]) with w ~= q * scale[:, None]."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    rows = max(1, _BLOCK // max(1, w.shape[1]))  # whole-tensor temporaries would fragment the heap
+    for i in range(0, w.shape[0], rows):
+        blk = w[i : i + rows].float()
+        s = blk.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
+        q[i : i + rows] = blk.div(s[:, None]).round_().clamp_(-127, 127)
+        scale[i : i + rows] = s
     return q, scale
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight is int8 with per-output-channel scales; computes in fp32 on the CPU."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        q, scale = quantize_rows(weight)
         self.out_features, self.in_features = q.shape
         zero = torch.zeros(self.out_features, dtype=torch.long)
-        b = None if bias is None else bias.detach().float().contiguous()
         # fbgemm's own blocked layout, packed once: the only copy kept (dequantize() unpacks it)
         with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm packs only from one
             warnings.simplefilter("ignore", UserWarning)
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-            self._packed = torch.ops.quantized.linear_prepack(qw, b)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
         self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("bias", b, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "QuantLinear":
+        return cls(*quantize_rows(weight), bias)
 
     def nbytes(self) -> int:
         """Bytes this layer reads per call: the int8 weight, its scales and the bias."""
@@ -62,9 +83,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        # reduce_range=False: 8-bit activations; VNNI has no 16-bit accumulator to saturate
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, False)
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        x = x.reshape(-1, shape[-1]).float()  # (M, in)
+        # each row over its own max |x|: the kernel's one activation scale then fits every row alike
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / amax, ACT_SCALE, ACT_ZERO,
+                                                                                self._packed)  # (M, out)
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
+        return y.view(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out, in] this layer computes with."""
@@ -74,25 +99,84 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Replace every nn.Linear of ``model`` (the tied lm_head included) by a QuantLinear, in place.
+class QuantEmbedding(nn.Module):
+    """The token table as int8 rows (the tied head's): a lookup dequantizes only the rows it reads."""
 
-    The embedding keeps its float table (a lookup reads one row per token: nothing to gain); the
-    head gets an int8 copy of it. Returns the model. ``mode`` "none" leaves it as it is.
-    """
-    if mode == "none":
-        return model
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q, persistent=False)  # (V, C) int8
+        self.register_buffer("scale", scale, persistent=False)  # (V,)
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.q[idx].float() * self.scale[idx].unsqueeze(-1)  # (..., C)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def _check(mode: str) -> None:
     if mode != "int8":
         raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(QUANT_MODES)}")
     if not available():
         raise RuntimeError("int8 needs PyTorch's fbgemm kernels (an x86 CPU build); this PyTorch has none")
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
+    """Replace every nn.Linear of ``model`` by a QuantLinear and the tied token table by a
+    QuantEmbedding sharing the head's int8 rows, in place. Returns the model; "none" leaves it."""
+    if mode == "none":
+        return model
+    _check(mode)
     with torch.no_grad():
+        wte = model.transformer.wte
+        if isinstance(wte, nn.Embedding) and getattr(model.lm_head, "weight", None) is wte.weight:
+            q, scale = quantize_rows(wte.weight)
+            model.transformer.wte = QuantEmbedding(q, scale)
+            model.lm_head = QuantLinear(q, scale, None)
         for name, lin in list(model.named_modules()):
             if isinstance(lin, nn.Linear):
-                parent, _, attr = name.rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                setattr(owner, attr, QuantLinear(lin.weight, lin.bias))
+                _replace(model, name, QuantLinear.from_float(lin.weight, lin.bias))
     return model
+
+
+class StreamQuantizer:
+    """``GPT.from_state_dict``'s per-tensor ``transform`` for int8: each 2-D weight (the Linears,
+    the token table, a stored head) is quantized as it arrives and a meta stand-in of its shape is
+    loaded instead, so only one float tensor is alive at a time; ``install`` then swaps in the
+    int8 modules. ``source`` names the checkpoint in errors."""
+
+    def __init__(self, source: str = "the state dict", mode: str = "int8"):
+        _check(mode)
+        self.source = source
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (q, scale)
+
+    def __call__(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() != 2 or key == "transformer.wpe.weight":  # positions stay float: one row a token
+            return t
+        self.rows[key.rpartition(".")[0]] = quantize_rows(t)
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def install(self, model: nn.Module) -> nn.Module:
+        q, scale = self.rows.pop("transformer.wte")
+        head = self.rows.pop("lm_head", None)
+        if head is not None and not (torch.equal(head[0], q) and torch.equal(head[1], scale)):
+            raise CheckpointError(f"{self.source}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
+        model.transformer.wte = QuantEmbedding(q, scale)
+        model.lm_head = QuantLinear(q, scale, None)
+        for name, (q, scale) in self.rows.items():
+            lin = model.get_submodule(name)
+            _replace(model, name, QuantLinear(q, scale, lin.bias))
+        self.rows.clear()
+        left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+        if left:
+            raise CheckpointError(f"{self.source}: {left[0]} was not quantized; this is not a GPT-2 checkpoint")
+        return model
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -164,23 +164,28 @@ class ChatSession:
         self.turns.append(turn)
         yield ReplyStarted(turn.msg_id, len(rendered.ids), list(rendered.dropped), rendered.turns_dropped)
         parts: list[str] = []
+        flusher = _Flusher(self.store, turn.msg_id) if self.store is not None else None
         last_flush = time.monotonic()
         comp = None
         try:
             for chunk in stream(lm.engine, lm.tokenizer, rendered.ids, opts, cancel):
                 if chunk.text:
                     parts.append(chunk.text)
-                    turn.text = "".join(parts)
                     yield ReplyDelta(chunk.text)
-                    if self.store is not None and time.monotonic() - last_flush > FLUSH_S:
-                        self.store.update_message(turn.msg_id, content=turn.text)
+                    if time.monotonic() - last_flush > FLUSH_S:  # the text so far, for readers and the store
+                        turn.text = "".join(parts)
+                        if flusher is not None:
+                            flusher.put(turn.text)
                         last_flush = time.monotonic()
                 comp = chunk.completion or comp
         except BaseException:
-            turn.status = "error"
-            if self.store is not None:
+            turn.status, turn.text = "error", "".join(parts)
+            if flusher is not None:
+                flusher.close(quiet=True)  # the error being raised is the one to report
                 self.store.update_message(turn.msg_id, content=turn.text, status="error")
             raise
+        if flusher is not None:
+            flusher.close()  # its last write lands before the final one below
         turn.text = comp.text
         turn.status = "stopped" if comp.finish_reason == "cancelled" else "done"
         # the ids as sampled (stop string included) for the inspect view; in memory only, never stored
@@ -192,6 +197,48 @@ class ChatSession:
                 timings={"prefill_s": round(comp.prefill_s, 4), "decode_s": round(comp.decode_s, 4),
                          "tokens_per_s": round(comp.tokens_per_s, 2), "load_s": round(lm.load_s, 3)})
         yield ReplyDone(turn, comp)
+
+
+class _Flusher:
+    """Writes a streaming reply's text to the store from its own thread, so the decode thread never waits on
+    SQLite (each commit syncs the WAL: milliseconds). Only the newest text is written; ``close`` waits for
+    the last write and raises any error it hit, on the caller's thread."""
+
+    def __init__(self, store: Store, msg_id: str):
+        self.store, self.msg_id = store, msg_id
+        self._text: str | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="gptchat-reply-flush", daemon=True)
+        self._thread.start()
+
+    def put(self, text: str) -> None:
+        with self._cv:
+            self._text = text
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._text is None and not self._closed:
+                    self._cv.wait()
+                text, self._text = self._text, None
+            if text is None:
+                return
+            try:
+                self.store.update_message(self.msg_id, content=text)
+            except BaseException as e:  # noqa: BLE001 - raised again by close(), on the reply's thread
+                self._error = e
+                return
+
+    def close(self, quiet: bool = False) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        if self._error is not None and not quiet:
+            raise self._error
 
 
 def render_prompt(settings: ChatSettings, tokenizer, n_ctx: int, text: str,

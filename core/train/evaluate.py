@@ -48,7 +48,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 g = g.to(hc.dtype)
                 if want_h:
                     grad_h[i : i + chunk] = g @ w.to(hc.dtype)
-                if want_w:
+                if want_w and g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)  # in place: no second (V, C) buffer
+                elif want_w:
                     grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None, n)
         ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, head.dtype)
@@ -56,10 +58,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # scaled in place: this runs at the memory peak (every activation still held), where a copy
+        # of the (V, C) head gradient would add to it. A second backward through the same graph
+        # fails loudly (autograd sees the saved tensors changed) rather than scaling twice.
         grad_h, grad_w, n = ctx.saved_tensors
         scale = grad_out / n
-        gh = None if grad_h is None else (grad_h * scale).view(ctx.shape).to(ctx.dtypes[0])
-        gw = None if grad_w is None else (grad_w * scale).to(ctx.dtypes[1])
+        gh = None if grad_h is None else grad_h.mul_(scale).view(ctx.shape).to(ctx.dtypes[0])
+        gw = None if grad_w is None else grad_w.mul_(scale).to(ctx.dtypes[1])
         return gh, gw, None, None
 
 

@@ -34,7 +34,7 @@ from gptchat.core.train import checkpoint, lora, runs
 from gptchat.core.train.checkpoint import ppl
 from gptchat.core.train.context import Progress, Run, Trainee, create_folder, name_folder, open_run, settings_for
 from gptchat.core.train.dist import Dist, wrap
-from gptchat.core.train.evaluate import loss_fn, sample, val_loss
+from gptchat.core.train.evaluate import head_loss, loss_fn, sample, val_loss
 from gptchat.core.train.events import EventLog, Status
 from gptchat.core.train.plan import make_plan, pick_sharding
 from gptchat.core.train.settings import Settings, lr_at
@@ -229,7 +229,7 @@ def _build(run: Run, trainer: dict | None, last_dir: Path | None) -> Trainee:
     model, frozen_bytes = _load_model(run, last_dir)
     s = run.s
     if s.lora:
-        targets = [x.strip() for x in s.lora_targets.split(",") if x.strip()]
+        targets = lora.parse_targets(s.lora_targets)
         torch.manual_seed(s.seed)  # the adapters' initial A: the same run gives the same weights
         lora.add_lora(model, targets, s.lora_rank, s.lora_alpha)
         if trainer is not None:
@@ -270,12 +270,13 @@ def _check_plan(run: Run, n_trainable: int, frozen_bytes: int) -> None:
     """Emit the start event with the memory and time plan; refuse a run that will not fit."""
     s, r, dist, device, ds, sp = run.s, run.r, run.dist, run.device, run.ds, run.sp
     amp_bytes = 4 if run.amp_dtype == torch.float32 else 2
+    targets = lora.parse_targets(s.lora_targets) if s.lora else None
 
-    def plan_at(shards: int):
+    def plan_at(shards: int):  # shards 1 with several processes: DDP
         return make_plan(run.cfg, trainable=n_trainable, batch=r.batch_size, block=r.block_size, steps=r.steps,
                          tokens_per_step=r.tokens_per_step, device=device, amp_bytes=amp_bytes,
                          frozen_bytes=frozen_bytes, grad_checkpointing=s.grad_checkpointing, shards=shards,
-                         measure=dist.main)
+                         measure=dist.main, lora_targets=targets, ddp=dist.world > 1 and shards <= 1)
 
     plan, fsdp = pick_sharding(plan_at, dist.world, s.fsdp)
     if dist.any(fsdp, device) and not s.fsdp:  # one rank short of memory is enough: all ranks shard
@@ -326,7 +327,7 @@ def _step(run: Run, t: Trainee, p: Progress, result: Result) -> None:
         last_micro = micro == r.grad_accum - 1
         with t.net.no_sync() if (dist.enabled and not run.s.fsdp and not last_micro) else nullcontext():
             with run.amp():
-                loss = loss_fn(t.fwd(x), y)
+                loss = _loss(run, t, x, y)
             t.scaler.scale(loss / r.grad_accum).backward()
         loss_sum += loss.item()
     if run.s.clip > 0:
@@ -348,6 +349,16 @@ def _step(run: Run, t: Trainee, p: Progress, result: Result) -> None:
                  eta_s=round((r.steps - p.step) * sum(recent) / len(recent), 1),
                  epoch=round(p.step * r.tokens_per_step / r.block_size / run.batches.n_chunks, 3), tokens=p.tokens_seen)
     run.status.update(force=False, step=p.step)
+
+
+def _loss(run: Run, t: Trainee, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's mean loss. One process and DDP: the final hidden states, then the tied head
+    and cross-entropy fused in chunks (evaluate.head_loss), so the (B*T, V) fp32 logits and their
+    gradient never exist. FSDP computes the full logits inside the forward: outside it the tied head
+    is a shard, which the chunked loss cannot use."""
+    if run.s.fsdp and run.dist.enabled:
+        return loss_fn(t.fwd(x), y)
+    return head_loss(t.fwd(x, return_hidden=True), t.raw.lm_head.weight, y)
 
 
 def _evaluate(run: Run, t: Trainee, p: Progress, result: Result) -> tuple[float, bool]:

@@ -71,6 +71,11 @@ def _merge(m: LoRALinear, weight, a_list, b_list) -> torch.Tensor:
     return w
 
 
+def parse_targets(text: str) -> list[str]:
+    """``--lora-targets`` ("q,v,fc") as a list, blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def add_lora(model, targets: list[str], rank: int, alpha: float) -> list[str]:
     """Freeze ``model`` and attach adapters; returns the names of the trainable parameters."""
     for p in model.parameters():

@@ -108,14 +108,15 @@ class Shape:
 
 
 def _peak(cfg, shape: Shape, *, block: int, trainable: int, frozen_bytes: int, shards: int,
-          lora_targets: list[str] | None) -> tuple:
+          lora_targets: list[str] | None, ddp: bool = False) -> tuple:
     if shape.lora and trainable >= cfg.n_params():
         trainable = lora_params(cfg, 8, ["q", "k", "v"])  # the default adapters, for a suggested --lora
         lora_targets = ["q", "k", "v"]
     lora = trainable < cfg.n_params()
     mem = training_memory(cfg, batch=shape.batch, block=block, mixed=shape.amp_bytes < 4,
                           trainable=trainable if lora else None, frozen_bytes=frozen_bytes,
-                          grad_checkpointing=shape.grad_checkpointing, fsdp_shards=shards, lora_targets=lora_targets)
+                          grad_checkpointing=shape.grad_checkpointing, ddp=ddp, fsdp_shards=shards,
+                          lora_targets=lora_targets)
     return mem, trainable
 
 
@@ -145,13 +146,16 @@ def suggest_fix(cfg, shape: Shape, fits: Callable[[int], bool], *, device_type: 
 
 def make_plan(cfg, *, trainable: int, batch: int, block: int, steps: int, tokens_per_step: int,
               device, amp_bytes: int, frozen_bytes: int = 4, grad_checkpointing: bool = False,
-              shards: int = 1, measure: bool = True, lora_targets: list[str] | None = None) -> Plan:
+              shards: int = 1, measure: bool = True, lora_targets: list[str] | None = None,
+              ddp: bool = False) -> Plan:
     """Peak memory per device from ``core.eval.estimate`` (``shards`` > 1: FSDP splits weights, grads
-    and Adam states); for a run that does not fit, ``Plan.fix`` names the change that would.
+    and Adam states; ``ddp``: replicas on several processes, which hold gradient buckets besides the
+    gradients); for a run that does not fit, ``Plan.fix`` names the change that would.
     ``lora_targets``: the adapted matrices of a LoRA run (None: counted as if all were adapted)."""
     params = cfg.n_params()
     shape = Shape(batch, grad_checkpointing, trainable < params, amp_bytes)
-    kw = dict(block=block, trainable=trainable, frozen_bytes=frozen_bytes, shards=shards, lora_targets=lora_targets)
+    kw = dict(block=block, trainable=trainable, frozen_bytes=frozen_bytes, shards=shards, lora_targets=lora_targets,
+              ddp=ddp and shards <= 1)
     mem, _ = _peak(cfg, shape, **kw)
     precision = {4: "fp32", 2: "mixed 16-bit"}.get(amp_bytes, f"{amp_bytes * 8}-bit")
     fpt = flops_per_token(params, cfg, block, trainable if shape.lora else None)

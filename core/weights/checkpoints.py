@@ -172,8 +172,27 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
     from gptchat.core.model.gpt import GPT
 
-    with torch.device("meta"):
+    with skip_init(), torch.device("meta"):
         return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+
+
+def skip_init():
+    """A context in which ``torch.nn.init`` functions leave their tensor as it is.
+
+    Building a model on the meta device still runs each module's initialisation, and ``normal_`` has
+    no meta kernel: it falls back to a Python decomposition whose first use imports torch._dynamo
+    (about as long as importing torch itself; most of a 124M load). Weights built on meta are replaced,
+    never initialised. Thread-local, like every torch function mode: other threads initialise as usual.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    class _SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__module__", None) == "torch.nn.init":
+                return args[0] if args else (kwargs or {}).get("tensor")
+            return func(*args, **(kwargs or {}))
+
+    return _SkipInit()
 
 
 def _checked_headers(ck: Checkpoint) -> dict[Path, tuple[int, list[TensorEntry]]]:
@@ -271,8 +290,10 @@ def load_model(ck: Checkpoint, device=None, dtype=None, inference_layout: bool =
 
     from gptchat.core.model.gpt import GPT
 
-    return GPT.from_state_dict(ck.config, iter_tensors(ck), device=torch.device(device or "cpu"),
-                               dtype=dtype or torch.float32, inference_layout=inference_layout, source=str(ck.path))
+    with skip_init():  # GPT.from_state_dict builds the model on meta before filling it
+        return GPT.from_state_dict(ck.config, iter_tensors(ck), device=torch.device(device or "cpu"),
+                                   dtype=dtype or torch.float32, inference_layout=inference_layout,
+                                   source=str(ck.path))
 
 
 def load(spec, device=None, dtype=None, download: bool = True, inference_layout: bool = False):

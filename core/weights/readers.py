@@ -156,26 +156,51 @@ def _natural(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def read_safetensors(path: Path, base: int, entries: list[TensorEntry]):
-    """(key, tensor) for each checked entry, each read straight into its own buffer.
+def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: bool = True):
+    """(key, tensor) for each checked entry.
 
-    Reading with readinto instead of memory-mapping keeps the file's pages out of our resident
-    memory, so peak memory while loading is the model plus one tensor, not the model twice.
+    ``mapped`` (the default): each tensor is a view of the file mapped copy-on-write, so loading reads
+    nothing and copies nothing; pages come in from the page cache when the model first uses them, and
+    a write (finetuning) changes the process's own copy, never the file. Memory holds the weights
+    once, as when reading. A tensor whose bytes are not aligned to its element size is read instead.
+    Otherwise each tensor is read straight into its own buffer. (The header was checked against the
+    file's size; a file truncated while mapped would fault, as with any memory-mapped loader.)
     """
+    import mmap
+
     import torch
 
     try:
         with open(path, "rb", buffering=0) as f:
+            view = None
+            if mapped and entries:
+                try:
+                    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):  # a filesystem that cannot map: read instead
+                    view = None
             for e in entries:
-                t = torch.empty(e.shape, dtype=getattr(torch, ST_DTYPES[e.dtype][0]))
-                if t.numel():
-                    f.seek(base + e.begin)
-                    view, got = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
-                    while got < len(view):  # one read() returns at most ~2 GiB on Linux
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise CheckpointError(f"{path} is truncated or corrupt while reading {e.key}")
-                        got += n
-                yield e.key, t
+                dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+                start, size = base + e.begin, ST_DTYPES[e.dtype][1]
+                if view is not None and e.end > e.begin and start % size == 0:
+                    t = torch.frombuffer(view, dtype=dtype, count=(e.end - e.begin) // size, offset=start)
+                    yield e.key, t.view(e.shape)
+                else:
+                    yield e.key, _read_into(f, path, start, e, dtype)
     except OSError as ex:
         raise CheckpointError(f"cannot read {path}: {ex.strerror or ex}") from None
+
+
+def _read_into(f, path: Path, start: int, e: TensorEntry, dtype):
+    """One tensor read from ``f`` into a buffer of its own."""
+    import torch
+
+    t = torch.empty(e.shape, dtype=dtype)
+    if t.numel():
+        f.seek(start)
+        view, got = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
+        while got < len(view):  # one read() returns at most ~2 GiB on Linux
+            n = f.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{path} is truncated or corrupt while reading {e.key}")
+            got += n
+    return t

@@ -212,6 +212,27 @@ def test_csv_output_and_resume(tmp_path, tiny, capfd):
     assert rows2[:2] == rows  # finished records are kept byte for byte
 
 
+def test_resume_reuses_rows_only_from_the_same_quantize(tmp_path, tiny, capfd):
+    src = tmp_path / "p.txt"
+    src.write_text("Hello there\nOnce upon a time\n")
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli(capfd, "batch", src, "-m", tiny, "-n", "3", "-o", out, "--device", "cpu")
+    assert code == 0, err
+    first = out.read_bytes()
+    src.write_text("Hello there\nOnce upon a time\nx\n")
+    code, stdout, err = cli(capfd, "batch", src, "-m", tiny, "-n", "3", "-o", out, "--device", "cpu", "--resume",
+                            "--quantize", "int8")
+    assert code != 0 and stdout == "" and "--quantize none" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == first  # the fp32 rows stand, untouched, and none passed for int8 ones
+    out.unlink()
+    code, _, err = cli(capfd, "batch", src, "-m", tiny, "-n", "3", "-o", out, "--device", "cpu", "--quantize", "int8")
+    assert code == 0, err
+    code, stdout, err = cli(capfd, "batch", src, "-m", tiny, "-n", "3", "-o", out, "--device", "cpu", "--resume",
+                            "--quantize", "int8", "--json")
+    assert code == 0, err
+    assert (json.loads(stdout)["done"], json.loads(stdout)["resumed"]) == (0, 3)  # same setting: all reused
+
+
 @pytest.mark.slow
 def test_resume_after_kill(tmp_path, tiny, capfd):
     src = tmp_path / "p.txt"

@@ -142,17 +142,58 @@ def test_no_files_offline_uses_the_shipped_bpe(tmp_path, tiktoken_gpt2, vocab_si
         assert tok.encode(text) == tiktoken_gpt2.encode_ordinary(text)
 
 
-def test_fast_form_is_cached_and_rebuilt_when_damaged():
+def _cached_ranks_file() -> Path:
     from gptchat.core.paths import get_paths
 
+    (cached,) = (get_paths().cache / "tokenizers").glob("*.ranks")
+    return cached
+
+
+def test_fast_form_is_cached_and_read_back_as_the_same_vocabulary(tiktoken_gpt2):
+    tokmod._loaded.clear()
+    built = gpt2_tokenizer()  # parses the shipped files, then writes the fast form
+    cached = _cached_ranks_file()
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == cached.name.split(".")[1]
+    tokmod._loaded.clear()
+    read = gpt2_tokenizer()  # from the fast form
+    assert read.enc._mergeable_ranks == built.enc._mergeable_ranks == tiktoken_gpt2._mergeable_ranks
+    assert read.enc.name == "gpt2"  # the name that keys tokenized datasets survives the cache
+    assert read.encode("Hello world") == [15496, 995]
+    assert cached.stat().st_mtime_ns == _cached_ranks_file().stat().st_mtime_ns  # read, not rewritten
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_fast_form_is_rebuilt_when_damaged(damage):
     tokmod._loaded.clear()
     gpt2_tokenizer()
-    (cached,) = (get_paths().cache / "tokenizers").glob("*.tiktoken")
-    assert cached.name.split(".")[1] == tokmod.GPT2_TIKTOKEN_SHA256  # r50k_base.tiktoken, byte for byte
-    cached.write_bytes(cached.read_bytes()[:-100])  # truncated: its name's sha256 no longer matches
+    cached = _cached_ranks_file()
+    good = cached.read_bytes()
+    bad = {"truncate": good[:-100], "flip": good[:200] + bytes([good[200] ^ 1]) + good[201:],
+           "garbage": b"\x00" * 64, "empty": b""}[damage]
+    cached.write_bytes(bad)  # its name's sha256 no longer matches
     tokmod._loaded.clear()
     assert gpt2_tokenizer().encode("Hello world") == [15496, 995]
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == tokmod.GPT2_TIKTOKEN_SHA256
+    assert _cached_ranks_file().read_bytes() == good
+
+
+@pytest.mark.parametrize("cut", [0, 10, 24, 30, 1000])
+def test_malformed_fast_form_is_rejected_even_with_a_matching_hash(cut):
+    """A well-hashed file that is not in the format (another tool, another version) is not trusted."""
+    tokmod._loaded.clear()
+    gpt2_tokenizer()
+    data = _cached_ranks_file().read_bytes()
+    assert tokmod._parse_ranks(data) is not None
+    assert tokmod._parse_ranks(data[:cut]) is None
+    assert tokmod._parse_ranks(data + b"x") is None  # a length table that does not cover the bytes
+
+
+def test_fast_form_cache_that_cannot_be_written_still_loads(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(tokmod, "_cache_folder", lambda: blocker / "tokenizers")
+    tokmod._loaded.clear()
+    assert gpt2_tokenizer().encode("Hello world") == [15496, 995]
+    assert blocker.is_file() and not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_a_damaged_shipped_file_is_refused(monkeypatch):

@@ -1,5 +1,5 @@
 """`gptchat experiment` end to end in subprocesses: killed mid-way, it resumes without redoing cells;
-the same JSONL file drives finetuning, --examples and the experiment."""
+under torchrun its finetunes use DDP; the same JSONL file drives finetuning, --examples and the experiment."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from gptchat.core.eval.experiment import study_state
 from gptchat.core.eval.shots import in_context
 from gptchat.core.generate.loaded import open_model
 from gptchat.core.paths import get_paths
 from gptchat.core.prompting.templates import list_templates, load_examples, render
 from gptchat.core.train import data, list_runs
+from gptchat.core.train.events import read_events
 from gptchat.tui.cli.main import main
 from tests.factory import hf_model, save
 
@@ -67,12 +70,14 @@ def test_experiment_resumes_after_sigkill_and_finetuning_lowers_the_loss(corpus,
         time.sleep(0.05)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    assert study_state("study")["state"] == "killed"  # "running", but its process is gone
     done = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
     assert "base-a.json" in done and len(done) < 4
 
     second = _cli(*args)
     out, errs = second.communicate(timeout=300)
     assert second.returncode == 0, errs
+    assert study_state("study")["state"] == "finished"
     assert "a: cached" in errs
     for name, mtime in done.items():
         assert (cells / name).stat().st_mtime_ns == mtime  # finished cells were not redone
@@ -89,3 +94,29 @@ def test_experiment_resumes_after_sigkill_and_finetuning_lowers_the_loss(corpus,
     report = (tmp_path / "r.md").read_text()
     assert report.count("<svg") == 2 and "<polyline" in report and "| * |" in report
     assert {"study-finetuned-a", "study-finetuned-b"} <= {r["name"] for r in list_runs()}  # ordinary runs
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_finetunes_use_ddp_and_rank_0_alone_scores_and_reports(corpus, tmp_path):
+    """Two gloo processes: every finetune runs on both (each in a process group of its own: torchrun's
+    rendezvous cannot be joined twice, which failed the second finetune before), rank 0 alone scores
+    and prints, and the other rank exits cleanly."""
+    a = save(hf_model(n_layer=1, n_embd=32, n_positions=64, seed=1), tmp_path / "a")
+    b = save(hf_model(n_layer=1, n_embd=32, n_positions=64, seed=2), tmp_path / "b")
+    gptchat = Path(sys.executable).parent / "gptchat"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           str(gptchat), "experiment", str(corpus), "--name", "ddp", "--models", f"{a},{b}", "--finetune-steps", "4",
+           "--lr", "3e-3", "--batch-size", "4", "--block-size", "32", "--device", "cpu", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = json.loads(r.stdout)  # one report: a second rank printing its own would not parse
+    assert table["state"] == "finished" and not table["missing"]
+    rows = {row["row"]: row for row in table["rows"]}
+    assert set(rows) == {"base-a", "finetuned-a", "base-b", "finetuned-b"}
+    assert rows["finetuned-a"]["world"] == rows["finetuned-b"]["world"] == 2
+    assert rows["base-a"]["world"] == 1  # scored, not trained
+    for run in ("ddp-finetuned-a", "ddp-finetuned-b"):
+        events = read_events(get_paths().runs / run / "events.jsonl")
+        assert [e["world"] for e in events if e["type"] == "start"] == [2]
+        assert max(e["step"] for e in events if e["type"] == "step") == 4
+    assert r.stderr.count(": scoring ") == 4  # each row scored once, by rank 0

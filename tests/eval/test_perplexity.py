@@ -133,3 +133,41 @@ def test_bad_input_is_one_clear_error(models, tmp_path):
         evaluate(lm, HeldOut([_text(50)], "t"), shots=ctx)
     with pytest.raises(UsageError, match="stride"):
         evaluate(lm, HeldOut([_text(50)], "t"), stride=N_CTX)
+
+
+def test_head_chunks_and_batch_size_do_not_change_the_loss(models, monkeypatch):
+    """Scored rows cross head chunks and windows cross batches (and the short last window gets its own)."""
+    from gptchat.core.eval import perplexity
+
+    hf, lm = models
+    ids = HeldOut([_text(300, 5)], "t").ids(lm.tokenizer)
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 7)
+    for batch_tokens in (64, 3 * N_CTX, 10**6):
+        nats, plan = score_ids(lm.engine, ids, stride=20, batch_tokens=batch_tokens)
+        ref, n = _reference(hf, ids, plan.windows)
+        assert plan.windows[-1].end - plan.windows[-1].begin < N_CTX  # a short last window
+        assert nats / n == pytest.approx(ref / n, abs=1e-4)
+
+
+def test_an_int8_head_scores_through_the_module_like_the_engine(tmp_path_factory):
+    """A head that is not a plain fp32 Linear (int8 here) goes through the module: same sums as engine.score."""
+    path = save(hf_model(n_positions=N_CTX), tmp_path_factory.mktemp("q8") / "m")
+    lm = open_model(str(path), device="cpu", dtype="fp32", quantize="int8")
+    ids = HeldOut([_text(30, 6)], "t").ids(lm.tokenizer)[:N_CTX]
+    nats, plan = score_ids(lm.engine, ids)
+    assert len(plan.windows) == 1
+    assert nats == pytest.approx(-sum(lm.engine.score(ids)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_bench_scores_like_transformers_and_prints_every_figure():
+    """The bench runs the real eval and the guide's loop on one window; their losses agree; (a)-(c) print."""
+    from gptchat.core.bench import eval as bench
+
+    b = bench.run("tiny", rounds=1, windows=1, heldout_tokens=5000)
+    assert b.loss == pytest.approx(b.hf_loss, abs=1e-4)
+    assert b.window_vs_prefill > 0 and b.scored_vs_hf > 0
+    assert b.rss_after_load_bytes < b.peak_rss_bytes < 64 * 2**30
+    text = b.format()
+    assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x"))
+    assert json.loads(json.dumps(b.to_dict()))["rss_limit_bytes"] == b.rss_limit_bytes

@@ -18,6 +18,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file
 
 from gptchat.core.model.config import PRESETS
+from gptchat.core.model.device import cpu_native_bf16
 from gptchat.core.model.gpt import GPT
 from gptchat.core.train import Settings, train
 from gptchat.core.train.dist import Dist, mixed_precision, wrap
@@ -190,6 +191,7 @@ def test_sigkilled_fsdp_run_resumes_with_the_losses_of_an_unbroken_run(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not cpu_native_bf16(), reason="--dtype bf16 on a CPU without native bf16 trains in fp32")
 def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path):
     run = {**COMMON, "from_scratch": True, "arch": "nano", "steps": 3, "eval_every": 3}
     corpus, single = _baseline(tmp_path, run)

@@ -227,3 +227,47 @@ def test_branch_only_at_a_user_message():
     with pytest.raises(UsageError):
         s.branch(4)
     assert s.branch(2) == "c" and [t.text for t in s.turns] == ["a", "b"]
+
+
+def test_a_streaming_reply_is_saved_while_it_grows_by_another_thread(tiny_model, tmp_path):
+    """The reply row is written while it streams (a killed process keeps what was shown), and not by the
+    thread that decodes: a commit syncs the WAL, which would stall decoding."""
+    import threading
+    import time
+
+    from gptchat.core.session.chat import FLUSH_S, ChatSession, ChatSettings, ReplyDelta, ReplyDone
+    from gptchat.core.session.pool import ModelPool
+
+    store = Store(tmp_path / "h.sqlite3")
+    writes = []
+    real_update = store.update_message
+
+    def watched(msg_id, **fields):  # the real write, noting the thread it runs on
+        writes.append((threading.current_thread().name, fields.get("status")))
+        return real_update(msg_id, **fields)
+
+    store.update_message = watched
+    loaded = ModelPool().load(tiny_model, "cpu")
+    session = ChatSession(store, ChatSettings(model=tiny_model, max_new_tokens=60, greedy=True, seed=1))
+    session.add_user("Hello there")
+    events = session.reply(loaded, threading.Event())
+    shown = []
+    for ev in events:
+        if isinstance(ev, ReplyDelta):
+            shown.append(ev.text)
+            if len(shown) == 2:
+                time.sleep(FLUSH_S + 0.05)  # resumed after this, the reply saves the text so far
+            if len(shown) == 3:
+                break
+    assert len(shown) == 3, "the tiny model should write at least three pieces of text"
+    reply_id = session.turns[-1].msg_id
+    deadline = time.monotonic() + 10
+    while store.messages(session.conv_id)[-1].content != "".join(shown[:2]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    row = store.messages(session.conv_id)[-1]
+    assert row.id == reply_id and row.content == "".join(shown[:2]) and row.status == "streaming"
+    decoder = threading.current_thread().name
+    assert writes and all(name != decoder for name, status in writes if status is None)
+    done = [ev for ev in events if isinstance(ev, ReplyDone)]
+    row = store.messages(session.conv_id)[-1]
+    assert len(done) == 1 and row.content == done[0].turn.text and row.status == "done"

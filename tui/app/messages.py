@@ -36,7 +36,7 @@ class ReplyBegan(Message, bubble=False):
 
 @dataclass
 class ReplyChunk(Message, bubble=False):
-    text: str  # new text since the last chunk (batched, ~25 per second at most)
+    text: str  # new text since the last chunk (batched: at most 10 per second)
 
 
 @dataclass

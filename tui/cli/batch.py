@@ -31,8 +31,7 @@ Input: .txt (one prompt per line; the id is the line number) or .jsonl (one obje
 top_p, repetition_penalty, max_new_tokens, greedy, stop, seed). Each output record holds the id,
 model, template, shots, examples used, sampling settings, seed, token counts, the completion, the
 finish reason and timings ("quantize": "int8" too under --quantize int8). A row's seed is
-sha256("SEED:ID"), so results do not depend on batching (except under --quantize int8, whose
-activations share one int8 scale per forward: use --batch-size 1 there for batch-independent rows).
+sha256("SEED:ID"), so results do not depend on batching (under --quantize int8 too).
 Throughput against transformers: python -m gptchat.core.bench.batch
 """
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json
+from gptchat.tui.cli.common import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json
 
 
 def bench(
@@ -21,13 +21,15 @@ def bench(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
+    compile: CompileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure prefill and decode speed against transformers on the same weights.
 
     Batch-1 decode is also shown against its ceiling (the read bandwidth, measured in the same run,
     over the bytes of weights a token reads). With --quantize int8 or --dtype bf16 the quality
-    against fp32 is measured too.
+    against fp32 is measured too. With --compile the compiled batch-1 decode step is measured against
+    the eager one in the same run, and its compile (warm-up) time is printed.
 
     Examples: gptchat bench --shape gpt2 --batch-sizes 1,8,32 ; gptchat bench --quantize int8 --json
     """
@@ -47,7 +49,8 @@ def bench(
 
     rep = B.run(model=model, shape=shape, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
-                reference=reference, repeats=repeats, quantize=quantize or "none", log=lambda s: err(f"bench: {s}"))
+                reference=reference, repeats=repeats, quantize=quantize or "none", log=lambda s: err(f"bench: {s}"),
+                compile=bool(compile))
     if json_out:
         from dataclasses import asdict
 

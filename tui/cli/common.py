@@ -11,6 +11,13 @@ import typer
 
 from gptchat.core.generate import options  # the one table of generation settings; imports no torch
 
+# Before torch loads its OpenMP: idle decode threads sleep instead of spinning. Spinning (libgomp's
+# default) wins only on an idle machine; beside other work (the chat UI, other processes) a spinning
+# thread steals the core its partner needs, and batch-1 decode, ~60 short parallel regions a token,
+# fell to 28% of its bandwidth ceiling against 67-87% with this (2 cores, load ~21; issue 15).
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -32,8 +39,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuantizeOpt = Annotated[
     Optional[str],
     typer.Option(help="Weights: none, or int8 (every layer and the head in int8 with per-channel scales, on "
-                 "x86 CPUs: about 3.5x faster batch-1 decode than fp32; greedy choices agreed with fp32's at "
-                 "99.7% of positions, measured by `gptchat bench --quantize int8`). Default: none."),
+                 "x86 CPUs: a quarter of the weight memory and faster batch-1 decode than fp32; greedy choices "
+                 "agreed with fp32's at 98.4% of positions; `gptchat bench --quantize int8` measures both). "
+                 "Default: none."),
+]
+
+CompileOpt = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help="Compile the batch-1 decode step with torch.compile (CUDA graphs "
+                 "on CUDA); its one-off compile time is spent at load. Default: on only where measured faster "
+                 "(nowhere yet: on CPU it was slower; `gptchat bench --compile` measures it).", show_default=False),
 ]
 
 

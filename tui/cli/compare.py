@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from gptchat.tui.cli.common import (
-    DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, TemperatureOpt, TopKOpt, TopPOpt, print_json,
+    DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, QuantizeOpt, TemperatureOpt, TopKOpt, TopPOpt, print_json,
 )
 
 EXAMPLES = """
@@ -16,6 +16,7 @@ EXAMPLES = """
 Examples:
   gptchat compare "How do I attach a disk?" --model gpt2 --model azure-docs --seed 1
   gptchat compare "hot" --template few-shot --shots 0 --shots 3 --examples words.jsonl --json
+  gptchat compare "The capital of France is" --model gpt2 --quantize int8 --seed 1
 """
 COLUMN_MIN = 36  # narrower than this per pane, and the panes are stacked instead
 
@@ -33,6 +34,7 @@ def compare(
     top_p: TopPOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare completions of models, templates and shots on the same prompts and seed."""
@@ -46,16 +48,17 @@ def compare(
 
     panes = [Pane(m, t, k) for m, t, k in product(model or ["gpt2"], template or ["raw"], shots or [None])]
     settings = ChatSettings(examples=examples, seed=seed if seed is not None else new_seed(), device=device,
-                            dtype=dtype, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+                            dtype=dtype, quantize=quantize, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
     pool, out = ModelPool(), []
     for text in prompts:
         done = {ev.pane: ev for ev in run_compare(pool, panes, text, settings, threading.Event(), score=True)
                 if isinstance(ev, PaneDone)}
         out.append({"prompt": text, "panes": [_pane(p, done[i]) for i, p in enumerate(panes)]})
     if json_out:
-        print_json({"seed": settings.seed, "results": out})
+        print_json({"seed": settings.seed, "quantize": quantize or "none", "results": out})
     else:
-        _show(out, settings.seed)
+        _show(out, settings.seed, quantize)
 
 
 compare.__doc__ += "\n" + EXAMPLES
@@ -72,14 +75,14 @@ def _score(d: dict) -> str:
     return "mean log p: n/a" if lp is None else f"mean log p: {lp:.3f}"
 
 
-def _show(results: list[dict], seed: int) -> None:
+def _show(results: list[dict], seed: int, quantize: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(markup=False, highlight=False, emoji=False)
     n = len(results[0]["panes"])
     wide = console.is_terminal and console.width >= COLUMN_MIN * n
-    console.print(f"seed {seed}")
+    console.print(f"seed {seed}" + (f"  weights {quantize}" if quantize not in (None, "none") else ""))
     for r in results:
         console.print(f"\n> {r['prompt']}")
         if wide:

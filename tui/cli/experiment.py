@@ -60,12 +60,29 @@ def experiment(
     else:
         if not data or not name:
             raise UsageError("give DATA and --name NAME (or --show NAME for a finished experiment)")
-        train = {k: v for k, v in dict(lr=lr, batch_size=batch_size, block_size=block_size).items() if v is not None}
-        spec = X.Spec(name=name, data=list(data), models=[m for m in models.split(",") if m.strip()],
-                      shots=_ints(shots, "--shots"), finetune_steps=finetune_steps, lora=lora, from_scratch=from_scratch,
-                      heldout=heldout, heldout_fraction=heldout_fraction, seed=seed, train=train, device=device, dtype=dtype)
-        cells = X.run(spec, log=lambda s: err(f"experiment: {s}"))
+        spec = spec_from(locals())
+        try:
+            cells = X.run(spec, log=lambda s: err(f"experiment: {s}"))
+        except X.Stopped as e:
+            err(f"experiment: {e}")
+            raise typer.Exit(143) from None  # 128 + SIGTERM, as a shell reports a terminated command
+        if cells is None:  # a torchrun rank other than 0: it took part in the finetunes; rank 0 reports
+            return
     _output(X, spec, cells, json_out, markdown)
+
+
+def spec_from(params: dict):
+    """The study that the command's parameters (by name, as Typer passes them) ask for; the TUI's form
+    builds its study with this too, from the same command's parse of its fields."""
+    from gptchat.core.eval import experiment as X
+
+    train = {k: params[k] for k in ("lr", "batch_size", "block_size") if params.get(k) is not None}
+    return X.Spec(name=params["name"], data=list(params["data"] or []),
+                  models=[m.strip() for m in params["models"].split(",") if m.strip()],
+                  shots=_ints(params["shots"], "--shots"), finetune_steps=params["finetune_steps"], lora=params["lora"],
+                  from_scratch=params["from_scratch"], heldout=params["heldout"],
+                  heldout_fraction=params["heldout_fraction"], seed=params["seed"], train=train,
+                  device=params["device"], dtype=params["dtype"])
 
 
 experiment.__doc__ += "\n" + EXAMPLES
@@ -76,11 +93,15 @@ def _output(X, spec, cells: dict, json_out: bool, markdown: Optional[Path]) -> N
 
     order = [r.id for r in X.rows(spec)]
     best = X.best(cells)
+    state = X.study_state(spec.name)["state"]
+    if state != "finished":
+        err(f"experiment {spec.name}: {state}, {sum(r in cells for r in order)}/{len(order)} rows done"
+            + ("" if state == "running" else "; run the same command again to resume it"))
     if markdown is not None:
         markdown.write_text(report.markdown(spec.name, X.split_rule(spec), cells, order, best), encoding="utf-8")
         err(f"wrote {markdown}")
     if json_out:
-        print_json({"name": spec.name, "split": X.split_rule(spec), "best": best,
+        print_json({"name": spec.name, "state": state, "split": X.split_rule(spec), "best": best,
                     "rows": [cells[r] for r in order if r in cells], "missing": [r for r in order if r not in cells]})
         return
     print_table(report.table_rows(cells, order, best), report.HEADERS)

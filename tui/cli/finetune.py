@@ -51,7 +51,7 @@ def finetune(
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 8,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha; the update is scaled by alpha/r.")] = 16.0,
     lora_targets: Annotated[str, typer.Option("--lora-targets", help="Comma list of what to adapt: q, k, v (the parts of attn.c_attn), o (attn.c_proj), fc (mlp.c_fc), proj (mlp.c_proj).")] = "q,k,v",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slow start, faster steps on GPU).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: minutes to compile; for GPU (on CPU its steps measured no faster).")] = False,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass: much less memory, about 30% slower.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard weights, gradients and optimizer state (FSDP) instead of replicating them (DDP).")] = False,
     device: DeviceOpt = None,

@@ -12,7 +12,7 @@ from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.core.prompting.templates import Budget, format_explain, get_template, load_examples, render
 from gptchat.tui.cli.common import (
-    DeviceOpt, DtypeOpt, GreedyOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
+    CompileOpt, DeviceOpt, DtypeOpt, GreedyOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
     QuantizeOpt, TopPOpt, err, print_json, sampling_given,
 )
 
@@ -51,6 +51,7 @@ def generate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
+    compile: CompileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate a completion of a prompt with a GPT-2 model."""
@@ -70,7 +71,7 @@ def generate(
     tty = sys.stderr.isatty()
     if tty and not json_out:
         err(f"loading {model or 'gpt2'} ...")
-    lm = open_model(model, device=device, dtype=dtype, quantize=quantize)
+    lm = open_model(model, device=device, dtype=dtype, quantize=quantize, compile=compile)
     rendered = None
     if tpl is not None:
         reserve = opts.max_new_tokens

@@ -1,7 +1,7 @@
 """The chat screen (the view): messages, the budget bar, the input, the settings panel, the status line.
 
 Model loading and generation run in thread workers that post small messages (tui/app/messages.py);
-this screen turns them into widget updates. Replies arrive in batches (~25 a second at most). Slash
+this screen turns them into widget updates. Replies arrive in batches (10 a second at most). Slash
 commands, setting changes and the budget preview belong to the controller (tui/app/controller.py).
 """
 

@@ -1,0 +1,115 @@
+"""The finetune loss through the tied head in chunks (evaluate.head_loss): the same loss, gradients and
+optimizer step as the full-logits cross-entropy, and the training loop never keeps (B*T, V) logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptchat.core.model.config import PRESETS
+from gptchat.core.model.gpt import GPT
+from gptchat.core.train import Settings, train
+from gptchat.core.train.evaluate import head_loss, loss_fn
+from tests.train.util import FAST, write_corpus
+
+
+def _model(seed: int = 0) -> GPT:
+    model = GPT(PRESETS["nano"])
+    model.init_weights(seed)
+    return model.train()
+
+
+def _data(batch: int = 2, block: int = 37, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50257, (batch, block), generator=gen)
+    y = torch.randint(0, 50257, (batch, block), generator=gen)
+    y[0, :5] = -1  # ignored positions (an instruction's prompt)
+    return x, y
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_chunked_loss_and_every_gradient_equal_the_full_cross_entropy():
+    model, (x, y) = _model(), _data()
+    full = loss_fn(model(x), y)
+    full.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    chunked = head_loss(model(x, return_hidden=True), model.lm_head.weight, y, chunk=10)  # 74 rows: 7 chunks and 4
+    chunked.backward()
+    got = _grads(model)
+    assert abs(full.item() - chunked.item()) < 1e-5
+    for name in want:  # the tied wte/lm_head gets both the embedding's and the head's gradient
+        assert torch.allclose(want[name], got[name], atol=1e-5, rtol=0), (name, (want[name] - got[name]).abs().max())
+
+
+def test_all_positions_ignored_gives_zero_loss_and_zero_gradients():
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = head_loss(h, w, torch.full((1, 4), -1))
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
+
+
+def test_an_optimizer_step_through_the_chunked_loss_equals_the_full_logits_step():
+    old, new = _model(), _model()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True) for m in (old, new)]
+    for step in range(2):
+        x, y = _data(seed=step)
+        losses = [loss_fn(old(x), y), head_loss(new(x, return_hidden=True), new.lm_head.weight, y, chunk=16)]
+        for loss, opt, m in zip(losses, opts, (old, new)):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert abs(losses[0].item() - losses[1].item()) < 1e-5
+    for (name, a), b in zip(old.named_parameters(), new.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (name, (a - b).abs().max())
+
+
+def test_the_training_loop_never_keeps_full_logits_for_backward(tmp_path):
+    """Every tensor autograd saves during a run is far smaller than the (B*T, V) logits."""
+    corpus = write_corpus(tmp_path / "data", 20_000)
+    biggest = []
+
+    def pack(t):
+        biggest.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = train(Settings(data=[str(corpus)], steps=2, eval_every=2, name="chunked", **FAST))
+    assert res.status == "finished" and biggest
+    rows = FAST["batch_size"] * FAST["block_size"]
+    assert max(biggest) < rows * 50257, max(biggest)  # the head gradient (V, C) is the largest
+
+
+def test_head_loss_under_bf16_autocast_stays_close_to_fp32():
+    model, (x, y) = _model(), _data()
+    want = loss_fn(model(x), y).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_loss(model(x, return_hidden=True), model.lm_head.weight, y)
+    assert got.dtype == torch.float32 and abs(got.item() - want) < 0.05
+
+
+@pytest.mark.slow
+def test_train_bench_reports_both_sides():
+    from gptchat.core.bench.train import format_bench, run
+
+    b = run("nano", batch=1, block=16, steps=1, memory=False)
+    d = b.to_dict()
+    assert set(d["tokens_per_s"]) == {"ours", "transformers"} and d["speed_ratio"] > 0
+    assert "gptchat/transformers: speed" in format_bench(b)
+    with pytest.raises(ValueError, match="1024-token window"):
+        run("nano", block=1025, memory=False)
+
+
+@pytest.mark.slow
+def test_train_bench_measures_each_sides_peak_memory_in_a_child():
+    from gptchat.core.bench.train import run
+
+    b = run("nano", batch=1, block=16, steps=1)
+    assert set(b.peak_rss_mb) == {"ours", "transformers"} and all(v > 100 for v in b.peak_rss_mb.values())
+    assert b.memory_ratio == pytest.approx(b.peak_rss_mb["ours"] / b.peak_rss_mb["transformers"])
+
