@@ -57,7 +57,8 @@ class Report:
     weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
     results: list[Result] = field(default_factory=list)
     quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
-    omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default"))
+    omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default")
+                                 + (f" (GOMP_SPINCOUNT {os.environ['GOMP_SPINCOUNT']})" if "GOMP_SPINCOUNT" in os.environ else ""))
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
 
 

@@ -30,7 +30,8 @@ from gptchat.core.errors import ContextOverflow, UsageError
 from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
 
-HEAD_ROWS = 512  # scored positions per head chunk: 512 x 50257 fp32 logits = 0.1 GB (two buffers of it)
+HEAD_ROWS = 512  # scored positions per head chunk
+HEAD_COLS = 4096  # vocabulary entries per block of an fp32 head (see _Head)
 
 
 @dataclass(frozen=True)
@@ -145,35 +146,42 @@ def _groups(lengths: list[int], per: int) -> list[range]:
 
 
 class _Head:
-    """The head and the loss over scored rows, ``HEAD_ROWS`` at a time, into two buffers reused by every
-    chunk (a fresh 100 MB tensor per chunk costs page faults), the loss by ``log_softmax`` (one pass,
-    row by row in cache; ``torch.logsumexp`` makes four over the whole chunk: 640 ms against 120 ms
-    for 512 x 50257 here)."""
+    """The head and the loss over scored rows, ``HEAD_ROWS`` at a time.
+
+    A plain fp32 head (tied to wte) goes by vocabulary blocks of ``HEAD_COLS``: each block's logits
+    land in one small buffer reused by every block (4096 columns x 512 rows = 8 MB, which stays in
+    cache), its log-sum-exp is taken there, and the blocks' are combined; the target's logit is its
+    own dot product. No (rows, V) logits are ever written: measured on a 2-core EPYC, 512 rows x 50257
+    in 330 ms against 592 ms for the product into a full buffer and ``log_softmax`` over it (equal to
+    1.3e-6 nats a token). Any other head (int8 QuantLinear, bf16) goes through its module, then fp32
+    ``log_softmax``, ``HEAD_ROWS`` at a time."""
 
     def __init__(self, model, vocab: int):
         head = model.lm_head
         w = getattr(head, "weight", None)
-        # a plain fp32 Linear head (tied to wte): the product straight into the buffer; anything else
-        # (int8 QuantLinear, bf16) through the module, then fp32
         self.w = w[:vocab].t() if type(head) is nn.Linear and head.bias is None and w.dtype == torch.float32 else None
         self.model, self.vocab = model, vocab
-        self.logits = self.logp = None
+        self.buf: torch.Tensor | None = None
+
+    def _buffer(self, rows: int, cols: int, device) -> torch.Tensor:
+        if self.buf is None or self.buf.shape[0] < rows or self.buf.shape[1] < cols:
+            self.buf = torch.empty(rows, cols, device=device)
+        return self.buf[:rows, :cols]
 
     def nats(self, h: torch.Tensor, targets: torch.Tensor) -> float:
         """Sum of -log p(target) over the rows of ``h`` (N, C), the final hidden states."""
         total = 0.0
         for i in range(0, h.shape[0], HEAD_ROWS):
-            x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS, None]
-            if self.logp is None or self.logp.shape[0] < x.shape[0]:
-                self.logp = torch.empty(x.shape[0], self.vocab, device=h.device)
-                self.logits = torch.empty_like(self.logp) if self.w is not None else None
-            logp = self.logp[: x.shape[0]]
+            x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS]
             if self.w is not None:
-                logits = torch.mm(x, self.w, out=self.logits[: x.shape[0]])  # (n, V)
+                lse = torch.stack([
+                    torch.logsumexp(torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device)), 1)
+                    for wb in self.w.split(HEAD_COLS, dim=1)], 1).logsumexp(1)  # (n,)
+                target = (x * self.w[:, t].t()).sum(1)  # (n,) the target's logit
+                total += float((lse - target).double().sum())
             else:
                 logits = self.model.lm_head(x)[:, : self.vocab].float()  # (n, V)
-            torch.log_softmax(logits, -1, out=logp)
-            total -= float(logp.gather(1, t).double().sum())
+                total -= float(torch.log_softmax(logits, -1).gather(1, t[:, None]).double().sum())
         return total
 
 
