@@ -68,6 +68,6 @@ def _load_int8(spec: str | None, device: str | None, download: bool) -> Engine:
     ck = resolve(spec, download=download)
     stream = quant.StreamQuantizer(str(ck.path))
     with skip_init():  # no nn.init on meta (it would import torch._dynamo): see checkpoints.skip_init
-        model = GPT.from_state_dict(ck.config, iter_tensors(ck), device=dev, dtype=torch.float32,
+        model = GPT.from_state_dict(ck.config, iter_tensors(ck, mapped=False), device=dev, dtype=torch.float32,
                                     source=str(ck.path), transform=stream)
     return Engine(stream.install(model), ck, dev, torch.float32, quantize="int8")

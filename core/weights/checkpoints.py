@@ -249,12 +249,14 @@ def _tensor_items(path: Path, sd: dict, what: str):
         yield key, t
 
 
-def iter_tensors(ck: Checkpoint):
+def iter_tensors(ck: Checkpoint, mapped: bool = True):
     """(our parameter name, tensor) pairs: prefixes fixed, Conv1D weights transposed, buffers dropped.
 
     safetensors headers are checked against the config before the first tensor is read; pickled
     files (.bin, ckpt.pt) are memory-mapped, so their tensors cost nothing until GPT.from_state_dict
-    has checked each one's shape.
+    has checked each one's shape. ``mapped=False`` reads each safetensors tensor into a buffer of its
+    own instead of mapping the file: for a caller that converts every tensor and drops it (int8 at
+    load), whose peak memory would otherwise count every page of the file it touched.
     """
     if ck.format == "nanogpt":
         payload = ck._payload if ck._payload is not None else torch_load(ck.path)
@@ -262,7 +264,8 @@ def iter_tensors(ck: Checkpoint):
         conv1d = False
     else:
         headers = _checked_headers(ck)
-        raw = (kv for f in ck.files for kv in (read_safetensors(f, *headers[f]) if f in headers else _read_bin(f)))
+        raw = (kv for f in ck.files
+               for kv in (read_safetensors(f, *headers[f], mapped=mapped) if f in headers else _read_bin(f)))
         conv1d = True
     for key, t in raw:
         key = _our_key(key)
