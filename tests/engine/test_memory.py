@@ -17,6 +17,13 @@ def hwm():  # this process's own peak RSS (ru_maxrss would carry the forking pyt
     return int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 """
 
+def _child(code: str, folder) -> float:
+    """Run ``code`` on a checkpoint folder in a fresh process; the number it printed last."""
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.strip().splitlines()[-1])
+
+
 CODE = HWM + """
 import sys
 import torch
@@ -31,9 +38,7 @@ print((hwm() - base) / nbytes)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_124m_loads_without_a_second_copy(tmp_path):
     folder = random_checkpoint("gpt2", tmp_path / "gpt2")
-    r = subprocess.run([sys.executable, "-c", CODE, str(folder)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    ratio = float(r.stdout.strip().splitlines()[-1])
+    ratio = _child(CODE, folder)
     # the model itself, plus at most one tensor in flight (wte, 31% of GPT-2 small) and allocator slack;
     # a loader that holds a full second copy lands above 2.0
     assert ratio < 1.6, ratio
@@ -56,9 +61,7 @@ def test_124m_in_use_holds_its_weights_about_once(tmp_path):
     """wte is copied into the inference layout at load; the file pages it was copied from are handed back
     (readers._drop_pages), not kept until the mapping closes: measured 1.0x the weights, 1.3x before."""
     folder = random_checkpoint("gpt2", tmp_path / "gpt2")
-    r = subprocess.run([sys.executable, "-c", USED, str(folder)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    ratio = float(r.stdout.strip().splitlines()[-1])
+    ratio = _child(USED, folder)
     assert ratio < 1.15, ratio
 
 
@@ -79,9 +82,7 @@ def test_124m_int8_load_peaks_well_below_the_fp32_weights(tmp_path):
     mapping, 566-830 MB without)."""
     folder = random_checkpoint("gpt2", tmp_path / "gpt2")
     fp32 = (folder / "model.safetensors").stat().st_size
-    r = subprocess.run([sys.executable, "-c", INT8, str(folder)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    grew = int(r.stdout.strip().splitlines()[-1])
+    grew = _child(INT8, folder)
     # the int8 model (a quarter of fp32, fbgemm's packing adds ~40%) plus the largest fp32 tensor in flight
     # (wte, 31%): measured 0.66-1.21x across runs of one build (the allocator's reuse varies), 1.84x with
     # the file mapped

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import typer
@@ -20,6 +19,7 @@ import typer
 from gptchat.core.errors import UsageError
 from gptchat.core.paths import get_paths, open_private, private_dir
 from gptchat.tui.cli import finetune as cli_finetune
+from gptchat.tui.cli.common import click_command, long_flag
 
 # The form's fields: (input id, the finetune command's parameter name, label). Flags without a field
 # are passed through as typed ("also passed: ...").
@@ -35,20 +35,14 @@ FIELDS = [
 ]
 
 
-@lru_cache(maxsize=1)
 def command():
-    """The Click command Typer builds for `gptchat finetune` (a one-command app gives the command itself)."""
-    app = typer.Typer(add_completion=False)
-    app.command()(cli_finetune.finetune)
-    return typer.main.get_command(app)
+    """The Click command Typer builds for `gptchat finetune`."""
+    return click_command(cli_finetune.finetune)
 
 
 def flag_of(param: str) -> str:
     """The long flag of a finetune parameter (``"batch_size"`` -> ``"--batch-size"``)."""
-    for p in command().params:
-        if p.name == param:
-            return next((o for o in p.opts if o.startswith("--")), p.opts[0])
-    raise KeyError(param)
+    return long_flag(command(), param)
 
 
 def _context(words: list[str]):

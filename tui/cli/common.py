@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import lru_cache
 from typing import Annotated, Optional
 
 import typer
@@ -85,3 +86,18 @@ def err(msg: str) -> None:
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+@lru_cache(maxsize=None)
+def click_command(fn):
+    """The Click command Typer builds for one command function (a one-command app gives the command
+    itself): the app's forms parse their fields with it, so they accept exactly what the CLI does."""
+    app = typer.Typer(add_completion=False)
+    app.command()(fn)
+    return typer.main.get_command(app)
+
+
+def long_flag(command, param: str) -> str:
+    """A command's long flag for a parameter (``"batch_size"`` -> ``"--batch-size"``)."""
+    p = next(p for p in command.params if p.name == param)
+    return next((o for o in p.opts if o.startswith("--")), p.opts[0])

@@ -16,7 +16,6 @@ import os
 import shlex
 import signal
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 import typer
@@ -34,6 +33,7 @@ from gptchat.core.eval.report import HEADERS, table_rows
 from gptchat.tui.app.finetune_launch import log_tail, start_command
 from gptchat.tui.app.widgets.bar_chart import BarChart
 from gptchat.tui.cli import experiment as cli_experiment
+from gptchat.tui.cli.common import click_command, long_flag
 
 REFRESH_S = 1.0
 # The form's fields: (input id, the experiment command's parameter, label, default); --lora is a checkbox,
@@ -50,18 +50,14 @@ FIELDS = [
 ]
 
 
-@lru_cache(maxsize=1)
 def command():
     """The Click command Typer builds for `gptchat experiment`: the one parser of its flags."""
-    app = typer.Typer(add_completion=False)
-    app.command()(cli_experiment.experiment)
-    return typer.main.get_command(app)
+    return click_command(cli_experiment.experiment)
 
 
 def flag_of(param: str) -> str:
     """The experiment command's long flag for a parameter (``"finetune_steps"`` -> ``"--finetune-steps"``)."""
-    p = next(p for p in command().params if p.name == param)
-    return next((o for o in p.opts if o.startswith("--")), p.opts[0])
+    return long_flag(command(), param)
 
 
 def experiment_names() -> list[str]:
