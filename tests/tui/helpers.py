@@ -25,7 +25,11 @@ def make_app(model=None, store=None, **settings):
     from gptchat.core.session.chat import ChatSettings
     from gptchat.tui.app.app import GptchatApp
 
-    return GptchatApp(ChatSettings(model=model, device="cpu", **settings), store=store)
+    app = GptchatApp(ChatSettings(model=model, device="cpu", **settings), store=store)
+    # A notification arrives as a message (after the state change that posted it) and expires after a few
+    # seconds: tests wait for it, and it must still be there however slow the machine is.
+    app.NOTIFICATION_TIMEOUT = 3600
+    return app
 
 
 def chat_screen(app):

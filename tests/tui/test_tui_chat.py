@@ -137,7 +137,7 @@ def test_no_model_screen_says_how_to_get_one(tmp_path, monkeypatch):
             text = str(scr.query_one("#no-model #how").render())
             buttons = [str(b.label) for b in scr.query("#no-model Button")]
             await send(pilot, app, "hello?")  # does not crash; says what to do
-            await pilot.pause()
+            await wait_for(pilot, lambda: bool(notifications(app)), 10, "the note")
             return text, buttons, str(scr.query_one("#status").render()), notifications(app)
 
     text, buttons, status, notes = run(go())

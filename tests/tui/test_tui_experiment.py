@@ -164,6 +164,7 @@ def _events(run_name: str) -> list[dict]:
 async def _start_then_stop(pilot, scr, training, stop) -> tuple[int, str]:
     """Start the form's study (ctrl+s), wait until ``training()`` (the finetune is stepping), stop it
     with ``stop()``, wait for the process to end; (its exit status, its output)."""
+    said = len(notifications(scr.app))
     await pilot.press("ctrl+s")
     await wait_for(pilot, lambda: len(scr.procs) == 1, 10, "the study started")
     proc, log = scr.procs[0]
@@ -177,7 +178,8 @@ async def _start_then_stop(pilot, scr, training, stop) -> tuple[int, str]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    await wait_for(pilot, lambda: not scr.procs, 10, "the screen to see it end")
+    await wait_for(pilot, lambda: not scr.procs and len(notifications(scr.app)) >= said + 2, 10,
+                   "the screen to say it ended")  # the start's notification, then the end's
     return proc.returncode, log.read_text()
 
 

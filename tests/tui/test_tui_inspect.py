@@ -60,7 +60,7 @@ def test_inspect_a_reply_by_key_and_the_last_by_slash(tiny_model):
             await pilot.press("tab", "tab")  # from the input: the last reply, then my last message
             assert app.focused is scr.messages.views[2]
             await pilot.press("i")
-            await pilot.pause()
+            await wait_for(pilot, lambda: any("only a reply" in n for n in notifications(app)), 10, "the note")
             warned = any("only a reply" in n for n in notifications(app))
             views = [v.role for v in scr.messages.views]
             return first, last, by_key, by_slash, warned, views, isinstance(app.screen, ChatScreen)
