@@ -159,7 +159,7 @@ class _Head:
     def __init__(self, model, vocab: int):
         head = model.lm_head
         w = getattr(head, "weight", None)
-        self.w = w[:vocab].t() if type(head) is nn.Linear and head.bias is None and w.dtype == torch.float32 else None
+        self.w = w[:vocab].t() if isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32 else None
         self.model, self.vocab = model, vocab
         self.buf: torch.Tensor | None = None
 

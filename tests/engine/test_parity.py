@@ -96,3 +96,65 @@ def test_sniff_reports_size_and_params(tmp_path):
     ck = resolve(str(save(ref, tmp_path / "m")))
     assert ck.config.n_params() == sum(p.numel() for p in ref.parameters())
     assert ck.size_bytes == (tmp_path / "m" / "model.safetensors").stat().st_size
+
+
+def _ops(fn) -> set[str]:
+    """The aten ops ``fn()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_one_row_products_split_by_thread_keep_logits(tmp_path, parts):
+    """A batch-1 decode step's products are split into blocks of input rows (gpt.Linear); the logits
+    are those of the plain product, and longer inputs keep the plain product."""
+    from gptchat.core.model.gpt import Linear, split_parts
+
+    ref = hf_model(n_layer=2, n_head=3, n_embd=96, n_positions=64, seed=11)
+    ours, _ = load(str(save(ref, tmp_path / "m")))
+    ours.to_inference_layout()
+    lins = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert len(lins) == 2 * 4 + 1
+    x = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ours.setup_cache(1, 64)
+        ours(x[:, :-1], kv_len=19)
+        one_row = lambda: ours.decode_step(x[:, -1:], torch.tensor(19))  # noqa: E731
+        for m in lins:
+            m.parts = 1
+        plain, plain_ops = one_row(), _ops(one_row)
+        for m in lins:
+            m.parts = parts
+        split, split_ops = one_row(), _ops(one_row)
+        whole = _ops(lambda: ours(x))
+    assert "bmm" in split_ops and "bmm" not in plain_ops and "bmm" not in whole
+    torch.testing.assert_close(split, plain, atol=5e-5, rtol=0)  # another order of the same sums
+    torch.testing.assert_close(split, ref(x).logits[:, -1], atol=1e-4, rtol=0)
+    assert split_parts(768, 2) == 2 and split_parts(768, 5) == 4 and split_parts(50, 4) == 1
+    assert split_parts(3072, 1) == 1
+
+
+def test_split_products_follow_the_threads_and_can_be_turned_off(tmp_path, monkeypatch):
+    from gptchat.core.model.gpt import Linear
+
+    path = save(hf_model(seed=12), tmp_path / "m")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        on = load(str(path))[0].to_inference_layout()
+        monkeypatch.setenv("GPTCHAT_SPLIT_K", "0")
+        off = load(str(path))[0].to_inference_layout()
+    finally:
+        torch.set_num_threads(threads)
+    assert {m.parts for m in on.modules() if isinstance(m, Linear)} == {2}
+    assert {m.parts for m in off.modules() if isinstance(m, Linear)} == {1}
