@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +69,31 @@ def _load_int8(spec: str | None, device: str | None, download: bool) -> Engine:
     set_threads()
     ck = resolve(spec, download=download)
     stream = quant.StreamQuantizer(str(ck.path))
-    with skip_init():  # no nn.init on meta (it would import torch._dynamo): see checkpoints.skip_init
+    with skip_init(), _large_buffers_returned():  # skip_init: no nn.init on meta (see checkpoints.skip_init)
         model = GPT.from_state_dict(ck.config, iter_tensors(ck, mapped=False), device=dev, dtype=torch.float32,
                                     source=str(ck.path), transform=stream)
-    return Engine(stream.install(model), ck, dev, torch.float32, quantize="int8")
+        model = stream.install(model)
+    return Engine(model, ck, dev, torch.float32, quantize="int8")
+
+
+@contextmanager
+def _large_buffers_returned():
+    """Within the block, glibc gives every buffer over 1 MB its own mapping, returned to the system
+    when freed; afterwards the heap's free memory is handed back. Why: int8 loading reads each float
+    tensor, quantizes it and frees it, and glibc's default (its mmap threshold rises to the largest
+    block freed so far) kept those freed tensors in the heap, in pieces later allocations did not fit:
+    peak RSS of the 124M model's int8 load 499-784 MB across runs, 443-481 MB with this. Elsewhere
+    than glibc: nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        tune, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    M_MMAP_THRESHOLD = -3
+    tune(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        tune(M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the threshold it would have risen to
+        trim(0)

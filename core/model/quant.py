@@ -169,10 +169,11 @@ class StreamQuantizer:
             raise CheckpointError(f"{self.source}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
         model.transformer.wte = QuantEmbedding(q, scale)
         model.lm_head = QuantLinear(q, scale, None)
-        for name, (q, scale) in self.rows.items():
-            lin = model.get_submodule(name)
-            _replace(model, name, QuantLinear(q, scale, lin.bias))
-        self.rows.clear()
+        del q, scale, head
+        while self.rows:  # each row's int8 copy is dropped as soon as fbgemm has packed it
+            name, (q, scale) = self.rows.popitem()
+            _replace(model, name, QuantLinear(q, scale, model.get_submodule(name).bias))
+            del q, scale
         left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
         if left:
             raise CheckpointError(f"{self.source}: {left[0]} was not quantized; this is not a GPT-2 checkpoint")

@@ -163,7 +163,9 @@ def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: 
     nothing and copies nothing; pages come in from the page cache when the model first uses them, and
     a write (finetuning) changes the process's own copy, never the file. Memory holds the weights
     once, as when reading. A tensor whose bytes are not aligned to its element size is read instead.
-    Otherwise each tensor is read straight into its own buffer. (The header was checked against the
+    Otherwise each tensor is read straight into its own buffer, the largest first: a caller that
+    converts each tensor and drops it (int8 at load) then holds the one big float tensor (GPT-2's token
+    table is a third of the model) before its smaller converted ones pile up. (The header was checked against the
     file's size; a file truncated while mapped would fault, as with any memory-mapped loader.)
     """
     import mmap
@@ -178,7 +180,7 @@ def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: 
                     view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError):  # a filesystem that cannot map: read instead
                     view = None
-            for e in entries:
+            for e in entries if view is not None else sorted(entries, key=lambda e: e.begin - e.end):
                 dtype = getattr(torch, ST_DTYPES[e.dtype][0])
                 start, size = base + e.begin, ST_DTYPES[e.dtype][1]
                 if view is not None and e.end > e.begin and start % size == 0:
