@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
+from gptchat.core.model import fused
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.kv_cache import KVCache
 
@@ -63,9 +64,10 @@ class CausalSelfAttention(nn.Module):
         self.scale = scale
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, mask=None, start: int = 0, kv_len: int | None = None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+    def forward(self, qkv, mask=None, start: int = 0, kv_len: int | None = None):
+        """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear)."""
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -95,6 +97,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         # GPT-2 was trained with the tanh approximation; exact GELU moves logits by ~1e-5
+        self.kind = cfg.activation
         self.act = {
             "gelu_tanh": nn.GELU(approximate="tanh"),
             "gelu": nn.GELU(),
@@ -117,8 +120,12 @@ class Block(nn.Module):
         self.grad_checkpointing = False
 
     def _forward(self, x, mask, start, kv_len):
-        x = x + self.attn(self.ln_1(x), mask, start, kv_len)
-        return x + self.mlp(self.ln_2(x))
+        attn, mlp = self.attn, self.mlp
+        if fused.usable(x, attn.c_attn, mlp.c_fc, mlp.c_proj):  # training: layer norms, GELU recomputed in backward
+            x = x + attn(fused.ln_linear(x, self.ln_1, attn.c_attn), mask, start, kv_len)
+            return x + mlp.dropout(fused.ln_mlp(x, self.ln_2, mlp.c_fc, mlp.c_proj, mlp.kind))
+        x = x + attn(attn.c_attn(self.ln_1(x)), mask, start, kv_len)
+        return x + mlp(self.ln_2(x))
 
     def forward(self, x, mask=None, start: int = 0, kv_len: int | None = None):
         if self.grad_checkpointing and self.training:
