@@ -14,6 +14,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def switched_off(variable: str) -> bool:
+    """A ``GPTCHAT_*`` kernel switch set to 0/false/no/off (unset: on)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def pick_device(spec: str | None = None) -> torch.device:
     spec = (spec or "auto").strip().lower()
     if spec == "auto":

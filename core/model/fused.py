@@ -32,9 +32,12 @@ def _norm(x, ln: tuple):
     return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)  # (out, mean, rstd)
 
 
-def _norm_backward(grad, x, mean, rstd, ln: tuple, needs: tuple[bool, bool, bool]):
+def _norm_backward(ctx, grad, x, mean, rstd, ln: tuple):
+    """(grad x, grad weight, grad bias) of the layer norm, each only where wanted."""
     weight, bias, _ = ln
-    return torch.ops.aten.native_layer_norm_backward(grad, x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and weight is not None,
+             ctx.needs_input_grad[2] and bias is not None]
+    return torch.ops.aten.native_layer_norm_backward(grad, x, (x.shape[-1],), mean, rstd, weight, bias, needs)
 
 
 def _act(h, kind: str):
@@ -70,9 +73,7 @@ class _LNLinear(torch.autograd.Function):
         n = _norm(x, ln)[0]  # recomputed: not kept
         gw, gb = _weight_grad(g, n, w), _bias_grad(g, b)
         gn = g @ w
-        gx, g_lnw, g_lnb = _norm_backward(gn, x, mean, rstd, ln, (
-            ctx.needs_input_grad[0], ln_w is not None and ln_w.requires_grad, ln_b is not None and ln_b.requires_grad))
-        return gx, g_lnw, g_lnb, gw, gb, None
+        return (*_norm_backward(ctx, gn, x, mean, rstd, ln), gw, gb, None)
 
 
 class _LNMLP(torch.autograd.Function):
@@ -95,9 +96,7 @@ class _LNMLP(torch.autograd.Function):
         n = _norm(x, ln)[0]
         gw1, gb1 = _weight_grad(gh, n, w1), _bias_grad(gh, b1)
         del n
-        gx, g_lnw, g_lnb = _norm_backward(gh @ w1, x, mean, rstd, ln, (
-            ctx.needs_input_grad[0], ln_w is not None and ln_w.requires_grad, ln_b is not None and ln_b.requires_grad))
-        return gx, g_lnw, g_lnb, gw1, gb1, gw2, gb2, None, None
+        return (*_norm_backward(ctx, gh @ w1, x, mean, rstd, ln), gw1, gb1, gw2, gb2, None, None)
 
 
 def ln_linear(x: torch.Tensor, ln: nn.LayerNorm, lin: nn.Linear) -> torch.Tensor:

@@ -8,7 +8,6 @@ cache at explicit slots, takes explicit position ids (left-padded batches start 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import nn
 from gptchat.core.errors import CheckpointError
 from gptchat.core.model import fused
 from gptchat.core.model.config import GPTConfig
+from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
 
 
@@ -45,7 +45,7 @@ class Linear(nn.Linear):
 def split_parts(in_features: int, threads: int) -> int:
     """How many blocks a one-row product over ``in_features`` inputs is split into: one per thread,
     fewer where they do not divide it evenly (1: not split). ``GPTCHAT_SPLIT_K=0`` turns it off."""
-    if os.environ.get("GPTCHAT_SPLIT_K", "1") in ("0", "false", "no", "off"):
+    if switched_off("GPTCHAT_SPLIT_K"):
         return 1
     return next(p for p in range(max(1, threads), 0, -1) if in_features % p == 0 and in_features // p >= 32 or p == 1)
 

@@ -19,15 +19,16 @@ a weight changes in place. ``GPTCHAT_ONEDNN=0`` turns the whole thing off.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from gptchat.core.model.device import switched_off
+
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    if os.environ.get("GPTCHAT_ONEDNN", "1") in ("0", "false", "no", "off"):
+    if switched_off("GPTCHAT_ONEDNN"):
         return False
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False

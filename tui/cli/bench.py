@@ -54,14 +54,16 @@ def bench(
         raise UsageError("batch sizes, token counts and repeats must be >= 1")
 
     import tempfile
+    from contextlib import nullcontext
     from pathlib import Path
 
     from gptchat.core.bench import engine as B
     from gptchat.core.bench.startup import random_checkpoint
 
     log = lambda s: err(f"bench: {s}")  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="gptchat-bench-") as tmp:
-        if suite and model is None:  # one checkpoint for every part (with GPT-2's vocabulary files)
+    own = suite and model is None  # one checkpoint for every part (with GPT-2's vocabulary files)
+    with tempfile.TemporaryDirectory(prefix="gptchat-bench-") if own else nullcontext() as tmp:
+        if own:
             log(f"building a random-weight {shape} checkpoint (no model given)")
             model = str(random_checkpoint(Path(tmp) / "model", shape))
         rep = B.run(model=model, shape=shape, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
