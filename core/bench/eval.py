@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from gptchat.core.bench.engine import random_checkpoint
-from gptchat.core.eval.perplexity import plan_windows, score_windows
+from gptchat.core.eval.perplexity import batch_tokens_for, plan_windows, score_windows
 from gptchat.core.generate.loaded import open_model
 
 TARGET_VS_PREFILL = 0.9
@@ -161,7 +161,7 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | None = None, batch_tokens: int = 4096,
+def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | None = None, batch_tokens: int | None = None,
         reference: bool = True, memory: bool = True, heldout_tokens: int = HELDOUT_TOKENS,
         log: Callable[[str], None] = lambda s: None) -> EvalBench:
     """Measure (a), (b) and (c) of the module docstring on CPU in fp32."""
@@ -171,6 +171,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
         lm = open_model(str(folder), device="cpu", dtype="fp32")
         e = lm.engine
         stride = stride or e.n_ctx // 2
+        batch_tokens = batch_tokens or batch_tokens_for(e)
         n_ids = (1 + rounds * windows) * stride + e.n_ctx
         ids = torch.randint(0, 50000, (n_ids,), generator=torch.Generator().manual_seed(0)).tolist()
         plan = plan_windows(n_ids, e.n_ctx, stride)
@@ -234,7 +235,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--windows", type=int, default=4, help="windows per round (one batch at the default batch size)")
     ap.add_argument("--stride", type=int)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, help="tokens per forward (default: what gptchat eval uses)")
     ap.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-memory", action="store_true")

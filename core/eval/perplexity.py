@@ -5,11 +5,14 @@ The windows are Hugging Face's perplexity-guide scheme: windows of ``window`` to
 first is scored exactly once, with as much left context as the window allows. Here several windows go
 through the model in one forward (right-padded: attention is causal, so padding after a row never
 changes it), and the final hidden states of the scored positions only go through the head, 512 rows
-at a time, so full-vocabulary logits for a whole batch never sit in memory at once.
+at a time, so full-vocabulary logits for a whole batch never sit in memory at once. The scored
+positions are the end of each window: the last block computes its keys and values for every
+position and the rest for those rows alone (GPT.forward's ``tail``).
 
-Where the time goes (GPT-2 124M, window 1024, stride 512, fp32 on a 2-core AVX2 CPU): the body of the
-model is about 80%; the head on the scored rows (half the window tokens, 77 MFLOP each against the
-body's ~190 MFLOP per token) about 20%, the loss a few percent.
+Where the time goes (GPT-2 124M, window 1024, stride 512, fp32 on a 2-core AVX2 CPU, one window per
+forward): the body 1.88 s a window, the head and the loss on its 512 scored rows 0.38 s (77 MFLOP a
+row against the body's ~190 MFLOP a token). So window tokens cost ~1.2x a prefill's at the same
+FLOP rate: the head alone keeps eval under 0.9x of the engine's prefill rate.
 
 With a ``prefix`` (in-context examples, see shots.py) each window starts with those tokens: they are
 context only, never scored, and the held-out context shrinks to make room, so the scored tokens are
@@ -31,7 +34,9 @@ from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
 
 HEAD_ROWS = 512  # scored positions per head chunk
-HEAD_COLS = 4096  # vocabulary entries per block of an fp32 head (see _Head)
+HEAD_COLS = 1024  # vocabulary entries per block of an fp32 head (see _Head)
+CPU_ACTIVATION_BYTES = 16 << 20  # see batch_tokens_for
+GPU_BATCH_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -149,17 +154,20 @@ class _Head:
     """The head and the loss over scored rows, ``HEAD_ROWS`` at a time.
 
     A plain fp32 head (tied to wte) goes by vocabulary blocks of ``HEAD_COLS``: each block's logits
-    land in one small buffer reused by every block (4096 columns x 512 rows = 8 MB, which stays in
-    cache), its log-sum-exp is taken there, and the blocks' are combined; the target's logit is its
-    own dot product. No (rows, V) logits are ever written: measured on a 2-core EPYC, 512 rows x 50257
-    in 330 ms against 592 ms for the product into a full buffer and ``log_softmax`` over it (equal to
-    1.3e-6 nats a token). Any other head (int8 QuantLinear, bf16) goes through its module, then fp32
+    land in one small buffer reused by every block (1024 columns x 512 rows = 2 MB, which stays in
+    cache), its log-sum-exp is taken there in place, and the blocks' are combined; the target's logit
+    is its own dot product. No (rows, V) logits are ever written: measured on a 2-core EPYC, 512 rows
+    x 50257 in 330 ms against 592 ms for the product into a full buffer and ``log_softmax`` over it
+    (equal to 1.3e-6 nats a token); blocks of 1024 columns against 4096: 2048 rows in 1.42 s against
+    1.61 s (medians of 6 alternating runs). Any other head (int8 QuantLinear, bf16) goes through its module, then fp32
     ``log_softmax``, ``HEAD_ROWS`` at a time."""
 
     def __init__(self, model, vocab: int):
         head = model.lm_head
         w = getattr(head, "weight", None)
-        self.w = w[:vocab].t() if isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32 else None
+        plain = isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32
+        self.rows = w[:vocab] if plain else None  # (V, C): a target's logit is the dot product with its row
+        self.w = self.rows.t() if plain else None  # (C, V), read in blocks of columns
         self.model, self.vocab = model, vocab
         self.buf: torch.Tensor | None = None
 
@@ -174,10 +182,13 @@ class _Head:
         for i in range(0, h.shape[0], HEAD_ROWS):
             x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS]
             if self.w is not None:
-                lse = torch.stack([
-                    torch.logsumexp(torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device)), 1)
-                    for wb in self.w.split(HEAD_COLS, dim=1)], 1).logsumexp(1)  # (n,)
-                target = (x * self.w[:, t].t()).sum(1)  # (n,) the target's logit
+                parts = []
+                for wb in self.w.split(HEAD_COLS, dim=1):
+                    z = torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device))
+                    m = z.amax(1, keepdim=True)
+                    parts.append(z.sub_(m).exp_().sum(1).log_().add_(m[:, 0]))  # in place: the block's log-sum-exp
+                lse = torch.stack(parts, 1).logsumexp(1)  # (n,)
+                target = (x * self.rows.index_select(0, t)).sum(1)  # (n,) the target's logit
                 total += float((lse - target).double().sum())
             else:
                 logits = self.model.lm_head(x)[:, : self.vocab].float()  # (n, V)
@@ -187,22 +198,38 @@ class _Head:
 
 @torch.inference_mode()
 def _nats(model, head: _Head, batch: Rows, device) -> float:
-    hidden = model(batch.ids.to(device), return_hidden=True)  # (B, T, C)
-    # only the positions that predict a scored token go through the head
-    h = torch.cat([hidden[b, c : c + n] for b, (c, n) in enumerate(batch.spans)])  # (N, C)
+    # only the positions that predict a scored token go through the head, and through the last block
+    # after its keys and values (GPT.forward's ``tail``): they are the end of each window
+    T = batch.ids.shape[1]
+    skip = min(c for c, _ in batch.spans)
+    hidden = model(batch.ids.to(device), return_hidden=True, tail=T - skip)  # (B, T - skip, C)
+    h = torch.cat([hidden[b, c - skip : c - skip + n] for b, (c, n) in enumerate(batch.spans)])  # (N, C)
     return head.nats(h, batch.targets.to(device))
 
 
+def batch_tokens_for(engine) -> int:
+    """Tokens per forward (whole windows; at least one). On a GPU, 8192. On the CPU, as many as keep
+    the MLP's widest activation within ``CPU_ACTIVATION_BYTES`` (16 MB): glibc gives every buffer over
+    32 MB its own mapping, faulted in page by page each time it is allocated, so a 4096-token batch of
+    GPT-2 124M (MLP activations of 50 MB) ran slower per token than one 1024-token window at a time:
+    eval window tokens/s over prefill tokens/s, medians of 5 same-process rounds on a 2-core EPYC,
+    0.73 at 4096 tokens, 0.77 at 2048, 0.82 at 1024 (and ``x + 1`` on such a tensor: 26 ms at 4096
+    rows against 1.5 ms at 1024)."""
+    if engine.device.type != "cpu":
+        return GPU_BATCH_TOKENS
+    cfg = engine.model.config
+    return max(1, CPU_ACTIVATION_BYTES // (4 * cfg.n_embd * torch.finfo(engine.dtype).bits // 8))
+
+
 def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[list[int]] | None = None,
-                  batch_tokens: int = 4096, progress: Callable[[int, int], None] | None = None) -> float:
+                  batch_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
     """Sum of -log p over the scored tokens of ``windows`` of ``ids``, each after its prefix (default none).
 
-    Windows go through the model in batches of about ``batch_tokens`` tokens. 4096: for GPT-2 124M on
-    the CPU, batches of 2048-4096 already ran faster per token than a 1000-token prefill, and the
-    peak RSS stays at 1.26 GB (each doubling adds about 0.5 GB of activations).
+    Windows go through the model in batches of about ``batch_tokens`` tokens (default: batch_tokens_for).
     """
     if not windows:
         return 0.0
+    batch_tokens = batch_tokens or batch_tokens_for(engine)
     model, prefixes = engine.model, prefixes or [[] for _ in windows]
     lengths = [len(p) + w.end - w.begin for w, p in zip(windows, prefixes)]
     head = _Head(model, engine.vocab_limit)
@@ -225,7 +252,7 @@ class Plan:
 
 
 def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int | None = None,
-              shots: InContext | None = None, batch_tokens: int = 4096,
+              shots: InContext | None = None, batch_tokens: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[float, Plan]:
     """Sum of -log p over held-out ``ids`` with ``engine``'s model, and the windows it used.
 
@@ -233,7 +260,7 @@ def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int 
     With ``shots``, window i starts with ``shots.prefix(i)`` (context only, never scored), at most
     ``shots.room`` tokens: the held-out part of every window is ``window - shots.room`` tokens, so
     every window fits whatever examples it draws. ``batch_tokens``: tokens per forward (whole
-    windows). ``progress(done, total)`` after each batch.
+    windows; default batch_tokens_for). ``progress(done, total)`` after each batch.
     """
     window = min(window or engine.n_ctx, engine.n_ctx)
     room = window - (shots.room if shots else 0)

@@ -64,8 +64,9 @@ class CausalSelfAttention(nn.Module):
         self.scale = scale
         self.kv_cache: KVCache | None = None
 
-    def forward(self, qkv, mask=None, start: int = 0, kv_len: int | None = None):
-        """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear)."""
+    def forward(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
+        """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear).
+        ``tail``: the outputs of the last ``tail`` positions only (every key and value is still written)."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -73,6 +74,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v, kv_len if kv_len is not None else start + T)
+        if tail is not None and tail < T:
+            q, T = q[:, :, -tail:], tail
+            if mask is not None:
+                mask = mask[:, :, -tail:]
+            elif start == 0 and tail > 1:  # causal from slot 0, the queries' diagonal offset by the rows dropped
+                mask = torch.ones(tail, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - tail)
+            # tail == 1 with no mask: the last query sees every key, which is plain attention
         drop = self.dropout if self.training else 0.0
         if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not self.training:
             # one bf16 query: the CPU flash kernel is slow here (1024 cached slots: 0.70 ms a layer
@@ -107,7 +115,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)
+        if not h.requires_grad:  # no autograd: the activation in place, no second buffer of 4 x n_embd a token
+            h = torch.relu_(h) if self.kind == "relu" else torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -119,20 +132,23 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.grad_checkpointing = False
 
-    def _forward(self, x, mask, start, kv_len):
+    def _forward(self, x, mask, start, kv_len, tail=None):
         attn, mlp = self.attn, self.mlp
         if fused.usable(x, attn.c_attn, mlp.c_fc, mlp.c_proj):  # training: layer norms, GELU recomputed in backward
             x = x + attn(fused.ln_linear(x, self.ln_1, attn.c_attn), mask, start, kv_len)
             return x + mlp.dropout(fused.ln_mlp(x, self.ln_2, mlp.c_fc, mlp.c_proj, mlp.kind))
-        x = x + attn(attn.c_attn(self.ln_1(x)), mask, start, kv_len)
+        y = attn(attn.c_attn(self.ln_1(x)), mask, start, kv_len, tail)
+        x = (x if tail is None else x[:, -tail:]) + y
         return x + mlp(self.ln_2(x))
 
-    def forward(self, x, mask=None, start: int = 0, kv_len: int | None = None):
+    def forward(self, x, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
+        """``tail``: compute the outputs of the last ``tail`` positions only, (B, tail, C): the keys and
+        values of every position are written, the rest of the block runs on the tail's rows."""
         if self.grad_checkpointing and self.training:
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(self._forward, x, mask, start, kv_len, use_reentrant=False)
-        return self._forward(x, mask, start, kv_len)
+        return self._forward(x, mask, start, kv_len, tail)
 
 
 class GPT(nn.Module):
@@ -267,6 +283,7 @@ class GPT(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        tail: int | None = None,
     ) -> torch.Tensor:
         """Logits for ``idx`` (B, T).
 
@@ -274,7 +291,10 @@ class GPT(nn.Module):
         mask: boolean (B, 1, T, kv_len), True where a query may attend; None means no padding:
             plain causal attention over slots [0, start+T).
         start: the cache slot of idx[:, 0]; kv_len: how many cache slots attention reads.
-        last_only: compute logits for the last position only (B, 1, V).
+        last_only: compute logits for the last position only (B, 1, V); same as ``tail=1``.
+        tail: outputs (hidden states or logits) for the last ``tail`` positions only, (B, tail, ...):
+            the last block computes everything after its keys and values for those rows alone (a
+            1000-token prefill that needs one row's logits skips ~3/4 of the last block's work).
         """
         B, T = idx.shape
         if mask is None and start > 0 and T > 1:
@@ -286,8 +306,13 @@ class GPT(nn.Module):
         wpe = self.transformer.wpe(pos) if pos is not None else self.transformer.wpe.weight[start : start + T]
         x = self.transformer.wte(idx) + wpe  # (B, T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
+        tail = 1 if last_only else tail
+        if tail is not None and (tail >= T or self.training):
+            tail = None
+        *body, last = self.transformer.h
+        for block in body:
             x = block(x, mask, start, kv_len)
+        x = last(x, mask, start, kv_len, tail=tail)
         if last_only:
             x = x[:, -1:, :]
         x = self.transformer.ln_f(x)

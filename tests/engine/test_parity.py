@@ -91,6 +91,34 @@ def test_inference_layout_keeps_logits(tmp_path):
         torch.testing.assert_close(ours(x), before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tail", [1, 7, 29])
+def test_tail_rows_equal_the_full_forward(tmp_path, tail):
+    """``tail``: the last block runs on the last rows only (prefill, eval); their outputs are the full
+    forward's, with plain causal attention, a padding mask and a chunk after a cached prefix."""
+    ours, _ = load(str(save(hf_model(seed=12), tmp_path / "m")))
+    x = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(x)
+        out = ours(x, tail=tail)
+        assert out.shape == (2, tail, full.shape[-1])
+        torch.testing.assert_close(out, full[:, -tail:], atol=1e-5, rtol=0)
+        hidden = ours(x, return_hidden=True)
+        torch.testing.assert_close(ours(x, return_hidden=True, tail=tail), hidden[:, -tail:], atol=1e-5, rtol=0)
+        # row 0 left-padded by 4: a mask keeps its queries off the padding
+        valid = torch.ones(2, 30, dtype=torch.bool)
+        valid[0, :4] = False
+        mask = (torch.ones(30, 30, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+        mask |= torch.eye(30, dtype=torch.bool)  # padding queries see themselves (no empty rows)
+        pos = (valid.cumsum(1) - 1).clamp(min=0)
+        torch.testing.assert_close(ours(x, pos, mask, tail=tail), ours(x, pos, mask)[:, -tail:], atol=1e-5, rtol=0)
+        # a chunk after a cached prefix of 10 tokens
+        ours.setup_cache(2, 40)
+        ours(x[:, :10], start=0, kv_len=10)
+        chunk = ours(x[:, 10:], start=10, kv_len=30, tail=min(tail, 20))
+        ours.drop_cache()
+        torch.testing.assert_close(chunk, full[:, -min(tail, 20):], atol=1e-5, rtol=0)
+
+
 def test_sniff_reports_size_and_params(tmp_path):
     ref = hf_model(seed=10)
     ck = resolve(str(save(ref, tmp_path / "m")))

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
