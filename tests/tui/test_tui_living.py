@@ -379,3 +379,41 @@ def test_a_compare_panes_speed_is_timed_from_its_own_first_token():
     # 11 tokens, the first at t=5 (after waiting 5 s for another pane), the last at t=7: 10 tokens in 2 s
     assert pane_speed(11, 5.0, 7.0, 1.5) == 5.0
     assert pane_speed(1, 5.0, 7.0, 1.5) == 1.5 and pane_speed(11, None, 7.0, None) is None
+
+
+def test_a_streaming_message_lays_the_screen_out_only_when_it_needs_another_line():
+    """While a reply streams, a piece of text that fits the lines the message already has repaints it
+    without a layout (the UI thread's cost to decoding); one that wraps onto a new line grows the box."""
+    from textual.app import App
+    from textual.containers import VerticalScroll
+
+    class One(App):
+        def compose(self):
+            with VerticalScroll():
+                yield MessageView("assistant", "", status="streaming", id="m")
+
+    app = One()
+
+    async def go():
+        async with app.run_test(size=(40, 20)) as pilot:
+            view = app.query_one(MessageView)
+            view.append("one")  # the first piece after mounting may lay out (no height known yet)
+            await wait_for(pilot, lambda: view.size.height > 0, what="the message laid out")
+            layouts = []
+            refresh = view.refresh
+            view.refresh = lambda *a, **kw: (layouts.append(kw.get("layout", False)), refresh(*a, **kw))[1]
+            h0 = view.size.height
+            view.append(" two")
+            await pilot.pause()
+            same_line = (sum(layouts), view.size.height)
+            view.append(" three four five six seven eight nine ten eleven twelve")
+            await wait_for(pilot, lambda: view.size.height > h0, what="the box to grow")
+            wrapped = (sum(layouts), view.size.height, view.get_content_height(view.size, app.size, view.content_region.width))
+            view.finish(view.text, "done", {})
+            await pilot.pause()
+            return h0, same_line, wrapped, sum(layouts)
+
+    h0, same_line, wrapped, finished = run(go())
+    assert same_line[0] == 0 and same_line[1] == h0, "a piece that fits its line must not lay the screen out"
+    assert wrapped[0] >= 1 and wrapped[1] - h0 == wrapped[2] - 1, "the box grows by the lines the text wrapped onto"
+    assert finished > wrapped[0], "the finished message is laid out (its footer and final text)"

@@ -37,6 +37,7 @@ class MessageView(Static, can_focus=True):
         self.markdown = markdown  # draw a reply as Markdown
         self.footer_inside = footer_inside  # the footer as the body's last line (narrow panes), not the border
         self.dropped = False
+        self._height: int | None = None  # content height at the last paint (see _paint)
         self.label = label or ("You" if role == "user" else "GPT-2")
         self.add_class(role)
         self.border_title = self.label
@@ -80,7 +81,18 @@ class MessageView(Static, can_focus=True):
         parts = [Markdown(text) if self.markdown and self.role == "assistant" and text.strip() else body]
         if self.footer_inside and footer:
             parts.append(Text(footer, style="dim"))
-        self.update(parts[0] if len(parts) == 1 else Group(*parts))
+        # While a reply streams, a layout (the screen reflowed) only when the text takes another line: the
+        # UI thread holds the GIL the decode thread needs, and a layout per piece of text was most of its work
+        self.update(parts[0] if len(parts) == 1 else Group(*parts), layout=False)
+        height = self._content_height()
+        if self.status != "streaming" or height is None or height != self._height:
+            self.refresh(layout=True)
+        self._height = height
+
+    def _content_height(self) -> int | None:
+        """Lines the content takes at the current width (None before the first layout)."""
+        width = self.content_region.width if self.is_mounted else 0
+        return self.get_content_height(self.size, self.app.size, width) if width > 0 else None
 
     def footer(self) -> str:
         if self.role != "assistant":
