@@ -35,14 +35,25 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_w else None
         w = head.detach()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # fp32 without autocast: every chunk's logits in one reused buffer (a (chunk, V) fp32 tensor is
+        # ~100 MB for GPT-2: over glibc's mmap threshold, a fresh allocation is faulted in page by page)
+        plain = h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+        buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device) if plain else None
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i : i + chunk].detach(), t[i : i + chunk]
-            logits = (hc @ w.t()).float()  # (c, V): under autocast the product runs in bf16/fp16
-            lse = torch.logsumexp(logits, dim=-1)
+            if plain:
+                logits = torch.mm(hc, w.t(), out=buf[: hc.shape[0]])
+            else:
+                logits = (hc @ w.t()).float()  # (c, V): under autocast the product runs in bf16/fp16
             valid, tgt = tc != -1, tc.clamp(min=0)
-            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            target = logits.gather(1, tgt[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place of the logits: max, exp(z - max), its sum, then / sum
+            m = logits.amax(1)
+            e = logits.sub_(m[:, None]).exp_()
+            s = e.sum(1)
+            total += ((m + s.log() - target) * valid).sum()
             if want_h or want_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g = e.div_(s[:, None])  # softmax
                 g[torch.arange(len(tc), device=g.device), tgt] -= 1
                 g *= valid[:, None]
                 g = g.to(hc.dtype)
