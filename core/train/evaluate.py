@@ -44,10 +44,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device) if plain else None
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i : i + chunk].detach(), t[i : i + chunk]
-            if plain:  # by blocks of vocabulary columns: each block's product stays in cache (1.25x faster)
+            if plain:  # on the CPU by blocks of vocabulary columns: each block's product stays in cache
                 logits = buf[: hc.shape[0]]
-                for v in range(0, w.shape[0], HEAD_VOCAB_BLOCK):
-                    torch.mm(hc, w[v : v + HEAD_VOCAB_BLOCK].t(), out=logits[:, v : v + HEAD_VOCAB_BLOCK])
+                step = HEAD_VOCAB_BLOCK if h.device.type == "cpu" else w.shape[0]
+                for v in range(0, w.shape[0], step):
+                    torch.mm(hc, w[v : v + step].t(), out=logits[:, v : v + step])
             else:
                 logits = (hc @ w.t()).float()  # (c, V): under autocast the product runs in bf16/fp16
             valid, tgt = tc != -1, tc.clamp(min=0)
