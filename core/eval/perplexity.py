@@ -166,8 +166,7 @@ class _Head:
         head = model.lm_head
         w = getattr(head, "weight", None)
         plain = isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32
-        self.rows = w[:vocab] if plain else None  # (V, C): a target's logit is the dot product with its row
-        self.w = self.rows.t() if plain else None  # (C, V), read in blocks of columns
+        self.rows = w[:vocab] if plain else None  # (V, C): blocks of rows give blocks of logits
         self.model, self.vocab = model, vocab
         self.buf: torch.Tensor | None = None
 
@@ -181,9 +180,9 @@ class _Head:
         total = 0.0
         for i in range(0, h.shape[0], HEAD_ROWS):
             x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS]
-            if self.w is not None:
+            if self.rows is not None:
                 parts = []
-                for wb in self.w.split(HEAD_COLS, dim=1):
+                for wb in self.rows.t().split(HEAD_COLS, dim=1):
                     z = torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device))
                     m = z.amax(1, keepdim=True)
                     parts.append(z.sub_(m).exp_().sum(1).log_().add_(m[:, 0]))  # in place: the block's log-sum-exp
@@ -218,7 +217,7 @@ def batch_tokens_for(engine) -> int:
     if engine.device.type != "cpu":
         return GPU_BATCH_TOKENS
     cfg = engine.model.config
-    return max(1, CPU_ACTIVATION_BYTES // (4 * cfg.n_embd * torch.finfo(engine.dtype).bits // 8))
+    return max(1, CPU_ACTIVATION_BYTES // (4 * cfg.n_embd * engine.dtype.itemsize))
 
 
 def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[list[int]] | None = None,
