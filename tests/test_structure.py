@@ -158,7 +158,7 @@ def test_help_and_light_commands_load_no_heavy_library():
     code = (
         "import sys\n"
         "from gptchat.tui.cli.main import main\n"
-        "for argv in (['--help'], ['generate', '--help'], ['templates', 'list'], ['paths']):\n"
+        "for argv in (['--help'], ['generate', '--help'], ['templates', 'list'], ['paths'], ['experiment', '--show', 'none']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"

@@ -21,13 +21,12 @@ cut instead: its last ``heldout_fraction`` of lines are held out.
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -39,21 +38,18 @@ from gptchat.core.errors import DataError, GptchatError, TrainError, UsageError
 from gptchat.core.eval.heldout import HeldOut, documents
 from gptchat.core.eval.perplexity import evaluate
 from gptchat.core.eval.shots import InContext
+from gptchat.core.eval.study import Row, Spec, folder, load_cells, rows, set_state, split_rule, write
 from gptchat.core.generate.loaded import LoadedModel, open_model
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.generate.text import GenOptions, complete
-from gptchat.core.model.config import PRESETS
 from gptchat.core.model.device import pick_device
-from gptchat.core.paths import get_paths, private_dir
+from gptchat.core.paths import private_dir
 from gptchat.core.text.tokenizer import EOT
 from gptchat.core.train import Settings, train
 from gptchat.core.train.data import collect_files
 from gptchat.core.train.dist import Dist
 from gptchat.core.train.events import read_events
 from gptchat.core.train.runs import find_run, run_info
-from gptchat.core.train.settings import NAME_RE
-
-STATES = ("running", "finished", "stopped", "failed", "killed")
 
 PROBES = 3  # probe prompts, taken from the held-out text
 PROBE_WORDS = 8  # words of held-out text per probe prompt
@@ -61,86 +57,11 @@ SAMPLE_TOKENS = 24
 SAMPLE_SEED = 1234  # the same seed for every row: differences come from the models
 
 
-@dataclass
-class Spec:
-    name: str
-    data: list[str]
-    models: list[str] = field(default_factory=lambda: ["gpt2"])
-    shots: list[int] = field(default_factory=lambda: [0])
-    finetune_steps: int = 0  # 0: no finetuned rows
-    lora: bool = False
-    from_scratch: str | None = None  # a preset arch for a from-scratch row
-    heldout: str | None = None  # a held-out file instead of the split
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    train: dict = field(default_factory=dict)  # more Settings fields for the finetunes (lr, block_size ...)
-    device: str | None = None
-    dtype: str | None = None
-
-    def check(self) -> None:
-        if not NAME_RE.match(self.name):
-            raise UsageError(f"--name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-        if not self.models and not self.from_scratch:
-            raise UsageError("nothing to compare: give --models, or --from-scratch ARCH")
-        if any(k < 0 for k in self.shots) or self.finetune_steps < 0:
-            raise UsageError("--shots and --finetune-steps must be 0 or more")
-        if self.from_scratch and self.from_scratch not in PRESETS:
-            raise UsageError(f"--from-scratch {self.from_scratch!r}: not an architecture; use one of {', '.join(PRESETS)}")
-        if self.from_scratch and not self.finetune_steps:
-            raise UsageError("--from-scratch needs --finetune-steps N (the steps to train it for)")
-        if not 0 < self.heldout_fraction < 1:
-            raise UsageError(f"--heldout-fraction must be between 0 and 1, not {self.heldout_fraction}")
-
-
 class Stopped(GptchatError):
     """The study was asked to stop (SIGTERM, Ctrl+C); its finished cells are kept."""
 
 
-@dataclass(frozen=True)
-class Row:
-    id: str  # file-safe: the cell's name
-    kind: str  # base | shots | finetuned | scratch
-    model: str
-    shots: int = 0
-
-    @property
-    def label(self) -> str:
-        return {"base": self.model, "shots": f"{self.model} +{self.shots} shots",
-                "finetuned": f"{self.model} finetuned", "scratch": f"{self.model} from scratch"}[self.kind]
-
-
-def rows(spec: Spec) -> list[Row]:
-    out = []
-    for m in spec.models:
-        slug = _slug(m)
-        out += [Row(f"base-{slug}", "base", m)]
-        out += [Row(f"shots{k}-{slug}", "shots", m, k) for k in spec.shots if k > 0]
-        if spec.finetune_steps:
-            out.append(Row(f"finetuned-{slug}", "finetuned", m))
-    if spec.from_scratch:
-        out.append(Row(f"scratch-{spec.from_scratch}", "scratch", spec.from_scratch))
-    return out
-
-
-def _slug(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in spec.rstrip("/").split("/")[-1])[:48] or "model"
-
-
 # -- the folder and the split ---------------------------------------------------------------------
-
-
-def folder(name: str) -> Path:
-    return get_paths().data / "experiments" / name
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically: a cell is there whole or not at all (a SIGKILL mid-write leaves only a .tmp)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def open_experiment(spec: Spec) -> Path:
@@ -156,9 +77,9 @@ def open_experiment(spec: Spec) -> Path:
                              f"`gptchat experiment --show {spec.name}`")
     else:
         train, held = split(spec)
-        _write(root / "train.txt", EOT.join(train))
-        _write(root / "heldout.txt", EOT.join(held))
-        _write(saved, json.dumps(asdict(spec), indent=2))
+        write(root / "train.txt", EOT.join(train))
+        write(root / "heldout.txt", EOT.join(held))
+        write(saved, json.dumps(asdict(spec), indent=2))
     return root
 
 
@@ -176,24 +97,6 @@ def split(spec: Spec) -> tuple[list[str], list[str]]:
     random.Random(spec.seed).shuffle(docs)
     n = max(1, round(spec.heldout_fraction * len(docs)))
     return docs[n:], docs[:n]
-
-
-def split_rule(spec: Spec) -> str:
-    if spec.heldout:
-        return f"held-out: {spec.heldout}; training: all of {', '.join(spec.data)}"
-    return (f"documents shuffled with seed {spec.seed}, the first {spec.heldout_fraction:.0%} held out "
-            f"(one document: its last {spec.heldout_fraction:.0%} of lines)")
-
-
-def load_spec(name: str) -> Spec:
-    path = folder(name) / "spec.json"
-    if not path.exists():
-        raise UsageError(f"no experiment named {name!r} in {path.parent.parent}")
-    return Spec(**json.loads(path.read_text()))
-
-
-def load_cells(root: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((root / "cells").glob("*.json"))}
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -219,18 +122,18 @@ def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, di
     root = open_experiment(spec)
     old = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        _set_state(root, "running")
+        set_state(root, "running")
         _run_rows(spec, root, ranks, log)
         ranks.order(None)
-        _set_state(root, "finished")
+        set_state(root, "finished")
     except (Stopped, KeyboardInterrupt):
-        _set_state(root, "stopped")
+        set_state(root, "stopped")
         if not ranks.training:  # the other ranks wait for an order: let them go
             ranks.order(None)
         raise Stopped(f"study {spec.name!r} stopped; its finished rows are kept: run the same command "
                       "again to resume it") from None
     except BaseException as e:
-        _set_state(root, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        set_state(root, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise
     finally:
         if old is not None:
@@ -254,40 +157,12 @@ def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None]
         if path.exists():
             log(f"{row.label}: cached")
             continue
-        _set_state(root, "running", row=row.id)
+        set_state(root, "running", row=row.id)
         if row.kind in ("base", "shots") and (loaded is None or loaded[0] != row.model):
             loaded = (row.model, open_model(row.model, device=spec.device, dtype=spec.dtype))
         cell = _cell(ctx, row, loaded[1] if row.kind in ("base", "shots") else None)
-        _write(path, json.dumps(cell, indent=2))
+        write(path, json.dumps(cell, indent=2))
         log(f"{row.label}: loss {cell['loss']:.4f}, ppl {cell['ppl']:.2f}")
-
-
-def _set_state(root: Path, state: str, **more) -> None:
-    _write(root / "state.json", json.dumps({"state": state, "pid": os.getpid(), "t": time.time(), **more}))
-
-
-def study_state(name: str) -> dict:
-    """The study's state.json ({"state": ..., "pid": ..., "row": ...}); "running" whose process is gone
-    reads as "killed"; a study without one (never started here) as "unknown"."""
-    try:
-        st = json.loads((folder(name) / "state.json").read_text())
-    except (OSError, ValueError):
-        return {"state": "unknown"}
-    if st.get("state") == "running" and not _alive(st.get("pid")):
-        st["state"] = "killed"
-    return st
-
-
-def _alive(pid) -> bool:
-    """Whether process ``pid`` runs (an exited child not yet waited for, a zombie, does not)."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:  # someone else's
-        return True
-    stat = Path(f"/proc/{int(pid)}/stat")
-    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[:1] != ["Z"]
 
 
 class Ranks:
@@ -442,7 +317,3 @@ def _peak(lm: LoadedModel) -> int:
     if lm.engine.device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(lm.engine.device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def best(cells: dict[str, dict]) -> str | None:
-    return min(cells, key=lambda k: cells[k]["loss"]) if cells else None

@@ -3,9 +3,10 @@
 Every front end reads this table: the CLI's Typer options (help and defaults), the TUI's ``/set`` and
 settings panel (``parse`` from text), template ``[options]`` and batch JSONL rows (``check`` typed
 values), and every caller that samples (``resolve`` explicit > template > default, then
-``sampling_params``). A setting's range is therefore the same everywhere. The ranges are written here
-(and say the same as sampling.py's ``check_*``, which guard the tensor functions; tests/session/
-test_options.py holds the two to each other) because sampling.py imports torch and this module must not.
+``sampling_params``). A setting's range is therefore the same everywhere: ``SamplingParams`` (what the
+engine samples with) is checked against it too, and sampling.py's tensor functions guard their arguments
+with ``check``. Neither this module nor SamplingParams imports torch: the chat app builds settings and
+paints before torch is loaded.
 
 Errors are ``ValueError`` naming the setting; each front end turns them into its own kind of error.
 The module imports nothing heavy at load time: ``gptchat --help`` reads the table.
@@ -14,11 +15,11 @@ The module imports nothing heavy at load time: ``gptchat --help`` reads the tabl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 __all__ = [
     "Setting", "SETTINGS", "NAMES", "DEFAULTS", "DEFAULT_WORDS", "canonical", "spellings", "parse", "check",
-    "check_options", "resolve", "sampling_params", "cli_help", "unescape", "parse_vars",
+    "check_options", "resolve", "SamplingParams", "sampling_params", "cli_help", "unescape", "parse_vars",
 ]
 
 
@@ -169,11 +170,30 @@ def resolve(given: dict, template_options: dict | None = None) -> dict:
     return {k: given[k] if given.get(k) is not None else tpl.get(k, DEFAULTS[k]) for k in NAMES}
 
 
-def sampling_params(o: dict, greedy: bool = False):
-    """(SamplingParams, max_new_tokens) from resolved values; ValueError names a bad value."""
-    # sampling.py imports torch, and this module must not (the CLI reads its table for --help)
-    from gptchat.core.generate.sampling import SamplingParams
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the engine picks each token (core/generate/sampling.py); every field is checked against the table."""
 
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on tokens already in the context
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "greedy"):
+            check(name, getattr(self, name))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0 or self.top_k == 1 or self.top_p == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sampling_params(o: dict, greedy: bool = False) -> tuple[SamplingParams, int]:
+    """(SamplingParams, max_new_tokens) from resolved values; ValueError names a bad value."""
     v = {k: check(k, o[k]) for k in NAMES}
     params = SamplingParams(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"],
                             repetition_penalty=v["repetition_penalty"], greedy=bool(greedy))

@@ -7,57 +7,17 @@ result does not depend on a random number generator at all.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-
 import torch
 
+from gptchat.core.generate.options import SamplingParams, check
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on tokens already in the context
-    greedy: bool = False
-
-    def __post_init__(self) -> None:
-        check_temperature(self.temperature)
-        check_top_k(self.top_k)
-        check_top_p(self.top_p)
-        check_repetition_penalty(self.repetition_penalty)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0 or self.top_k == 1 or self.top_p == 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def check_temperature(t: float) -> None:
-    if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {t!r}")
-
-
-def check_top_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"top_k must be a whole number >= 0 (0 means off), got {k!r}")
-
-
-def check_top_p(p: float) -> None:
-    if not isinstance(p, (int, float)) or math.isnan(p) or not 0 <= p <= 1:
-        raise ValueError(f"top_p must be between 0 and 1 (1 means off), got {p!r}")
-
-
-def check_repetition_penalty(r: float) -> None:
-    if not isinstance(r, (int, float)) or math.isnan(r) or math.isinf(r) or r <= 0:
-        raise ValueError(f"repetition_penalty must be a number > 0 (1 means off), got {r!r}")
+__all__ = ["SamplingParams", "apply_repetition_penalty", "apply_temperature", "top_k_filter", "top_p_filter", "greedy",
+           "filter_stages", "filtered_probs", "sample", "make_generator"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make tokens already seen (seen: (B, V) bool) less likely: positive logits / penalty, negative * penalty."""
-    check_repetition_penalty(penalty)
+    check("repetition_penalty", penalty)
     if penalty == 1.0:
         return logits
     scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -65,7 +25,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    check_temperature(temperature)
+    check("temperature", temperature)
     if temperature == 0:
         raise ValueError("temperature 0 is greedy decoding; call greedy() instead of scaling by 1/0")
     return logits / temperature
@@ -73,7 +33,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits in each row (ties at the k-th value are kept too)."""
-    check_top_k(k)
+    check("top_k", k)
     if k == 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
@@ -82,7 +42,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability reaches p (at least one)."""
-    check_top_p(p)
+    check("top_p", p)
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)

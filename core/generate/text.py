@@ -15,11 +15,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from gptchat.core.generate.engine import Engine
-from gptchat.core.generate.sampling import SamplingParams
+from gptchat.core.generate.options import SamplingParams
 from gptchat.core.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the engine brings torch; this layer needs it only from a call on (the chat app paints first)
+    from gptchat.core.generate.engine import Engine
 
 
 @dataclass

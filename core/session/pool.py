@@ -8,9 +8,10 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gptchat.core.generate.loaded import LoadedModel, open_model
-from gptchat.core.model.quant import QuantLinear
+if TYPE_CHECKING:  # torch comes with them: imported by the first load, after the chat app's first paint
+    from gptchat.core.generate.loaded import LoadedModel
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ModelPool:
         got = self.get(spec, device, dtype, quantize)
         if got is not None:
             return got
+        from gptchat.core.generate.loaded import open_model
+
         lm = open_model(spec, device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
                         quantize=quantize)
         m = Loaded(spec, lm, checkpoint_hash(lm.checkpoint), weight_bytes(lm.engine.model))
@@ -74,6 +77,8 @@ class ModelPool:
 
 def weight_bytes(model) -> int:
     """Bytes of the weights held: the parameters, plus the int8 layers' packed weights (buffers, not parameters)."""
+    from gptchat.core.model.quant import QuantLinear
+
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return params + sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gptchat.core.eval.experiment import study_state
+from gptchat.core.eval.study import study_state
 from gptchat.core.eval.shots import in_context
 from gptchat.core.generate.loaded import open_model
 from gptchat.core.paths import get_paths

@@ -18,10 +18,11 @@ def test_bench_streams_through_the_app_and_times_model_ready(tiny_model):
     assert 0 < b.ready_s[0] < b.launch_ready_s[0]
     parts = b.launch_parts
     assert parts["imports done"] < parts["first screen up"] < parts["model ready"]
+    assert b.launch_paint_s == [parts["first screen up"]]
     d = json.loads(json.dumps(b.to_dict()))
     assert d["ratio"] == round(b.ratio, 3) and d["tokens"] == 8
     text = bench.format_report(b)
-    assert "ratio" in text and "model ready" in text
+    assert "ratio" in text and "model ready" in text and "first screen" in text
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import DataTable
 
-from gptchat.core.eval import experiment as X
+from gptchat.core.eval import experiment, study as X
 from gptchat.core.paths import get_paths
 from gptchat.core.train import list_runs
 from gptchat.core.train.events import read_events
@@ -52,7 +52,7 @@ def _shows(scr, name: str, n_rows: int) -> bool:
 
 def test_experiment_screen_shows_a_finished_study(tiny_model, tmp_path):
     spec = X.Spec(name="fox", data=[str(corpus(tmp_path))], models=[tiny_model], shots=[0, 1], device="cpu")
-    cells = X.run(spec)
+    cells = experiment.run(spec)
     app = make_app(tiny_model, None)
 
     async def go():

@@ -51,16 +51,17 @@ def experiment(
     """Compare base, in-context, finetuned and from-scratch models on the same held-out text."""
     from gptchat.core.errors import UsageError
 
-    # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
-    from gptchat.core.eval import experiment as X
+    from gptchat.core.eval import study as S  # the study's files: --show never loads torch
 
     if show:
-        spec = X.load_spec(show)
-        cells = X.load_cells(X.folder(show))
+        spec = S.load_spec(show)
+        cells = S.load_cells(S.folder(show))
     else:
         if not data or not name:
             raise UsageError("give DATA and --name NAME (or --show NAME for a finished experiment)")
         spec = spec_from(locals())
+        from gptchat.core.eval import experiment as X  # torch: loaded inside the command (`--help` stays fast)
+
         try:
             cells = X.run(spec, log=lambda s: err(f"experiment: {s}"))
         except X.Stopped as e:
@@ -68,16 +69,16 @@ def experiment(
             raise typer.Exit(143) from None  # 128 + SIGTERM, as a shell reports a terminated command
         if cells is None:  # a torchrun rank other than 0: it took part in the finetunes; rank 0 reports
             return
-    _output(X, spec, cells, json_out, markdown)
+    _output(S, spec, cells, json_out, markdown)
 
 
 def spec_from(params: dict):
     """The study that the command's parameters (by name, as Typer passes them) ask for; the TUI's form
     builds its study with this too, from the same command's parse of its fields."""
-    from gptchat.core.eval import experiment as X
+    from gptchat.core.eval.study import Spec
 
     train = {k: params[k] for k in ("lr", "batch_size", "block_size") if params.get(k) is not None}
-    return X.Spec(name=params["name"], data=list(params["data"] or []),
+    return Spec(name=params["name"], data=list(params["data"] or []),
                   models=[m.strip() for m in params["models"].split(",") if m.strip()],
                   shots=_ints(params["shots"], "--shots"), finetune_steps=params["finetune_steps"], lora=params["lora"],
                   from_scratch=params["from_scratch"], heldout=params["heldout"],
@@ -88,20 +89,20 @@ def spec_from(params: dict):
 experiment.__doc__ += "\n" + EXAMPLES
 
 
-def _output(X, spec, cells: dict, json_out: bool, markdown: Optional[Path]) -> None:
+def _output(S, spec, cells: dict, json_out: bool, markdown: Optional[Path]) -> None:
     from gptchat.core.eval import report
 
-    order = [r.id for r in X.rows(spec)]
-    best = X.best(cells)
-    state = X.study_state(spec.name)["state"]
+    order = [r.id for r in S.rows(spec)]
+    best = S.best(cells)
+    state = S.study_state(spec.name)["state"]
     if state != "finished":
         err(f"experiment {spec.name}: {state}, {sum(r in cells for r in order)}/{len(order)} rows done"
             + ("" if state == "running" else "; run the same command again to resume it"))
     if markdown is not None:
-        markdown.write_text(report.markdown(spec.name, X.split_rule(spec), cells, order, best), encoding="utf-8")
+        markdown.write_text(report.markdown(spec.name, S.split_rule(spec), cells, order, best), encoding="utf-8")
         err(f"wrote {markdown}")
     if json_out:
-        print_json({"name": spec.name, "state": state, "split": X.split_rule(spec), "best": best,
+        print_json({"name": spec.name, "state": state, "split": S.split_rule(spec), "best": best,
                     "rows": [cells[r] for r in order if r in cells], "missing": [r for r in order if r not in cells]})
         return
     print_table(report.table_rows(cells, order, best), report.HEADERS)

@@ -28,7 +28,7 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, O
 from textual.widgets.option_list import Option
 
 from gptchat.core.errors import GptchatError, UsageError
-from gptchat.core.eval import experiment as X
+from gptchat.core.eval import study as X
 from gptchat.core.eval.report import HEADERS, table_rows
 from gptchat.tui.app.finetune_launch import log_tail, start_command
 from gptchat.tui.app.widgets.bar_chart import BarChart
