@@ -22,8 +22,6 @@ MAX_PARAMS = 20_000_000_000
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
 
-QUANT_MODES = ("none", "int8")  # weights as the checkpoint has them, or int8 weight-only (core/model/quant.py)
-
 @dataclass
 class GPTConfig:
     n_layer: int = 12

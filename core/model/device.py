@@ -9,6 +9,7 @@ import os
 import torch
 
 from gptchat.core.errors import DeviceError
+from gptchat.core.model.words import device_word, dtype_word
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -20,28 +21,23 @@ def switched_off(variable: str) -> bool:
 
 
 def pick_device(spec: str | None = None) -> torch.device:
+    kind, index = device_word(spec)  # DeviceError for a word that names no device
     spec = (spec or "auto").strip().lower()
-    if spec == "auto":
+    if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
+    if kind == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {spec}: CUDA is not available on this machine (try --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if index is not None and index >= torch.cuda.device_count():
             raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
+    elif kind == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise DeviceError(f"--device {spec}: Apple MPS is not available on this machine (try --device cpu)")
-    elif dev.type != "cpu":
-        raise DeviceError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
+    return torch.device(kind if index is None else f"{kind}:{index}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,17 +80,13 @@ _said = False
 
 
 def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    spec = (spec or "auto").strip().lower()
-    aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-    spec = aliases.get(spec, spec)
+    spec = dtype_word(spec)  # DeviceError for a word that names no dtype
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.float32  # CPU half-precision matmuls are slow or missing on most CPUs
-    if spec not in DTYPES:
-        raise DeviceError(f"unknown dtype {spec!r}; use auto, fp32, fp16 or bf16")
     dtype = DTYPES[spec]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError("--dtype bf16: this GPU does not support bfloat16; use fp16")

@@ -9,7 +9,7 @@ from pathlib import Path
 from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.core.generate.text import GenOptions
-from gptchat.core.model.config import QUANT_MODES
+from gptchat.core.model.words import QUANT_MODES
 from gptchat.core.prompting.templates import get_template
 
 

@@ -51,10 +51,21 @@ print(json.dumps(asyncio.run(go())))
 """
 
 
-def _child(model: str, cwd: Path) -> dict:
-    """CHILD run in ``cwd`` (the app looks for checkpoints there), with this test's home and HF cache."""
+# `gptchat ARGS` up to the moment the app would start: what it imported by then
+LAUNCH = r"""
+import json, sys
+from gptchat.tui.app.app import GptchatApp
+from gptchat.tui.cli.main import main
+
+GptchatApp.run = lambda self: print(json.dumps({"torch_loaded": "torch" in sys.modules, "model": self.session.settings.model}))
+main(sys.argv[1:])
+"""
+
+
+def _child(model: str, cwd: Path, code: str = CHILD, *args: str) -> dict:
+    """``code`` run in ``cwd`` (the app looks for checkpoints there), with this test's home and HF cache."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # for tests.tui.helpers
-    r = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, timeout=600,
+    r = subprocess.run([sys.executable, "-c", code, model, *args], capture_output=True, text=True, timeout=600,
                        cwd=cwd, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -70,3 +81,10 @@ def test_no_model_found_never_loads_torch(tmp_path):
     got = _child("", tmp_path)  # nothing in tmp_path, an empty home and HF cache (tests/conftest.py), offline
     assert not got["loaded"]
     assert got == {**got, "asked_by": [], "torch_loaded": False}
+
+
+def test_the_chat_command_starts_the_app_without_torch(tiny_model, tmp_path):
+    """`gptchat chat`'s checks before the app (device and dtype words, the model's path) need no torch."""
+    for argv in ([], ["--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--quantize", "int8"]):
+        got = _child("chat", tmp_path, LAUNCH, *argv)
+        assert got["torch_loaded"] is False and got["model"] == (argv[1] if argv else None), (argv, got)

@@ -58,15 +58,21 @@ def chat(
 
 def _check_start(model: str | None, device: str | None, dtype: str | None) -> None:
     """What can be checked before the app starts, so a typo is one line and exit 2, not a crash inside the app:
-    the device and dtype names (core.model.device's list) and a model given as a path. A hub name not in the
-    cache is left to the app, which downloads it."""
-    from gptchat.core.errors import DeviceError, ModelNotFound, UsageError  # torch below: see chat()
-    from gptchat.core.model.device import pick_device, pick_dtype
+    the device and dtype words (core/model/words.py), a GPU named with --device being there, and a model
+    given as a path. A hub name not in the cache is left to the app, which downloads it. Only a named GPU
+    costs torch's import here: otherwise the app paints first and imports torch with the model."""
+    from gptchat.core.errors import DeviceError, ModelNotFound, UsageError
+    from gptchat.core.model.words import device_word, dtype_word
     from gptchat.core.weights.checkpoints import resolve
     from gptchat.core.weights.hub import looks_like_repo_id
 
     try:
-        pick_dtype(dtype, pick_device(device))
+        kind, _ = device_word(device)
+        dtype_word(dtype)
+        if kind in ("cuda", "mps"):
+            from gptchat.core.model.device import pick_device
+
+            pick_device(device)
     except DeviceError as e:
         raise UsageError(str(e)) from None
     if model is None:
