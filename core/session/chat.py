@@ -12,17 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from gptchat.core.errors import GptchatError, UsageError
+from gptchat.core.generate.text import Completion, new_seed, stream
 from gptchat.core.prompting.templates import Budget, Rendered, Template, get_template, load_examples, render
 from gptchat.core.session.pool import Loaded
 from gptchat.core.session.prefs import conversation_settings
 from gptchat.core.session.settings import ChatSettings
 from gptchat.core.session.store import Store
-
-if TYPE_CHECKING:
-    from gptchat.core.generate.text import Completion
 
 __all__ = ["ChatSession", "ChatSettings", "Turn", "ReplyStarted", "ReplyDelta", "ReplyDone", "render_prompt",
            "provenance", "completion_info"]
@@ -151,8 +149,6 @@ class ChatSession:
 
     def reply(self, loaded: Loaded, cancel: threading.Event) -> Iterator[ReplyStarted | ReplyDelta | ReplyDone]:
         """Answer the last user message, streaming. The reply row is written as it grows."""
-        from gptchat.core.generate.text import new_seed, stream  # torch: loaded after the app's first paint
-
         if not self.turns or self.turns[-1].role != "user":
             raise UsageError("nothing to reply to: send a message first")
         s = self.settings
