@@ -381,11 +381,15 @@ def test_a_compare_panes_speed_is_timed_from_its_own_first_token():
     assert pane_speed(1, 5.0, 7.0, 1.5) == 1.5 and pane_speed(11, None, 7.0, None) is None
 
 
-def test_a_streaming_message_lays_the_screen_out_only_when_it_needs_another_line():
-    """While a reply streams, a piece of text that fits the lines the message already has repaints it
-    without a layout (the UI thread's cost to decoding); one that wraps onto a new line grows the box."""
+def test_a_streaming_message_lays_the_screen_out_only_when_it_outgrows_its_box():
+    """While a reply streams, its box grows STREAM_LINES lines at a time: a piece of text that fits the lines
+    the box has repaints it without a layout (each layout reflows the whole screen: the UI thread's cost to
+    decoding); one that needs more lines grows the box by a step. Finished, the box fits its text exactly."""
     from textual.app import App
     from textual.containers import VerticalScroll
+    from textual.widgets import Static
+
+    from gptchat.tui.app.widgets.message_view import STREAM_LINES
 
     class One(App):
         def compose(self):
@@ -397,23 +401,36 @@ def test_a_streaming_message_lays_the_screen_out_only_when_it_needs_another_line
     async def go():
         async with app.run_test(size=(40, 20)) as pilot:
             view = app.query_one(MessageView)
+
+            def state():  # (layouts so far, box height, lines the text takes)
+                exact = Static.get_content_height(view, view.size, app.size, view.content_region.width)
+                return sum(layouts), view.size.height, exact
+
             view.append("one")  # the first piece after mounting may lay out (no height known yet)
             await wait_for(pilot, lambda: view.size.height > 0, what="the message laid out")
             layouts = []
             refresh = view.refresh
             view.refresh = lambda *a, **kw: (layouts.append(kw.get("layout", False)), refresh(*a, **kw))[1]
+            steps = [state()]
+            view.append(" two")  # the same line
+            await pilot.pause()
+            steps.append(state())
+            view.append(" three four five six seven eight nine")  # onto the box's second line
+            await pilot.pause()
+            steps.append(state())
             h0 = view.size.height
-            view.append(" two")
-            await pilot.pause()
-            same_line = (sum(layouts), view.size.height)
-            view.append(" three four five six seven eight nine ten eleven twelve")
+            view.append(" ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen"
+                        " twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six")
             await wait_for(pilot, lambda: view.size.height > h0, what="the box to grow")
-            wrapped = (sum(layouts), view.size.height, view.get_content_height(view.size, app.size, view.content_region.width))
+            steps.append(state())
             view.finish(view.text, "done", {})
-            await pilot.pause()
-            return h0, same_line, wrapped, sum(layouts)
+            await wait_for(pilot, lambda: view.size.height < steps[-1][1], what="the box to fit its text")
+            steps.append(state())
+            return steps
 
-    h0, same_line, wrapped, finished = run(go())
-    assert same_line[0] == 0 and same_line[1] == h0, "a piece that fits its line must not lay the screen out"
-    assert wrapped[0] >= 1 and wrapped[1] - h0 == wrapped[2] - 1, "the box grows by the lines the text wrapped onto"
-    assert finished > wrapped[0], "the finished message is laid out (its footer and final text)"
+    (l0, h0, n0), (l1, h1, n1), (l2, h2, n2), (l3, h3, n3), (l4, h4, n4) = run(go())
+    border = h0 - STREAM_LINES
+    assert n0 == n1 == 1 and n2 == 2 and STREAM_LINES < n3 <= 2 * STREAM_LINES, "the texts meant to take 1, 1, 2, >4 lines"
+    assert l1 == l2 == l0 == 0 and h1 == h2 == h0, "pieces that fit the box's lines must not lay the screen out"
+    assert l3 >= 1 and h3 == border + 2 * STREAM_LINES, "the box grows a step when the text needs more lines"
+    assert l4 > l3 and h4 == border + n4, "the finished message fits its text"

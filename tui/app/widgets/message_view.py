@@ -14,6 +14,9 @@ from textual.message import Message
 from textual.widgets import Static
 
 
+STREAM_LINES = 4  # a streaming reply's box grows this many lines at a time (see get_content_height)
+
+
 class MessageView(Static, can_focus=True):
     BINDINGS = [
         Binding("c", "copy", "Copy message"),
@@ -93,6 +96,13 @@ class MessageView(Static, can_focus=True):
         """Lines the content takes at the current width (None before the first layout)."""
         width = self.content_region.width if self.is_mounted else 0
         return self.get_content_height(self.size, self.app.size, width) if width > 0 else None
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        """While streaming, the lines the text takes rounded up to a multiple of STREAM_LINES: the box grows
+        a few lines at a time, and every growth lays the whole screen out (most of the UI's work, and it grows
+        with the transcript). Done, the box fits its text exactly."""
+        lines = super().get_content_height(container, viewport, width)
+        return -(-lines // STREAM_LINES) * STREAM_LINES if self.status == "streaming" else lines
 
     def footer(self) -> str:
         if self.role != "assistant":
