@@ -20,6 +20,7 @@ from gptchat.core.train.settings import NAME_RE
 
 STATES = ("running", "finished", "stopped", "failed", "killed")
 
+
 @dataclass
 class Spec:
     name: str

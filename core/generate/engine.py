@@ -19,6 +19,7 @@ from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
 from gptchat.core.generate.sampling import SamplingParams, sample
 from gptchat.core.model import packed, quant
+from gptchat.core.model.words import QUANT_MODES
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
 GPT2_VOCAB = 50257  # ids from here up (nanoGPT pads to 50304) are never sampled
@@ -73,8 +74,8 @@ class Engine:
         from gptchat.core.model.device import compile_default, pick_device, pick_dtype, set_threads
 
         quantize = quantize or "none"
-        if quantize not in quant.QUANT_MODES:
-            raise UsageError(f"unknown --quantize {quantize!r}; use {' or '.join(quant.QUANT_MODES)}")
+        if quantize not in QUANT_MODES:
+            raise UsageError(f"unknown --quantize {quantize!r}; use {' or '.join(QUANT_MODES)}")
         dev = pick_device(device)
         set_threads()
         if quantize != "none" and dev.type != "cpu":

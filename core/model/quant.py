@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model.words import QUANT_MODES  # noqa: F401 (defined without torch: the settings read it)
+from gptchat.core.model.words import QUANT_MODES
 
 ACT_SCALE, ACT_ZERO = 1.0 / 63.0, 64  # a row divided by its max |x| lies in [-1, 1]: 7-bit codes 1..127
 _BLOCK = 1 << 18  # elements quantized at a time: float temporaries of 1 MB, which the allocator reuses
