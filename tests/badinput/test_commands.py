@@ -344,11 +344,21 @@ def test_closed_stdout_is_a_normal_end(work, tiny, command):
 
 
 @pytest.mark.slow
+def _holder_written(lock) -> bool:
+    try:
+        return lock.read_text().strip().isdigit()
+    except FileNotFoundError:
+        return False
+
+
 def test_two_batches_on_one_output(work, tiny):
     args = ["batch", "many.txt", "-m", tiny, "-n", "8", "--batch-size", "1", "-o", "same.jsonl"]
     first = _gptchat(*args, stderr=subprocess.PIPE, cwd=work)
     deadline = time.time() + 120
-    while not (work / "same.jsonl.lock").exists():  # the first holds the lock before it loads the model
+    lock = work / "same.jsonl.lock"
+    # the first holds the lock before it loads the model; the file exists a moment before it is locked, and
+    # gets the holder's pid once it is (stopping the first in between let the second take it, under load)
+    while not _holder_written(lock):
         assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()
         time.sleep(0.02)
     first.send_signal(signal.SIGSTOP)  # the first is surely still writing while the second starts
