@@ -32,9 +32,9 @@ from torch import nn
 from gptchat.core.errors import ContextOverflow, UsageError
 from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
+from gptchat.core.model.gpt import HEAD_VOCAB_BLOCK
 
 HEAD_ROWS = 512  # scored positions per head chunk
-HEAD_COLS = 1024  # vocabulary entries per block of an fp32 head (see _Head)
 CPU_ACTIVATION_BYTES = 16 << 20  # see batch_tokens_for
 GPU_BATCH_TOKENS = 8192
 
@@ -153,7 +153,7 @@ def _groups(lengths: list[int], per: int) -> list[range]:
 class _Head:
     """The head and the loss over scored rows, ``HEAD_ROWS`` at a time.
 
-    A plain fp32 head (tied to wte) goes by vocabulary blocks of ``HEAD_COLS``: each block's logits
+    A plain fp32 head (tied to wte) goes by vocabulary blocks of ``HEAD_VOCAB_BLOCK`` (core/model/gpt.py): each block's logits
     land in one small buffer reused by every block (1024 columns x 512 rows = 2 MB, which stays in
     cache), its log-sum-exp is taken there in place, and the blocks' are combined; the target's logit
     is its own dot product. No (rows, V) logits are ever written: measured on a 2-core EPYC, 512 rows
@@ -182,7 +182,7 @@ class _Head:
             x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS]
             if self.rows is not None:
                 parts = []
-                for wb in self.rows.t().split(HEAD_COLS, dim=1):
+                for wb in self.rows.t().split(HEAD_VOCAB_BLOCK, dim=1):
                     z = torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device))
                     m = z.amax(1, keepdim=True)
                     parts.append(z.sub_(m).exp_().sum(1).log_().add_(m[:, 0]))  # in place: the block's log-sum-exp

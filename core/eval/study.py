@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gptchat.core.errors import UsageError
 from gptchat.core.model.config import PRESETS
+from gptchat.core.outputs import replace_atomic
 from gptchat.core.paths import get_paths
 from gptchat.core.train.settings import NAME_RE
 
@@ -90,13 +91,8 @@ def folder(name: str) -> Path:
 
 
 def write(path: Path, text: str) -> None:
-    """Atomically: a cell is there whole or not at all (a SIGKILL mid-write leaves only a .tmp)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically (outputs.replace_atomic): a cell is there whole or not at all, even after a SIGKILL."""
+    replace_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def split_rule(spec: Spec) -> str:

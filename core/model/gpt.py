@@ -20,6 +20,12 @@ from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
 
 
+# Vocabulary rows of the tied head per product when all of its logits are needed on the CPU (eval's loss,
+# the finetune's head loss): a (512, 50257) product at once ran at ~80 GFLOP/s on a 2-core EPYC, blocks of
+# 1024 at ~100, of 4096 at ~82; each block's logits stay in cache for what follows them.
+HEAD_VOCAB_BLOCK = 1024
+
+
 class Linear(nn.Linear):
     """nn.Linear whose one-row product can be split over the input dimension (``parts`` > 1, set by
     GPT.to_inference_layout): a batch-1 decode step on the CPU is memory-bound matrix-vector products,

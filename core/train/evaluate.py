@@ -10,14 +10,12 @@ import torch.nn.functional as F
 
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
+from gptchat.core.model.gpt import HEAD_VOCAB_BLOCK
 from gptchat.core.train.data import Dataset, val_starts, windows
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction=reduction)
-
-
-HEAD_VOCAB_BLOCK = 1024  # columns of the head's logits a product: (512, 50257) at once ran at ~80 GFLOP/s, in blocks ~100
 
 
 def head_loss(hidden: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> torch.Tensor:

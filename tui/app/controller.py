@@ -34,7 +34,7 @@ from gptchat.tui.app.messages import (
 from gptchat.tui.format import budget_segments
 
 # The reply worker posts streamed text at most this often (the first piece at once). Each post repaints the
-# message (and lays the screen out when the text takes another line: MessageView._paint) on the UI thread,
+# message (and lays the screen out when the text outgrows its box: MessageView._paint) on the UI thread,
 # which holds the GIL the decode thread needs between kernels. Fed a 35 tok/s stream on a 2-core EPYC, the
 # UI thread took 10-13% of a core at 10 posts a second and 7-10% at 5; the app's decode rate over the same
 # decode in a worker thread 0.87x and 0.90x (two alternating runs of 3 rounds each; `python -m gptchat.tui.app.bench`).

@@ -84,8 +84,8 @@ class MessageView(Static, can_focus=True):
         parts = [Markdown(text) if self.markdown and self.role == "assistant" and text.strip() else body]
         if self.footer_inside and footer:
             parts.append(Text(footer, style="dim"))
-        # While a reply streams, a layout (the screen reflowed) only when the text takes another line: the
-        # UI thread holds the GIL the decode thread needs, and a layout per piece of text was most of its work
+        # While a reply streams, a layout (the screen reflowed) only when the text outgrows its box (see
+        # get_content_height): the UI thread holds the GIL the decode thread needs, and layouts were most of its work
         self.update(parts[0] if len(parts) == 1 else Group(*parts), layout=False)
         height = self._content_height()
         if self.status != "streaming" or height is None or height != self._height:
