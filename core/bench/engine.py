@@ -60,6 +60,7 @@ class Report:
     omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default")
                                  + (f" (GOMP_SPINCOUNT {os.environ['GOMP_SPINCOUNT']})" if "GOMP_SPINCOUNT" in os.environ else ""))
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
+    int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py) or "fbgemm"
 
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
@@ -162,6 +163,8 @@ def run(
         report = Report(model=shape if tmp else model, device=str(eng.device), dtype=DTYPE_NAMES[eng.dtype],
                         threads=torch.get_num_threads(), quantize=quantize, cpu=cpu, cpu_flags=flags,
                         load=os.getloadavg(), weight_bytes=weight_bytes_per_token(eng.model))
+        kernels = {"avx2" if m.native else "fbgemm" for m in eng.model.modules() if isinstance(m, QuantLinear)}
+        report.int8_kernel = ",".join(sorted(kernels)) or None
         log("read bandwidth: summing a 512 MB buffer for a second")
         report.bandwidth_gbs = read_bandwidth()
         # transformers reads a nanoGPT file through a copy saved from our model: not from an int8 one
@@ -299,7 +302,8 @@ def format_report(rep: Report) -> str:
     lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token")
     if rep.quantize != "none":
         lines.append(f"transformers runs the same weights in fp32 (it has no CPU {rep.quantize}): ratios are "
-                     f"gptchat {rep.quantize} against transformers fp32")
+                     f"gptchat {rep.quantize} against transformers fp32"
+                     + (f"; int8 kernel: {rep.int8_kernel}" if rep.int8_kernel else ""))
     if rep.compile:
         c = rep.compile
         lines.append(f"compile: failed ({c['error']})" if "error" in c else

@@ -5,21 +5,20 @@ the bytes of weights; int8 reads a quarter of fp32's. Quantized at load from wha
 was read (w ~= q * scale, q in [-127, 127], symmetric per output row), tensor by tensor while the
 checkpoint streams from disk (StreamQuantizer), so the fp32 model never exists whole.
 
-Weight-only in effect: a row's output never depends on the other rows of its batch. The kernel is
-fbgemm's int8 x int8 product (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``), whose
-activation quantization is one scale per call; each row is therefore divided by its own max |x|
-first (every row then spans [-1, 1], so the one scale fits every row exactly as it would fit that
-row alone), and the output row multiplied back. Activations get 7 bits (0..127): on CPUs without
-VNNI fbgemm sums pairs of u8 x s8 products in int16, which saturates with 8-bit activations
-(measured here: errors of the size of the output itself).
-
-Measured on this project's CPU (AMD EPYC Milan, AVX2, no VNNI; one thread, machine under heavy
-load), one row through the 124M model's matrices: this kernel 0.17 ms against fp32's 0.3-0.6 ms for
-3072x768 and 32-42 ms against 94-116 ms for the 50257x768 head; ``aten._weight_int8pack_mm``
-(weight-only) is 5-50x slower than fp32 with fp32 activations and no faster than fp32 with bf16
-ones (no native bf16 here); dequantizing each weight on the fly (w.float() * scale, then fp32)
-is 10-40x slower than fp32. Whole decode steps gained less: 1.31x fp32 at batch 1, one thread,
-under load (the per-row scaling adds four small ops to every Linear).
+Two kernels. Where core/model/native.py can build its AVX2 kernel (x86-64 Linux, a C compiler): each
+activation row is rounded to int16 with its own scale and multiplied exactly in int32 (a row's result
+never depends on the other rows of its call); calls of more than NATIVE_ROWS rows (prefill, eval)
+dequantize blocks of weight rows into a reused fp32 buffer and run fp32 GEMMs instead. Measured on
+this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, one run each, in
+alternation: batch-1 decode 54-65 tok/s against fbgemm's 38-40, batch 16 168-175 against 224-230,
+batch 32 144-191 against 254-263, prefill of 1000 tokens 1.8-2.4 s against 1.6-1.75 s; peak RSS of
+`generate` 447-452 MB against 505 MB; mean |logit - fp32 logit| on the trained test model 0.0036
+against 0.0101. Elsewhere fbgemm's int8 x int8 product
+(``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``), whose activation quantization is one
+scale per call; each row is therefore divided by its own max |x| first (every row then spans [-1, 1],
+so the one scale fits every row exactly as it would fit that row alone), and the output row multiplied
+back. Activations get 7 bits (0..127): on CPUs without VNNI fbgemm sums pairs of u8 x s8 products in
+int16, which saturates with 8-bit activations.
 The quality cost (mean |logit - fp32 logit|, greedy agreement on a trained model) is printed by
 ``gptchat bench --quantize int8`` and pinned in tests/engine/test_quant.py.
 """
@@ -29,9 +28,11 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
+from gptchat.core.model import native
 from gptchat.core.model.words import QUANT_MODES
 
 ACT_SCALE, ACT_ZERO = 1.0 / 63.0, 64  # a row divided by its max |x| lies in [-1, 1]: 7-bit codes 1..127
@@ -58,19 +59,31 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+NATIVE_ROWS = 128  # up to this many rows a call, the AVX2 kernel; more, dequantized blocks through fp32 GEMMs
+DEQUANT_BLOCK = 1 << 21  # weights dequantized at a time above NATIVE_ROWS: an 8 MB fp32 block
+
+
 class QuantLinear(nn.Module):
-    """A Linear whose weight is int8 with per-output-channel scales; computes in fp32 on the CPU."""
+    """A Linear whose weight is int8 with per-output-channel scales; computes in fp32 on the CPU.
+
+    Two kernels, one chosen at construction: the AVX2 kernel (core/model/native.py; int16 activations
+    per row, exact int32 sums) where it could be built, else fbgemm's (7-bit activations per row).
+    Either way a row's output never depends on the other rows of its call."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        zero = torch.zeros(self.out_features, dtype=torch.long)
-        # fbgemm's own blocked layout, packed once: the only copy kept (dequantize() unpacks it)
-        with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm packs only from one
-            warnings.simplefilter("ignore", UserWarning)
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-            self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        self.register_buffer("scale", scale, persistent=False)
+        self.native = native.kernel() is not None
+        if self.native:  # the kernel's grouped layout: the only copy kept
+            self.register_buffer("packed", native.pack(q), persistent=False)
+        else:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            # fbgemm's own blocked layout, packed once: the only copy kept (dequantize() unpacks it)
+            with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm packs only from one
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.register_buffer("scale", scale.float().contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
 
     @classmethod
@@ -82,37 +95,76 @@ class QuantLinear(nn.Module):
         return self.out_features * self.in_features + 4 * self.out_features * (2 if self.bias is not None else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.dtype == torch.float32 and x.numel() <= NATIVE_ROWS * self.in_features:
+            return native.gemm(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, in)
+        y = self._by_blocks(x) if self.native else self._fbgemm(x)
+        return y.view(*shape[:-1], self.out_features)
+
+    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         # each row over its own max |x|: the kernel's one activation scale then fits every row alike
         amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / amax, ACT_SCALE, ACT_ZERO,
                                                                                 self._packed)  # (M, out)
-        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
-        return y.view(*shape[:-1], self.out_features)
+        return y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
+
+    def _by_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill, eval): fp32 GEMMs on blocks of weight rows dequantized into a buffer
+        kept per thread (a fresh 8 MB buffer each call is page-faulted in each time: 3x slower)."""
+        n, k = self.out_features, self.in_features
+        rows = min(n, max(4, DEQUANT_BLOCK // k // 4 * 4))
+        buf = native.scratch(rows * k).view(rows, k)
+        if rows == n:
+            return F.linear(x, native.dequantize(self.packed, self.scale, 0, n, k, buf), self.bias)
+        y = torch.empty(x.shape[0], n)
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            w = native.dequantize(self.packed, self.scale, i, j, k, buf[: j - i])
+            torch.matmul(x, w.t(), out=y[:, i:j]) if self.bias is None else y[:, i:j].copy_(
+                F.linear(x, w, self.bias[i:j]))
+        return y
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight rows ``idx`` (any shape) -> (*idx.shape, in): the tied token table's lookup."""
+        n, k = self.out_features, self.in_features
+        if not self.native:
+            raise TypeError("rows() reads the AVX2 kernel's layout; fbgemm's keeps its own table")
+        kp = native.padded(n, k)[1]
+        grouped = self.packed.view(-1, kp // 32, 4, 32)
+        q = grouped[idx // 4, :, idx % 4, :].reshape(*idx.shape, kp)[..., :k]
+        return q.float() * self.scale[idx].unsqueeze(-1)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out, in] this layer computes with."""
+        if self.native:
+            return native.dequantize(self.packed, self.scale, 0, self.out_features, self.in_features)
         return torch.ops.quantized.linear_unpack(self._packed)[0].dequantize().float()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kernel = "AVX2 kernel" if self.native else "fbgemm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kernel}"
 
 
 class QuantEmbedding(nn.Module):
-    """The token table as int8 rows (the tied head's): a lookup dequantizes only the rows it reads."""
+    """The token table as int8 rows (the tied head's): a lookup dequantizes only the rows it reads.
+    With the AVX2 kernel the table is the head's own packed rows (no second copy)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, head: QuantLinear | None = None):
         super().__init__()
-        self.register_buffer("q", q, persistent=False)  # (V, C) int8
-        self.register_buffer("scale", scale, persistent=False)  # (V,)
         self.num_embeddings, self.embedding_dim = q.shape
+        self.head = [head] if head is not None and head.native else []  # a list: not a submodule of this one
+        if not self.head:
+            self.register_buffer("q", q, persistent=False)  # (V, C) int8
+            self.register_buffer("scale", scale, persistent=False)  # (V,)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.head:
+            return self.head[0].rows(idx)
         return self.q[idx].float() * self.scale[idx].unsqueeze(-1)  # (..., C)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row" + (", the head's rows" if self.head else "")
 
 
 def _check(mode: str) -> None:
@@ -137,8 +189,8 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
         wte = model.transformer.wte
         if isinstance(wte, nn.Embedding) and getattr(model.lm_head, "weight", None) is wte.weight:
             q, scale = quantize_rows(wte.weight)
-            model.transformer.wte = QuantEmbedding(q, scale)
             model.lm_head = QuantLinear(q, scale, None)
+            model.transformer.wte = QuantEmbedding(q, scale, model.lm_head)
         for name, lin in list(model.named_modules()):
             if isinstance(lin, nn.Linear):
                 _replace(model, name, QuantLinear.from_float(lin.weight, lin.bias))
@@ -167,8 +219,8 @@ class StreamQuantizer:
         head = self.rows.pop("lm_head", None)
         if head is not None and not (torch.equal(head[0], q) and torch.equal(head[1], scale)):
             raise CheckpointError(f"{self.source}: lm_head.weight differs from wte; untied GPT-2 heads are not supported")
-        model.transformer.wte = QuantEmbedding(q, scale)
         model.lm_head = QuantLinear(q, scale, None)
+        model.transformer.wte = QuantEmbedding(q, scale, model.lm_head)
         del q, scale, head
         while self.rows:  # each row's int8 copy is dropped as soon as fbgemm has packed it
             name, (q, scale) = self.rows.popitem()

@@ -1,0 +1,164 @@
+"""The AVX2 int8 kernel (qkernel.c beside this file), compiled at first use and loaded with ctypes.
+
+Why a kernel of our own: batch-1 decode with int8 weights should read a quarter of fp32's bytes at the
+memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without VNNI (measured on AMD
+Milan, 2 threads, the 124M model's 49 matrices one row each: 14.9 ms a token against 7.6 ms for this
+kernel, and 25-47 ms for fp32). See qkernel.c for the layout and the arithmetic.
+
+Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache, named by a hash
+of the source and the flags, written under a temporary name and renamed, so that concurrent first uses
+never load a half-written file. Its OpenMP calls are left unresolved and bound to the OpenMP runtime
+PyTorch has loaded (made global first), so the kernel runs on PyTorch's own threads.
+
+``kernel()`` is None, and QuantLinear uses fbgemm, where any of this is missing: not Linux on x86-64,
+no AVX2/FMA, no compiler, a failed build, or ``GPTCHAT_NATIVE=0``. The reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gptchat.core.model.device import cpu_flags, switched_off
+
+log = logging.getLogger(__name__)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC"]
+_P = ctypes.c_void_p
+_L = ctypes.c_long
+
+
+def _openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime PyTorch loaded (libgomp, or Intel's/LLVM's, which export GOMP_*)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    for name in ("libgomp", "libiomp5", "libomp"):
+        for p in sorted(paths):
+            if Path(p).name.startswith(name):
+                return p
+    return None
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _build(cc: str, source: Path, openmp: bool, folder: Path) -> Path:
+    flags = FLAGS + (["-fopenmp"] if openmp else [])
+    text = source.read_bytes()
+    key = hashlib.sha256(text + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = folder / f"qkernel-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        # compile with -fopenmp (the pragmas), link without it: GOMP_* stay unresolved until load
+        for cmd in ([cc, *flags, "-c", str(source), "-o", str(obj)], [cc, "-shared", str(obj), "-o", str(lib), "-lm"]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise OSError(f"{' '.join(cmd)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        os.replace(lib, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (and one logged line saying why) where it cannot be had."""
+    from gptchat.core.paths import get_paths
+
+    def no(why: str) -> None:
+        log.info("int8: using fbgemm, not the AVX2 kernel: %s", why)
+
+    if switched_off("GPTCHAT_NATIVE"):
+        return no("GPTCHAT_NATIVE=0")
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return no(f"not Linux on x86-64 ({sys.platform}, {platform.machine()})")
+    if not {"avx2", "fma"} <= cpu_flags():
+        return no("this CPU has no AVX2/FMA")
+    cc = _compiler()
+    if cc is None:
+        return no("no C compiler (gcc or cc) found; set CC to one")
+    runtime = _openmp_runtime()
+    try:
+        if runtime is not None:
+            ctypes.CDLL(runtime, mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))
+        source = Path(str(resources.files("gptchat.core.model") / "qkernel.c"))
+        lib = ctypes.CDLL(str(_build(cc, source, runtime is not None, get_paths().cache / "kernels")))
+    except (OSError, subprocess.SubprocessError) as e:
+        return no(f"the build failed: {e}")
+    lib.gptchat_qgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
+    lib.gptchat_dequant.argtypes = [_P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
+    lib.gptchat_pack.argtypes = [_P, _P, _L, _L, _L]
+    for f in (lib.gptchat_dequant, lib.gptchat_pack):
+        f.restype = None
+    lib.gptchat_qgemm.restype = ctypes.c_int
+    return lib
+
+
+def padded(n: int, k: int) -> tuple[int, int]:
+    """The packed layout's padded (rows, inputs): rows to a multiple of 4, inputs of 32."""
+    return -(-n // 4) * 4, -(-k // 32) * 32
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] row-major -> the kernel's layout (a flat int8 tensor)."""
+    lib = kernel()
+    n, k = q.shape
+    np_, kp = padded(n, k)
+    q = q.contiguous()
+    out = torch.empty(np_ * kp, dtype=torch.int8)
+    lib.gptchat_pack(q.data_ptr(), out.data_ptr(), n, k, kp)
+    return out
+
+
+def gemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+         n: int) -> torch.Tensor:
+    """x (..., K) fp32 contiguous -> (..., n) fp32 through the kernel (a decode step calls this ~50 times
+    a token: kept to a handful of microseconds around the kernel itself)."""
+    k = x.shape[-1]
+    y = x.new_empty(x.shape[:-1] + (n,))
+    if kernel().gptchat_qgemm(packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                              x.data_ptr(), y.data_ptr(), x.numel() // k, n, k, -(-k // 32) * 32,
+                              torch.get_num_threads()):
+        raise MemoryError("int8 kernel: no memory for its activation buffer")
+    return y
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows n0..n1 (n0 a multiple of 4) as fp32 [n1 - n0, k], into ``out`` when given."""
+    if out is None:
+        out = torch.empty(n1 - n0, k)
+    kernel().gptchat_dequant(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), n0, n1, k, padded(1, k)[1],
+                             torch.get_num_threads())
+    return out
+
+
+_local = threading.local()
+
+
+def scratch(numel: int) -> torch.Tensor:
+    """A flat fp32 buffer of at least ``numel`` elements, kept per thread and reused across calls."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        _local.buf = buf = torch.empty(numel)
+    return buf[:numel]
