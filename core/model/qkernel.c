@@ -55,35 +55,39 @@ static void groups(const int8_t *q, const float *s, const float *b, const int16_
     }
 }
 
-/* the same for two activation rows at once: each group's weights widened once for both */
-static void groups2(const int8_t *q, const float *s, const float *b, const int16_t *x, const int16_t *x2, float xs,
-                    float xs2, float *y, float *y2, long g0, long g1, long Kp, long N) {
+/* groups g0..g1 widened to int16 once, into w16 ([g1 - g0, Kp/32, 4, 32] int16), for many activation rows */
+static void widen(const int8_t *q, int16_t *w16, long g0, long g1, long Kp) {
+    const int8_t *p = q + g0 * Kp * 4;
+    for (long i = 0; i < (g1 - g0) * Kp * 4; i += 16)
+        _mm256_storeu_si256((__m256i *)(w16 + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + i))));
+}
+
+/* groups2 on widened weights: two activation rows, no widening in the loop */
+static void groups2w(const int16_t *w16, long g0, const float *s, const float *b, const int16_t *x, const int16_t *x2,
+                     float xs, float xs2, float *y, float *y2, long a, long e, long Kp, long N) {
     const long steps = Kp / 32;
-    for (long g = g0; g < g1; g++) {
-        const int8_t *p = q + g * Kp * 4;
+    for (long g = a; g < e; g++) {
+        const int16_t *p = w16 + (g - g0) * Kp * 4;
         __m256 f[8];
         for (int i = 0; i < 8; i++) f[i] = _mm256_setzero_ps();
         for (long c0 = 0; c0 < steps; c0 += 8) {
             long c1 = c0 + 8 < steps ? c0 + 8 : steps;
-            __m256i a[8];
-            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+            __m256i acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
             for (long c = c0; c < c1; c++) {
-                const int8_t *pc = p + c * 128;
-                _mm_prefetch((const char *)(pc + PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(pc + PREFETCH + 64), _MM_HINT_T0);
+                const int16_t *pc = p + c * 128;
                 const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + c * 32));
                 const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + c * 32 + 16));
                 const __m256i zl = _mm256_loadu_si256((const __m256i *)(x2 + c * 32));
                 const __m256i zh = _mm256_loadu_si256((const __m256i *)(x2 + c * 32 + 16));
                 for (int r = 0; r < 4; r++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(pc + 32 * r));
-                    const __m256i wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-                    const __m256i wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
-                    a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh)));
-                    a[4 + r] = _mm256_add_epi32(a[4 + r], _mm256_add_epi32(_mm256_madd_epi16(wl, zl), _mm256_madd_epi16(wh, zh)));
+                    const __m256i wl = _mm256_loadu_si256((const __m256i *)(pc + 32 * r));
+                    const __m256i wh = _mm256_loadu_si256((const __m256i *)(pc + 32 * r + 16));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh)));
+                    acc[4 + r] = _mm256_add_epi32(acc[4 + r], _mm256_add_epi32(_mm256_madd_epi16(wl, zl), _mm256_madd_epi16(wh, zh)));
                 }
             }
-            for (int i = 0; i < 8; i++) f[i] = _mm256_add_ps(f[i], _mm256_cvtepi32_ps(a[i]));
+            for (int i = 0; i < 8; i++) f[i] = _mm256_add_ps(f[i], _mm256_cvtepi32_ps(acc[i]));
         }
         for (int half = 0; half < 2; half++) {
             __m256 *h4 = f + 4 * half;
@@ -132,8 +136,12 @@ int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *
     if (!x16) return -1;
     float *xs = (float *)(x16 + M * Kp);
     quantize_rows(x, x16, xs, M, K, Kp);
-    const long G = (N + 3) / 4, span = 16384 / (4 * Kp) > 1 ? 16384 / (4 * Kp) : 1; /* groups kept in L1 over M */
-#pragma omp parallel num_threads(threads)
+    const long G = (N + 3) / 4;
+    /* one row: groups streamed straight from q. More: a span of groups widened to int16 once (~24 KB, kept
+       in L1) and multiplied with every row, two at a time */
+    const long span = M == 1 ? G : (24576 / (8 * Kp) > 1 ? 24576 / (8 * Kp) : 1);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
 #ifdef _OPENMP
         const long t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -141,14 +149,26 @@ int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *
         const long t = 0, T = 1;
 #endif
         const long per = (G + T - 1) / T, g0 = t * per, g1 = g0 + per < G ? g0 + per : G;
-        for (long a = g0; a < g1; a += span) {
+        int16_t *w16 = M > 1 && g0 < g1 ? aligned_alloc(64, span * Kp * 4 * sizeof(int16_t)) : NULL;
+        if (M > 1 && g0 < g1 && !w16) failed = 1;
+        for (long a = g0; a < g1 && !failed; a += span) {
             const long e = a + span < g1 ? a + span : g1;
+            if (M == 1) {
+                groups(q, s, b, x16, xs[0], y, a, e, Kp, N);
+                continue;
+            }
+            widen(q, w16, a, e, Kp);
             long m = 0;
             for (; m + 2 <= M; m += 2)
-                groups2(q, s, b, x16 + m * Kp, x16 + (m + 1) * Kp, xs[m], xs[m + 1], y + m * N, y + (m + 1) * N, a, e,
-                        Kp, N);
+                groups2w(w16, a, s, b, x16 + m * Kp, x16 + (m + 1) * Kp, xs[m], xs[m + 1], y + m * N, y + (m + 1) * N,
+                         a, e, Kp, N);
             if (m < M) groups(q, s, b, x16 + m * Kp, xs[m], y + m * N, a, e, Kp, N);
         }
+        free(w16);
+    }
+    if (failed) {
+        free(x16);
+        return -1;
     }
     free(x16);
     return 0;

@@ -9,11 +9,11 @@ Two kernels. Where core/model/native.py can build its AVX2 kernel (x86-64 Linux,
 activation row is rounded to int16 with its own scale and multiplied exactly in int32 (a row's result
 never depends on the other rows of its call); calls of more than NATIVE_ROWS rows (prefill, eval)
 dequantize blocks of weight rows into a reused fp32 buffer and run fp32 GEMMs instead. Measured on
-this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, one run each, in
-alternation: batch-1 decode 54-65 tok/s against fbgemm's 38-40, batch 16 168-175 against 224-230,
-batch 32 144-191 against 254-263, prefill of 1000 tokens 1.8-2.4 s against 1.6-1.75 s; peak RSS of
-`generate` 447-452 MB against 505 MB; mean |logit - fp32 logit| on the trained test model 0.0036
-against 0.0101. Elsewhere fbgemm's int8 x int8 product
+this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, `gptchat bench`
+alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling) against fbgemm's
+40.1 (26%), batch 16 221.6 against 250.0, batch 32 276.7 against 325.4, prefill of 1000 tokens 2.0 s
+against 1.6 s; peak RSS of `generate` 447-452 MB against 505 MB; mean |logit - fp32 logit| on the
+trained test model 0.0036 against 0.0101. Elsewhere fbgemm's int8 x int8 product
 (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``), whose activation quantization is one
 scale per call; each row is therefore divided by its own max |x| first (every row then spans [-1, 1],
 so the one scale fits every row exactly as it would fit that row alone), and the output row multiplied
@@ -59,7 +59,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-NATIVE_ROWS = 128  # up to this many rows a call, the AVX2 kernel; more, dequantized blocks through fp32 GEMMs
+NATIVE_ROWS = 256  # up to this many rows a call, the AVX2 kernel; more, dequantized blocks through fp32 GEMMs
 DEQUANT_BLOCK = 1 << 21  # weights dequantized at a time above NATIVE_ROWS: an 8 MB fp32 block
 
 
