@@ -13,14 +13,21 @@ import pytest
 from tests.factory import write_hf_vocab
 
 
+@pytest.fixture(scope="session")
+def _kernels(tmp_path_factory):
+    """One folder for the C kernels the whole run builds (core/model/native.py): built once, not per home."""
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
+def _isolated_home(tmp_path_factory, monkeypatch, _kernels):
     """Every test gets its own GPTCHAT_HOME and an empty, offline Hugging Face cache."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("GPTCHAT_HOME", str(home / "gptchat"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
+    monkeypatch.setenv("GPTCHAT_KERNELS", str(_kernels))
     yield
 
 

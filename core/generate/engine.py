@@ -18,7 +18,7 @@ import torch
 from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
 from gptchat.core.generate.sampling import SamplingParams, sample
-from gptchat.core.model import packed, quant
+from gptchat.core.model import native, packed, quant
 from gptchat.core.model.words import QUANT_MODES
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
@@ -66,6 +66,8 @@ class Engine:
         self.compile = compile and not borrowed  # a training run's model changes under it: never compiled
         self._step = None  # the compiled decode step, built on first use
         self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            native.kernel()  # built (once per machine) or loaded now, with the model, not in the first reply
 
     @classmethod
     def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import fused
+from gptchat.core.model import fused, native
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
@@ -93,6 +93,9 @@ class CausalSelfAttention(nn.Module):
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             y = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
+        elif T == 1 and mask is None and not self.training and native.can_attend(q, k, v):
+            # one query a row seeing every cached slot (decode with no padding): the C kernel
+            return self._project(native.attend(q, k, v, self.scale))
         else:
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a
             # single decode step that may see every cached slot
@@ -100,7 +103,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop, scale=self.scale
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self._project(y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+
+    def _project(self, y):
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training and self.dropout else y  # a module call costs ~10 us
 

@@ -5,7 +5,10 @@ memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without 
 Milan, 2 threads, the 124M model's 49 matrices one row each: 14.9 ms a token against 7.6 ms for this
 kernel, and 25-47 ms for fp32). See qkernel.c for the layout and the arithmetic.
 
-Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache, named by a hash
+The same library holds the attention of one query over the KV cache (a decode step with no padding),
+which PyTorch's CPU flash kernel ran ~3x slower.
+
+Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache (or ``$GPTCHAT_KERNELS``), named by a hash
 of the source and the flags, written under a temporary name and renamed, so that concurrent first uses
 never load a half-written file. Its OpenMP calls are left unresolved and bound to the OpenMP runtime
 PyTorch has loaded (made global first), so the kernel runs on PyTorch's own threads.
@@ -102,13 +105,16 @@ def kernel() -> ctypes.CDLL | None:
         if runtime is not None:
             ctypes.CDLL(runtime, mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))
         source = Path(str(resources.files("gptchat.core.model") / "qkernel.c"))
-        lib = ctypes.CDLL(str(_build(cc, source, runtime is not None, get_paths().cache / "kernels")))
+        folder = Path(os.environ["GPTCHAT_KERNELS"]) if os.environ.get("GPTCHAT_KERNELS") else get_paths().cache / "kernels"
+        lib = ctypes.CDLL(str(_build(cc, source, runtime is not None, folder)))
     except (OSError, subprocess.SubprocessError) as e:
         return no(f"the build failed: {e}")
     lib.gptchat_qgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.gptchat_dequant.argtypes = [_P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.gptchat_pack.argtypes = [_P, _P, _L, _L, _L]
-    for f in (lib.gptchat_dequant, lib.gptchat_pack):
+    lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
+                                    ctypes.c_int]
+    for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1):
         f.restype = None
     lib.gptchat_qgemm.restype = ctypes.c_int
     return lib
@@ -141,6 +147,25 @@ def gemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x
                               torch.get_num_threads()):
         raise MemoryError("int8 kernel: no memory for its activation buffer")
     return y
+
+
+def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """``attend`` applies: fp32 on the CPU, one query a row, the last dimension contiguous and a
+    multiple of 8, keys and values laid out alike, and the kernel built."""
+    return (q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and q.shape[2] == 1
+            and q.shape[3] % 8 == 0 and q.stride(3) == k.stride(3) == 1 and k.stride() == v.stride()
+            and kernel() is not None)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query a row, q (B, nh, 1, hs), over every slot of k and v (B, nh, n, hs), without
+    a mask: (B, 1, nh * hs). See ``can_attend``."""
+    B, nh, _, hs = q.shape
+    out, scores = torch.empty(B, 1, nh * hs), torch.empty(B * nh * k.shape[2])
+    kernel().gptchat_attend1(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+                             k.stride(1), k.stride(2), out.data_ptr(), scores.data_ptr(), B, nh, k.shape[2], hs,
+                             scale, torch.get_num_threads())
+    return out
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: int,

@@ -286,7 +286,7 @@ def test_without_a_compiler_int8_falls_back_to_fbgemm_and_says_why(tmp_path, mon
 
     from gptchat.core.model import native
 
-    monkeypatch.setenv("GPTCHAT_HOME", str(tmp_path))
+    monkeypatch.setenv("GPTCHAT_KERNELS", str(tmp_path / "kernels"))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
     monkeypatch.setattr(native.shutil, "which", lambda cc: "/bin/false" if cc == "false" else None)
     with caplog.at_level(logging.INFO, logger=native.log.name):
@@ -297,3 +297,21 @@ def test_without_a_compiler_int8_falls_back_to_fbgemm_and_says_why(tmp_path, mon
     assert not any(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
     monkeypatch.setenv("GPTCHAT_NATIVE", "0")
     assert native.kernel.__wrapped__() is None
+
+
+@pytest.mark.skipif(quant.native.kernel() is None, reason="the C kernels cannot be built here")
+def test_one_query_attention_equals_pytorchs():
+    import torch.nn.functional as F
+
+    from gptchat.core.model import native
+
+    torch.manual_seed(4)
+    for rows, n, hs in ((1, 1, 64), (1, 257, 64), (3, 40, 16), (2, 1024, 64)):
+        cache_k, cache_v = torch.randn(2, rows, 12, 1100, hs).unbind(0)  # slots beyond n are never read
+        k, v = cache_k[:, :, :n], cache_v[:, :, :n]
+        q = torch.randn(rows, 1, 3, 12, hs).permute(2, 0, 3, 1, 4)[0] * 3  # strided, as c_attn's view gives it
+        assert native.can_attend(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v, scale=0.125).transpose(1, 2).reshape(rows, 1, 12 * hs)
+        assert torch.allclose(native.attend(q, k, v, 0.125), ref, atol=1e-5), (rows, n, hs)
+    assert not native.can_attend(q[..., :12], k[..., :12], v[..., :12])  # head size not a multiple of 8
+    assert not native.can_attend(q.double(), k.double(), v.double())
