@@ -89,7 +89,7 @@ def kernel() -> ctypes.CDLL | None:
     from gptchat.core.paths import get_paths
 
     def no(why: str) -> None:
-        log.info("int8: using fbgemm, not the AVX2 kernel: %s", why)
+        log.info("no C kernels (int8 runs on fbgemm, decode attention on PyTorch's): %s", why)
 
     if switched_off("GPTCHAT_NATIVE"):
         return no("GPTCHAT_NATIVE=0")
