@@ -1,20 +1,22 @@
-"""The AVX2 int8 kernel (qkernel.c beside this file), compiled at first use and loaded with ctypes.
+"""gptchat's C kernels (qkernel.c beside this file): int8 products and one-query attention for CPU
+decode, compiled at first use and loaded with ctypes.
 
 Why a kernel of our own: batch-1 decode with int8 weights should read a quarter of fp32's bytes at the
 memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without VNNI (measured on AMD
 Milan, 2 threads, the 124M model's 49 matrices one row each: 14.9 ms a token against 7.6 ms for this
-kernel, and 25-47 ms for fp32). See qkernel.c for the layout and the arithmetic.
+kernel, and 25-47 ms for fp32). See qkernel.c for the layout and the arithmetic. The same library holds
+the attention of one query over the KV cache (a decode step with no padding), which PyTorch's CPU flash
+kernel ran ~3x slower.
 
-The same library holds the attention of one query over the KV cache (a decode step with no padding),
-which PyTorch's CPU flash kernel ran ~3x slower.
+Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache folder (or
+``$GPTCHAT_KERNELS``), named by a hash of the source and the flags, written under a temporary name and
+renamed, so that concurrent first uses never load a half-written file. Its OpenMP calls are left
+unresolved and bound to the OpenMP runtime PyTorch has loaded (made global first), so the kernels run
+on PyTorch's own threads.
 
-Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache (or ``$GPTCHAT_KERNELS``), named by a hash
-of the source and the flags, written under a temporary name and renamed, so that concurrent first uses
-never load a half-written file. Its OpenMP calls are left unresolved and bound to the OpenMP runtime
-PyTorch has loaded (made global first), so the kernel runs on PyTorch's own threads.
-
-``kernel()`` is None, and QuantLinear uses fbgemm, where any of this is missing: not Linux on x86-64,
-no AVX2/FMA, no compiler, a failed build, or ``GPTCHAT_NATIVE=0``. The reason is logged once.
+``kernel()`` is None where any of this is missing (not Linux on x86-64, no AVX2/FMA, no compiler, a
+failed build, or ``GPTCHAT_NATIVE=0``): QuantLinear then uses fbgemm and attention PyTorch's kernel.
+The reason is logged once.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def gemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x
     k = x.shape[-1]
     y = x.new_empty(x.shape[:-1] + (n,))
     if kernel().gptchat_qgemm(packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                              x.data_ptr(), y.data_ptr(), x.numel() // k, n, k, -(-k // 32) * 32,
+                              x.data_ptr(), y.data_ptr(), x.numel() // k, n, k, padded(n, k)[1],
                               torch.get_num_threads()):
         raise MemoryError("int8 kernel: no memory for its activation buffer")
     return y
