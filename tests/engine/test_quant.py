@@ -315,3 +315,15 @@ def test_one_query_attention_equals_pytorchs():
         assert torch.allclose(native.attend(q, k, v, 0.125), ref, atol=1e-5), (rows, n, hs)
     assert not native.can_attend(q[..., :12], k[..., :12], v[..., :12])  # head size not a multiple of 8
     assert not native.can_attend(q.double(), k.double(), v.double())
+
+
+def test_bench_says_which_int8_kernel_ran(monkeypatch):
+    from gptchat.core.bench import engine as bench
+    from gptchat.core.model import native
+
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 10.0)  # not what is tested here
+    monkeypatch.setattr(bench, "_quality", lambda *a, **k: None)  # nor the quality measurement
+    rep = bench.run(shape="tiny", prompt_tokens=8, new_tokens=2, batch_sizes=(1,), reference=False, repeats=1,
+                    quantize="int8")
+    assert rep.int8_kernel == ("avx2" if native.kernel() is not None else "fbgemm")
+    assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
