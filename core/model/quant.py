@@ -121,8 +121,7 @@ class QuantLinear(nn.Module):
         for i in range(0, n, rows):
             j = min(n, i + rows)
             w = native.dequantize(self.packed, self.scale, i, j, k, buf[: j - i])
-            torch.matmul(x, w.t(), out=y[:, i:j]) if self.bias is None else y[:, i:j].copy_(
-                F.linear(x, w, self.bias[i:j]))
+            y[:, i:j] = F.linear(x, w, None if self.bias is None else self.bias[i:j])
         return y
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
