@@ -102,7 +102,9 @@ def test_experiment_screen_starts_a_study_and_follows_it(tiny_model, tmp_path):
                 proc.wait(timeout=120)
             if proc.returncode:
                 return proc.returncode, log.read_text(), notifications(app)
-            await wait_for(pilot, lambda: _shows(scr, "live", 2) and not scr.procs, 30, "the finished study")
+            # the screen drops the ended process, then its notice reaches the app as a message: wait for both
+            await wait_for(pilot, lambda: _shows(scr, "live", 2) and not scr.procs
+                           and "the study finished" in notifications(app), 30, "the finished study")
             return proc.returncode, log.read_text(), notifications(app)
 
     rc, output, notes = run(go())
