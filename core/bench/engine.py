@@ -19,6 +19,7 @@ import torch
 
 from gptchat.core.bench import quality
 from gptchat.core.model.config import PRESETS
+from gptchat.core.model import step1
 from gptchat.core.model.quant import QuantLinear
 from gptchat.core.generate.sampling import SamplingParams
 
@@ -61,6 +62,7 @@ class Report:
                                  + (f" (GOMP_SPINCOUNT {os.environ['GOMP_SPINCOUNT']})" if "GOMP_SPINCOUNT" in os.environ else ""))
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
     int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py) or "fbgemm"
+    decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
 
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
@@ -165,6 +167,7 @@ def run(
                         load=os.getloadavg(), weight_bytes=weight_bytes_per_token(eng.model))
         kernels = {"avx2" if m.native else "fbgemm" for m in eng.model.modules() if isinstance(m, QuantLinear)}
         report.int8_kernel = ",".join(sorted(kernels)) or None
+        report.decode_step = "one C call" if step1.plan(eng.model) is not None else "modules"
         log("read bandwidth: summing a 512 MB buffer for a second")
         report.bandwidth_gbs = read_bandwidth()
         # transformers reads a nanoGPT file through a copy saved from our model: not from an int8 one
@@ -299,7 +302,8 @@ def format_report(rep: Report) -> str:
         ceiling = fmt(r.ceiling) if r.ceiling else "-"
         frac = f"{r.fraction:.0%}" if r.fraction else "-"
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
-    lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token")
+    lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token"
+                 + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else ""))
     if rep.quantize != "none":
         lines.append(f"transformers runs the same weights in fp32 (it has no CPU {rep.quantize}): ratios are "
                      f"gptchat {rep.quantize} against transformers fp32"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import fused, native
+from gptchat.core.model import fused, native, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
@@ -308,6 +308,10 @@ class GPT(nn.Module):
             1000-token prefill that needs one row's logits skips ~3/4 of the last block's work).
         """
         B, T = idx.shape
+        if B == 1 and T == 1 and mask is None and pos is None and not self.training and not torch.is_grad_enabled():
+            out = step1.run(self, idx, start, kv_len, logits=not return_hidden)  # the whole step in C, where it applies
+            if out is not None:
+                return out
         if mask is None and start > 0 and T > 1:
             # a chunk after a cached prefix: causal within the chunk, everything before it visible
             kv = kv_len if kv_len is not None else start + T

@@ -116,9 +116,11 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_pack.argtypes = [_P, _P, _L, _L, _L]
     lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
                                     ctypes.c_int]
+    lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                  _P, _P, _P, _P, _P, _L, _P, ctypes.c_int]
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1):
         f.restype = None
-    lib.gptchat_qgemm.restype = ctypes.c_int
+    lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = ctypes.c_int
     return lib
 
 

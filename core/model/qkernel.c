@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define PREFETCH 2048 /* bytes ahead of the read: measured 2048-8192 alike, none 10% slower (AMD Milan) */
 
@@ -238,4 +239,213 @@ void gptchat_attend1(const float *q, long qb, long qh, const float *k, const flo
             _mm256_storeu_ps(o + d, _mm256_mul_ps(a, inv));
         }
     }
+}
+
+/* ---- One whole decode step of one row (batch 1, no padding), every layer, in one call ----------------
+   Why: at batch 1 the products are memory-bound and fast (int8: ~8.6 ms of a 124M token on a 2-core EPYC),
+   and the rest of a step run from Python (layer norms, GELU, residuals, cache writes, ~15 module calls a
+   layer) cost 6-9 ms more. Here the threads stay in one parallel region for the whole step and meet at
+   barriers. fp32 weights are read in the inference layout ([in, out] rows): each thread streams its own
+   block of input rows into a partial sum, the partials are added by column afterwards. int8 weights are
+   the packed groups above: each thread takes its groups, with the activation rounded to int16 as in
+   gptchat_qgemm, so the products equal that kernel's. */
+
+/* e^x for 8 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (relative error ~2e-7) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2 };
+enum { POST_STORE = 0, POST_ACT = 1, POST_ADD = 2 };
+
+/* y[n0..n1) = post(v): stored, through the activation, or added to y (the residual) */
+static void finish(float *y, const float *v, long n0, long n1, int post, int act) {
+    long n = n0;
+    if (post == POST_ADD) {
+        for (; n < n1; n++) y[n] += v[n];
+    } else if (post == POST_STORE || act == ACT_RELU) {
+        for (; n < n1; n++) y[n] = post == POST_STORE || v[n] > 0.f ? v[n] : 0.f;
+    } else if (act == ACT_GELU_TANH) { /* 0.5 x (1 + tanh(u)) = x - x / (1 + e^(2u)), u = sqrt(2/pi)(x + 0.044715 x^3) */
+        for (; n + 8 <= n1; n += 8) {
+            const __m256 x = _mm256_loadu_ps(v + n), x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(1.5957691216f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+            const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(u2));
+            _mm256_storeu_ps(y + n, _mm256_sub_ps(x, _mm256_div_ps(x, d)));
+        }
+        for (; n < n1; n++) y[n] = 0.5f * v[n] * (1.f + tanhf(0.7978845608f * (v[n] + 0.044715f * v[n] * v[n] * v[n])));
+    } else {
+        for (; n < n1; n++) y[n] = 0.5f * v[n] * (1.f + erff(v[n] * 0.70710678f));
+    }
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float *out, long C, float eps) {
+    double s = 0., ss = 0.;
+    for (long i = 0; i < C; i++) s += x[i];
+    const float mean = (float)(s / C);
+    for (long i = 0; i < C; i++) ss += (double)(x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / sqrtf((float)(ss / C) + eps);
+    for (long i = 0; i < C; i++) out[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+}
+
+typedef struct {
+    long t, T;         /* this thread, of T */
+    float *part;       /* [T, 4C] fp32 partial sums, shared */
+    float *tmp;        /* [4C] shared: summed products before post() */
+    int16_t *x16;      /* [4C] this thread's int16 activation */
+} team_t;
+
+/* The columns [n0, n1) of N this thread finishes (groups of 4 for the int8 layout) */
+static void share(long N, long t, long T, long *n0, long *n1) {
+    const long G = (N + 3) / 4, per = (G + T - 1) / T;
+    *n0 = t * per * 4 < N ? t * per * 4 : N;
+    *n1 = (t + 1) * per * 4 < N ? (t + 1) * per * 4 : N;
+}
+
+/* y = post(x @ W + b) over all threads of the region; every thread returns after its columns are done
+   (the caller's barrier makes them visible). int8: W packed groups with scales s; fp32: W [K, N] rows. */
+static void linear(const team_t *tm, int int8, const void *W, const float *s, const float *b, const float *x,
+                   float *y, long K, long N, int post, int act) {
+    long n0, n1;
+    share(N, tm->t, tm->T, &n0, &n1);
+    if (int8) {
+        const long Kp = (K + 31) / 32 * 32;
+        float xs;
+        quantize_rows(x, tm->x16, &xs, 1, K, Kp);
+        groups((const int8_t *)W, s, b, tm->x16, xs, tm->tmp, n0 / 4, (n1 + 3) / 4, Kp, N);
+        finish(y, tm->tmp, n0, n1, post, act);
+        return;
+    }
+    const float *w = (const float *)W;
+    const long per = (K + tm->T - 1) / tm->T, k0 = tm->t * per < K ? tm->t * per : K, k1 = k0 + per < K ? k0 + per : K;
+    float *p = tm->part + tm->t * N;
+    long k = k0;
+    if (k0 == k1) memset(p, 0, N * sizeof(float));
+    for (; k < k1; k += 4) { /* four input rows a pass, the first pass storing */
+        const long r = k1 - k < 4 ? k1 - k : 4;
+        const __m256 a0 = _mm256_set1_ps(x[k]), a1 = _mm256_set1_ps(r > 1 ? x[k + 1] : 0.f);
+        const __m256 a2 = _mm256_set1_ps(r > 2 ? x[k + 2] : 0.f), a3 = _mm256_set1_ps(r > 3 ? x[k + 3] : 0.f);
+        const float *w0 = w + k * N, *w1 = r > 1 ? w0 + N : w0, *w2 = r > 2 ? w0 + 2 * N : w0, *w3 = r > 3 ? w0 + 3 * N : w0;
+        long n = 0;
+        for (; n + 8 <= N; n += 8) {
+            _mm_prefetch((const char *)(w0 + n + 4 * N), _MM_HINT_T0);
+            __m256 acc = k == k0 ? _mm256_setzero_ps() : _mm256_loadu_ps(p + n);
+            acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + n), acc);
+            acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w1 + n), acc);
+            acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(w2 + n), acc);
+            acc = _mm256_fmadd_ps(a3, _mm256_loadu_ps(w3 + n), acc);
+            _mm256_storeu_ps(p + n, acc);
+        }
+        for (; n < N; n++) {
+            float acc = k == k0 ? 0.f : p[n];
+            for (long i = 0; i < r; i++) acc += x[k + i] * w0[i * N + n];
+            p[n] = acc;
+        }
+    }
+#pragma omp barrier
+    for (long n = n0; n < n1; n++) {
+        float acc = b ? b[n] : 0.f;
+        for (long u = 0; u < tm->T; u++) acc += tm->part[u * N + n];
+        tm->tmp[n] = acc;
+    }
+    finish(y, tm->tmp, n0, n1, post, act);
+}
+
+/* Attention of the row's query for heads [h0, h1) over slots 0..slot, after writing this slot's k and v */
+static void attend_heads(const float *qkv, float *const kc, float *const vc, long kh, long ks, long slot, long C,
+                         long hs, long h0, long h1, float scale, float *sc, float *out) {
+    const long n = slot + 1;
+    for (long h = h0; h < h1; h++) {
+        const float *q = qkv + h * hs;
+        float *kk = kc + h * kh, *vv = vc + h * kh;
+        memcpy(kk + slot * ks, qkv + C + h * hs, hs * sizeof(float));
+        memcpy(vv + slot * ks, qkv + 2 * C + h * hs, hs * sizeof(float));
+        float m = -INFINITY;
+        for (long j = 0; j < n; j++) {
+            __m256 a = _mm256_setzero_ps();
+            for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kk + j * ks + d), a);
+            __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            l = _mm_add_ps(l, _mm_movehl_ps(l, l));
+            l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
+            sc[j] = _mm_cvtss_f32(l) * scale;
+            m = fmaxf(m, sc[j]);
+        }
+        float sum = 0.f;
+        long j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m)));
+            _mm256_storeu_ps(sc + j, e);
+        }
+        for (; j < n; j++) sc[j] = expf(sc[j] - m);
+        for (j = 0; j < n; j++) sum += sc[j];
+        const __m256 inv = _mm256_set1_ps(1.f / sum);
+        for (long d = 0; d < hs; d += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(vv + j * ks + d), a);
+            _mm256_storeu_ps(out + h * hs + d, _mm256_mul_ps(a, inv));
+        }
+    }
+}
+
+#define STEP_PTRS 16 /* per layer: ln_1 w b, c_attn W s b, attn.c_proj W s b, ln_2 w b, c_fc W s b, mlp.c_proj W s b */
+
+/* x [C]: the row's embedding in, the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
+   biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
+   scales: the attention scale of each layer. head (scales head_s when int8): the tied head, whose V logits
+   are then written to logits; NULL: none. Returns 0, or -1 where scratch memory could not be had. */
+int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, long L, long C, long nh, long kh,
+                  long ks, long slot, int int8, int act, float eps, const float *lnf_w, const float *lnf_b, float *x,
+                  const void *head, const float *head_s, long V, float *logits, int threads) {
+    const long hs = C / nh, N4 = 4 * C, NP = head && V > N4 ? V : N4; /* the widest product */
+    const long T = threads > 0 ? threads : 1;
+    /* shared: part [T, NP], tmp [NP], qkv [3C], att [C], h [4C], ln [C]; per thread: x16 [4C + 32], scores [slot+1 + 8] */
+    const long shared = T * NP + NP + 3 * C + C + N4 + C, per_thread = (N4 + 32) / 2 + slot + 1 + 8;
+    float *buf = aligned_alloc(64, ((shared + T * per_thread) * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return -1;
+    float *part = buf, *tmp = part + T * NP, *qkv = tmp + NP, *att = qkv + 3 * C, *h = att + C, *ln = h + N4;
+    float *priv = ln + C;
+#pragma omp parallel num_threads(T)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const long t = 0, nt = 1;
+#endif
+        team_t tm = {t, nt, part, tmp, (int16_t *)(priv + t * per_thread)};
+        float *sc = priv + t * per_thread + (N4 + 32) / 2;
+        const long hper = (nh + nt - 1) / nt, h0 = t * hper < nh ? t * hper : nh, h1 = h0 + hper < nh ? h0 + hper : nh;
+        for (long l = 0; l < L; l++) {
+            const void *const *p = wp + l * STEP_PTRS;
+#pragma omp single
+            layer_norm(x, p[0], p[1], ln, C, eps);
+            linear(&tm, int8, p[2], p[3], p[4], ln, qkv, C, 3 * C, POST_STORE, act);
+#pragma omp barrier
+            attend_heads(qkv, kv[2 * l], kv[2 * l + 1], kh, ks, slot, C, hs, h0, h1, scales[l], sc, att);
+#pragma omp barrier
+            linear(&tm, int8, p[5], p[6], p[7], att, x, C, C, POST_ADD, act);
+#pragma omp barrier
+#pragma omp single
+            layer_norm(x, p[8], p[9], ln, C, eps);
+            linear(&tm, int8, p[10], p[11], p[12], ln, h, C, N4, POST_ACT, act);
+#pragma omp barrier
+            linear(&tm, int8, p[13], p[14], p[15], h, x, N4, C, POST_ADD, act);
+#pragma omp barrier
+        }
+#pragma omp single
+        layer_norm(x, lnf_w, lnf_b, x, C, eps);
+        if (head) linear(&tm, int8, head, head_s, NULL, x, logits, C, V, POST_STORE, act);
+    }
+    free(buf);
+    return 0;
 }

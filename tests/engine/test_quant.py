@@ -327,3 +327,5 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
                     quantize="int8")
     assert rep.int8_kernel == ("avx2" if native.kernel() is not None else "fbgemm")
     assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
+    assert rep.decode_step == ("one C call" if native.kernel() is not None else "modules")
+    assert f"batch-1 decode step: {rep.decode_step}" in bench.format_report(rep)

@@ -1,0 +1,159 @@
+"""A whole batch-1 decode step in one C call (qkernel.c's ``gptchat_step1``): every layer's norms,
+products, attention over the cache, activation and residuals, for one row with no padding.
+
+Why: at batch 1 on the CPU the products are memory-bound and already near the read bandwidth, but the
+work around them, run from Python (~15 module calls a layer, each a few microseconds, plus the layer
+norms, GELU, cache writes and views), cost as much again as the int8 products themselves (measured on a
+2-core AMD EPYC: products ~8.6 ms of a 124M int8 token, the rest 6-9 ms). In one C call the threads stay
+in one parallel region and meet at barriers. Measured on that machine, 124M, `gptchat bench` alternating
+GPTCHAT_STEP1=0/1: int8 batch-1 decode 83-94 -> 98-140 tok/s, fp32 30-36 -> 36-47 tok/s (the VM's speed
+swung within the hour; see the README for the fractions of the bandwidth ceiling).
+
+Used by ``GPT.forward`` for one token of one row (the chat and ``generate`` decode loop) when the model
+is on the CPU, not training, without gradients, and every block's products are either fp32 in the
+inference layout or int8 on the AVX2 kernel (not LoRA, not bf16); otherwise the modules run as before.
+The token and position embeddings are looked up in PyTorch; the tied head runs in the step when it is of
+the blocks' kind (else its module runs after). fp32 logits equal the modules' to ~1e-6 (another order of
+the same sums); int8's to ~1e-4 (a norm or GELU a rounding apart can move an activation's int16 code by
+one). ``GPTCHAT_STEP1=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+from torch import nn
+
+from gptchat.core.model import native
+from gptchat.core.model.device import switched_off
+
+ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
+
+
+class Plan:
+    """One model's weights as gptchat_step1 reads them (``ptrs`` None: the step cannot run this model),
+    and the product modules they were taken from: ``current`` compares those on each call, so that a
+    module swapped for an adapter, or a weight replaced or moved (a layout change, a dtype), rebuilds it."""
+
+    def __init__(self, model: nn.Module):
+        self.products = _products(model)
+        self.key = [_storage(m) for _, _, m in self.products]
+        self.ptrs = None
+        cfg = model.config
+        if cfg.activation not in ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
+            return
+        tensors, scales, kinds = [], [], set()
+        for blk, i in zip(model.transformer.h, range(0, len(self.products), 4)):
+            four = [_weight(m) for _, _, m in self.products[i : i + 4]]
+            if None in four or any(not isinstance(ln, nn.LayerNorm) for ln in (blk.ln_1, blk.ln_2)):
+                return
+            kinds |= {int8 for _, _, int8 in four}
+            (w0, s0), (w1, s1), (w2, s2), (w3, s3) = [(w, s) for w, s, _ in four]
+            b0, b1, b2, b3 = [m.bias for _, _, m in self.products[i : i + 4]]
+            tensors += [blk.ln_1.weight, blk.ln_1.bias, w0, s0, b0, w1, s1, b1, blk.ln_2.weight, blk.ln_2.bias,
+                        w2, s2, b2, w3, s3, b3]
+            scales.append(blk.attn.scale)
+        ln_f = model.transformer.ln_f
+        self.ln_f = (ln_f.weight, ln_f.bias)
+        small = [t for i, t in enumerate(tensors) if i % 16 not in (2, 5, 10, 13)] + list(self.ln_f)  # not the weights
+        if len(kinds) != 1 or any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()
+                                                     or t.device.type != "cpu") for t in small):
+            return
+        if self.ln_f[0] is None:
+            return
+        self.int8 = kinds.pop()
+        head = _weight(model.lm_head) if "lm_head" in model._modules else None
+        # the tied head too, when it is of the same kind (else the model's own head module runs after the step)
+        self.head = head[:2] if head is not None and head[2] == self.int8 and model.lm_head.bias is None else None
+        self.vocab = model.config.vocab_size
+        self.tensors = tensors  # holds them alive while the pointers are in use
+        self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+        self.scales = (ctypes.c_float * len(scales))(*scales)
+        self.act, self.eps = ACTS[cfg.activation], cfg.layer_norm_epsilon
+        self.dims = (cfg.n_layer, cfg.n_embd, cfg.n_head)
+        self.attns = [blk.attn for blk in model.transformer.h]  # their caches are read on each call
+        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
+
+    def current(self) -> bool:
+        """The model's products are still those this plan was built from (~10 us for 124M's 48)."""
+        return all(d.get(name) is m and _storage(m) == ptr for (d, name, m), ptr in zip(self.products, self.key))
+
+
+def _products(model: nn.Module) -> list[tuple[dict, str, nn.Module]]:
+    """Every block's four products as (the parent's module dict, name, module): read through the dicts,
+    since each of nn.Module's attribute lookups of a submodule costs ~1.4 us."""
+    out = []
+    for blk in model.transformer.h:
+        for parent, name in ((blk.attn, "c_attn"), (blk.attn, "c_proj"), (blk.mlp, "c_fc"), (blk.mlp, "c_proj")):
+            out.append((parent._modules, name, parent._modules[name]))
+    return out
+
+
+def _storage(m: nn.Module) -> int | None:
+    w = m._parameters.get("weight") if "weight" in m._parameters else m._buffers.get("packed")
+    return None if w is None else w.data_ptr()
+
+
+def _weight(m: nn.Module):
+    """(weight tensor, scale or None, int8?) of a product the step can run, or None."""
+    if type(m).__name__ == "Linear" and isinstance(m, nn.Linear):  # gpt.Linear, not LoRA's or another wrapper
+        w = m.weight
+        if w.dtype == torch.float32 and w.device.type == "cpu" and w.t().is_contiguous():  # [in, out] rows
+            return w, None, False
+        return None
+    if getattr(m, "native", False) and "packed" in m._buffers:  # quant.QuantLinear on the AVX2 kernel
+        return m.packed, m.scale, True
+    return None
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Plan
+
+
+def plan(model: nn.Module) -> Plan | None:
+    """The model's plan (built on first use, rebuilt when its products changed), or None where the step
+    cannot run it."""
+    if switched_off("GPTCHAT_STEP1") or native.kernel() is None:
+        return None
+    p = _plans.get(model)
+    if p is None or not p.current():
+        p = _plans[model] = Plan(model)
+    return p if p.ptrs is not None else None
+
+
+def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logits: bool = True) -> torch.Tensor | None:
+    """The logits (1, 1, V) after ``idx`` (1, 1) written at cache slot ``slot`` (``logits`` False: the final
+    hidden state (1, 1, C)), or None where the step does not apply (the caller then runs the modules)."""
+    if kv_len is not None and kv_len != slot + 1:
+        return None
+    p = plan(model)
+    if p is None:
+        return None
+    ptrs, st = [], None
+    for attn in p.attns:
+        c = attn._modules.get("kv_cache")
+        if c is None:
+            return None
+        k, v = c._buffers["k"], c._buffers["v"]
+        st = st or k.stride()
+        if k.shape[0] != 1 or k.dtype != torch.float32 or slot >= k.shape[2] or k.stride() != st or v.stride() != st:
+            return None
+        ptrs += [k.data_ptr(), v.data_ptr()]
+    if st[3] != 1:
+        return None
+    x = (p.wte(idx) + p.wpe[slot]).float().contiguous()  # (1, 1, C)
+    wf, bf = p.ln_f
+    head = p.head if logits else None
+    out = torch.empty(1, 1, p.vocab) if head is not None else None
+    rc = native.kernel().gptchat_step1(p.ptrs, (ctypes.c_void_p * len(ptrs))(*ptrs), p.scales, p.dims[0], p.dims[1],
+                                       p.dims[2], st[1], st[2], slot, p.int8, p.act, p.eps, wf.data_ptr(),
+                                       None if bf is None else bf.data_ptr(), x.data_ptr(),
+                                       None if head is None else head[0].data_ptr(),
+                                       None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
+                                       None if out is None else out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("decode step: no memory for its scratch buffers")
+    if out is not None:
+        return out
+    return model.lm_head(x) if logits else x

@@ -1,0 +1,149 @@
+"""The whole batch-1 decode step in C (core/model/step1.py): the same logits and cache as the modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gptchat.core.generate.engine import Engine
+from gptchat.core.generate.sampling import SamplingParams
+from gptchat.core.model import native, quant, step1
+from gptchat.core.model.config import GPTConfig
+from gptchat.core.model.gpt import GPT
+from tests.factory import hf_model, save
+
+pytestmark = pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
+
+
+def _model(**kw) -> GPT:
+    cfg = GPTConfig(**{**dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=300), **kw})
+    m = GPT(cfg)
+    m.init_weights(seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # norms and biases away from 1 and 0, so that a misplaced one shows
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def _decode(m: GPT, ids: list[int], prompt: int, monkeypatch, on: bool):
+    """Logits of every decode step after a ``prompt``-token prefill, and the caches afterwards."""
+    monkeypatch.setenv("GPTCHAT_STEP1", "1" if on else "0")
+    out = []
+    with torch.inference_mode():
+        m.setup_cache(1, 64)
+        if prompt:
+            m(torch.tensor([ids[:prompt]]), start=0, kv_len=prompt)
+        for i in range(prompt, len(ids)):
+            out.append(m(torch.tensor([[ids[i]]]), start=i, kv_len=i + 1)[0, -1])
+        caches = [(b.attn.kv_cache.k[:, :, : len(ids)].clone(), b.attn.kv_cache.v[:, :, : len(ids)].clone())
+                  for b in m.transformer.h]
+    return torch.stack(out), caches
+
+
+def _spy(monkeypatch) -> list[bool]:
+    """step1.run, recording for each call whether the step ran (True) or left it to the modules."""
+    calls, real = [], step1.run
+
+    def run(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(step1, "run", run)
+    return calls
+
+
+SHAPES = [{}, dict(bias=False), dict(activation="relu"), dict(activation="gelu"),
+          dict(scale_attn_by_inverse_layer_idx=True), dict(n_embd=96, n_head=3)]
+
+
+@pytest.mark.parametrize("kw", SHAPES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_the_step_equals_the_modules(kw, int8, monkeypatch):
+    m = _model(**kw)
+    m = quant.quantize_model(m) if int8 else m.to_inference_layout()
+    assert step1.plan(m) is not None and step1.plan(m).int8 == int8
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    calls = _spy(monkeypatch)
+    for prompt in (0, 7):  # slot 0 (a one-token prompt) too
+        calls.clear()
+        ref, ref_cache = _decode(m, ids, prompt, monkeypatch, on=False)
+        got, cache = _decode(m, ids, prompt, monkeypatch, on=True)
+        assert sum(calls) == len(ids) - prompt  # every step of the second run, none of the first
+        # fp32: the same sums in another order. int8: a layer norm or GELU a rounding apart moves an
+        # activation's int16 code by one now and then (measured: 1e-4 of logits ~2 in size)
+        tol = 1e-3 if int8 else 1e-5
+        assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), (got - ref).abs().max()
+        for (k, v), (rk, rv) in zip(cache, ref_cache):
+            assert (k - rk).abs().max() <= tol and (v - rv).abs().max() <= tol
+
+
+def test_where_the_step_does_not_apply(monkeypatch):
+    m = _model().to_inference_layout()
+    assert step1.plan(m) is not None
+    monkeypatch.setenv("GPTCHAT_STEP1", "0")
+    assert step1.plan(m) is None
+    monkeypatch.delenv("GPTCHAT_STEP1")
+    assert step1.plan(_model()) is None  # the training layout ([out, in] rows)
+    assert step1.plan(_model(n_embd=48, n_head=4).to_inference_layout()) is None  # head size 12: not a multiple of 8
+    assert step1.plan(_model().to(torch.bfloat16).to_inference_layout()) is None
+    lora = _model().to_inference_layout()
+
+    class Wrapped(nn.Module):  # an adapter around a product (LoRA's kind): the modules run it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    lora.transformer.h[1].mlp.c_fc = Wrapped(lora.transformer.h[1].mlp.c_fc)
+    assert step1.plan(lora) is None
+    with torch.inference_mode():
+        m.setup_cache(2, 16)  # two rows: the modules
+        assert step1.run(m, torch.tensor([[1]]), 0, 1) is None
+        m.setup_cache(1, 16)
+        assert step1.run(m, torch.tensor([[1]]), 3, 2) is None  # reading fewer slots than written: a mask's job
+        assert step1.run(m, torch.tensor([[1]]), 16, 17) is None  # past the cache
+        assert step1.run(m, torch.tensor([[1]]), 3, 4) is not None
+        hidden = m(torch.tensor([[1]]), start=4, kv_len=5, return_hidden=True)  # eval's kind of call: no head
+        assert hidden.shape == (1, 1, 64)
+        monkeypatch.setenv("GPTCHAT_STEP1", "0")
+        assert torch.allclose(hidden, m(torch.tensor([[1]]), start=4, kv_len=5, return_hidden=True), atol=1e-5)
+
+
+def test_replaced_weights_rebuild_the_plan(monkeypatch):
+    m = _model().to_inference_layout()
+    first = step1.plan(m)
+    assert step1.plan(m) is first  # kept between calls
+    fresh = _model().to_inference_layout()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(1.5)
+    m.load_state_dict(fresh.state_dict(), assign=True)
+    m.lm_head.weight = m.transformer.wte.weight
+    m.to_inference_layout()
+    assert step1.plan(m) is not first
+    ids = list(range(1, 12))
+    got, _ = _decode(m, ids, 3, monkeypatch, on=True)
+    ref, _ = _decode(copy.deepcopy(m), ids, 3, monkeypatch, on=False)
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_engine_decodes_through_the_step(quantize, tmp_path, monkeypatch):
+    folder = save(hf_model(seed=7), tmp_path / "m")
+    greedy = SamplingParams(greedy=True)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setenv("GPTCHAT_STEP1", "1" if on else "0")
+        eng = Engine.load(str(folder), device="cpu", dtype="fp32", quantize=quantize)
+        calls = _spy(monkeypatch)
+        runs[on] = [t.token for step in eng.generate([[464, 2068, 7586]], greedy, 24, ignore_eos=True) for t in step]
+        assert sum(calls) == (23 if on else 0)  # every decode step after the prefill, when on
+        monkeypatch.undo()
+    assert runs[True] == runs[False]
