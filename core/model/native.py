@@ -118,7 +118,8 @@ def kernel() -> ctypes.CDLL | None:
                                     ctypes.c_int]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int]
-    for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1):
+    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int]
+    for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = ctypes.c_int
     return lib
@@ -170,6 +171,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
                              k.stride(1), k.stride(2), out.data_ptr(), scores.data_ptr(), B, nh, k.shape[2], hs,
                              scale, torch.get_num_threads())
     return out
+
+
+ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}  # the kernel's activation codes
+
+
+def can_activate(h: torch.Tensor) -> bool:
+    """``activate_`` applies: a contiguous fp32 CPU tensor without gradients, the kernel built, and not
+    inside torch.compile (which cannot trace a foreign call)."""
+    return (not torch.compiler.is_compiling() and h.dtype == torch.float32 and h.device.type == "cpu" and not h.requires_grad and h.is_contiguous()
+            and kernel() is not None)
+
+
+def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """``h`` through the activation ``kind`` (a key of ACTS), in place. See ``can_activate``."""
+    kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads())
+    return h
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: int,

@@ -285,7 +285,22 @@ static void finish(float *y, const float *v, long n0, long n1, int post, int act
             _mm256_storeu_ps(y + n, _mm256_sub_ps(x, _mm256_div_ps(x, d)));
         }
         for (; n < n1; n++) y[n] = 0.5f * v[n] * (1.f + tanhf(0.7978845608f * (v[n] + 0.044715f * v[n] * v[n] * v[n])));
-    } else {
+    } else { /* 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
+        const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+        for (; n + 8 <= n1; n += 8) {
+            const __m256 x = _mm256_loadu_ps(v + n), z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678f));
+            const __m256 a = _mm256_andnot_ps(sign, z);
+            const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+            __m256 p = _mm256_set1_ps(1.061405429f);
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+            p = _mm256_mul_ps(p, t);
+            const __m256 e = _mm256_fnmadd_ps(p, exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))), one);
+            const __m256 erf = _mm256_or_ps(e, _mm256_and_ps(sign, z)); /* erf is odd */
+            _mm256_storeu_ps(y + n, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, erf)));
+        }
         for (; n < n1; n++) y[n] = 0.5f * v[n] * (1.f + erff(v[n] * 0.70710678f));
     }
 }
@@ -448,4 +463,11 @@ int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, 
     }
     free(buf);
     return 0;
+}
+
+/* y = act(y) in place over n floats (fp32, no gradients): the MLP's activation outside the one-call step.
+   PyTorch's tanh GELU ran at ~0.55 G elements/s on 2 EPYC threads (66 ms of a 1000-token 124M prefill). */
+void gptchat_act(float *y, long n, int act, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long c = 0; c < n; c += 8192) finish(y, y, c, c + 8192 < n ? c + 8192 : n, POST_ACT, act);
 }

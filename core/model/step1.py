@@ -29,7 +29,6 @@ from torch import nn
 from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
 
-ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
 
 
 class Plan:
@@ -42,7 +41,7 @@ class Plan:
         self.key = [_storage(m) for _, _, m in self.products]
         self.ptrs = None
         cfg = model.config
-        if cfg.activation not in ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
+        if cfg.activation not in native.ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
             return
         tensors, scales, kinds = [], [], set()
         for blk, i in zip(model.transformer.h, range(0, len(self.products), 4)):
@@ -71,7 +70,7 @@ class Plan:
         self.tensors = tensors  # holds them alive while the pointers are in use
         self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
         self.scales = (ctypes.c_float * len(scales))(*scales)
-        self.act, self.eps = ACTS[cfg.activation], cfg.layer_norm_epsilon
+        self.act, self.eps = native.ACTS[cfg.activation], cfg.layer_norm_epsilon
         self.dims = (cfg.n_layer, cfg.n_embd, cfg.n_head)
         self.attns = [blk.attn for blk in model.transformer.h]  # their caches are read on each call
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight

@@ -147,3 +147,18 @@ def test_the_engine_decodes_through_the_step(quantize, tmp_path, monkeypatch):
         assert sum(calls) == (23 if on else 0)  # every decode step after the prefill, when on
         monkeypatch.undo()
     assert runs[True] == runs[False]
+
+
+def test_the_activation_kernel_equals_pytorchs():
+    import torch.nn.functional as F
+
+    x = torch.cat([torch.linspace(-30, 30, 6001), torch.randn(10007) * 3])  # tails, and not a multiple of 8
+    refs = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+    for kind, ref in refs.items():
+        h = x.clone()
+        assert native.can_activate(h)
+        assert native.activate_(h, kind) is h
+        assert (h - ref(x)).abs().max() <= 2e-6 * max(1.0, x.abs().max().item()), kind
+    assert not native.can_activate(x.clone().requires_grad_())  # autograd keeps PyTorch's
+    assert not native.can_activate(x.view(2, -1).t())  # not contiguous
+    assert not native.can_activate(x.bfloat16())
