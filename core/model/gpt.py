@@ -96,6 +96,8 @@ class CausalSelfAttention(nn.Module):
         elif T == 1 and mask is None and not self.training and native.can_attend(q, k, v):
             # one query a row seeing every cached slot (decode with no padding): the C kernel
             return self._project(native.attend(q, k, v, self.scale))
+        elif mask is None and start == 0 and T > 1 and not self.training and native.can_attend_causal(q, k, v):
+            return self._project(native.attend_causal(q, k, v, self.scale))  # a prefill or eval window, in C
         else:
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a
             # single decode step that may see every cached slot

@@ -471,3 +471,130 @@ void gptchat_act(float *y, long n, int act, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long c = 0; c < n; c += 8192) finish(y, y, c, c + 8192 < n ? c + 8192 : n, POST_ACT, act);
 }
+
+/* x1 = sum_j p1[j] v_j, x2 likewise with p2, over dv x 8 dimensions of v (dv <= 4; inlined with dv = 4) */
+static inline void weigh(const float *v, long ks, const float *p1, const float *p2, long len, const int dv,
+                         __m256 *x1, __m256 *x2) {
+    for (int u = 0; u < dv; u++) x1[u] = x2[u] = _mm256_setzero_ps();
+    for (long j = 0; j < len; j++) {
+        const float *vj = v + j * ks;
+        const __m256 a = _mm256_set1_ps(p1[j]), c = _mm256_set1_ps(p2[j]);
+        for (int u = 0; u < dv; u++) {
+            const __m256 x = _mm256_loadu_ps(vj + 8 * u);
+            x1[u] = _mm256_fmadd_ps(a, x, x1[u]);
+            x2[u] = _mm256_fmadd_ps(c, x, x2[u]);
+        }
+    }
+}
+
+/* Causal attention from slot 0 (a prefill, eval's windows): out[b, i, h*hs ..] = softmax(scale q_i . k_j,
+   j <= i) @ v for i < T. q [B, nh, T, hs], k and v [B, nh, >= T, hs] are read through their strides
+   (elements; the last dimension contiguous); out is [B, T, nh * hs], the layout c_proj reads; hs a
+   multiple of 8. Keys are first copied per (row, head) into blocks of 16 keys x hs transposed
+   (kt: [B * nh, Tp / 16, hs, 16], zero padded), so that 4 queries x 16 keys are multiplied from 2 loads
+   and 4 broadcasts of contiguous memory; the weighted sum of values takes 2 queries x 32 dimensions at a
+   time. Work goes out 4 queries at a time, longest first. Returns 0, or -1 where scratch memory could not
+   be had. */
+#define QB 4
+int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb, long kh,
+                          long ks, float *out, long B, long nh, long T, long hs, float scale, int threads) {
+    const long Tp = (T + 15) / 16 * 16, blocks = (T + QB - 1) / QB;
+    float *kt = aligned_alloc(64, (B * nh * hs * Tp * sizeof(float) + 63) / 64 * 64);
+    float *sc = aligned_alloc(64, ((long)threads * QB * Tp * sizeof(float) + 63) / 64 * 64);
+    if (!kt || !sc) {
+        free(kt);
+        free(sc);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num();
+#else
+        const long t = 0;
+#endif
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * nh; bh++) {
+            const float *kk = k + (bh / nh) * kb + (bh % nh) * kh;
+            float *o = kt + bh * hs * Tp;
+            for (long j0 = 0; j0 < Tp; j0 += 16, o += 16 * hs)
+                for (long j = j0; j < j0 + 16; j++)
+                    for (long d = 0; d < hs; d++) o[d * 16 + j - j0] = j < T ? kk[j * ks + d] : 0.f;
+        }
+        float *s = sc + t * QB * Tp;
+#pragma omp for schedule(dynamic, 1)
+        for (long w = 0; w < B * nh * blocks; w++) {
+            const long bh = w % (B * nh), i0 = (blocks - 1 - w / (B * nh)) * QB; /* longest rows first */
+            const long b = bh / nh, h = bh % nh, rows = T - i0 < QB ? T - i0 : QB, n = i0 + rows;
+            const float *qq = q + b * qb + h * qh + i0 * qt, *kT = kt + bh * hs * Tp;
+            const float *vv = v + b * kb + h * kh;
+            const float *qr[QB];
+            for (int r = 0; r < QB; r++) qr[r] = qq + (r < rows ? r : 0) * qt;
+            __m256 mx[QB]; /* each row's running max over the blocks every row sees whole */
+            for (int r = 0; r < QB; r++) mx[r] = _mm256_set1_ps(-INFINITY);
+            const long whole = (i0 + 1) / 16 * 16; /* keys [0, whole) are seen by every row of the block */
+            for (long j = 0; j < n; j += 16) {
+                const float *kb16 = kT + j * hs; /* this block of 16 keys: [hs, 16] */
+                __m256 a[QB], c[QB];
+                for (int r = 0; r < QB; r++) a[r] = c[r] = _mm256_setzero_ps();
+                for (long d = 0; d < hs; d++) {
+                    const __m256 k0 = _mm256_load_ps(kb16 + d * 16), k1 = _mm256_load_ps(kb16 + d * 16 + 8);
+                    for (int r = 0; r < QB; r++) {
+                        const __m256 qd = _mm256_broadcast_ss(qr[r] + d);
+                        a[r] = _mm256_fmadd_ps(qd, k0, a[r]);
+                        c[r] = _mm256_fmadd_ps(qd, k1, c[r]);
+                    }
+                }
+                const __m256 sv = _mm256_set1_ps(scale);
+                for (int r = 0; r < QB; r++) {
+                    a[r] = _mm256_mul_ps(a[r], sv);
+                    c[r] = _mm256_mul_ps(c[r], sv);
+                    _mm256_storeu_ps(s + r * Tp + j, a[r]);
+                    _mm256_storeu_ps(s + r * Tp + j + 8, c[r]);
+                    if (j < whole) mx[r] = _mm256_max_ps(mx[r], _mm256_max_ps(a[r], c[r]));
+                }
+            }
+            float inv[QB];
+            for (long r = 0; r < rows; r++) { /* row i0 + r sees keys 0 .. i0 + r */
+                float *sr = s + r * Tp;
+                const long len = i0 + r + 1;
+                float mm[8], m = -INFINITY, sum = 0.f;
+                _mm256_storeu_ps(mm, mx[r]);
+                for (int u = 0; u < 8; u++) m = fmaxf(m, mm[u]);
+                long j = whole;
+                for (; j < len; j++) m = fmaxf(m, sr[j]);
+                __m256 s8 = _mm256_setzero_ps();
+                for (j = 0; j + 8 <= len; j += 8) {
+                    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), _mm256_set1_ps(m)));
+                    s8 = _mm256_add_ps(s8, e);
+                    _mm256_storeu_ps(sr + j, e);
+                }
+                for (; j < len; j++) sum += sr[j] = expf(sr[j] - m);
+                _mm256_storeu_ps(mm, s8);
+                for (int u = 0; u < 8; u++) sum += mm[u];
+                inv[r] = 1.f / sum; /* applied to the weighted sum of values */
+                for (; j < n; j++) sr[j] = 0.f; /* keys after this row's own: no weight */
+            }
+            for (long r = 0; r < rows; r += 2) {
+                const long r2 = r + 1 < rows ? r + 1 : r, len = i0 + r2 + 1;
+                const float *s1 = s + r * Tp, *s2 = s + r2 * Tp;
+                float *o1 = out + (b * T + i0 + r) * nh * hs + h * hs, *o2 = out + (b * T + i0 + r2) * nh * hs + h * hs;
+                for (long d0 = 0; d0 < hs; d0 += 32) {
+                    const long dv = hs - d0 < 32 ? (hs - d0) / 8 : 4;
+                    __m256 x1[4], x2[4];
+                    if (dv == 4)
+                        weigh(vv + d0, ks, s1, s2, len, 4, x1, x2);
+                    else
+                        weigh(vv + d0, ks, s1, s2, len, dv, x1, x2);
+                    for (int u = 0; u < dv; u++) {
+                        _mm256_storeu_ps(o1 + d0 + 8 * u, _mm256_mul_ps(x1[u], _mm256_set1_ps(inv[r])));
+                        if (r2 != r) _mm256_storeu_ps(o2 + d0 + 8 * u, _mm256_mul_ps(x2[u], _mm256_set1_ps(inv[r2])));
+                    }
+                }
+            }
+        }
+    }
+    free(kt);
+    free(sc);
+    return 0;
+}

@@ -162,3 +162,35 @@ def test_the_activation_kernel_equals_pytorchs():
     assert not native.can_activate(x.clone().requires_grad_())  # autograd keeps PyTorch's
     assert not native.can_activate(x.view(2, -1).t())  # not contiguous
     assert not native.can_activate(x.bfloat16())
+
+
+def test_causal_attention_equals_pytorchs():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    for B, T, nh, hs, slots in ((1, 1000, 12, 64, 1024), (2, 37, 3, 16, 40), (1, 5, 4, 24, 8), (3, 130, 2, 64, 130),
+                                (1, 2, 1, 8, 2)):
+        qkv = torch.randn(B, T, 3 * nh * hs, generator=g) * 2
+        q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # strided, as c_attn's view gives it
+        cache_k, cache_v = torch.full((2, B, nh, slots, hs), float("nan")).unbind(0)  # slots past T never read
+        cache_k[:, :, :T], cache_v[:, :, :T] = k, v
+        assert native.can_attend_causal(q, cache_k, cache_v)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3).transpose(1, 2).reshape(B, T, nh * hs)
+        got = native.attend_causal(q, cache_k, cache_v, 0.3)
+        assert (got - ref).abs().max() <= 2e-5, (B, T, nh, hs)
+    assert not native.can_attend_causal(q.clone().requires_grad_(), cache_k, cache_v)
+    assert not native.can_attend_causal(q[:, :, :1], cache_k, cache_v)  # one query: ``attend``'s
+
+
+def test_a_prefill_runs_the_causal_kernel_and_matches_the_modules(monkeypatch):
+    m = _model().to_inference_layout()
+    ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = native.attend_causal
+    monkeypatch.setattr(native, "attend_causal", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        got = m(ids)
+        monkeypatch.setattr(native, "can_attend_causal", lambda *a: False)
+        ref = m(ids)
+    assert len(calls) == 3  # every layer
+    assert (got - ref).abs().max() <= 1e-4
