@@ -1,12 +1,13 @@
-"""gptchat's C kernels (qkernel.c beside this file): int8 products and one-query attention for CPU
-decode, compiled at first use and loaded with ctypes.
+"""gptchat's C kernels (qkernel.c beside this file) for the CPU: int8 products, one-query attention,
+a whole batch-1 decode step (step1.py), causal attention for prefills, and the MLP's activation;
+compiled at first use and loaded with ctypes.
 
 Why a kernel of our own: batch-1 decode with int8 weights should read a quarter of fp32's bytes at the
 memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without VNNI (measured on AMD
 Milan, 2 threads, the 124M model's 49 matrices one row each: 14.9 ms a token against 7.6 ms for this
 kernel, and 25-47 ms for fp32). See qkernel.c for the layout and the arithmetic. The same library holds
 the attention of one query over the KV cache (a decode step with no padding), which PyTorch's CPU flash
-kernel ran ~3x slower.
+kernel ran ~3x slower, and the fp32 pieces named above, each where PyTorch's own was measured slower.
 
 Built with the machine's C compiler (``$CC``, else gcc, else cc) into gptchat's cache folder (or
 ``$GPTCHAT_KERNELS``), named by a hash of the source and the flags, written under a temporary name and
@@ -202,8 +203,8 @@ ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}  # the kernel's activation codes
 def can_activate(h: torch.Tensor) -> bool:
     """``activate_`` applies: a contiguous fp32 CPU tensor without gradients, the kernel built, and not
     inside torch.compile (which cannot trace a foreign call)."""
-    return (not torch.compiler.is_compiling() and h.dtype == torch.float32 and h.device.type == "cpu" and not h.requires_grad and h.is_contiguous()
-            and kernel() is not None)
+    return (not torch.compiler.is_compiling() and h.dtype == torch.float32 and h.device.type == "cpu"
+            and not h.requires_grad and h.is_contiguous() and kernel() is not None)
 
 
 def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
