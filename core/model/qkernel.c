@@ -18,6 +18,23 @@
 
 #define PREFETCH 2048 /* bytes ahead of the read: measured 2048-8192 alike, none 10% slower (AMD Milan) */
 
+/* e^x for 8 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (relative error ~2e-7) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 static void groups(const int8_t *q, const float *s, const float *b, const int16_t *x, float xs, float *y,
                    long g0, long g1, long Kp, long N) {
     const long steps = Kp / 32;
@@ -206,6 +223,32 @@ void gptchat_pack(const int8_t *q, int8_t *out, long N, long K, long Kp) {
             }
 }
 
+/* softmax(scale q . k_j, j < n) @ v for one query and one head: q [hs], keys and values at k + j * ks and
+   v + j * ks; sc [n] scratch, the result into o [hs]. hs a multiple of 8. */
+static void attend_one(const float *q, const float *k, const float *v, long ks, long n, long hs, float scale, float *sc,
+                       float *o) {
+    float m = -INFINITY, sum = 0.f;
+    for (long j = 0; j < n; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + j * ks + d), a);
+        __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        l = _mm_add_ps(l, _mm_movehl_ps(l, l));
+        l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
+        sc[j] = _mm_cvtss_f32(l) * scale;
+        m = fmaxf(m, sc[j]);
+    }
+    long j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m))));
+    for (; j < n; j++) sc[j] = expf(sc[j] - m);
+    for (j = 0; j < n; j++) sum += sc[j];
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (long d = 0; d < hs; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(v + j * ks + d), a);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(a, inv));
+    }
+}
+
 /* Attention of one query a row over n cached keys (a decode step with no padding): for each row b and
    head h, out[b, h*hs .. h*hs+hs) = softmax(scale * q . k_j, j < n) @ v. q [B, nh, hs] and the caches
    [B, nh, >= n, hs] are read through their strides (elements; the last dimension contiguous); hs a
@@ -216,28 +259,8 @@ void gptchat_attend1(const float *q, long qb, long qh, const float *k, const flo
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long bh = 0; bh < B * nh; bh++) {
         const long b = bh / nh, h = bh % nh;
-        const float *qq = q + b * qb + h * qh, *kk = k + b * kb + h * kh, *vv = v + b * kb + h * kh;
-        float *sc = scores + bh * n, *o = out + (b * nh + h) * hs, m = -INFINITY, sum = 0.f;
-        for (long j = 0; j < n; j++) {
-            __m256 a = _mm256_setzero_ps();
-            for (long d = 0; d < hs; d += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(qq + d), _mm256_loadu_ps(kk + j * ks + d), a);
-            __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            l = _mm_add_ps(l, _mm_movehl_ps(l, l));
-            l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
-            sc[j] = _mm_cvtss_f32(l) * scale;
-            m = fmaxf(m, sc[j]);
-        }
-        for (long j = 0; j < n; j++) {
-            sc[j] = expf(sc[j] - m);
-            sum += sc[j];
-        }
-        const __m256 inv = _mm256_set1_ps(1.f / sum);
-        for (long d = 0; d < hs; d += 8) {
-            __m256 a = _mm256_setzero_ps();
-            for (long j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(vv + j * ks + d), a);
-            _mm256_storeu_ps(o + d, _mm256_mul_ps(a, inv));
-        }
+        attend_one(q + b * qb + h * qh, k + b * kb + h * kh, v + b * kb + h * kh, ks, n, hs, scale, scores + bh * n,
+                   out + bh * hs);
     }
 }
 
@@ -249,23 +272,6 @@ void gptchat_attend1(const float *q, long qb, long qh, const float *k, const flo
    block of input rows into a partial sum, the partials are added by column afterwards. int8 weights are
    the packed groups above: each thread takes its groups, with the activation rounded to int16 as in
    gptchat_qgemm, so the products equal that kernel's. */
-
-/* e^x for 8 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (relative error ~2e-7) */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2 };
 enum { POST_STORE = 0, POST_ACT = 1, POST_ADD = 2 };
@@ -380,36 +386,11 @@ static void linear(const team_t *tm, int int8, const void *W, const float *s, co
 /* Attention of the row's query for heads [h0, h1) over slots 0..slot, after writing this slot's k and v */
 static void attend_heads(const float *qkv, float *const kc, float *const vc, long kh, long ks, long slot, long C,
                          long hs, long h0, long h1, float scale, float *sc, float *out) {
-    const long n = slot + 1;
     for (long h = h0; h < h1; h++) {
-        const float *q = qkv + h * hs;
         float *kk = kc + h * kh, *vv = vc + h * kh;
         memcpy(kk + slot * ks, qkv + C + h * hs, hs * sizeof(float));
         memcpy(vv + slot * ks, qkv + 2 * C + h * hs, hs * sizeof(float));
-        float m = -INFINITY;
-        for (long j = 0; j < n; j++) {
-            __m256 a = _mm256_setzero_ps();
-            for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kk + j * ks + d), a);
-            __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            l = _mm_add_ps(l, _mm_movehl_ps(l, l));
-            l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
-            sc[j] = _mm_cvtss_f32(l) * scale;
-            m = fmaxf(m, sc[j]);
-        }
-        float sum = 0.f;
-        long j = 0;
-        for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m)));
-            _mm256_storeu_ps(sc + j, e);
-        }
-        for (; j < n; j++) sc[j] = expf(sc[j] - m);
-        for (j = 0; j < n; j++) sum += sc[j];
-        const __m256 inv = _mm256_set1_ps(1.f / sum);
-        for (long d = 0; d < hs; d += 8) {
-            __m256 a = _mm256_setzero_ps();
-            for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(vv + j * ks + d), a);
-            _mm256_storeu_ps(out + h * hs + d, _mm256_mul_ps(a, inv));
-        }
+        attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs);
     }
 }
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
-
+from gptchat.core.model.quant import QuantLinear
 
 
 class Plan:
@@ -43,24 +43,24 @@ class Plan:
         cfg = model.config
         if cfg.activation not in native.ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
             return
-        tensors, scales, kinds = [], [], set()
+        tensors, small, scales, kinds = [], [], [], set()  # small: norms, biases, scales (contiguous fp32 CPU)
         for blk, i in zip(model.transformer.h, range(0, len(self.products), 4)):
             four = [_weight(m) for _, _, m in self.products[i : i + 4]]
             if None in four or any(not isinstance(ln, nn.LayerNorm) for ln in (blk.ln_1, blk.ln_2)):
                 return
             kinds |= {int8 for _, _, int8 in four}
-            (w0, s0), (w1, s1), (w2, s2), (w3, s3) = [(w, s) for w, s, _ in four]
+            (w0, s0, _), (w1, s1, _), (w2, s2, _), (w3, s3, _) = four
             b0, b1, b2, b3 = [m.bias for _, _, m in self.products[i : i + 4]]
-            tensors += [blk.ln_1.weight, blk.ln_1.bias, w0, s0, b0, w1, s1, b1, blk.ln_2.weight, blk.ln_2.bias,
-                        w2, s2, b2, w3, s3, b3]
+            row = [blk.ln_1.weight, blk.ln_1.bias, w0, s0, b0, w1, s1, b1, blk.ln_2.weight, blk.ln_2.bias,
+                   w2, s2, b2, w3, s3, b3]
+            tensors += row
+            small += [t for t in row[:2] + [s0, b0, s1, b1] + row[8:10] + [s2, b2, s3, b3] if t is not None]
             scales.append(blk.attn.scale)
         ln_f = model.transformer.ln_f
         self.ln_f = (ln_f.weight, ln_f.bias)
-        small = [t for i, t in enumerate(tensors) if i % 16 not in (2, 5, 10, 13)] + list(self.ln_f)  # not the weights
-        if len(kinds) != 1 or any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()
-                                                     or t.device.type != "cpu") for t in small):
-            return
-        if self.ln_f[0] is None:
+        small += [t for t in self.ln_f if t is not None]
+        if len(kinds) != 1 or ln_f.weight is None or any(
+                t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in small):
             return
         self.int8 = kinds.pop()
         head = _weight(model.lm_head) if "lm_head" in model._modules else None
@@ -97,12 +97,12 @@ def _storage(m: nn.Module) -> int | None:
 
 def _weight(m: nn.Module):
     """(weight tensor, scale or None, int8?) of a product the step can run, or None."""
-    if type(m).__name__ == "Linear" and isinstance(m, nn.Linear):  # gpt.Linear, not LoRA's or another wrapper
+    if isinstance(m, nn.Linear):  # gpt.Linear (LoRA's adapter is not one: fused.usable goes by the same rule)
         w = m.weight
         if w.dtype == torch.float32 and w.device.type == "cpu" and w.t().is_contiguous():  # [in, out] rows
             return w, None, False
         return None
-    if getattr(m, "native", False) and "packed" in m._buffers:  # quant.QuantLinear on the AVX2 kernel
+    if isinstance(m, QuantLinear) and m.native:  # int8 on the AVX2 kernel's packed groups
         return m.packed, m.scale, True
     return None
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model import native, quant, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
+from gptchat.core.train.lora import add_lora
 from tests.factory import hf_model, save
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
@@ -92,17 +92,18 @@ def test_where_the_step_does_not_apply(monkeypatch):
     assert step1.plan(_model(n_embd=48, n_head=4).to_inference_layout()) is None  # head size 12: not a multiple of 8
     assert step1.plan(_model().to(torch.bfloat16).to_inference_layout()) is None
     lora = _model().to_inference_layout()
-
-    class Wrapped(nn.Module):  # an adapter around a product (LoRA's kind): the modules run it
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
-
-    lora.transformer.h[1].mlp.c_fc = Wrapped(lora.transformer.h[1].mlp.c_fc)
+    assert step1.plan(lora) is not None  # built, then changed: a LoRA adapter on every MLP input product
+    add_lora(lora, ["fc"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:  # the adapters' B starts at zero: make them count
+                p.normal_(0.0, 0.1)
     assert step1.plan(lora) is None
+    ids = list(range(1, 12))
+    got, _ = _decode(lora, ids, 3, monkeypatch, on=True)
+    ref, _ = _decode(lora, ids, 3, monkeypatch, on=False)
+    assert torch.allclose(got, ref)  # the modules ran both, adapters included
+    monkeypatch.delenv("GPTCHAT_STEP1")
     with torch.inference_mode():
         m.setup_cache(2, 16)  # two rows: the modules
         assert step1.run(m, torch.tensor([[1]]), 0, 1) is None
