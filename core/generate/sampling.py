@@ -99,23 +99,77 @@ def sample(
     generators: list[torch.Generator] | None = None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B,).
+    """One token per row of logits (B, V) -> (B,), drawn from ``filtered_probs``.
 
     Each row draws from its own generator, so a row's tokens depend on its seed alone, never on
     which other rows share the batch. Greedy settings take the argmax without touching a generator.
+
+    The draw is one uniform number per row, mapped through the cumulative distribution of the kept
+    tokens in vocabulary order (float64). Why not ``torch.multinomial``: for one sample it draws an
+    exponential number for every entry of the row (50257 for GPT-2) and took 1.5-1.8 ms a row on this
+    project's CPU, a quarter of an int8 batch-1 token and a third of a batch-16 step; this takes
+    0.02-0.3 ms. With top-k on, only the k best logits are normalised and walked (same distribution,
+    same token for the same uniform as the whole row would give); the whole row is used instead when
+    it has ties among them, so that ties at the k-th value stay in as ``top_k_filter`` keeps them.
     """
     if params.is_greedy:  # the last stage keeps only the argmax: no softmax, no generator
-        return greedy(filter_stages(logits, params, seen)[-1][1])
-    probs = filtered_probs(logits, params, seen)
-    if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    if len(generators) != probs.shape[0]:
-        raise ValueError(f"need one generator per row: {len(generators)} for {probs.shape[0]} rows")
-    out = []
-    for i, g in enumerate(generators):
-        row = probs[i] if g.device == probs.device else probs[i].to(g.device)
-        out.append(torch.multinomial(row, 1, generator=g).to(probs.device))
-    return torch.cat(out)
+        return greedy(_penalised(logits, params, seen))
+    u = _uniforms(logits.shape[0], generators, logits.device)
+    if 0 < params.top_k < logits.shape[-1]:
+        best = _top_k_probs(_penalised(logits, params, seen), params)
+        if best is not None:
+            probs, idx = best
+            return idx.gather(-1, _draw(probs, u)[:, None]).squeeze(-1)
+    return _draw(filtered_probs(logits, params, seen), u)
+
+
+def _penalised(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    return logits
+
+
+def _uniforms(n: int, generators: list[torch.Generator] | None, device: torch.device) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row, each from its row's generator."""
+    dev = torch.device(device)
+    if generators is None:  # float64 is not available on mps: the numbers are drawn and walked on the CPU there
+        return torch.rand(n, dtype=torch.float64, device=dev if dev.type != "mps" else "cpu")
+    if len(generators) != n:
+        raise ValueError(f"need one generator per row: {len(generators)} for {n} rows")
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64,
+                                 device=g.device if dev.type != "mps" else "cpu") for g in generators])
+
+
+def _top_k_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The k best tokens of each row in vocabulary order and their (unnormalised) probabilities after
+    temperature and top-p, or None when ties among them make the whole row's filters necessary."""
+    k, V = params.top_k, logits.shape[-1]
+    vals, idx = torch.topk(logits, min(k + 1, V), dim=-1)  # descending
+    if bool((vals[:, 1:] == vals[:, :-1]).any()):  # a tie could straddle the k-th place or top-p's edge
+        return None
+    vals, idx = vals[:, :k], idx[:, :k]
+    probs = torch.softmax(apply_temperature(vals, params.temperature), dim=-1)
+    if params.top_p < 1.0:
+        check("top_p", params.top_p)
+        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # as top_p_filter: mass ranked above
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+    order = idx.argsort(dim=-1)
+    return probs.gather(-1, order), idx.gather(-1, order)
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row the first index whose cumulative mass passes u x the total.
+    Entries of zero mass are never returned (their cumulative mass equals the one before them)."""
+    device = probs.device
+    if u.device != device:
+        probs = probs.to(u.device)
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    pick = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    last = torch.searchsorted(cdf, total)  # the last entry with mass: u x total may round up to the total
+    return torch.minimum(pick, last).squeeze(-1).to(device)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

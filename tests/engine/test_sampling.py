@@ -107,3 +107,52 @@ def test_filters_validate_too():
         top_k_filter(_logits(), -3)
     with pytest.raises(ValueError):
         top_p_filter(_logits(), 2.0)
+
+
+def _frequencies(logits, params, draws, seed=5):
+    g = make_generator(seed)
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(draws):
+        counts[int(sample(logits, params, [g]))] += 1
+    return counts / draws
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.3, top_k=6), SamplingParams(temperature=0.7, top_k=6, top_p=0.8),
+    SamplingParams(temperature=1.5), SamplingParams(temperature=1.0, top_p=0.9),
+])
+def test_draws_follow_the_filtered_distribution(params):
+    """The sampler draws from filtered_probs (what `gptchat inspect` shows), whichever path it takes."""
+    from gptchat.core.generate.sampling import filtered_probs
+    logits = _logits(B=1, V=12, seed=3)
+    want = filtered_probs(logits, params)[0]
+    got = _frequencies(logits, params, 6000)
+    assert got[want == 0].sum() == 0  # nothing outside the kept set
+    assert (got - want).abs().sum() / 2 < 0.03  # total variation: ~0.01-0.02 expected from 6000 draws
+
+
+def test_top_k_rows_walk_the_same_order_as_the_whole_row():
+    """The top-k shortcut picks, for the same random number, the token the whole filtered row would."""
+    from gptchat.core.generate import sampling
+    logits = _logits(B=3, V=3000, seed=4)
+    for params in (SamplingParams(temperature=0.8, top_k=40), SamplingParams(temperature=1.1, top_k=25, top_p=0.7)):
+        for seed in range(40):
+            gens = [make_generator(seed * 3 + i) for i in range(3)]
+            fast = sample(logits, params, gens)
+            u = torch.cat([torch.rand(1, generator=make_generator(seed * 3 + i), dtype=torch.float64) for i in range(3)])
+            whole = sampling._draw(sampling.filtered_probs(logits, params), u)
+            assert torch.equal(fast, whole)
+
+
+def test_ties_at_the_kth_value_stay_in():
+    logits = torch.full((1, 30), -5.0)
+    logits[0, [4, 9, 17]] = 2.0  # three tokens tie for the two places of top_k=2: top_k_filter keeps all three
+    seen = set(torch.nonzero(_frequencies(logits, SamplingParams(temperature=1.0, top_k=2), 300) > 0)[:, 0].tolist())
+    assert seen == {4, 9, 17}
+
+
+def test_the_last_uniform_never_reaches_a_dropped_token():
+    from gptchat.core.generate.sampling import _draw
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    for u, want in ((0.0, 1), (0.2499, 1), (0.25, 3), (1 - 2.0 ** -53, 3)):
+        assert int(_draw(probs, torch.tensor([u], dtype=torch.float64))) == want
