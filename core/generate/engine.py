@@ -240,11 +240,13 @@ class Engine:
         return self.compile_s
 
     def _packed_linears(self, batch_size: int):
-        """oneDNN-packed weights for batched CPU decode (see packed.py), or None where they do not help."""
-        if self.borrowed or batch_size < packed.min_batch(self.dtype) or not packed.available(self.device, self.dtype):
+        """Packed weights for batched CPU decode (see packed.py), or None where they do not help."""
+        kind = packed.kind(self.device, self.dtype)
+        if self.borrowed or batch_size < packed.min_batch(self.dtype) or kind is None:
             return None
         if self._packed is None:
-            self._packed = packed.PackedLinears(self.model, batch_hint=1 if self.dtype == torch.bfloat16 else 16)
+            self._packed = packed.PackedLinears(self.model, batch_hint=1 if self.dtype == torch.bfloat16 else 16,
+                                                kind=kind)
         return self._packed
 
     # -- scoring ------------------------------------------------------------------------------

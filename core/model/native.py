@@ -120,12 +120,13 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
-    lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = ctypes.c_int
+    lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
     return lib
 
 
@@ -155,6 +156,31 @@ def gemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x
                               x.data_ptr(), y.data_ptr(), x.numel() // k, n, k, padded(n, k)[1],
                               torch.get_num_threads()):
         raise MemoryError("int8 kernel: no memory for its activation buffer")
+    return y
+
+
+def panels(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An fp32 weight [N, K] (nn.Linear's) and bias [N] -> gptchat_sgemm's layout: [ceil(N/16), K, 16], one
+    panel of 16 outputs after another, and the bias padded to match (zeros past N)."""
+    n, k = w.shape
+    p = -(-n // 16)
+    cols = torch.zeros(p * 16, k)
+    cols[:n] = w.detach()
+    packed = cols.view(p, 16, k).transpose(1, 2).contiguous()
+    if bias is None:
+        return packed, None
+    b = torch.zeros(p * 16)
+    b[:n] = bias.detach()
+    return packed, b
+
+
+def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32."""
+    k = x.shape[-1]
+    y = x.new_empty(x.shape[:-1] + (n,))
+    if kernel().gptchat_sgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
+                              y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
+        raise MemoryError("fp32 kernel: no memory for its tail buffer")
     return y
 
 

@@ -13,6 +13,11 @@ weights runs at 35-40 GB/s on cached matrices and 17 GB/s on the head, so bf16 d
 than fp32; oneDNN's packed bf16 weights run at 80-90 GB/s and 36 GB/s (the head 4.2 ms -> 2.2 ms,
 measured at batch 1). So bf16 uses the packed weights at every batch size.
 
+fp32 on x86-64 with AVX2/FMA goes one better: gptchat's own kernel (native.sgemm, qkernel.c's
+gptchat_sgemm) on weights laid out in panels of 16 outputs. Measured on the same 2-core AMD EPYC for
+the 124M model's whole step of products: 16 rows 35-41 ms against oneDNN's ~64, 4 rows 21-23 ms (the
+read bandwidth). oneDNN stays for bf16 and where the kernel cannot be built (``GPTCHAT_NATIVE=0``).
+
 The packed weights are a second copy (for GPT-2 124M, ~500 MB), built on first use and rebuilt when
 a weight changes in place. ``GPTCHAT_ONEDNN=0`` turns the whole thing off.
 """
@@ -24,25 +29,32 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
+def kind(device: torch.device, dtype: torch.dtype) -> str | None:
+    """"panels" (gptchat's fp32 kernel), "onednn", or None: no packed weights for this device and dtype."""
     if switched_off("GPTCHAT_ONEDNN"):
-        return False
+        return None
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False
+        return None
+    if dtype == torch.float32 and native.kernel() is not None:
+        return "panels"
     if not torch.backends.mkldnn.is_available():
-        return False
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return None
+    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "onednn"
+    return None
 
 
 class PackedLinears:
     """Packed weights for every nn.Linear of a model; ``use()`` routes their calls through them."""
 
-    def __init__(self, model: nn.Module, batch_hint: int = 16):
+    def __init__(self, model: nn.Module, batch_hint: int = 16, kind: str = "onednn"):
         self.model = model
         self.batch_hint = batch_hint
+        self.kind = kind
         self._packed: dict[str, tuple[object, torch.Tensor | None]] = {}
         self._stamp: dict[str, tuple[int, int]] = {}
 
@@ -57,8 +69,11 @@ class PackedLinears:
                 stamp = (w.data_ptr(), w._version)
                 if self._stamp.get(name) == stamp:
                     continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), self.batch_hint)
-                self._packed[name] = (packed, None if lin.bias is None else lin.bias.detach())
+                if self.kind == "panels":
+                    self._packed[name] = native.panels(w, lin.bias)
+                else:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), self.batch_hint)
+                    self._packed[name] = (packed, None if lin.bias is None else lin.bias.detach())
                 self._stamp[name] = stamp
 
     @contextmanager
@@ -69,7 +84,10 @@ class PackedLinears:
         try:
             for name, lin in self._linears():
                 packed, bias = self._packed[name]
-                lin.forward = _packed_forward(packed, bias, lin.out_features)
+                if self.kind == "panels":
+                    lin.forward = _panel_forward(packed, bias, lin)
+                else:
+                    lin.forward = _packed_forward(packed, bias, lin.out_features)
                 patched.append(lin)
             yield
         finally:
@@ -89,5 +107,16 @@ def _packed_forward(packed, bias, out_features: int):
         shape = x.shape
         y = linear(x.reshape(-1, shape[-1]).contiguous(), packed, bias, "none", [], "")
         return y.view(*shape[:-1], out_features)
+
+    return forward
+
+
+def _panel_forward(packed: torch.Tensor, bias: torch.Tensor | None, lin: nn.Linear):
+    out_features, plain = lin.out_features, type(lin).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return plain(lin, x)  # not what the panels are for (autocast, autograd): the module's own product
+        return native.sgemm(packed, bias, x.contiguous(), out_features)
 
     return forward

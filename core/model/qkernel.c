@@ -579,3 +579,88 @@ int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float
     free(sc);
     return 0;
 }
+
+/* ---- fp32 products of a few rows (batched decode): weights in panels of 16 outputs ----
+
+   Wp is [ceil(N/16), K, 16]: panel j holds outputs 16j..16j+15 for every input, so one panel is a single
+   forward stream and each input's 16 weights are two aligned loads. Rows are taken 6 at a time (12 ymm
+   accumulators, 2 weight loads and 6 broadcasts per input), over 512 inputs at a time so that the stretch
+   of the panel the first 6 rows pulled in is still in L1/L2 for the next 6. Each thread takes whole
+   panels. Measured on a 2-core AMD Milan for a 124M model's step (495 MB of weights): 16 rows 35-41 ms
+   (90-110 GF/s), 4 rows 21-23 ms (the read bandwidth); oneDNN's packed products ~64 ms for 16 rows. */
+#define SG_KC 512
+#define SG_AHEAD 32 /* inputs ahead of the read (32 x 64 B): none was 25-40% slower, 8 or 64 no better */
+
+static inline __attribute__((always_inline)) void panel_rows(const float *p, const float *x, long K, float *y,
+                                                             long ys, long k0, long k1, const int R,
+                                                             const float *b, int fetch) {
+    __m256 a0[6], a1[6];
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {
+        const float *src = k0 ? y + r * ys : b;
+        a0[r] = src ? _mm256_loadu_ps(src) : _mm256_setzero_ps();
+        a1[r] = src ? _mm256_loadu_ps(src + 8) : _mm256_setzero_ps();
+    }
+    p += k0 * 16;
+    for (long k = k0; k < k1; k++, p += 16) {
+        if (fetch) _mm_prefetch((const char *)(p + 16 * SG_AHEAD), _MM_HINT_T0);
+        const __m256 w0 = _mm256_load_ps(p), w1 = _mm256_load_ps(p + 8);
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+            a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(y + r * ys, a0[r]);
+        _mm256_storeu_ps(y + r * ys + 8, a1[r]);
+    }
+}
+
+/* R rows of x times inputs k0..k1 of one panel into y (row stride ys): from k0 = 0 starting at the bias b
+   (16 floats; NULL: zero), later adding to what y holds */
+static void panel_block(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
+                        const float *b, int fetch) {
+    switch (R) {
+    case 6: panel_rows(p, x, K, y, ys, k0, k1, 6, b, fetch); break;
+    case 5: panel_rows(p, x, K, y, ys, k0, k1, 5, b, fetch); break;
+    case 4: panel_rows(p, x, K, y, ys, k0, k1, 4, b, fetch); break;
+    case 3: panel_rows(p, x, K, y, ys, k0, k1, 3, b, fetch); break;
+    case 2: panel_rows(p, x, K, y, ys, k0, k1, 2, b, fetch); break;
+    default: panel_rows(p, x, K, y, ys, k0, k1, 1, b, fetch); break;
+    }
+}
+
+/* y [M, N] = x [M, K] Wp (+ b). b, when given, is padded to the panels (ceil(N/16) x 16 floats); 0 or -1 (no
+   memory for a tail buffer) */
+int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads) {
+    const long P = (N + 15) / 16, full = N / 16;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const long t = 0, T = 1;
+#endif
+        const long per = (P + T - 1) / T, j0 = t * per < P ? t * per : P, j1 = j0 + per < P ? j0 + per : P;
+        /* the last panel's outputs past N go to a buffer of its own, copied out at the end */
+        float *tail = j1 > full && j0 < j1 ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
+        if (j1 > full && j0 < j1 && !tail) failed = 1;
+        for (long j = j0; j < j1 && !failed; j++) {
+            const float *p = Wp + j * K * 16;
+            float *yj = j < full ? y + j * 16 : tail;
+            const long ys = j < full ? N : 16;
+            for (long k0 = 0; k0 < K; k0 += SG_KC) {
+                const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
+                for (long m = 0; m < M; m += 6) {
+                    const int R = M - m < 6 ? (int)(M - m) : 6;
+                    panel_block(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, b ? b + j * 16 : NULL, m == 0);
+                }
+            }
+            if (j >= full)
+                for (long m = 0; m < M; m++) memcpy(y + m * N + j * 16, tail + m * 16, (N - j * 16) * sizeof(float));
+        }
+        free(tail);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,7 +1,7 @@
 """Engine.generate with per-row limits, finished rows compacted out and refills; the batch file helpers.
 
 Greedy rows are checked against transformers' GPT-2 run one prompt at a time, so a batching bug
-(padding, positions, the compacted cache, the oneDNN-packed weights) cannot hide behind our own code.
+(padding, positions, the compacted cache, the packed weights) cannot hide behind our own code.
 """
 
 from __future__ import annotations
@@ -42,12 +42,20 @@ def _rows(eng, prompts, params, limits, **kw):
     return got
 
 
-@pytest.mark.parametrize("onednn", ["1", "0"])
-def test_greedy_rows_equal_transformers_one_at_a_time(pair, monkeypatch, onednn):
+@pytest.mark.parametrize("kind", ["panels", "onednn", None])
+def test_greedy_rows_equal_transformers_one_at_a_time(pair, monkeypatch, kind):
     from gptchat.core.generate.sampling import SamplingParams
+    from gptchat.core.model import native, packed
 
-    monkeypatch.setenv("GPTCHAT_ONEDNN", onednn)
     hf, eng = pair
+    if kind == "panels" and native.kernel() is None:
+        pytest.skip("no C kernel here (no compiler or no AVX2)")
+    monkeypatch.setattr(eng, "_packed", packed.PackedLinears(eng.model, 16, kind) if kind else None)
+    monkeypatch.setenv("GPTCHAT_ONEDNN", "1" if kind else "0")
+    used = []
+    if kind == "panels":
+        sgemm = native.sgemm
+        monkeypatch.setattr(native, "sgemm", lambda *a: used.append(a[2].shape[0]) or sgemm(*a))
     prompts = _prompts(9)
     limits = [1 + (5 * i) % 17 for i in range(9)]  # rows finish at different steps: the batch compacts
     got = _rows(eng, prompts, SamplingParams(greedy=True), limits)
@@ -57,6 +65,8 @@ def test_greedy_rows_equal_transformers_one_at_a_time(pair, monkeypatch, onednn)
                               max_new_tokens=limits[i], do_sample=False, pad_token_id=50256, eos_token_id=50256)
         ref = ref[0, len(p):].tolist()
         assert got[i] == ref[: len(got[i])] and len(got[i]) == len(ref), i
+    if kind == "panels":
+        assert max(used) == 9  # the nine rows' decode steps went through the kernel
 
 
 def test_sampled_rows_depend_only_on_their_seed(pair):

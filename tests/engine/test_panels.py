@@ -1,0 +1,35 @@
+"""gptchat_sgemm (native.sgemm): fp32 products of a few rows on weights laid out in panels of 16 outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptchat.core.model import native
+
+pytestmark = pytest.mark.skipif(native.kernel() is None, reason="no C kernel here (no compiler or no AVX2)")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 8, 5), (2, 64, 16), (6, 768, 2304), (7, 100, 50257), (13, 1000, 33),
+                                   (16, 3072, 768), (40, 520, 47)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_equals_the_product(M, K, N, with_bias):
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    w, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(M, K, generator=g)
+    packed, pb = native.panels(w, b if with_bias else None)
+    assert packed.shape == (-(-N // 16), K, 16) and (pb is None) == (not with_bias)
+    y = native.sgemm(packed, pb, x, N)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if with_bias else None)
+    assert y.shape == (M, N)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=2e-5 * K ** 0.5)
+
+
+def test_leaves_memory_past_the_outputs_alone():
+    """The last panel's padding columns are computed into a buffer of the kernel's own, never past y."""
+    w, x = torch.randn(21, 32), torch.randn(3, 32)
+    packed, _ = native.panels(w, None)
+    big = torch.full((3 * 21 + 64,), 7.0)
+    y = big[: 3 * 21].view(3, 21)
+    assert native.kernel().gptchat_sgemm(packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), 3, 21, 32, 2) == 0
+    assert torch.allclose(y, x @ w.t(), atol=1e-4)
+    assert torch.equal(big[3 * 21:], torch.full((64,), 7.0))
