@@ -21,6 +21,8 @@ from gptchat.core.bench import quality
 from gptchat.core.model.config import PRESETS
 from gptchat.core.model import step1
 from gptchat.core.model.quant import QuantLinear
+from gptchat.core.generate import sampling
+from gptchat.core.generate.options import DEFAULTS
 from gptchat.core.generate.sampling import SamplingParams
 
 
@@ -37,7 +39,7 @@ class Result:
         if not self.reference:
             return None
         # for seconds lower is better; for tokens/s higher is better: ratio > 1 means we are faster
-        return self.reference / self.ours if self.unit == "s" else self.ours / self.reference
+        return self.reference / self.ours if self.unit in ("s", "ms") else self.ours / self.reference
 
     @property
     def fraction(self) -> float | None:
@@ -210,6 +212,8 @@ def run(
             ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes if bs == 1 else None
             report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
                                          bs * n_new / t_ref if t_ref else None, ceiling))
+        log("sampling: the default settings on random logits")
+        _bench_sampler(report, vocab, eng.device, repeats)
         if compile:
             _bench_compiled(eng, report, torch.randint(0, vocab, (1, 16), generator=gen).tolist(),
                             min(new_tokens, eng.n_ctx - 16), repeats, log)
@@ -277,6 +281,29 @@ def _load_reference(eng):
 
 
 @torch.inference_mode()
+def _bench_sampler(report: Report, vocab: int, device, repeats: int, draws: int = 20) -> None:
+    """One sampling step at the default settings (temperature, top-k), for a batch of 1 and of 16 rows with a
+    generator each, against the same filters followed by softmax and torch.multinomial, the draw transformers'
+    generate makes (its top-k and temperature warpers are the same two operations)."""
+    params = SamplingParams(temperature=DEFAULTS["temperature"], top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"])
+    for bs in (1, 16):
+        logits = (torch.randn(bs, vocab, generator=torch.Generator().manual_seed(bs)) * 3).to(device)
+        gens = [sampling.make_generator(i, device) for i in range(bs)]
+
+        def ours():
+            for _ in range(draws):
+                sampling.sample(logits, params, gens)
+
+        def ref():
+            for _ in range(draws):
+                x = sampling.top_k_filter(sampling.apply_temperature(logits, params.temperature), params.top_k)
+                torch.multinomial(torch.softmax(x, dim=-1), 1)
+
+        ours()
+        t, t_ref = _median_times(ours, ref, repeats)
+        report.results.append(Result(f"sampling step, batch {bs}", "ms", t / draws * 1e3, t_ref / draws * 1e3))
+
+
 def _hf_generate(hf, ids: torch.Tensor, n_new: int):
     return hf.generate(
         ids,
@@ -296,7 +323,7 @@ def format_report(rep: Report) -> str:
              f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
              f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8} {'ceiling':>12} {'of ceiling':>10}"]
     for r in rep.results:
-        fmt = (lambda v: f"{v:.3f} s") if r.unit == "s" else (lambda v: f"{v:.1f} tok/s")
+        fmt = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{v:.2f} ms"}.get(r.unit, lambda v: f"{v:.1f} tok/s")
         ref = fmt(r.reference) if r.reference else "-"
         ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
         ceiling = fmt(r.ceiling) if r.ceiling else "-"
@@ -304,6 +331,9 @@ def format_report(rep: Report) -> str:
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
     lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token"
                  + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else ""))
+    if any(r.unit == "ms" for r in rep.results):
+        lines.append("sampling step: default temperature and top-k on random logits, a generator a row; beside it the "
+                     "same filters, softmax and torch.multinomial (transformers' draw)")
     if rep.quantize != "none":
         lines.append(f"transformers runs the same weights in fp32 (it has no CPU {rep.quantize}): ratios are "
                      f"gptchat {rep.quantize} against transformers fp32"

@@ -329,3 +329,8 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
     assert rep.decode_step == ("one C call" if native.kernel() is not None else "modules")
     assert f"batch-1 decode step: {rep.decode_step}" in bench.format_report(rep)
+    # the sampler is timed against softmax + torch.multinomial on the same logits, whatever the reference flag
+    drawn = {r.name: r for r in rep.results if r.name.startswith("sampling step")}
+    assert sorted(drawn) == ["sampling step, batch 1", "sampling step, batch 16"]
+    assert all(r.unit == "ms" and r.ours > 0 and r.reference > 0 and r.ratio for r in drawn.values())
+    assert " ms " in bench.format_report(rep)
