@@ -163,10 +163,13 @@ def panels(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, to
     """An fp32 weight [N, K] (nn.Linear's) and bias [N] -> gptchat_sgemm's layout: [ceil(N/16), K, 16], one
     panel of 16 outputs after another, and the bias padded to match (zeros past N)."""
     n, k = w.shape
-    p = -(-n // 16)
-    cols = torch.zeros(p * 16, k)
-    cols[:n] = w.detach()
-    packed = cols.view(p, 16, k).transpose(1, 2).contiguous()
+    full, p = n // 16, -(-n // 16)
+    w = w.detach()
+    packed = torch.empty(p, k, 16)
+    packed[:full].copy_(w[: full * 16].reshape(full, 16, k).transpose(1, 2))  # no padded copy of the whole weight
+    if p > full:
+        packed[full].zero_()
+        packed[full, :, : n - full * 16].copy_(w[full * 16 :].t())
     if bias is None:
         return packed, None
     b = torch.zeros(p * 16)

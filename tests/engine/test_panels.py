@@ -13,9 +13,12 @@ pytestmark = pytest.mark.skipif(native.kernel() is None, reason="no C kernel her
 @pytest.mark.parametrize("M,K,N", [(1, 8, 5), (2, 64, 16), (6, 768, 2304), (7, 100, 50257), (13, 1000, 33),
                                    (16, 3072, 768), (40, 520, 47)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_equals_the_product(M, K, N, with_bias):
+@pytest.mark.parametrize("layout", ["rows", "inference"])  # inference: [in, out] storage (GPT.to_inference_layout)
+def test_equals_the_product(M, K, N, with_bias, layout):
     g = torch.Generator().manual_seed(M * 1000 + N)
     w, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(M, K, generator=g)
+    if layout == "inference":
+        w = w.t().contiguous().t()
     packed, pb = native.panels(w, b if with_bias else None)
     assert packed.shape == (-(-N // 16), K, 16) and (pb is None) == (not with_bias)
     y = native.sgemm(packed, pb, x, N)
