@@ -57,9 +57,21 @@ class PackedLinears:
         self.kind = kind
         self._packed: dict[str, tuple[object, torch.Tensor | None]] = {}
         self._stamp: dict[str, tuple[int, int]] = {}
+        self._found: list[tuple[str, nn.Linear, dict, str]] | None = None
 
-    def _linears(self):
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+    def _linears(self) -> list[tuple[str, nn.Linear]]:
+        """The model's Linears, by name. Walking the module tree took ~0.7 ms, twice a decode step; the walk
+        is kept and checked through each Linear's parent (a module swapped for a wrapper walks again)."""
+        found = self._found
+        if found is None or any(d.get(a) is not m for _, m, d, a in found):
+            found, seen = [], set()
+            for prefix, parent in self.model.named_modules():
+                for a, m in parent._modules.items():
+                    if isinstance(m, nn.Linear) and id(m) not in seen:
+                        seen.add(id(m))
+                        found.append((f"{prefix}.{a}" if prefix else a, m, parent._modules, a))
+            self._found = found
+        return [(n, m) for n, m, _, _ in found]
 
     def refresh(self) -> None:
         """Pack the weights that are new or changed since the last call."""

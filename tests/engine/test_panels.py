@@ -36,3 +36,28 @@ def test_leaves_memory_past_the_outputs_alone():
     assert native.kernel().gptchat_sgemm(packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), 3, 21, 32, 2) == 0
     assert torch.allclose(y, x @ w.t(), atol=1e-4)
     assert torch.equal(big[3 * 21:], torch.full((64,), 7.0))
+
+
+def test_packed_copies_follow_swapped_and_changed_linears():
+    from torch import nn
+
+    from gptchat.core.model import packed
+
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+    pl = packed.PackedLinears(net, 16, "panels")
+    x = torch.randn(3, 8)
+
+    def both():
+        with torch.inference_mode():
+            ref = net(x)
+            with pl.use():
+                return ref, net(x)
+
+    ref, got = both()
+    assert torch.allclose(got, ref, atol=1e-5)
+    net[2] = nn.Linear(32, 5)  # a module swapped: its parent no longer holds the one packed
+    with torch.no_grad():
+        net[0].weight.mul_(2)  # a weight changed in place: packed again
+    ref2, got2 = both()
+    assert not torch.allclose(ref2, ref) and torch.allclose(got2, ref2, atol=1e-5)
+    assert [n for n, _ in pl._linears()] == ["0", "2"] and pl._linears()[1][1] is net[2]
