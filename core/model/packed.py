@@ -14,9 +14,10 @@ than fp32; oneDNN's packed bf16 weights run at 80-90 GB/s and 36 GB/s (the head 
 measured at batch 1). So bf16 uses the packed weights at every batch size.
 
 fp32 on x86-64 with AVX2/FMA goes one better: gptchat's own kernel (native.sgemm, qkernel.c's
-gptchat_sgemm) on weights laid out in panels of 16 outputs. Measured on the same 2-core AMD EPYC for
-the 124M model's whole step of products: 16 rows 35-41 ms against oneDNN's ~64, 4 rows 21-23 ms (the
-read bandwidth). oneDNN stays for bf16 and where the kernel cannot be built (``GPTCHAT_NATIVE=0``).
+gptchat_sgemm) on weights laid out in panels of 16 outputs. Measured on the same 2-core AMD EPYC, a
+124M decode step alternating the two in one process: 2 rows 29-33 ms against 32-40, 4 rows 29-31 against
+42-45, 16 rows 63-76 against 83-87, 64 rows 150-192 against 182-203 (the products alone, outside the
+model: 16 rows 35-41 ms against ~64, 4 rows 21-23 ms, about the read bandwidth). oneDNN stays for bf16 and where the kernel cannot be built (``GPTCHAT_NATIVE=0``).
 
 The packed weights are a second copy (for GPT-2 124M, ~500 MB), built on first use and rebuilt when
 a weight changes in place. ``GPTCHAT_ONEDNN=0`` turns the whole thing off.
