@@ -119,7 +119,7 @@ def _frequencies(logits, params, draws, seed=5):
 
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.3, top_k=6), SamplingParams(temperature=0.7, top_k=6, top_p=0.8),
-    SamplingParams(temperature=1.5), SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=1.5), SamplingParams(temperature=1.0, top_p=0.9)
 ])
 def test_draws_follow_the_filtered_distribution(params):
     """The sampler draws from filtered_probs (what `gptchat inspect` shows), whichever path it takes."""
@@ -132,10 +132,15 @@ def test_draws_follow_the_filtered_distribution(params):
 
 
 def test_top_k_rows_walk_the_same_order_as_the_whole_row():
-    """The top-k shortcut picks, for the same random number, the token the whole filtered row would."""
+    """The top-k and top-p shortcuts pick, for the same random number, the token the whole filtered row would."""
     from gptchat.core.generate import sampling
     logits = _logits(B=3, V=3000, seed=4)
-    for params in (SamplingParams(temperature=0.8, top_k=40), SamplingParams(temperature=1.1, top_k=25, top_p=0.7)):
+    from gptchat.core.generate.sampling import _top_p_probs
+
+    small, wide = SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=2.0, top_p=0.95)
+    assert _top_p_probs(logits, small) is not None and _top_p_probs(logits, wide) is None  # both ways are walked
+    for params in (SamplingParams(temperature=0.8, top_k=40), SamplingParams(temperature=1.1, top_k=25, top_p=0.7),
+                   small, wide):
         for seed in range(40):
             gens = [make_generator(seed * 3 + i) for i in range(3)]
             fast = sample(logits, params, gens)
@@ -156,3 +161,12 @@ def test_the_last_uniform_never_reaches_a_dropped_token():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
     for u, want in ((0.0, 1), (0.2499, 1), (0.25, 3), (1 - 2.0 ** -53, 3)):
         assert int(_draw(probs, torch.tensor([u], dtype=torch.float64))) == want
+
+
+def test_a_tie_across_the_nucleus_edge_goes_to_the_whole_row():
+    from gptchat.core.generate.sampling import _top_p_probs
+
+    logits = torch.full((1, 300), -10.0)
+    logits[0, [7, 50, 120, 200]] = torch.tensor([5.0, 3.0, 3.0, 3.0])  # masses ~0.71, then three of ~0.10
+    assert _top_p_probs(logits, SamplingParams(top_p=0.75)) is None  # the edge falls between two tied tokens
+    assert _top_p_probs(logits, SamplingParams(top_p=0.5)) is not None  # only the first kept: no tie at the edge
