@@ -17,7 +17,8 @@ fp32 on x86-64 with AVX2/FMA goes one better: gptchat's own kernel (native.sgemm
 gptchat_sgemm) on weights laid out in panels of 16 outputs. Measured on the same 2-core AMD EPYC, a
 124M decode step alternating the two in one process: 2 rows 29-33 ms against 32-40, 4 rows 29-31 against
 42-45, 16 rows 63-76 against 83-87, 64 rows 150-192 against 182-203 (the products alone, outside the
-model: 16 rows 35-41 ms against ~64, 4 rows 21-23 ms, about the read bandwidth). oneDNN stays for bf16 and where the kernel cannot be built (``GPTCHAT_NATIVE=0``).
+model: 16 rows 35-41 ms against ~64, 4 rows 21-23 ms, about the read bandwidth). oneDNN stays for bf16
+and where the kernel cannot be built (``GPTCHAT_NATIVE=0``).
 
 The packed weights are a second copy (for GPT-2 124M, ~500 MB), built on first use and rebuilt when
 a weight changes in place. ``GPTCHAT_ONEDNN=0`` turns the whole thing off.
@@ -57,7 +58,7 @@ class PackedLinears:
         self.batch_hint = batch_hint
         self.kind = kind
         self._packed: dict[str, tuple[object, torch.Tensor | None]] = {}
-        self._stamp: dict[str, tuple[int, int]] = {}
+        self._stamp: dict[str, tuple] = {}
         self._found: list[tuple[str, nn.Linear, dict, str]] | None = None
 
     def _linears(self) -> list[tuple[str, nn.Linear]]:
@@ -77,9 +78,12 @@ class PackedLinears:
     def refresh(self) -> None:
         """Pack the weights that are new or changed since the last call."""
         with torch.inference_mode():
-            for name, lin in self._linears():
-                w = lin.weight
-                stamp = (w.data_ptr(), w._version)
+            linears = self._linears()
+            for gone in set(self._packed) - {name for name, _ in linears}:  # swapped out: its copy goes too
+                del self._packed[gone], self._stamp[gone]
+            for name, lin in linears:
+                w, b = lin.weight, lin.bias  # the panels copy the bias too: a change to either packs again
+                stamp = (w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
                 if self._stamp.get(name) == stamp:
                     continue
                 if self.kind == "panels":

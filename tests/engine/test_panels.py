@@ -61,3 +61,10 @@ def test_packed_copies_follow_swapped_and_changed_linears():
     ref2, got2 = both()
     assert not torch.allclose(ref2, ref) and torch.allclose(got2, ref2, atol=1e-5)
     assert [n for n, _ in pl._linears()] == ["0", "2"] and pl._linears()[1][1] is net[2]
+    with torch.no_grad():
+        net[2].bias.add_(1.0)  # the panels hold a padded copy of the bias: a change to it packs again
+    ref3, got3 = both()
+    assert torch.allclose(ref3, ref2 + 1.0, atol=1e-5) and torch.allclose(got3, ref3, atol=1e-5)
+    net[2] = nn.Sequential(nn.Linear(32, 5))  # moved one level down: the old name's copy is dropped
+    both()
+    assert sorted(pl._packed) == ["0", "2.0"]
