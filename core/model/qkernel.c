@@ -633,6 +633,7 @@ static void panel_block(const float *p, const float *x, long K, float *y, long y
 /* y [M, N] = x [M, K] Wp (+ b). b, when given, is padded to the panels (ceil(N/16) x 16 floats); 0 or -1 (no
    memory for a tail buffer) */
 int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads) {
+    if (M <= 0 || N <= 0) return 0;
     const long P = (N + 15) / 16, full = N / 16;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

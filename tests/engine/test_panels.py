@@ -27,6 +27,11 @@ def test_equals_the_product(M, K, N, with_bias, layout):
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=2e-5 * K ** 0.5)
 
 
+def test_no_rows_is_no_work():
+    packed, b = native.panels(torch.randn(20, 8), torch.randn(20))
+    assert native.sgemm(packed, b, torch.empty(0, 8), 20).shape == (0, 20)
+
+
 def test_leaves_memory_past_the_outputs_alone():
     """The last panel's padding columns are computed into a buffer of the kernel's own, never past y."""
     w, x = torch.randn(21, 32), torch.randn(3, 32)
