@@ -1,6 +1,7 @@
 """gptchat's C kernels (qkernel.c beside this file) for the CPU: int8 products, one-query attention,
-a whole batch-1 decode step (step1.py), causal attention for prefills, and the MLP's activation;
-compiled at first use and loaded with ctypes.
+a whole batch-1 decode step (step1.py), causal attention for prefills, the MLP's activation, and fp32
+products of a few rows on weights packed in panels (batched decode, packed.py); compiled at first use
+and loaded with ctypes.
 
 Why a kernel of our own: batch-1 decode with int8 weights should read a quarter of fp32's bytes at the
 memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without VNNI (measured on AMD
@@ -16,7 +17,8 @@ unresolved and bound to the OpenMP runtime PyTorch has loaded (made global first
 on PyTorch's own threads.
 
 ``kernel()`` is None where any of this is missing (not Linux on x86-64, no AVX2/FMA, no compiler, a
-failed build, or ``GPTCHAT_NATIVE=0``): QuantLinear then uses fbgemm and attention PyTorch's kernel.
+failed build, or ``GPTCHAT_NATIVE=0``): QuantLinear then uses fbgemm, attention PyTorch's kernel and
+batched fp32 decode oneDNN's packed weights.
 The reason is logged once.
 """
 
