@@ -46,10 +46,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-    drop_sorted = mass_before > p
-    drop_sorted[..., 0] = False  # the most likely token always survives, so top_p 0 is greedy
+    drop_sorted = _outside_nucleus(torch.softmax(sorted_logits.float(), dim=-1), p)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -155,19 +152,14 @@ def _top_k_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Te
     vals, idx = vals[:, :k], idx[:, :k]
     probs = torch.softmax(apply_temperature(vals, params.temperature), dim=-1)
     if params.top_p < 1.0:
-        check("top_p", params.top_p)
-        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # as top_p_filter: mass ranked above
-        drop[:, 0] = False
-        probs = probs.masked_fill(drop, 0.0)
-    order = idx.argsort(dim=-1)
-    return probs.gather(-1, order), idx.gather(-1, order)
+        probs = probs.masked_fill(_outside_nucleus(probs, params.top_p), 0.0)
+    return _vocabulary_order(probs, idx)
 
 
 def _top_p_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-p without top-k: the nucleus found among the 256 (else 4096) most likely tokens, normalised over
     the whole row, in vocabulary order; None when it reaches past them or a tie sits at its edge (then
     ``top_p_filter`` sorts the whole row: 5 ms a row of 50257 where this takes ~0.3)."""
-    check("top_p", params.top_p)
     scaled = apply_temperature(logits, params.temperature)
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     for m in (256, 4096):
@@ -175,17 +167,28 @@ def _top_p_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Te
             return None
         vals, idx = torch.topk(scaled, m, dim=-1)  # descending
         probs = torch.exp(vals - lse)
-        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # as top_p_filter: mass ranked above
+        drop = _outside_nucleus(probs, params.top_p)
         if not bool(drop[:, -1].all()):
             continue  # some row's nucleus may go on past these m
-        drop[:, 0] = False
         kept = (~drop).sum(dim=-1, keepdim=True)  # the nucleus is the first `kept` of each row
         if bool((vals.gather(-1, kept - 1) == vals.gather(-1, kept)).any()):
             return None  # a tie across the edge: which of the tied tokens stays is the full sort's call
-        probs = probs.masked_fill(drop, 0.0)
-        order = idx.argsort(dim=-1)
-        return probs.gather(-1, order), idx.gather(-1, order)
+        return _vocabulary_order(probs.masked_fill(drop, 0.0), idx)
     return None
+
+
+def _outside_nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """For probabilities sorted high to low: True past the nucleus, the tokens whose mass ranked above them
+    exceeds p (the most likely token always stays, so top_p 0 is greedy). top_p_filter and the shortcuts."""
+    drop = torch.cumsum(probs, dim=-1) - probs > p
+    drop[..., 0] = False
+    return drop
+
+
+def _vocabulary_order(probs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (probabilities, token ids) re-ordered by token id, the order the whole-row draw walks."""
+    order = idx.argsort(dim=-1)
+    return probs.gather(-1, order), idx.gather(-1, order)
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,18 @@ static void quantize_rows(const float *x, int16_t *x16, float *xs, long M, long 
     }
 }
 
+/* inside a parallel region: the calling thread's contiguous share [lo, hi) of n items */
+static void my_share(long n, long *lo, long *hi) {
+#ifdef _OPENMP
+    const long t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const long t = 0, T = 1;
+#endif
+    const long per = (n + T - 1) / T;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 /* y [M, N] = (x [M, K] @ (q * s)^T) + b. Returns 0, or -1 where scratch memory could not be had. */
 int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *x, float *y, long M, long N, long K,
                   long Kp, int threads) {
@@ -161,12 +173,8 @@ int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-#ifdef _OPENMP
-        const long t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const long t = 0, T = 1;
-#endif
-        const long per = (G + T - 1) / T, g0 = t * per, g1 = g0 + per < G ? g0 + per : G;
+        long g0, g1;
+        my_share(G, &g0, &g1);
         int16_t *w16 = M > 1 && g0 < g1 ? aligned_alloc(64, span * Kp * 4 * sizeof(int16_t)) : NULL;
         if (M > 1 && g0 < g1 && !w16) failed = 1;
         for (long a = g0; a < g1 && !failed; a += span) {
@@ -638,12 +646,8 @@ int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, lon
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-#ifdef _OPENMP
-        const long t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const long t = 0, T = 1;
-#endif
-        const long per = (P + T - 1) / T, j0 = t * per < P ? t * per : P, j1 = j0 + per < P ? j0 + per : P;
+        long j0, j1;
+        my_share(P, &j0, &j1);
         /* the last panel's outputs past N go to a buffer of its own, copied out at the end */
         float *tail = j1 > full && j0 < j1 ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
         if (j1 > full && j0 < j1 && !tail) failed = 1;
