@@ -404,13 +404,38 @@ static void attend_heads(const float *qkv, float *const kc, float *const vc, lon
 
 #define STEP_PTRS 16 /* per layer: ln_1 w b, c_attn W s b, attn.c_proj W s b, ln_2 w b, c_fc W s b, mlp.c_proj W s b */
 
-/* x [C]: the row's embedding in, the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
+/* The token's embedding plus its position's, into x [C]. emb_s NULL: emb is an fp32 table read through
+   strides (es0 a row, es1 an element); else emb is the head's packed int8 groups (rows of Kp) with scales
+   emb_s, as QuantEmbedding reads them. The product and the sum rounded apart, as PyTorch does them. */
+static void embed(long tok, const void *emb, const float *emb_s, long es0, long es1, long Kp, const float *pos,
+                  float *x, long C) {
+    if (emb_s == NULL) {
+        const float *row = (const float *)emb + tok * es0;
+        for (long i = 0; i < C; i++) x[i] = row[i * es1] + pos[i];
+        return;
+    }
+    const int8_t *g = (const int8_t *)emb + (tok / 4) * Kp * 4 + (tok % 4) * 32;
+    const float s = emb_s[tok];
+    for (long i = 0; i < C; i++) {
+        volatile float e = (float)g[(i / 32) * 128 + i % 32] * s; /* rounded here, not fused into the add */
+        x[i] = e + pos[i];
+    }
+}
+
+/* x [C]: the row's embedding in (or, with emb, written here from token *tok and the position row pos: see
+   embed()), the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
    biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
    scales: the attention scale of each layer. head (scales head_s when int8): the tied head, whose V logits
-   are then written to logits; NULL: none. Returns 0, or -1 where scratch memory could not be had. */
+   are then written to logits; NULL: none. Returns 0, -1 where scratch memory could not be had, or -2 where
+   the token is not in the table. */
 int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, long L, long C, long nh, long kh,
                   long ks, long slot, int int8, int act, float eps, const float *lnf_w, const float *lnf_b, float *x,
-                  const void *head, const float *head_s, long V, float *logits, int threads) {
+                  const void *head, const float *head_s, long V, float *logits, int threads, const int64_t *tok,
+                  const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const float *pos) {
+    if (emb) {
+        if (*tok < 0 || *tok >= V) return -2;
+        embed(*tok, emb, emb_s, es0, es1, emb_kp, pos, x, C);
+    }
     const long hs = C / nh, N4 = 4 * C, NP = head && V > N4 ? V : N4; /* the widest product */
     const long T = threads > 0 ? threads : 1;
     /* shared: part [T, NP], tmp [NP], qkv [3C], att [C], h [4C], ln [C]; per thread: x16 [4C + 32], scores [slot+1 + 8] */

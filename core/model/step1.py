@@ -12,8 +12,11 @@ swung within the hour; see the README for the fractions of the bandwidth ceiling
 Used by ``GPT.forward`` for one token of one row (the chat and ``generate`` decode loop) when the model
 is on the CPU, not training, without gradients, and every block's products are either fp32 in the
 inference layout or int8 on the AVX2 kernel (not LoRA, not bf16); otherwise the modules run as before.
-The token and position embeddings are looked up in PyTorch; the tied head runs in the step when it is of
-the blocks' kind (else its module runs after). fp32 logits equal the modules' to ~1e-6 (another order of
+The token and position rows are read in the step too (an fp32 table, or the int8 head's rows as
+QuantEmbedding reads them; other tables are looked up by their module first): after a step has streamed
+every weight through the caches, the first few PyTorch ops pay for cold caches (measured ~100 us for the
+first op against ~8 us warm), and the six ops of an int8 lookup cost ~0.3-0.5 ms a token. The tied head runs
+in the step when it is of the blocks' kind (else its module runs after). fp32 logits equal the modules' to ~1e-6 (another order of
 the same sums); int8's to ~1e-4 (a norm or GELU a rounding apart can move an activation's int16 code by
 one). ``GPTCHAT_STEP1=0`` turns it off.
 """
@@ -28,7 +31,7 @@ from torch import nn
 
 from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
-from gptchat.core.model.quant import QuantLinear
+from gptchat.core.model.quant import QuantEmbedding, QuantLinear
 
 
 class Plan:
@@ -39,6 +42,7 @@ class Plan:
     def __init__(self, model: nn.Module):
         self.products = _products(model)
         self.key = [_storage(m) for _, _, m in self.products]
+        self.outside = _outside(model)
         self.ptrs = None
         cfg = model.config
         if cfg.activation not in native.ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
@@ -74,10 +78,27 @@ class Plan:
         self.dims = (cfg.n_layer, cfg.n_embd, cfg.n_head)
         self.attns = [blk.attn for blk in model.transformer.h]  # their caches are read on each call
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
+        self.emb = _table(self.wte, self.wpe)
+        self.wpe_ptr, self.n_pos = self.wpe.data_ptr(), self.wpe.shape[0]
+        self.caches: tuple = ()  # the KV caches the pointers below were read from (a KVCache keeps its buffers)
+        self.x = torch.empty(1, 1, cfg.n_embd)  # the row's activation, when the hidden state is not returned
 
-    def current(self) -> bool:
-        """The model's products are still those this plan was built from (~10 us for 124M's 48)."""
-        return all(d.get(name) is m and _storage(m) == ptr for (d, name, m), ptr in zip(self.products, self.key))
+    def current(self, model: nn.Module) -> bool:
+        """The model's products, tables and head are still those this plan was built from (~15 us for 124M)."""
+        return (_outside(model) == self.outside
+                and all(d.get(name) is m and _storage(m) == ptr for (d, name, m), ptr in zip(self.products, self.key)))
+
+    def kv(self, slot: int):
+        """(pointers, strides) of the layers' key and value caches, or None where the step cannot read them
+        (a missing cache, more than one row, not fp32, slot past its end, strides apart)."""
+        caches = tuple(attn._modules.get("kv_cache") for attn in self.attns)
+        if caches != self.caches:  # compared by identity: new caches (a new batch, a compaction), new pointers
+            self.caches, self.kv_ptrs = caches, None
+            if None not in caches:
+                self.kv_ptrs = _kv_pointers(caches)
+        if self.kv_ptrs is None or slot >= self.kv_ptrs[2]:
+            return None
+        return self.kv_ptrs
 
 
 def _products(model: nn.Module) -> list[tuple[dict, str, nn.Module]]:
@@ -88,6 +109,43 @@ def _products(model: nn.Module) -> list[tuple[dict, str, nn.Module]]:
         for parent, name in ((blk.attn, "c_attn"), (blk.attn, "c_proj"), (blk.mlp, "c_fc"), (blk.mlp, "c_proj")):
             out.append((parent._modules, name, parent._modules[name]))
     return out
+
+
+def _outside(model: nn.Module) -> tuple:
+    """The token and position tables and the head, with what they read from: (module, storage) pairs."""
+    mods = (model.transformer._modules.get("wte"), model.transformer._modules.get("wpe"), model._modules.get("lm_head"))
+    return tuple((m, tuple(t.data_ptr() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None))
+                 for m in mods if m is not None)
+
+
+def _table(wte: nn.Module, wpe: torch.Tensor):
+    """The token table as gptchat_step1 reads it: (table, scales or None, row stride, element stride, packed row
+    length), or None where the lookup stays in PyTorch (another kind of table, another dtype or device)."""
+    if wpe.dtype != torch.float32 or wpe.device.type != "cpu" or not wpe.is_contiguous():
+        return None
+    if isinstance(wte, QuantEmbedding):
+        if not wte.head:  # int8 rows of its own (no AVX2 kernel): the module looks them up
+            return None
+        head = wte.head[0]
+        return head.packed, head.scale, 0, 0, native.padded(head.out_features, head.in_features)[1]
+    w = wte._parameters.get("weight") if type(wte) is nn.Embedding else None
+    if w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    return w, None, w.stride(0), w.stride(1), 0
+
+
+def _kv_pointers(caches) -> tuple | None:
+    ptrs, st, cap = [], None, None
+    for c in caches:
+        k, v = c._buffers["k"], c._buffers["v"]
+        st, cap = st or k.stride(), cap or k.shape[2]
+        if k.shape[0] != 1 or k.dtype != torch.float32 or k.device.type != "cpu" or k.stride() != st \
+                or v.stride() != st or k.shape[2] != cap:
+            return None
+        ptrs += [k.data_ptr(), v.data_ptr()]
+    if st[3] != 1:
+        return None
+    return (ctypes.c_void_p * len(ptrs))(*ptrs), st, cap
 
 
 def _storage(m: nn.Module) -> int | None:
@@ -116,7 +174,7 @@ def plan(model: nn.Module) -> Plan | None:
     if switched_off("GPTCHAT_STEP1") or native.kernel() is None:
         return None
     p = _plans.get(model)
-    if p is None or not p.current():
+    if p is None or not p.current(model):
         p = _plans[model] = Plan(model)
     return p if p.ptrs is not None else None
 
@@ -129,28 +187,29 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
     p = plan(model)
     if p is None:
         return None
-    ptrs, st = [], None
-    for attn in p.attns:
-        c = attn._modules.get("kv_cache")
-        if c is None:
-            return None
-        k, v = c._buffers["k"], c._buffers["v"]
-        st = st or k.stride()
-        if k.shape[0] != 1 or k.dtype != torch.float32 or slot >= k.shape[2] or k.stride() != st or v.stride() != st:
-            return None
-        ptrs += [k.data_ptr(), v.data_ptr()]
-    if st[3] != 1:
+    kv = p.kv(slot)
+    if kv is None or slot >= p.n_pos:
         return None
-    x = (p.wte(idx) + p.wpe[slot]).float().contiguous()  # (1, 1, C)
-    wf, bf = p.ln_f
+    kv_ptrs, st, _ = kv
     head = p.head if logits else None
     out = torch.empty(1, 1, p.vocab) if head is not None else None
-    rc = native.kernel().gptchat_step1(p.ptrs, (ctypes.c_void_p * len(ptrs))(*ptrs), p.scales, p.dims[0], p.dims[1],
-                                       p.dims[2], st[1], st[2], slot, p.int8, p.act, p.eps, wf.data_ptr(),
-                                       None if bf is None else bf.data_ptr(), x.data_ptr(),
-                                       None if head is None else head[0].data_ptr(),
+    emb = p.emb if idx.dtype == torch.long and idx.device.type == "cpu" else None
+    if emb is not None:  # the lookup in the step: no PyTorch op between two steps but the logits' allocation
+        x = p.x if logits else torch.empty(1, 1, p.dims[1])
+        table, table_s, es0, es1, kp = emb
+        lookup = (idx.data_ptr(), table.data_ptr(), None if table_s is None else table_s.data_ptr(), es0, es1, kp,
+                  p.wpe_ptr + 4 * slot * p.dims[1])
+    else:
+        x = (p.wte(idx) + p.wpe[slot]).float().contiguous()  # (1, 1, C)
+        lookup = (None, None, None, 0, 0, 0, None)
+    wf, bf = p.ln_f
+    rc = native.kernel().gptchat_step1(p.ptrs, kv_ptrs, p.scales, p.dims[0], p.dims[1], p.dims[2], st[1], st[2], slot,
+                                       p.int8, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
+                                       x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads())
+                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup)
+    if rc == -2:
+        raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:
         raise MemoryError("decode step: no memory for its scratch buffers")
     if out is not None:

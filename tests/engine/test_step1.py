@@ -135,6 +135,54 @@ def test_replaced_weights_rebuild_the_plan(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_the_token_lookup_runs_in_the_step(int8, monkeypatch):
+    """The token's row and its position's are read in C (no PyTorch op between two steps), as the modules read them;
+    a token outside the table is refused as nn.Embedding refuses it."""
+    m = _model()
+    m = quant.quantize_model(m) if int8 else m.to_inference_layout()
+    assert step1.plan(m).emb is not None
+    with torch.inference_mode():
+        for tok in (0, 299, 17):  # the table's first and last rows
+            hidden = []
+            for on in ("0", "1"):
+                monkeypatch.setenv("GPTCHAT_STEP1", on)
+                m.setup_cache(1, 16)
+                hidden.append(m(torch.tensor([[tok]]), start=0, kv_len=1, return_hidden=True))
+            assert (hidden[0] - hidden[1]).abs().max() <= (1e-3 if int8 else 1e-5)
+
+        def boom(*a, **kw):
+            raise AssertionError("the lookup ran in PyTorch")
+
+        monkeypatch.setattr(m.transformer.wte, "forward", boom)
+        monkeypatch.setattr(m.transformer.wpe, "forward", boom)
+        m.setup_cache(1, 16)
+        assert m(torch.tensor([[5]]), start=0, kv_len=1).shape == (1, 1, 300)
+        for bad in (300, -1):
+            with pytest.raises(IndexError):
+                m(torch.tensor([[bad]]), start=1, kv_len=2)
+
+
+def test_replaced_tables_rebuild_the_plan(monkeypatch):
+    m = _model().to_inference_layout()
+    first = step1.plan(m)
+    with torch.no_grad():
+        m.transformer.wpe.weight = torch.nn.Parameter(m.transformer.wpe.weight * 2)
+    assert step1.plan(m) is not first  # a table replaced: its pointer is not read any more
+    ids = list(range(1, 12))
+    got, _ = _decode(m, ids, 3, monkeypatch, on=True)
+    ref, _ = _decode(m, ids, 3, monkeypatch, on=False)
+    assert torch.allclose(got, ref, atol=1e-4)
+    monkeypatch.setenv("GPTCHAT_STEP1", "1")
+    second = step1.plan(m)
+    m.transformer.wte = quant.QuantEmbedding(*quant.quantize_rows(m.transformer.wte.weight.detach()))
+    third = step1.plan(m)
+    assert third is not second and third.emb is None  # int8 rows of its own: looked up by the module
+    got, _ = _decode(m, ids, 3, monkeypatch, on=True)
+    ref, _ = _decode(m, ids, 3, monkeypatch, on=False)
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_the_engine_decodes_through_the_step(quantize, tmp_path, monkeypatch):
     folder = save(hf_model(seed=7), tmp_path / "m")
