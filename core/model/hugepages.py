@@ -1,0 +1,66 @@
+"""Weights in 2 MB pages: one block, advised for Linux's transparent huge pages, that a model's int8
+weights are copied into after loading.
+
+Why: batch-1 decode streams every weight once a token. In 4 KB pages a 124M int8 model is ~30,000 pages
+a token, each a TLB miss on the way; in 2 MB pages it is ~60. Measured on a 2-core AMD EPYC (Milan),
+alternating in one process: int8 batch-1 decode 1.07-1.12x faster (median pairs; 10 of 12 pairs faster).
+fp32 weights showed no difference (their decode reads four rows at a time and already runs near the
+bandwidth), so they stay where they were loaded (often a memory-mapped file). Where the kernel does not
+give huge pages (THP "never", not Linux) the block is ordinary memory and nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+import torch
+
+HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f
+
+
+def block(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of uint8 CPU memory starting on a 2 MB boundary, advised for huge pages before any of it
+    is touched (a large allocation is fresh mmap'd memory: its pages come on first write)."""
+    raw = torch.empty(nbytes + HUGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % HUGE
+    madvise = _madvise()
+    if madvise is not None and nbytes >= HUGE:
+        madvise(raw.data_ptr() + start, (nbytes + HUGE - 1) // HUGE * HUGE, _MADV_HUGEPAGE)
+    return raw[start : start + nbytes]
+
+
+def rehome(tensors: list[tuple[dict, str]]) -> int:
+    """Copy each ``d[name]`` (a module's ``_buffers`` or ``_parameters`` and a key; CPU, contiguous) into one
+    huge-page block and put the copy in its place, one at a time so that each original can go before the
+    next is copied. Returns the bytes moved (0: nothing to move)."""
+    entries = [(d, name, d[name]) for d, name in tensors if d.get(name) is not None]
+    entries = [(d, n, t) for d, n, t in entries if t.device.type == "cpu" and t.is_contiguous()]
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for _, _, t in entries]
+    if sum(sizes) < HUGE:
+        return 0
+    mem = block(sum(sizes))
+    off = 0
+    for i, size in enumerate(sizes):
+        d, name, t = entries[i]
+        entries[i] = None  # the last reference here: the original goes once its module lets go of it
+        copy = mem[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        copy.copy_(t)
+        d[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
+        del t
+        off += size
+    return off

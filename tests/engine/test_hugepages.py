@@ -1,0 +1,82 @@
+"""int8 weights moved into one block of 2 MB pages after loading (core/model/hugepages.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptchat.core.generate.engine import Engine
+from gptchat.core.generate.sampling import SamplingParams
+from gptchat.core.model import hugepages, native, quant
+from tests.factory import hf_model, save
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _thp_mode() -> str | None:
+    """The bracketed mode of Linux's transparent huge pages ("always", "madvise", "never"), or None."""
+    try:
+        text = THP.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+def _eligible(ptr: int) -> bool | None:
+    """THPeligible of the mapping holding ``ptr`` in /proc/self/smaps (None: not reported)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return None
+
+
+def test_a_block_starts_on_a_2mb_boundary_and_is_advised():
+    b = hugepages.block(5 * hugepages.HUGE + 123)
+    assert b.dtype == torch.uint8 and b.numel() == 5 * hugepages.HUGE + 123
+    assert b.data_ptr() % hugepages.HUGE == 0
+    if sys.platform.startswith("linux") and _thp_mode() in ("madvise", "always"):
+        assert _eligible(b.data_ptr()) is not False
+
+
+def test_rehome_copies_each_tensor_into_one_block_in_place_of_the_original():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (1000, 768), dtype=torch.int8, generator=g)
+    f = torch.randn(300, 1025, generator=g)
+    p = torch.nn.Parameter(torch.randn(2000, 512, generator=g), requires_grad=False)
+    skipped = torch.randn(64, 64, generator=g).t()  # not contiguous: stays
+    d = {"a": a, "f": f, "p": p, "s": skipped, "none": None}
+    moved = hugepages.rehome([(d, "a"), (d, "f"), (d, "p"), (d, "s"), (d, "none"), (d, "absent")])
+    assert moved == sum((t.numel() * t.element_size() + 63) // 64 * 64 for t in (a, f, p))
+    assert d["s"] is skipped and d["none"] is None and "absent" not in d
+    for name, old in (("a", a), ("f", f), ("p", p)):
+        assert d[name] is not old and torch.equal(d[name], old) and d[name].dtype == old.dtype
+    assert isinstance(d["p"], torch.nn.Parameter) and not d["p"].requires_grad
+    start = d["a"].data_ptr()
+    assert start % hugepages.HUGE == 0  # one block, in order, each 64-byte aligned
+    assert d["f"].data_ptr() == start + (a.numel() + 63) // 64 * 64
+    assert d["p"].data_ptr() == d["f"].data_ptr() + (f.numel() * 4 + 63) // 64 * 64
+    assert hugepages.rehome([({"x": torch.zeros(10)}, "x")]) == 0  # under one page: left where it is
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
+def test_an_int8_engine_decodes_from_its_weights_in_the_block(tmp_path):
+    folder = save(hf_model(seed=5), tmp_path / "m")
+    eng = Engine.load(str(folder), device="cpu", quantize="int8")
+    mods = [m for m in eng.model.modules() if isinstance(m, quant.QuantLinear)]
+    ptrs = sorted((m.packed.data_ptr(), m.packed.numel()) for m in mods)
+    assert ptrs[0][0] % hugepages.HUGE == 0
+    assert all(b[0] == a[0] + (a[1] + 63) // 64 * 64 for a, b in zip(ptrs, ptrs[1:]))  # one block, back to back
+    got = [t.token for out in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in out]
+    for m in mods:  # the same weights, each in an allocation of its own
+        m._buffers["packed"] = m.packed.clone()
+    ref = [t.token for out in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in out]
+    assert got == ref
