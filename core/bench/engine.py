@@ -2,7 +2,10 @@
 
 Benchmarks print ratios against a reference run beside them, never absolute targets: this machine's
 speed varies, the ratio much less. Batch-1 decode also gets its ceiling: it reads every weight once
-per token, so it cannot beat (read bandwidth, measured here in the same run) / (bytes of weights).
+per token, so it cannot beat (read bandwidth, measured here in the same run) / (bytes of weights). The
+bandwidth is read at the start and again just before each timed batch-1 decode run; the ceiling uses
+the median of those readings (a single reading at the start put the same decode speed anywhere between
+63% and 94% of the ceiling on a VM whose bandwidth drifted within minutes).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Report:
     cpu: str = ""
     cpu_flags: list[str] = field(default_factory=list)
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() at the start
-    bandwidth_gbs: float = 0.0  # read bandwidth, measured in this run
+    bandwidth_gbs: float = 0.0  # read bandwidth, measured in this run (the median of bandwidth_samples)
+    bandwidth_samples: list[float] = field(default_factory=list)  # at the start, then before each batch-1 decode run
     weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
     results: list[Result] = field(default_factory=list)
     quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
@@ -67,13 +71,17 @@ class Report:
     decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
 
 
-def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int):
-    """Median seconds of each, the two runs alternating so that a change in background load hits both."""
+def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int,
+                  before: Callable[[], object] | None = None):
+    """Median seconds of each, the two runs alternating so that a change in background load hits both.
+    ``before``: run, untimed, just before each of ours (a bandwidth reading beside each decode run)."""
     t_ours, t_ref = [], []
     for _ in range(repeats):
         for fn, out in ((ours, t_ours), (ref, t_ref)):
             if fn is None:
                 continue
+            if fn is ours and before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
@@ -174,6 +182,7 @@ def run(
         report.decode_step = "one C call" if step1.plan(eng.model) is not None else "modules"
         log("read bandwidth: summing a 512 MB buffer for a second")
         report.bandwidth_gbs = read_bandwidth()
+        report.bandwidth_samples = [report.bandwidth_gbs]
         # transformers reads a nanoGPT file through a copy saved from our model: not from an int8 one
         copyable = quantize == "none" or eng.checkpoint.format != "nanogpt"
         hf = _load_reference(eng) if reference and copyable else None
@@ -210,7 +219,12 @@ def run(
             ours_decode() if bs > 1 else None
             ids = prompts.to(eng.device)
             ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
-            t, t_ref = _median_times(ours_decode, ref, 1 if bs > 1 else repeats)
+            # batch 1: the bandwidth read again just before each timed run (this VM's swung 18-27 GB/s within
+            # minutes); the ceiling is the median of all readings
+            reading = (lambda: report.bandwidth_samples.append(read_bandwidth(0.3))) if bs == 1 else None  # noqa: E731
+            t, t_ref = _median_times(ours_decode, ref, 1 if bs > 1 else repeats, before=reading)
+            if bs == 1:
+                report.bandwidth_gbs = statistics.median(report.bandwidth_samples)
             ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes if bs == 1 else None
             report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
                                          bs * n_new / t_ref if t_ref else None, ceiling))
@@ -322,7 +336,10 @@ def format_report(rep: Report) -> str:
     lines = [f"model {rep.model}  device {rep.device}  dtype {rep.dtype}{quant}  threads {rep.threads}",
              f"cpu {rep.cpu or '?'} ({' '.join(rep.cpu_flags) or 'no flags read'})  load {' '.join(f'{x:.2f}' for x in rep.load)}  "
              f"OMP_WAIT_POLICY {rep.omp_wait_policy}",
-             f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
+             f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s"
+             + (f" (median of {len(rep.bandwidth_samples)} readings, {min(rep.bandwidth_samples):.1f}-"
+                f"{max(rep.bandwidth_samples):.1f})" if len(rep.bandwidth_samples) > 1 else "")
+             + f"; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
              f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8} {'ceiling':>12} {'of ceiling':>10}"]
     for r in rep.results:
         fmt = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{v:.2f} ms"}.get(r.unit, lambda v: f"{v:.1f} tok/s")

@@ -321,11 +321,16 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     from gptchat.core.bench import engine as bench
     from gptchat.core.model import native
 
-    monkeypatch.setattr(bench, "read_bandwidth", lambda: 10.0)  # not what is tested here
+    readings = iter([10.0, 20.0, 40.0])  # at the start, then before each batch-1 decode run
+    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: next(readings))
     monkeypatch.setattr(bench, "_quality", lambda *a, **k: None)  # nor the quality measurement
     rep = bench.run(shape="tiny", prompt_tokens=8, new_tokens=2, batch_sizes=(1,), reference=False, repeats=1,
                     quantize="int8")
     assert rep.int8_kernel == ("avx2" if native.kernel() is not None else "fbgemm")
+    assert rep.bandwidth_samples == [10.0, 20.0] and rep.bandwidth_gbs == 15.0  # the ceiling's: their median
+    b1 = next(r for r in rep.results if r.name.startswith("decode batch 1"))
+    assert b1.ceiling == 15.0e9 / rep.weight_bytes
+    assert "read bandwidth 15.0 GB/s (median of 2 readings, 10.0-20.0)" in bench.format_report(rep)
     assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
     assert rep.decode_step == ("one C call" if native.kernel() is not None else "modules")
     assert f"batch-1 decode step: {rep.decode_step}" in bench.format_report(rep)
