@@ -211,7 +211,9 @@ class GPT(nn.Module):
                 raise CheckpointError(f"{source}: unexpected tensor {key!r}; this is not a GPT-2 checkpoint")
             if tuple(t.shape) != expected[key]:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, but the config implies {expected[key]}")
-            sd[key] = _placed(t.detach().to(device=device, dtype=dtype), inference_layout and key != "transformer.wpe.weight")
+            t = t.detach().to(device=device, dtype=dtype)
+            sd[key] = _placed(t, inference_layout and key != "transformer.wpe.weight"
+                              and not (key == "transformer.wte.weight" and _head_by_rows(t)))
             if transform is not None:
                 sd[key] = transform(key, sd[key])
         missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
@@ -248,14 +250,14 @@ class GPT(nn.Module):
 
         Parameters keep their [out, in] shapes and names; only the memory order changes. On CPU a
         matrix-vector product reads an [in, out] matrix about 1.5x faster (measured: the 50257x768
-        head, 12 ms -> 8 ms per decode step), and decode is that product, layer after layer. The
-        embedding lookup from the transposed wte costs nothing that matters.
+        head, 12 ms -> 8 ms per decode step), and decode is that product, layer after layer. The tied
+        head stays in its own order where the one-call step (step1.py) will read it (``_head_by_rows``).
         """
         with torch.no_grad():
             # wpe, and wte once the head is not tied to it (an int8 head, quant.py), are only looked up
             skip = {id(self.transformer.wpe.weight)}
             wte = getattr(self.transformer.wte, "weight", None)  # None: an int8 table (QuantEmbedding)
-            if getattr(self.lm_head, "weight", None) is not wte:
+            if getattr(self.lm_head, "weight", None) is not wte or _head_by_rows(wte):
                 skip.add(id(wte))
             for p in self.parameters():
                 if p.dim() == 2 and p.is_contiguous() and id(p) not in skip:
@@ -351,6 +353,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, mask, slot)
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
+
+
+def _head_by_rows(w: torch.Tensor | None) -> bool:
+    """The tied token table/head stays [V, C] in memory in the inference layout: on the CPU in fp32 with the C
+    kernels, whose batch-1 step reads the head a row of C a logit as fast as the transposed copy (which took
+    ~0.1 s of a 124M start to make: 154 MB copied and page-faulted). Elsewhere it is transposed like the others
+    (PyTorch's split product reads [in, out] rows ~1.5x faster)."""
+    return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and not switched_off("GPTCHAT_STEP1")
+            and native.kernel() is not None)
 
 
 def _placed(t: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -391,6 +391,30 @@ static void linear(const team_t *tm, int int8, const void *W, const float *s, co
     finish(y, tm->tmp, n0, n1, post, act);
 }
 
+/* y [N] = W [N, K] (fp32 rows, K a multiple of 8) @ x [K], each thread a block of rows: the tied head read in
+   the token table's own order, which then needs no transposed copy at load */
+static void rows_dot(const team_t *tm, const float *W, const float *x, float *y, long K, long N) {
+    const long per = (N + tm->T - 1) / tm->T, n0 = tm->t * per < N ? tm->t * per : N, n1 = n0 + per < N ? n0 + per : N;
+    for (long n = n0; n < n1; n++) {
+        const float *w = W + n * K;
+        _mm_prefetch((const char *)(w + 4 * K), _MM_HINT_T0);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long k = 0;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        y[n] = _mm_cvtss_f32(r);
+    }
+}
+
 /* Attention of the row's query for heads [h0, h1) over slots 0..slot, after writing this slot's k and v */
 static void attend_heads(const float *qkv, float *const kc, float *const vc, long kh, long ks, long slot, long C,
                          long hs, long h0, long h1, float scale, float *sc, float *out) {
@@ -426,12 +450,14 @@ static void embed(long tok, const void *emb, const float *emb_s, long es0, long 
    embed()), the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
    biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
    scales: the attention scale of each layer. head (scales head_s when int8): the tied head, whose V logits
-   are then written to logits; NULL: none. Returns 0, -1 where scratch memory could not be had, or -2 where
+   are then written to logits, read as [C, V] rows like the blocks' weights, or with head_rows (fp32 only) as
+   [V, C] rows; NULL: none. Returns 0, -1 where scratch memory could not be had, or -2 where
    the token is not in the table. */
 int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, long L, long C, long nh, long kh,
                   long ks, long slot, int int8, int act, float eps, const float *lnf_w, const float *lnf_b, float *x,
                   const void *head, const float *head_s, long V, float *logits, int threads, const int64_t *tok,
-                  const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const float *pos) {
+                  const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const float *pos,
+                  int head_rows) {
     if (emb) {
         if (*tok < 0 || *tok >= V) return -2;
         embed(*tok, emb, emb_s, es0, es1, emb_kp, pos, x, C);
@@ -473,7 +499,8 @@ int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, 
         }
 #pragma omp single
         layer_norm(x, lnf_w, lnf_b, x, C, eps);
-        if (head) linear(&tm, int8, head, head_s, NULL, x, logits, C, V, POST_STORE, act);
+        if (head && head_rows) rows_dot(&tm, (const float *)head, x, logits, C, V);
+        else if (head) linear(&tm, int8, head, head_s, NULL, x, logits, C, V, POST_STORE, act);
     }
     free(buf);
     return 0;

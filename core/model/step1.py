@@ -67,9 +67,11 @@ class Plan:
                 t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in small):
             return
         self.int8 = kinds.pop()
-        head = _weight(model.lm_head) if "lm_head" in model._modules else None
-        # the tied head too, when it is of the same kind (else the model's own head module runs after the step)
+        head = _weight(model.lm_head, rows=not self.int8) if "lm_head" in model._modules else None
+        # the tied head too, when it is of the same kind (else the model's own head module runs after the step);
+        # an fp32 head in either order: [in, out] rows like the blocks', or the token table's own [out, in] rows
         self.head = head[:2] if head is not None and head[2] == self.int8 and model.lm_head.bias is None else None
+        self.head_rows = int(self.head is not None and not self.int8 and self.head[0].is_contiguous())
         self.vocab = model.config.vocab_size
         self.tensors = tensors  # holds them alive while the pointers are in use
         self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
@@ -153,11 +155,12 @@ def _storage(m: nn.Module) -> int | None:
     return None if w is None else w.data_ptr()
 
 
-def _weight(m: nn.Module):
-    """(weight tensor, scale or None, int8?) of a product the step can run, or None."""
+def _weight(m: nn.Module, rows: bool = False):
+    """(weight tensor, scale or None, int8?) of a product the step can run, or None. ``rows``: an fp32 weight
+    in its own [out, in] order is taken too (the head)."""
     if isinstance(m, nn.Linear):  # gpt.Linear (LoRA's adapter is not one: fused.usable goes by the same rule)
         w = m.weight
-        if w.dtype == torch.float32 and w.device.type == "cpu" and w.t().is_contiguous():  # [in, out] rows
+        if w.dtype == torch.float32 and w.device.type == "cpu" and (w.t().is_contiguous() or rows and w.is_contiguous()):
             return w, None, False
         return None
     if isinstance(m, QuantLinear) and m.native:  # int8 on the AVX2 kernel's packed groups
@@ -207,7 +210,7 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
                                        p.int8, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup)
+                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows)
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:

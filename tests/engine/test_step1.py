@@ -163,6 +163,21 @@ def test_the_token_lookup_runs_in_the_step(int8, monkeypatch):
                 m(torch.tensor([[bad]]), start=1, kv_len=2)
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["head in its own rows", "head transposed"])
+def test_the_fp32_head_is_read_in_either_order(rows, monkeypatch):
+    m = _model().to_inference_layout()
+    wte = m.transformer.wte.weight
+    assert wte.is_contiguous()  # the inference layout leaves the tied table in its own [V, C] order here
+    if not rows:
+        wte.data = wte.data.t().contiguous().t()  # the order it has where the C kernels are not at hand
+    p = step1.plan(m)
+    assert p.head is not None and p.head_rows == int(rows)
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    got, _ = _decode(m, ids, 5, monkeypatch, on=True)
+    ref, _ = _decode(m, ids, 5, monkeypatch, on=False)
+    assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
 def test_replaced_tables_rebuild_the_plan(monkeypatch):
     m = _model().to_inference_layout()
     first = step1.plan(m)
