@@ -179,3 +179,19 @@ def test_skip_init_skips_only_initialisation_and_only_in_its_own_thread():
         release.set()
         t.join()
     assert torch.equal(skipped, torch.full((64,), 0.5))
+
+
+def test_a_command_runs_from_an_app_of_that_command_alone_with_the_same_help():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from gptchat.tui.cli import main as cli
+
+    runner = CliRunner()
+    for name in cli.COMMANDS:
+        one = cli._app_for([name, "--help"])
+        assert one is not cli.app and list(get_command(one).commands) == [name]
+        slim, whole = runner.invoke(one, [name, "--help"]), runner.invoke(cli.app, [name, "--help"])
+        assert slim.exit_code == whole.exit_code == 0 and slim.output == whole.output, name
+    for args in ([], ["--help"], ["templates", "list"], ["generat", "x"], ["--model", "gpt2"]):
+        assert cli._app_for(args) is cli.app  # the whole app: its help, a sub-app, a misspelt command, the callback

@@ -38,20 +38,21 @@ class _Commands(TyperGroup):
             ctx.exit(0)
 
 
-app = typer.Typer(
-    name="gptchat",
-    cls=_Commands,
-    help="Chat with, prompt, compare and finetune GPT-2 models from a terminal.",
-    add_completion=False,
-    invoke_without_command=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+def _new_app() -> typer.Typer:
+    one = typer.Typer(
+        name="gptchat",
+        cls=_Commands,
+        help="Chat with, prompt, compare and finetune GPT-2 models from a terminal.",
+        add_completion=False,
+        invoke_without_command=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    one.callback()(_default)
+    return one
 
 
-
-@app.callback()
 def _default(ctx: typer.Context, model: ModelOpt = None) -> None:
     """Chat with, prompt, compare and finetune GPT-2 models from a terminal.
 
@@ -62,21 +63,30 @@ def _default(ctx: typer.Context, model: ModelOpt = None) -> None:
 
 
 # Each command module imports only typer and the stdlib at top level: `gptchat --help` never loads torch.
-app.command("generate")(cmd_generate.generate)
-app.command("chat")(cmd_chat.chat)
-app.command("batch")(cmd_batch.batch)
-app.command("finetune")(cmd_finetune.finetune)
-app.command("runs")(cmd_finetune.runs)
-app.command("models")(cmd_models.models)
-app.command("pull")(cmd_models.pull)
-app.command("bench")(cmd_bench.bench)
-app.command("eval")(cmd_eval.eval_cmd)
-app.command("compare")(cmd_compare.compare)
-app.command("experiment")(cmd_experiment.experiment)
-app.command("estimate")(cmd_estimate.estimate)
-app.command("inspect")(cmd_inspect.inspect)
-app.command("paths")(cmd_paths.paths)
+COMMANDS = {
+    "generate": cmd_generate.generate, "chat": cmd_chat.chat, "batch": cmd_batch.batch,
+    "finetune": cmd_finetune.finetune, "runs": cmd_finetune.runs, "models": cmd_models.models,
+    "pull": cmd_models.pull, "bench": cmd_bench.bench, "eval": cmd_eval.eval_cmd, "compare": cmd_compare.compare,
+    "experiment": cmd_experiment.experiment, "estimate": cmd_estimate.estimate, "inspect": cmd_inspect.inspect,
+    "paths": cmd_paths.paths,
+}
+app = _new_app()
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
 app.add_typer(cmd_templates.app, name="templates")
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app that runs ``args``: for `gptchat COMMAND ...` one holding that command alone (Typer reads the
+    signature of every command it is given, through typing, before it parses anything: all of them took
+    ~0.2 s of `gptchat generate`'s start on a 2-core EPYC); anything else (no command, --help, templates, a
+    misspelt command) the whole app."""
+    fn = COMMANDS.get(args[0]) if args else None
+    if fn is None:
+        return app
+    one = _new_app()
+    one.command(args[0])(fn)
+    return one
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     from gptchat.tui.cli.common import debug, err
 
     try:
-        app(args=argv, prog_name="gptchat", standalone_mode=True)
+        args = list(sys.argv[1:] if argv is None else argv)
+        _app_for(args)(args=args, prog_name="gptchat", standalone_mode=True)
     except UsageError as e:
         if debug():
             raise
