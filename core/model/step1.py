@@ -15,8 +15,9 @@ inference layout or int8 on the AVX2 kernel (not LoRA, not bf16); otherwise the 
 The token and position rows are read in the step too (an fp32 table, or the int8 head's rows as
 QuantEmbedding reads them; other tables are looked up by their module first): after a step has streamed
 every weight through the caches, the first few PyTorch ops pay for cold caches (measured ~100 us for the
-first op against ~8 us warm), and the six ops of an int8 lookup cost ~0.3-0.5 ms a token. The tied head runs
-in the step when it is of the blocks' kind (else its module runs after). fp32 logits equal the modules' to ~1e-6 (another order of
+first op against ~8 us warm), and the six ops of an int8 lookup cost ~0.3-0.5 ms a token. The tied head
+runs in the step when it is of the blocks' kind (else its module runs after); an fp32 head is read in
+either order, the token table's own included. fp32 logits equal the modules' to ~1e-6 (another order of
 the same sums); int8's to ~1e-4 (a norm or GELU a rounding apart can move an activation's int16 code by
 one). ``GPTCHAT_STEP1=0`` turns it off.
 """
@@ -82,7 +83,8 @@ class Plan:
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
         self.emb = _table(self.wte, self.wpe)
         self.wpe_ptr, self.n_pos = self.wpe.data_ptr(), self.wpe.shape[0]
-        self.caches: tuple = ()  # the KV caches the pointers below were read from (a KVCache keeps its buffers)
+        self.caches: list = []  # weak references to the KV caches kv_ptrs was read from (a KVCache keeps its buffers)
+        self.kv_ptrs = None
         self.x = torch.empty(1, 1, cfg.n_embd)  # the row's activation, when the hidden state is not returned
 
     def current(self, model: nn.Module) -> bool:
@@ -93,11 +95,11 @@ class Plan:
     def kv(self, slot: int):
         """(pointers, strides) of the layers' key and value caches, or None where the step cannot read them
         (a missing cache, more than one row, not fp32, slot past its end, strides apart)."""
-        caches = tuple(attn._modules.get("kv_cache") for attn in self.attns)
-        if caches != self.caches:  # compared by identity: new caches (a new batch, a compaction), new pointers
-            self.caches, self.kv_ptrs = caches, None
-            if None not in caches:
-                self.kv_ptrs = _kv_pointers(caches)
+        caches = [attn._modules.get("kv_cache") for attn in self.attns]
+        if len(caches) != len(self.caches) or any(r() is not c for r, c in zip(self.caches, caches)):
+            # new caches (a new batch, a compaction): new pointers. Held weakly: a dropped cache is freed
+            self.kv_ptrs = None if None in caches else _kv_pointers(caches)
+            self.caches = [weakref.ref(c) for c in caches] if self.kv_ptrs is not None else []
         if self.kv_ptrs is None or slot >= self.kv_ptrs[2]:
             return None
         return self.kv_ptrs
@@ -137,6 +139,8 @@ def _table(wte: nn.Module, wpe: torch.Tensor):
 
 
 def _kv_pointers(caches) -> tuple | None:
+    """(pointer array: each layer's key then value buffer, their strides, their slots), or None where the step
+    cannot read them (more than one row, not fp32 on the CPU, layers of different strides or lengths)."""
     ptrs, st, cap = [], None, None
     for c in caches:
         k, v = c._buffers["k"], c._buffers["v"]

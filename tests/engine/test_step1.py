@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -176,6 +178,20 @@ def test_the_fp32_head_is_read_in_either_order(rows, monkeypatch):
     got, _ = _decode(m, ids, 5, monkeypatch, on=True)
     ref, _ = _decode(m, ids, 5, monkeypatch, on=False)
     assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_the_plan_follows_new_caches_and_keeps_no_dropped_one():
+    m = _model().to_inference_layout()
+    with torch.inference_mode():
+        m.setup_cache(1, 16)
+        first = step1.run(m, torch.tensor([[1]]), 0, 1)
+        old = weakref.ref(m.transformer.h[0].attn.kv_cache)
+        m.drop_cache()
+        gc.collect()
+        assert old() is None  # the plan held it weakly
+        m.setup_cache(1, 16)  # new buffers: read through new pointers
+        assert torch.equal(step1.run(m, torch.tensor([[1]]), 0, 1), first)
+        assert m.transformer.h[0].attn.kv_cache.k[0, :, 0].abs().sum() > 0  # written into the new cache
 
 
 def test_replaced_tables_rebuild_the_plan(monkeypatch):
