@@ -10,6 +10,7 @@ and compute the same run (tests/train/test_train_dist.py holds them to 1e-5).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -87,6 +88,10 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and tdist.is_initialized():
+            # collected first: work handles caught in reference cycles (FSDP's state has them) would otherwise be
+            # freed at interpreter exit, with gloo's threads gone (seen once under load: "terminate called
+            # without an active exception", SIGABRT in a rank that had finished)
+            gc.collect()
             tdist.destroy_process_group()
 
 
