@@ -68,9 +68,8 @@ class Engine:
         self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
         if self.device.type == "cpu" and self.dtype == torch.float32:
             native.kernel()  # built (once per machine) or loaded now, with the model, not in the first reply
-        if quantize != "none" or any(isinstance(m, quant.QuantLinear) for m in model.modules()):
-            # int8 weights into 2 MB pages: batch-1 decode streams them all every token (hugepages.py)
-            hugepages.rehome([(m._buffers, "packed") for m in model.modules() if isinstance(m, quant.QuantLinear)])
+        # int8 weights (none: nothing moves) into 2 MB pages: batch-1 decode streams them all every token
+        hugepages.rehome([(m._buffers, "packed") for m in model.modules() if isinstance(m, quant.QuantLinear)])
 
     @classmethod
     def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True,
