@@ -18,7 +18,7 @@ import torch
 from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
 from gptchat.core.generate.sampling import SamplingParams, sample
-from gptchat.core.model import hugepages, native, packed, quant
+from gptchat.core.model import hugepages, native, packed, quant, step1
 from gptchat.core.model.words import QUANT_MODES
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
@@ -169,7 +169,7 @@ class Engine:
     def _decode(self, b: LiveBatch, logits, params, stop, cancel, drop, refill, cap_max) -> Iterator[list[RowToken]]:
         B0 = len(b.rows)
         fast = self._packed_linears(B0)
-        fast_from = packed.min_batch(self.dtype)
+        fast_from = self._packed_from()
         V = self.vocab_limit
         argmax = params.is_greedy and b.seen is None  # all the greedy sampler does then: one argmax
         while True:
@@ -244,12 +244,17 @@ class Engine:
     def _packed_linears(self, batch_size: int):
         """Packed weights for batched CPU decode (see packed.py), or None where they do not help."""
         kind = packed.kind(self.device, self.dtype)
-        if self.borrowed or batch_size < packed.min_batch(self.dtype) or kind is None:
+        if self.borrowed or kind is None or batch_size < self._packed_from():
             return None
         if self._packed is None:
             self._packed = packed.PackedLinears(self.model, batch_hint=1 if self.dtype == torch.bfloat16 else 16,
                                                 kind=kind)
         return self._packed
+
+    def _packed_from(self) -> int:
+        """The smallest batch decoded on packed weights: packed.min_batch, but 2 where the one-call step runs
+        batch 1 (it reads the model's own weights; bf16 would otherwise pack a second copy for nothing)."""
+        return max(packed.min_batch(self.dtype), 2 if step1.plan(self.model) is not None else 1)
 
     # -- scoring ------------------------------------------------------------------------------
 

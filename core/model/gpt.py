@@ -212,7 +212,7 @@ class GPT(nn.Module):
             if tuple(t.shape) != expected[key]:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, but the config implies {expected[key]}")
             t = t.detach().to(device=device, dtype=dtype)
-            sd[key] = _placed(t, inference_layout and key != "transformer.wpe.weight"
+            sd[key] = _placed(t, inference_layout and key != "transformer.wpe.weight" and not _rows_kept(t)
                               and not (key == "transformer.wte.weight" and _head_by_rows(t)))
             if transform is not None:
                 sd[key] = transform(key, sd[key])
@@ -260,7 +260,7 @@ class GPT(nn.Module):
             if getattr(self.lm_head, "weight", None) is not wte or _head_by_rows(wte):
                 skip.add(id(wte))
             for p in self.parameters():
-                if p.dim() == 2 and p.is_contiguous() and id(p) not in skip:
+                if p.dim() == 2 and p.is_contiguous() and id(p) not in skip and not _rows_kept(p):
                     p.data = p.data.t().contiguous().t()
             threads = torch.get_num_threads()
             for m in self.modules():
@@ -356,12 +356,18 @@ class GPT(nn.Module):
 
 
 def _head_by_rows(w: torch.Tensor | None) -> bool:
-    """The tied token table/head stays [V, C] in memory in the inference layout: on the CPU in fp32 with the C
-    kernels, whose batch-1 step reads the head a row of C a logit as fast as the transposed copy (which took
+    """The tied token table/head stays [V, C] in memory in the inference layout: on the CPU in fp32 or bf16 with
+    the C kernels, whose batch-1 step reads the head a row of C a logit as fast as the transposed copy (which took
     ~0.1 s of a 124M start to make: 154 MB copied and page-faulted). Elsewhere it is transposed like the others
     (PyTorch's split product reads [in, out] rows ~1.5x faster)."""
-    return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and not switched_off("GPTCHAT_STEP1")
-            and native.kernel() is not None)
+    return (w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and not switched_off("GPTCHAT_STEP1") and native.kernel() is not None)
+
+
+def _rows_kept(w: torch.Tensor) -> bool:
+    """A bf16 weight on the CPU stays in its own [out, in] order where the C kernels run batch-1 steps: they
+    stream bf16 rows as fast as the memory reads (step1.py), and oneDNN packs batched products from either."""
+    return w.dtype == torch.bfloat16 and _head_by_rows(w)
 
 
 def _placed(t: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -18,6 +18,27 @@
 
 #define PREFETCH 2048 /* bytes ahead of the read: measured 2048-8192 alike, none 10% slower (AMD Milan) */
 
+/* bf16 is the top half of an fp32: widened exactly by a shift, so bf16 weights are multiplied in fp32 with
+   plain AVX2 (the products are memory-bound at batch 1; the activations stay fp32). */
+static inline __attribute__((always_inline)) __m256 bf8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* 8 floats at element i of p: fp32, or bf16 widened (bf a constant at each inlined call) */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, long i, int bf) {
+    return bf ? bf8((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+static inline float ld1(const void *p, long i, int bf) {
+    if (!bf) return ((const float *)p)[i];
+    union { uint32_t u; float f; } c = {(uint32_t)((const uint16_t *)p)[i] << 16};
+    return c.f;
+}
+/* fp32 -> bf16 rounded to nearest, ties to even, NaN kept quiet (as PyTorch converts) */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
 /* e^x for 8 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (relative error ~2e-7) */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -231,14 +252,14 @@ void gptchat_pack(const int8_t *q, int8_t *out, long N, long K, long Kp) {
             }
 }
 
-/* softmax(scale q . k_j, j < n) @ v for one query and one head: q [hs], keys and values at k + j * ks and
-   v + j * ks; sc [n] scratch, the result into o [hs]. hs a multiple of 8. */
-static void attend_one(const float *q, const float *k, const float *v, long ks, long n, long hs, float scale, float *sc,
-                       float *o) {
+/* softmax(scale q . k_j, j < n) @ v for one query and one head: q [hs], keys and values at elements j * ks
+   of k and v (fp32, or bf16 with bf); sc [n] scratch, the result into o [hs]. hs a multiple of 8. */
+static inline __attribute__((always_inline)) void attend_one(const float *q, const void *k, const void *v, long ks,
+                                                             long n, long hs, float scale, float *sc, float *o, int bf) {
     float m = -INFINITY, sum = 0.f;
     for (long j = 0; j < n; j++) {
         __m256 a = _mm256_setzero_ps();
-        for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + j * ks + d), a);
+        for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, j * ks + d, bf), a);
         __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         l = _mm_add_ps(l, _mm_movehl_ps(l, l));
         l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
@@ -252,7 +273,7 @@ static void attend_one(const float *q, const float *k, const float *v, long ks, 
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     for (long d = 0; d < hs; d += 8) {
         __m256 a = _mm256_setzero_ps();
-        for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(v + j * ks + d), a);
+        for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), load8(v, j * ks + d, bf), a);
         _mm256_storeu_ps(o + d, _mm256_mul_ps(a, inv));
     }
 }
@@ -268,7 +289,7 @@ void gptchat_attend1(const float *q, long qb, long qh, const float *k, const flo
     for (long bh = 0; bh < B * nh; bh++) {
         const long b = bh / nh, h = bh % nh;
         attend_one(q + b * qb + h * qh, k + b * kb + h * kh, v + b * kb + h * kh, ks, n, hs, scale, scores + bh * n,
-                   out + bh * hs);
+                   out + bh * hs, 0);
     }
 }
 
@@ -279,7 +300,9 @@ void gptchat_attend1(const float *q, long qb, long qh, const float *k, const flo
    barriers. fp32 weights are read in the inference layout ([in, out] rows): each thread streams its own
    block of input rows into a partial sum, the partials are added by column afterwards. int8 weights are
    the packed groups above: each thread takes its groups, with the activation rounded to int16 as in
-   gptchat_qgemm, so the products equal that kernel's. */
+   gptchat_qgemm, so the products equal that kernel's. bf16 weights are [out, in] rows, each thread a
+   block of outputs (see linear()); with them the norms, biases, tables and caches are bf16 too, widened
+   as read and the cache written rounded; the activations stay fp32 throughout. */
 
 enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2 };
 enum { POST_STORE = 0, POST_ACT = 1, POST_ADD = 2 };
@@ -319,13 +342,13 @@ static void finish(float *y, const float *v, long n0, long n1, int post, int act
     }
 }
 
-static void layer_norm(const float *x, const float *w, const float *b, float *out, long C, float eps) {
+static void layer_norm(const float *x, const void *w, const void *b, float *out, long C, float eps, int bf) {
     double s = 0., ss = 0.;
     for (long i = 0; i < C; i++) s += x[i];
     const float mean = (float)(s / C);
     for (long i = 0; i < C; i++) ss += (double)(x[i] - mean) * (x[i] - mean);
     const float rstd = 1.f / sqrtf((float)(ss / C) + eps);
-    for (long i = 0; i < C; i++) out[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+    for (long i = 0; i < C; i++) out[i] = (x[i] - mean) * rstd * (w ? ld1(w, i, bf) : 1.f) + (b ? ld1(b, i, bf) : 0.f);
 }
 
 typedef struct {
@@ -342,17 +365,55 @@ static void share(long N, long t, long T, long *n0, long *n1) {
     *n1 = (t + 1) * per * 4 < N ? (t + 1) * per * 4 : N;
 }
 
+/* y[n] = W[n] . x over rows [n0, n1) of W [N, K] (fp32, or bf16 with bf: a constant at each inlined call;
+   K a multiple of 8). A thread's rows are one forward stream. */
+static inline __attribute__((always_inline)) void dot_rows(const void *W, const float *x, float *y, long K, long n0,
+                                                           long n1, int bf) {
+    const long e = bf ? 2 : 4;
+    for (long n = n0; n < n1; n++) {
+        const char *w = (const char *)W + n * K * e;
+        _mm_prefetch(w + 4 * K * e, _MM_HINT_T0);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long k = 0;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(load8(w, k, bf), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(load8(w, k + 8, bf), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(load8(w, k + 16, bf), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(load8(w, k + 24, bf), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k < K; k += 8) a0 = _mm256_fmadd_ps(load8(w, k, bf), _mm256_loadu_ps(x + k), a0);
+        const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        y[n] = _mm_cvtss_f32(r);
+    }
+}
+
+enum { W_FP32 = 0, W_INT8 = 1, W_BF16 = 2 }; /* the step's kinds of weights */
+
 /* y = post(x @ W + b) over all threads of the region; every thread returns after its columns are done
-   (the caller's barrier makes them visible). int8: W packed groups with scales s; fp32: W [K, N] rows. */
-static void linear(const team_t *tm, int int8, const void *W, const float *s, const float *b, const float *x,
+   (the caller's barrier makes them visible). int8: W packed groups with scales s; fp32: W [K, N] rows, each
+   thread a block of input rows into partial sums added by column afterwards; bf16: W [N, K] rows (nn.Linear's
+   own order), each thread its block of outputs, the bias bf16 too. Measured on a 2-core AMD EPYC (Zen 4),
+   bf16 weights streamed at 17-22 GB/s as [K, N] partial sums (4 or 8 input rows a pass, AVX2 or AVX-512)
+   and at 30-31 GB/s as [N, K] row dots, where summing the buffer read 30-33. */
+static void linear(const team_t *tm, int kind, const void *W, const float *s, const void *b, const float *x,
                    float *y, long K, long N, int post, int act) {
     long n0, n1;
     share(N, tm->t, tm->T, &n0, &n1);
-    if (int8) {
+    if (kind == W_INT8) {
         const long Kp = (K + 31) / 32 * 32;
         float xs;
         quantize_rows(x, tm->x16, &xs, 1, K, Kp);
-        groups((const int8_t *)W, s, b, tm->x16, xs, tm->tmp, n0 / 4, (n1 + 3) / 4, Kp, N);
+        groups((const int8_t *)W, s, (const float *)b, tm->x16, xs, tm->tmp, n0 / 4, (n1 + 3) / 4, Kp, N);
+        finish(y, tm->tmp, n0, n1, post, act);
+        return;
+    }
+    if (kind == W_BF16) {
+        dot_rows(W, x, tm->tmp, K, n0, n1, 1);
+        if (b)
+            for (long n = n0; n < n1; n++) tm->tmp[n] += ld1(b, n, 1);
         finish(y, tm->tmp, n0, n1, post, act);
         return;
     }
@@ -384,83 +445,80 @@ static void linear(const team_t *tm, int int8, const void *W, const float *s, co
     }
 #pragma omp barrier
     for (long n = n0; n < n1; n++) {
-        float acc = b ? b[n] : 0.f;
+        float acc = b ? ((const float *)b)[n] : 0.f;
         for (long u = 0; u < tm->T; u++) acc += tm->part[u * N + n];
         tm->tmp[n] = acc;
     }
     finish(y, tm->tmp, n0, n1, post, act);
 }
 
-/* y [N] = W [N, K] (fp32 rows, K a multiple of 8) @ x [K], each thread a block of rows: the tied head read in
-   the token table's own order, which then needs no transposed copy at load */
-static void rows_dot(const team_t *tm, const float *W, const float *x, float *y, long K, long N) {
+/* y [N] = W [N, K] @ x [K], each thread a block of rows: the tied head read in the token table's own order,
+   which then needs no transposed copy at load */
+static void rows_dot(const team_t *tm, const void *W, const float *x, float *y, long K, long N, int bf) {
     const long per = (N + tm->T - 1) / tm->T, n0 = tm->t * per < N ? tm->t * per : N, n1 = n0 + per < N ? n0 + per : N;
-    for (long n = n0; n < n1; n++) {
-        const float *w = W + n * K;
-        _mm_prefetch((const char *)(w + 4 * K), _MM_HINT_T0);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        long k = 0;
-        for (; k + 32 <= K; k += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-        }
-        for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        y[n] = _mm_cvtss_f32(r);
-    }
+    if (bf) dot_rows(W, x, y, K, n0, n1, 1);
+    else dot_rows(W, x, y, K, n0, n1, 0);
 }
 
-/* Attention of the row's query for heads [h0, h1) over slots 0..slot, after writing this slot's k and v */
-static void attend_heads(const float *qkv, float *const kc, float *const vc, long kh, long ks, long slot, long C,
-                         long hs, long h0, long h1, float scale, float *sc, float *out) {
+/* Attention of the row's query for heads [h0, h1) over slots 0..slot, after writing this slot's k and v
+   (caches of fp32, or of bf16 with bf: written rounded) */
+static void attend_heads(const float *qkv, void *const kc, void *const vc, long kh, long ks, long slot, long C,
+                         long hs, long h0, long h1, float scale, float *sc, float *out, int bf) {
     for (long h = h0; h < h1; h++) {
-        float *kk = kc + h * kh, *vv = vc + h * kh;
-        memcpy(kk + slot * ks, qkv + C + h * hs, hs * sizeof(float));
-        memcpy(vv + slot * ks, qkv + 2 * C + h * hs, hs * sizeof(float));
-        attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs);
+        const float *kn = qkv + C + h * hs, *vn = qkv + 2 * C + h * hs;
+        if (bf) {
+            uint16_t *kk = (uint16_t *)kc + h * kh, *vv = (uint16_t *)vc + h * kh;
+            for (long d = 0; d < hs; d++) {
+                kk[slot * ks + d] = to_bf16(kn[d]);
+                vv[slot * ks + d] = to_bf16(vn[d]);
+            }
+            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 1);
+        } else {
+            float *kk = (float *)kc + h * kh, *vv = (float *)vc + h * kh;
+            memcpy(kk + slot * ks, kn, hs * sizeof(float));
+            memcpy(vv + slot * ks, vn, hs * sizeof(float));
+            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 0);
+        }
     }
 }
 
 #define STEP_PTRS 16 /* per layer: ln_1 w b, c_attn W s b, attn.c_proj W s b, ln_2 w b, c_fc W s b, mlp.c_proj W s b */
 
-/* The token's embedding plus its position's, into x [C]. emb_s NULL: emb is an fp32 table read through
-   strides (es0 a row, es1 an element); else emb is the head's packed int8 groups (rows of Kp) with scales
-   emb_s, as QuantEmbedding reads them. The product and the sum rounded apart, as PyTorch does them. */
-static void embed(long tok, const void *emb, const float *emb_s, long es0, long es1, long Kp, const float *pos,
-                  float *x, long C) {
+/* The token's embedding plus its position's, into x [C]. emb_s NULL: emb is a table of floats (fp32, or
+   bf16 with bf, as the position row pos) read through strides (es0 a row, es1 an element); else emb is the
+   head's packed int8 groups (rows of Kp) with scales emb_s, as QuantEmbedding reads them. The product and
+   the sum rounded apart, as PyTorch does them. */
+static void embed(long tok, const void *emb, const float *emb_s, long es0, long es1, long Kp, const void *pos,
+                  float *x, long C, int bf) {
     if (emb_s == NULL) {
-        const float *row = (const float *)emb + tok * es0;
-        for (long i = 0; i < C; i++) x[i] = row[i * es1] + pos[i];
+        for (long i = 0; i < C; i++) x[i] = ld1(emb, tok * es0 + i * es1, bf) + ld1(pos, i, bf);
         return;
     }
     const int8_t *g = (const int8_t *)emb + (tok / 4) * Kp * 4 + (tok % 4) * 32;
     const float s = emb_s[tok];
     for (long i = 0; i < C; i++) {
         volatile float e = (float)g[(i / 32) * 128 + i % 32] * s; /* rounded here, not fused into the add */
-        x[i] = e + pos[i];
+        x[i] = e + ((const float *)pos)[i];
     }
 }
 
 /* x [C]: the row's embedding in (or, with emb, written here from token *tok and the position row pos: see
    embed()), the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
    biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
-   scales: the attention scale of each layer. head (scales head_s when int8): the tied head, whose V logits
-   are then written to logits, read as [C, V] rows like the blocks' weights, or with head_rows (fp32 only) as
-   [V, C] rows; NULL: none. Returns 0, -1 where scratch memory could not be had, or -2 where
-   the token is not in the table. */
-int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, long L, long C, long nh, long kh,
-                  long ks, long slot, int int8, int act, float eps, const float *lnf_w, const float *lnf_b, float *x,
+   scales: the attention scale of each layer. kind: W_FP32 or W_INT8 (every other tensor fp32), or W_BF16
+   (the weights, norms, biases, tables and KV caches all bf16; the activations and logits stay fp32). head
+   (scales head_s when int8): the tied head, whose V logits are then written to logits, read as [C, V] rows
+   like the blocks' weights, or with head_rows (not int8) as [V, C] rows; NULL: none. Returns 0, -1 where
+   scratch memory could not be had, or -2 where the token is not in the table. */
+int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kh,
+                  long ks, long slot, int kind, int act, float eps, const void *lnf_w, const void *lnf_b, float *x,
                   const void *head, const float *head_s, long V, float *logits, int threads, const int64_t *tok,
-                  const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const float *pos,
+                  const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const void *pos,
                   int head_rows) {
+    const int bf = kind == W_BF16;
     if (emb) {
         if (*tok < 0 || *tok >= V) return -2;
-        embed(*tok, emb, emb_s, es0, es1, emb_kp, pos, x, C);
+        embed(*tok, emb, emb_s, es0, es1, emb_kp, pos, x, C, bf);
     }
     const long hs = C / nh, N4 = 4 * C, NP = head && V > N4 ? V : N4; /* the widest product */
     const long T = threads > 0 ? threads : 1;
@@ -483,24 +541,24 @@ int gptchat_step1(const void *const *wp, float *const *kv, const float *scales, 
         for (long l = 0; l < L; l++) {
             const void *const *p = wp + l * STEP_PTRS;
 #pragma omp single
-            layer_norm(x, p[0], p[1], ln, C, eps);
-            linear(&tm, int8, p[2], p[3], p[4], ln, qkv, C, 3 * C, POST_STORE, act);
+            layer_norm(x, p[0], p[1], ln, C, eps, bf);
+            linear(&tm, kind, p[2], p[3], p[4], ln, qkv, C, 3 * C, POST_STORE, act);
 #pragma omp barrier
-            attend_heads(qkv, kv[2 * l], kv[2 * l + 1], kh, ks, slot, C, hs, h0, h1, scales[l], sc, att);
+            attend_heads(qkv, kv[2 * l], kv[2 * l + 1], kh, ks, slot, C, hs, h0, h1, scales[l], sc, att, bf);
 #pragma omp barrier
-            linear(&tm, int8, p[5], p[6], p[7], att, x, C, C, POST_ADD, act);
+            linear(&tm, kind, p[5], p[6], p[7], att, x, C, C, POST_ADD, act);
 #pragma omp barrier
 #pragma omp single
-            layer_norm(x, p[8], p[9], ln, C, eps);
-            linear(&tm, int8, p[10], p[11], p[12], ln, h, C, N4, POST_ACT, act);
+            layer_norm(x, p[8], p[9], ln, C, eps, bf);
+            linear(&tm, kind, p[10], p[11], p[12], ln, h, C, N4, POST_ACT, act);
 #pragma omp barrier
-            linear(&tm, int8, p[13], p[14], p[15], h, x, N4, C, POST_ADD, act);
+            linear(&tm, kind, p[13], p[14], p[15], h, x, N4, C, POST_ADD, act);
 #pragma omp barrier
         }
 #pragma omp single
-        layer_norm(x, lnf_w, lnf_b, x, C, eps);
-        if (head && head_rows) rows_dot(&tm, (const float *)head, x, logits, C, V);
-        else if (head) linear(&tm, int8, head, head_s, NULL, x, logits, C, V, POST_STORE, act);
+        layer_norm(x, lnf_w, lnf_b, x, C, eps, bf);
+        if (head && head_rows) rows_dot(&tm, head, x, logits, C, V, bf);
+        else if (head) linear(&tm, kind, head, head_s, NULL, x, logits, C, V, POST_STORE, act);
     }
     free(buf);
     return 0;

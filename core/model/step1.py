@@ -10,8 +10,17 @@ GPTCHAT_STEP1=0/1: int8 batch-1 decode 83-94 -> 98-140 tok/s, fp32 30-36 -> 36-4
 swung within the hour; see the README for the fractions of the bandwidth ceiling).
 
 Used by ``GPT.forward`` for one token of one row (the chat and ``generate`` decode loop) when the model
-is on the CPU, not training, without gradients, and every block's products are either fp32 in the
-inference layout or int8 on the AVX2 kernel (not LoRA, not bf16); otherwise the modules run as before.
+is on the CPU, not training, without gradients, and every block's products are fp32 in the inference
+layout, bf16 in their own [out, in] rows (gpt.py keeps them so), or int8 on the AVX2 kernel (not LoRA);
+otherwise the modules run as before.
+
+bf16: the weights, norms, biases, tables and KV cache stay bf16 and are widened to fp32 as they are read
+(a bf16 is the top half of an fp32: a shift, plain AVX2, no native bf16 needed); the activations stay
+fp32, so a step's logits are nearer fp32's than the bf16 modules' (which round every activation to bf16)
+and are returned as fp32. Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16), 124M, `gptchat bench
+--dtype bf16`: batch-1 decode 43 tok/s (25% of the bandwidth ceiling, the modules on oneDNN's packed bf16
+weights) -> 101-104 tok/s (71-77%), the step itself 8.3 ms a token (~30 GB/s, what summing a buffer in C
+reads on that machine).
 The token and position rows are read in the step too (an fp32 table, or the int8 head's rows as
 QuantEmbedding reads them; other tables are looked up by their module first): after a step has streamed
 every weight through the caches, the first few PyTorch ops pay for cold caches (measured ~100 us for the
@@ -48,12 +57,12 @@ class Plan:
         cfg = model.config
         if cfg.activation not in native.ACTS or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8:
             return
-        tensors, small, scales, kinds = [], [], [], set()  # small: norms, biases, scales (contiguous fp32 CPU)
+        tensors, small, scales, kinds = [], [], [], set()  # small: norms, biases, scales (contiguous CPU)
         for blk, i in zip(model.transformer.h, range(0, len(self.products), 4)):
             four = [_weight(m) for _, _, m in self.products[i : i + 4]]
             if None in four or any(not isinstance(ln, nn.LayerNorm) for ln in (blk.ln_1, blk.ln_2)):
                 return
-            kinds |= {int8 for _, _, int8 in four}
+            kinds |= {kind for _, _, kind in four}
             (w0, s0, _), (w1, s1, _), (w2, s2, _), (w3, s3, _) = four
             b0, b1, b2, b3 = [m.bias for _, _, m in self.products[i : i + 4]]
             row = [blk.ln_1.weight, blk.ln_1.bias, w0, s0, b0, w1, s1, b1, blk.ln_2.weight, blk.ln_2.bias,
@@ -64,15 +73,17 @@ class Plan:
         ln_f = model.transformer.ln_f
         self.ln_f = (ln_f.weight, ln_f.bias)
         small += [t for t in self.ln_f if t is not None]
-        if len(kinds) != 1 or ln_f.weight is None or any(
-                t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in small):
+        self.kind = kinds.pop() if len(kinds) == 1 else None
+        # bf16 weights come with bf16 norms, biases, tables and caches; int8's and fp32's are fp32
+        self.dtype = torch.bfloat16 if self.kind == BF16 else torch.float32
+        if self.kind is None or ln_f.weight is None or any(
+                t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in small):
             return
-        self.int8 = kinds.pop()
-        head = _weight(model.lm_head, rows=not self.int8) if "lm_head" in model._modules else None
+        head = _weight(model.lm_head, rows=self.kind != INT8) if "lm_head" in model._modules else None
         # the tied head too, when it is of the same kind (else the model's own head module runs after the step);
-        # an fp32 head in either order: [in, out] rows like the blocks', or the token table's own [out, in] rows
-        self.head = head[:2] if head is not None and head[2] == self.int8 and model.lm_head.bias is None else None
-        self.head_rows = int(self.head is not None and not self.int8 and self.head[0].is_contiguous())
+        # an fp32 head in either order: [in, out] rows like the blocks', or the token table's own [out, in]; bf16 in its own
+        self.head = head[:2] if head is not None and head[2] == self.kind and model.lm_head.bias is None else None
+        self.head_rows = int(self.head is not None and self.kind != INT8 and self.head[0].is_contiguous())
         self.vocab = model.config.vocab_size
         self.tensors = tensors  # holds them alive while the pointers are in use
         self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
@@ -81,8 +92,9 @@ class Plan:
         self.dims = (cfg.n_layer, cfg.n_embd, cfg.n_head)
         self.attns = [blk.attn for blk in model.transformer.h]  # their caches are read on each call
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
-        self.emb = _table(self.wte, self.wpe)
+        self.emb = _table(self.wte, self.wpe, self.dtype)
         self.wpe_ptr, self.n_pos = self.wpe.data_ptr(), self.wpe.shape[0]
+        self.row_bytes = self.wpe.element_size() * cfg.n_embd  # a position row
         self.caches: list = []  # weak references to the KV caches kv_ptrs was read from (a KVCache keeps its buffers)
         self.kv_ptrs = None
         self.x = torch.empty(1, 1, cfg.n_embd)  # the row's activation, when the hidden state is not returned
@@ -94,11 +106,11 @@ class Plan:
 
     def kv(self, slot: int):
         """(pointers, strides) of the layers' key and value caches, or None where the step cannot read them
-        (a missing cache, more than one row, not fp32, slot past its end, strides apart)."""
+        (a missing cache, more than one row, another dtype, slot past its end, strides apart)."""
         caches = [attn._modules.get("kv_cache") for attn in self.attns]
         if len(caches) != len(self.caches) or any(r() is not c for r, c in zip(self.caches, caches)):
             # new caches (a new batch, a compaction): new pointers. Held weakly: a dropped cache is freed
-            self.kv_ptrs = None if None in caches else _kv_pointers(caches)
+            self.kv_ptrs = None if None in caches else _kv_pointers(caches, self.dtype)
             self.caches = [weakref.ref(c) for c in caches] if self.kv_ptrs is not None else []
         if self.kv_ptrs is None or slot >= self.kv_ptrs[2]:
             return None
@@ -122,10 +134,10 @@ def _outside(model: nn.Module) -> tuple:
                  for m in mods if m is not None)
 
 
-def _table(wte: nn.Module, wpe: torch.Tensor):
+def _table(wte: nn.Module, wpe: torch.Tensor, dtype: torch.dtype):
     """The token table as gptchat_step1 reads it: (table, scales or None, row stride, element stride, packed row
     length), or None where the lookup stays in PyTorch (another kind of table, another dtype or device)."""
-    if wpe.dtype != torch.float32 or wpe.device.type != "cpu" or not wpe.is_contiguous():
+    if wpe.dtype != dtype or wpe.device.type != "cpu" or not wpe.is_contiguous():
         return None
     if isinstance(wte, QuantEmbedding):
         if not wte.head:  # int8 rows of its own (no AVX2 kernel): the module looks them up
@@ -133,19 +145,19 @@ def _table(wte: nn.Module, wpe: torch.Tensor):
         head = wte.head[0]
         return head.packed, head.scale, 0, 0, native.padded(head.out_features, head.in_features)[1]
     w = wte._parameters.get("weight") if type(wte) is nn.Embedding else None
-    if w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+    if w is None or w.dtype != dtype or w.device.type != "cpu":
         return None
     return w, None, w.stride(0), w.stride(1), 0
 
 
-def _kv_pointers(caches) -> tuple | None:
+def _kv_pointers(caches, dtype: torch.dtype) -> tuple | None:
     """(pointer array: each layer's key then value buffer, their strides, their slots), or None where the step
-    cannot read them (more than one row, not fp32 on the CPU, layers of different strides or lengths)."""
+    cannot read them (more than one row, not ``dtype`` on the CPU, layers of different strides or lengths)."""
     ptrs, st, cap = [], None, None
     for c in caches:
         k, v = c._buffers["k"], c._buffers["v"]
         st, cap = st or k.stride(), cap or k.shape[2]
-        if k.shape[0] != 1 or k.dtype != torch.float32 or k.device.type != "cpu" or k.stride() != st \
+        if k.shape[0] != 1 or k.dtype != dtype or v.dtype != dtype or k.device.type != "cpu" or k.stride() != st \
                 or v.stride() != st or k.shape[2] != cap:
             return None
         ptrs += [k.data_ptr(), v.data_ptr()]
@@ -159,16 +171,24 @@ def _storage(m: nn.Module) -> int | None:
     return None if w is None else w.data_ptr()
 
 
+FP32, INT8, BF16 = 0, 1, 2  # the step's kinds of weights (qkernel.c's W_*)
+
+
 def _weight(m: nn.Module, rows: bool = False):
-    """(weight tensor, scale or None, int8?) of a product the step can run, or None. ``rows``: an fp32 weight
-    in its own [out, in] order is taken too (the head)."""
+    """(weight tensor, scale or None, kind) of a product the step can run, or None: fp32 in the inference
+    layout ([in, out] in memory; ``rows``: its own [out, in] order is taken too, for the head), bf16 in its
+    own order, int8 on the AVX2 kernel."""
     if isinstance(m, nn.Linear):  # gpt.Linear (LoRA's adapter is not one: fused.usable goes by the same rule)
         w = m.weight
-        if w.dtype == torch.float32 and w.device.type == "cpu" and (w.t().is_contiguous() or rows and w.is_contiguous()):
-            return w, None, False
+        if w.device.type != "cpu":
+            return None
+        if w.dtype == torch.float32 and (w.t().is_contiguous() or rows and w.is_contiguous()):
+            return w, None, FP32
+        if w.dtype == torch.bfloat16 and w.is_contiguous():  # bf16 is read in its own [out, in] rows
+            return w, None, BF16
         return None
     if isinstance(m, QuantLinear) and m.native:  # int8 on the AVX2 kernel's packed groups
-        return m.packed, m.scale, True
+        return m.packed, m.scale, INT8
     return None
 
 
@@ -205,13 +225,13 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
         x = p.x if logits else torch.empty(1, 1, p.dims[1])
         table, table_s, es0, es1, kp = emb
         lookup = (idx.data_ptr(), table.data_ptr(), None if table_s is None else table_s.data_ptr(), es0, es1, kp,
-                  p.wpe_ptr + 4 * slot * p.dims[1])
+                  p.wpe_ptr + slot * p.row_bytes)
     else:
         x = (p.wte(idx) + p.wpe[slot]).float().contiguous()  # (1, 1, C)
         lookup = (None, None, None, 0, 0, 0, None)
     wf, bf = p.ln_f
     rc = native.kernel().gptchat_step1(p.ptrs, kv_ptrs, p.scales, p.dims[0], p.dims[1], p.dims[2], st[1], st[2], slot,
-                                       p.int8, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
+                                       p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
                                        None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows)
@@ -220,5 +240,6 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
     if rc:
         raise MemoryError("decode step: no memory for its scratch buffers")
     if out is not None:
-        return out
+        return out  # fp32 logits, also of a bf16 model (its modules' logits are bf16)
+    x = x if p.dtype == torch.float32 else x.to(p.dtype)
     return model.lm_head(x) if logits else x

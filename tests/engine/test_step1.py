@@ -68,7 +68,7 @@ SHAPES = [{}, dict(bias=False), dict(activation="relu"), dict(activation="gelu")
 def test_the_step_equals_the_modules(kw, int8, monkeypatch):
     m = _model(**kw)
     m = quant.quantize_model(m) if int8 else m.to_inference_layout()
-    assert step1.plan(m) is not None and step1.plan(m).int8 == int8
+    assert step1.plan(m) is not None and step1.plan(m).kind == (step1.INT8 if int8 else step1.FP32)
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = _spy(monkeypatch)
     for prompt in (0, 7):  # slot 0 (a one-token prompt) too
@@ -92,7 +92,12 @@ def test_where_the_step_does_not_apply(monkeypatch):
     monkeypatch.delenv("GPTCHAT_STEP1")
     assert step1.plan(_model()) is None  # the training layout ([out, in] rows)
     assert step1.plan(_model(n_embd=48, n_head=4).to_inference_layout()) is None  # head size 12: not a multiple of 8
-    assert step1.plan(_model().to(torch.bfloat16).to_inference_layout()) is None
+    bf16 = _model().to(torch.bfloat16)
+    bf16.transformer.h[1].mlp.c_fc.weight.data = bf16.transformer.h[1].mlp.c_fc.weight.data.t().contiguous().t()
+    assert step1.plan(bf16) is None  # bf16 is read in [out, in] rows only
+    half = _model().to_inference_layout()
+    half.transformer.h[1].mlp.c_fc.to(torch.bfloat16)
+    assert step1.plan(half) is None  # kinds mixed
     lora = _model().to_inference_layout()
     assert step1.plan(lora) is not None  # built, then changed: a LoRA adapter on every MLP input product
     add_lora(lora, ["fc"], rank=4, alpha=8.0)
@@ -163,6 +168,58 @@ def test_the_token_lookup_runs_in_the_step(int8, monkeypatch):
         for bad in (300, -1):
             with pytest.raises(IndexError):
                 m(torch.tensor([[bad]]), start=1, kv_len=2)
+
+
+def _bf16_pair(**kw) -> tuple[GPT, GPT]:
+    """A bf16 model, and the fp32 model of the same weights (each rounded to bf16) in the inference layout."""
+    m32 = _model(**kw)
+    with torch.no_grad():
+        for p in m32.parameters():
+            p.copy_(p.bfloat16().float())
+    return copy.deepcopy(m32).to(torch.bfloat16).to_inference_layout(), m32.to_inference_layout()
+
+
+@pytest.mark.parametrize("kw", SHAPES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
+def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, monkeypatch):
+    """bf16 weights, norms, biases, tables and caches, widened as they are read: the step's logits equal the fp32
+    modules' on the same (rounded) weights but for the cache's rounding to bf16, and are nearer them than the bf16
+    modules' (which round every activation); the cache it writes is bf16, as the modules' is."""
+    m16, m32 = _bf16_pair(**kw)
+    p = step1.plan(m16)
+    assert p is not None and p.kind == step1.BF16 and p.emb is not None and p.head_rows == 1
+    assert all(lin.weight.is_contiguous() for blk in m16.transformer.h for lin in (blk.attn.c_attn, blk.mlp.c_proj))
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    calls = _spy(monkeypatch)
+    for prompt in (0, 7):
+        calls.clear()
+        mod, _ = _decode(m16, ids, prompt, monkeypatch, on=False)
+        ref, ref_cache = _decode(m32, ids, prompt, monkeypatch, on=False)
+        got, cache = _decode(m16, ids, prompt, monkeypatch, on=True)
+        assert sum(calls) == len(ids) - prompt and got.dtype == torch.float32 and cache[0][0].dtype == torch.bfloat16
+        scale = max(1.0, ref.abs().max().item())
+        # measured 0.0016-0.0031 of the largest logit (the cache's rounding); a misplaced bias moves them ~0.05
+        assert (got - ref).abs().max() <= 5e-3 * scale, (got - ref).abs().max()
+        assert (got - ref).abs().max() < (mod.float() - ref).abs().max()
+        for (k, v), (rk, rv) in zip(cache, ref_cache):
+            for a, b in ((k, rk), (v, rv)):  # measured up to 0.35% of the largest entry (0.75% after a bf16 prefill)
+                assert (a.float() - b).abs().max() <= (0.006 if prompt == 0 else 0.012) * b.abs().max()
+    with torch.inference_mode():
+        m16.setup_cache(1, 16)
+        hidden = m16(torch.tensor([[5]]), start=0, kv_len=1, return_hidden=True)
+        assert hidden.dtype == torch.bfloat16 and hidden.shape == (1, 1, m16.config.n_embd)  # as the modules return it
+        with pytest.raises(IndexError):
+            m16(torch.tensor([[300]]), start=1, kv_len=2)
+
+
+def test_a_bf16_engine_decodes_batch_1_through_the_step_without_packed_copies(monkeypatch):
+    m16, m32 = _bf16_pair()
+    calls = _spy(monkeypatch)
+    eng = Engine(m16)
+    greedy = SamplingParams(greedy=True)
+    got = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
+    assert len(got) == 12 and sum(calls) == 11 and eng._packed is None  # the step reads the model's own weights
+    ref = [t.token for step in Engine(m32).generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
+    assert got == ref
 
 
 @pytest.mark.parametrize("rows", [True, False], ids=["head in its own rows", "head transposed"])
