@@ -84,6 +84,29 @@ def test_the_step_equals_the_modules(kw, int8, monkeypatch):
             assert (k - rk).abs().max() <= tol and (v - rv).abs().max() <= tol
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_the_step_splits_its_work_over_any_number_of_threads(kind, threads, monkeypatch):
+    """Each thread's share of a product is read as several streams: with 3 threads the shares of 64 and 256 inputs
+    or outputs are not multiples of 4, which leaves rows over (the test machine has 2 cores)."""
+    if kind == "bf16":
+        m, ref_model = _bf16_pair()
+    else:
+        m = _model()
+        m = quant.quantize_model(m) if kind == "int8" else m.to_inference_layout()
+        ref_model = m
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got, _ = _decode(m, ids, 4, monkeypatch, on=True)
+        ref, _ = _decode(ref_model, ids, 4, monkeypatch, on=False)
+    finally:
+        torch.set_num_threads(before)
+    tol = {"fp32": 1e-5, "int8": 1e-3, "bf16": 5e-3}[kind]
+    assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+
+
 def test_where_the_step_does_not_apply(monkeypatch):
     m = _model().to_inference_layout()
     assert step1.plan(m) is not None
