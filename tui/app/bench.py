@@ -4,8 +4,9 @@
     .venv/bin/python -m gptchat.tui.app.bench --model gpt2 --tokens 128 --rounds 3 --json
 
 In one process it alternates (a) decoding the reply's prompt exactly as `gptchat generate` does (the engine's
-text stream, each piece written and flushed, on the main thread), the same again in a worker thread (as the
-app decodes), and (b) the real app, headless: a Pilot types the prompt and presses Enter, and the bench waits
+text stream, each piece written and flushed), on the app's engine thread (tui/app/engine_thread.py: the one
+thread the app runs its models on, which leaves the process one OpenMP team, as `gptchat generate`'s main
+thread does; measured as fast as a main thread), and (b) the real app, headless: a Pilot types the prompt and presses Enter, and the bench waits
 on the app's messages until the reply has ended (states, never a fixed sleep or a polling loop). The app's rate is
 the one it reports itself (tokens after the first / decode seconds, as in the status line); its wall rate is
 the same tokens over the time between the first and the last piece of text the UI handled. Both sides decode
@@ -28,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,9 +43,6 @@ class AppBench:
     tokens: int  # max new tokens asked of each reply
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() at the start
     generate_tps: list[float] = field(default_factory=list)  # as `gptchat generate` reports it, per round
-    # the same decode in a worker thread, as the app decodes (under heavy load 2 OpenMP threads driven from
-    # the main thread ran several times slower than from another thread: this separates that from the UI)
-    generate_thread_tps: list[float] = field(default_factory=list)
     app_tps: list[float] = field(default_factory=list)  # as the app reports it (status line), per round
     app_wall_tps: list[float] = field(default_factory=list)  # tokens over first-to-last text the UI handled
     app_tokens: list[int] = field(default_factory=list)
@@ -64,13 +61,6 @@ class AppBench:
         return statistics.median(self.app_tps) / statistics.median(self.generate_tps)
 
     @property
-    def thread_ratio(self) -> float | None:
-        """Median app rate / median rate of the same decode in a worker thread (the UI's cost alone)."""
-        if not self.app_tps or not self.generate_thread_tps:
-            return None
-        return statistics.median(self.app_tps) / statistics.median(self.generate_thread_tps)
-
-    @property
     def wall_ratio(self) -> float | None:
         if not self.app_wall_tps or not self.generate_tps:
             return None
@@ -80,7 +70,6 @@ class AppBench:
         d = asdict(self)
         d["ratio"] = _round(self.ratio)
         d["wall_ratio"] = _round(self.wall_ratio)
-        d["thread_ratio"] = _round(self.thread_ratio)
         return d
 
 
@@ -96,9 +85,6 @@ def format_report(b: AppBench) -> str:
     lines = [
         f"model {b.model} · {b.threads} torch threads · {b.tokens} new tokens · load avg {b.load[0]:.2f}",
         f"generate decode     {_med(b.generate_tps):>8} tok/s   rounds {[round(x, 1) for x in b.generate_tps]}",
-        f"generate, in a thread {_med(b.generate_thread_tps):>6} tok/s   rounds "
-        f"{[round(x, 1) for x in b.generate_thread_tps]}   app / this "
-        + (f"{b.thread_ratio:.3f}" if b.thread_ratio is not None else "-"),
         f"app decode          {_med(b.app_tps):>8} tok/s   rounds {[round(x, 1) for x in b.app_tps]}"
         f"   ratio {b.ratio:.3f}" if b.ratio is not None else "app decode          -",
         f"app wall (UI seen)  {_med(b.app_wall_tps):>8} tok/s   ratio "
@@ -143,16 +129,6 @@ def generate_rate(lm, settings, prompt: str = PROMPT) -> float:
                 out.flush()
             comp = chunk.completion or comp
     return comp.tokens_per_s
-
-
-def _in_thread(fn, *args):
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)), name="bench-decode")
-    t.start()
-    t.join()
-    if not out:
-        raise RuntimeError("the decode in a thread failed (its error is printed above)")
-    return out[0]
 
 
 # -- the app, headless --------------------------------------------------------------------------------
@@ -290,6 +266,7 @@ def run(model: str | None = None, shape: str = "gpt2", tokens: int = 128, rounds
 
     from gptchat.core.session.pool import ModelPool
     from gptchat.core.session.store import Store
+    from gptchat.tui.app import engine_thread
 
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -302,20 +279,19 @@ def run(model: str | None = None, shape: str = "gpt2", tokens: int = 128, rounds
             name = model
         settings = _settings(model, tokens)
         pool = ModelPool()
-        lm = pool.load(model, "cpu").lm
+        lm = engine_thread.run(pool.load, model, "cpu").lm
         store = Store(Path(tmp) / "history.sqlite3")
         b = AppBench(model=name, threads=torch.get_num_threads(), tokens=tokens, load=os.getloadavg())
-        generate_rate(lm, settings)  # warm-up: the first decode pays one-time costs
+        engine_thread.run(generate_rate, lm, settings)  # warm-up: the first decode pays one-time costs
         for i in range(rounds):
-            b.generate_tps.append(generate_rate(lm, settings))
-            b.generate_thread_tps.append(_in_thread(generate_rate, lm, settings))
+            b.generate_tps.append(engine_thread.run(generate_rate, lm, settings))
             r = asyncio.run(_app_reply(settings, pool, store, PROMPT, 300))
             b.app_tps.append(r["tps"])
             b.app_wall_tps.append(r["wall_tps"])
             b.app_tokens.append(r["tokens"])
             b.app_chunks.append(r["chunks"])
             b.ui_cpu.append(r["ui_cpu"])
-            log(f"round {i + 1}: generate {b.generate_tps[-1]:.1f} tok/s (in a thread {b.generate_thread_tps[-1]:.1f}), "
+            log(f"round {i + 1}: generate {b.generate_tps[-1]:.1f} tok/s, "
                 f"app {r['tps']:.1f} tok/s (wall {r['wall_tps']:.1f}, {r['tokens']} tokens in {r['chunks']} chunks, "
                 f"UI thread {100 * r['ui_cpu']:.0f}% of a core)")
         del pool, lm

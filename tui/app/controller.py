@@ -25,7 +25,7 @@ from gptchat.core.prompting.templates import get_template
 from gptchat.core.session.store import export_file
 from gptchat.core.weights.discover import local_models
 
-from gptchat.tui.app import slash
+from gptchat.tui.app import engine_thread, slash
 from gptchat.tui.app.screens.experiment import ExperimentScreen
 from gptchat.tui.app.screens.finetune import open_finetune
 from gptchat.tui.app.messages import (
@@ -202,6 +202,9 @@ class ChatController:
                                group="generate", thread=True, exclusive=True, exit_on_error=False)
 
     def _generate(self, session: ChatSession, loaded: Loaded, cancel: threading.Event) -> None:
+        engine_thread.run(self._stream, session, loaded, cancel)  # see engine_thread: one OpenMP team
+
+    def _stream(self, session: ChatSession, loaded: Loaded, cancel: threading.Event) -> None:
         post = self.screen.post_message
         buf: list[str] = []
         last = float("-inf")  # the first text is shown as soon as it is there
@@ -243,7 +246,7 @@ class ChatController:
                 post(ModelMissing("no GPT-2 checkpoint was found on this machine", local))
                 return
         try:
-            m = self.screen.app.pool.load(spec, device, dtype, quantize)
+            m = engine_thread.run(self.screen.app.pool.load, spec, device, dtype, quantize)
         except USER_ERRORS as e:  # a bad path, device or dtype: say so, and keep any working model
             post(ModelMissing(str(e), local or [lm.name for lm in _scan()]))
             return

@@ -15,6 +15,7 @@ from textual.worker import WorkerState
 
 from gptchat.core.errors import GptchatError
 
+from gptchat.tui.app import engine_thread
 from gptchat.tui.app.messages import PaneChunk, PaneEnded
 from gptchat.tui.app.widgets.chat_input import ChatInput
 from gptchat.tui.app.widgets.message_view import MessageView
@@ -119,6 +120,9 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare", exit_on_error=False)
     def compare(self, panes, text: str, cancel: threading.Event) -> None:
+        engine_thread.run(self._compare, panes, text, cancel)  # the models run on the one engine thread
+
+    def _compare(self, panes, text: str, cancel: threading.Event) -> None:
         from gptchat.core.session.compare import PaneDelta, run_compare
 
         app = self.app

@@ -12,6 +12,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
+from gptchat.tui.app import engine_thread
 from gptchat.tui.format import surprise_style
 
 
@@ -58,8 +59,8 @@ class InspectView(ModalScreen[None]):
         from gptchat.core.generate.inspect import inspect_model  # torch: loaded with the first inspection
 
         try:
-            result = inspect_model(self.lm, self.context_ids + self.reply_ids, self.params, self.top,
-                                   score_from=len(self.context_ids))
+            result = engine_thread.run(inspect_model, self.lm, self.context_ids + self.reply_ids, self.params,
+                                       self.top, score_from=len(self.context_ids))
             text = inspect_text(result, self.top)
         except Exception as e:  # shown in the view: a failed inspection must not take the chat down
             text = Text(f"could not inspect this reply: {e}", style="bold red")
