@@ -19,8 +19,8 @@ bf16: the weights, norms, biases, tables and KV cache stay bf16 and are widened 
 fp32, so a step's logits are nearer fp32's than the bf16 modules' (which round every activation to bf16)
 and are returned as fp32. Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16), 124M, `gptchat bench
 --dtype bf16`: batch-1 decode 43 tok/s (25% of the bandwidth ceiling, the modules on oneDNN's packed bf16
-weights) -> 101-104 tok/s (71-77%), the step itself 8.3 ms a token (~30 GB/s, what summing a buffer in C
-reads on that machine).
+weights) -> 101-104 tok/s (71-77%) in the step, 108.5 tok/s (86%) once its rows are read as several streams
+(qkernel.c's dot_rows); the step itself ~8.3 ms a token (~30 GB/s, what summing a buffer in C read then).
 The token and position rows are read in the step too (an fp32 table, or the int8 head's rows as
 QuantEmbedding reads them; other tables are looked up by their module first): after a step has streamed
 every weight through the caches, the first few PyTorch ops pay for cold caches (measured ~100 us for the
