@@ -128,7 +128,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if native.can_activate(h):  # no autograd, fp32 CPU: in place in C (tanh GELU ~5x PyTorch's)
+        if native.can_activate(h):  # no autograd, fp32/bf16 CPU: in place in C (tanh GELU ~5x PyTorch's)
             h = native.activate_(h, self.kind)
         elif not h.requires_grad:  # no autograd: the activation in place, no second buffer of 4 x n_embd a token
             h = torch.relu_(h) if self.kind == "relu" else torch.ops.aten.gelu_(h, approximate=self.act.approximate)

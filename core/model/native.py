@@ -121,10 +121,10 @@ def kernel() -> ctypes.CDLL | None:
                                     ctypes.c_int]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int]
-    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
-                                          ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
@@ -192,9 +192,12 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """``attend`` applies: fp32 on the CPU, one query a row, the last dimension contiguous and a
     multiple of 8, keys and values laid out alike, and the kernel built."""
-    return (q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and q.shape[2] == 1
-            and q.shape[3] % 8 == 0 and q.stride(3) == k.stride(3) == 1 and k.stride() == v.stride()
-            and kernel() is not None)
+    return q.shape[2] == 1 and _readable(q, k, v, (torch.float32,))
+
+
+def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple) -> bool:
+    return (q.dtype in dtypes and q.dtype == k.dtype == v.dtype and q.device.type == "cpu" and q.shape[3] % 8 == 0
+            and q.stride(3) == k.stride(3) == 1 and k.stride() == v.stride() and kernel() is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -209,38 +212,42 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 def can_attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """``attend_causal`` applies: as ``can_attend`` but any number of queries, no gradients wanted, and
-    not inside torch.compile."""
+    """``attend_causal`` applies: as ``can_attend`` but any number of queries, no gradients wanted, not inside
+    torch.compile, and bf16 (a bf16 model's prefill) as well as fp32."""
     return (q.shape[2] > 1 and k.shape[2] >= q.shape[2] and not q.requires_grad and not torch.compiler.is_compiling()
-            and can_attend(q[:, :, :1], k, v))
+            and _readable(q, k, v, (torch.float32, torch.bfloat16)))
 
 
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention from slot 0 of q (B, nh, T, hs) over the first T slots of k and v (B, nh, >= T, hs):
-    (B, T, nh * hs), the layout c_proj reads. See ``can_attend_causal``. PyTorch's CPU flash kernel and
-    the transpose after it took 15-25% longer (124M, T = 1000, 2-core EPYC)."""
+    (B, T, nh * hs) in q's dtype, the layout c_proj reads. See ``can_attend_causal``. PyTorch's CPU flash
+    kernel and the transpose after it took 15-25% longer (124M, T = 1000, 2-core EPYC). bf16: the keys and
+    values are widened as read and the sums are fp32 (the queries are widened first, the output rounded)."""
     B, nh, T, hs = q.shape
+    bf = q.dtype == torch.bfloat16
+    q32 = q.float() if bf else q
     out = torch.empty(B, T, nh * hs)
-    if kernel().gptchat_attend_causal(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
-                                      k.stride(0), k.stride(1), k.stride(2), out.data_ptr(), B, nh, T, hs, scale,
-                                      torch.get_num_threads()):
+    if kernel().gptchat_attend_causal(q32.data_ptr(), q32.stride(0), q32.stride(1), q32.stride(2), k.data_ptr(),
+                                      v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), out.data_ptr(), B, nh, T, hs,
+                                      scale, torch.get_num_threads(), int(bf)):
         raise MemoryError("causal attention kernel: no memory for its scratch buffers")
-    return out
+    return out.to(q.dtype) if bf else out
 
 
 ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}  # the kernel's activation codes
 
 
 def can_activate(h: torch.Tensor) -> bool:
-    """``activate_`` applies: a contiguous fp32 CPU tensor without gradients, the kernel built, and not
+    """``activate_`` applies: a contiguous fp32 or bf16 CPU tensor without gradients, the kernel built, and not
     inside torch.compile (which cannot trace a foreign call)."""
-    return (not torch.compiler.is_compiling() and h.dtype == torch.float32 and h.device.type == "cpu"
-            and not h.requires_grad and h.is_contiguous() and kernel() is not None)
+    return (not torch.compiler.is_compiling() and h.dtype in (torch.float32, torch.bfloat16)
+            and h.device.type == "cpu" and not h.requires_grad and h.is_contiguous() and kernel() is not None)
 
 
 def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """``h`` through the activation ``kind`` (a key of ACTS), in place. See ``can_activate``."""
-    kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads())
+    """``h`` through the activation ``kind`` (a key of ACTS), in place (bf16: computed in fp32, stored rounded).
+    See ``can_activate``."""
+    kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads(), int(h.dtype == torch.bfloat16))
     return h
 
 

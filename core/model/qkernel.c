@@ -621,22 +621,35 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
     return 0;
 }
 
-/* y = act(y) in place over n floats (fp32, no gradients): the MLP's activation outside the one-call step.
-   PyTorch's tanh GELU ran at ~0.55 G elements/s on 2 EPYC threads (66 ms of a 1000-token 124M prefill). */
-void gptchat_act(float *y, long n, int act, int threads) {
+/* y = act(y) in place over n floats (fp32, or bf16 with bf: computed in fp32, stored rounded; no gradients):
+   the MLP's activation outside the one-call step. PyTorch's tanh GELU ran at ~0.55 G elements/s on 2 EPYC
+   threads (66 ms of a 1000-token 124M prefill); in bf16 37 ms of a 685 ms prefill on a Zen 4. */
+void gptchat_act(void *y, long n, int act, int threads, int bf) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long c = 0; c < n; c += 8192) finish(y, y, c, c + 8192 < n ? c + 8192 : n, POST_ACT, act);
+    for (long c = 0; c < n; c += 8192) {
+        const long e = c + 8192 < n ? c + 8192 : n;
+        if (!bf) {
+            finish((float *)y, (float *)y, c, e, POST_ACT, act);
+            continue;
+        }
+        float f[8192];
+        uint16_t *h = (uint16_t *)y + c;
+        for (long i = 0; i < e - c; i++) f[i] = ld1(h, i, 1);
+        finish(f, f, 0, e - c, POST_ACT, act);
+        for (long i = 0; i < e - c; i++) h[i] = to_bf16(f[i]);
+    }
 }
 
-/* x1 = sum_j p1[j] v_j, x2 likewise with p2, over dv x 8 dimensions of v (dv <= 4; inlined with dv = 4) */
-static inline void weigh(const float *v, long ks, const float *p1, const float *p2, long len, const int dv,
-                         __m256 *x1, __m256 *x2) {
+/* x1 = sum_j p1[j] v_j, x2 likewise with p2, over dv x 8 dimensions of v (element d0 on; fp32, or bf16 with
+   bf; dv <= 4; inlined with dv = 4) */
+static inline __attribute__((always_inline)) void weigh(const void *v, long d0, long ks, const float *p1,
+                                                        const float *p2, long len, const int dv, __m256 *x1,
+                                                        __m256 *x2, int bf) {
     for (int u = 0; u < dv; u++) x1[u] = x2[u] = _mm256_setzero_ps();
     for (long j = 0; j < len; j++) {
-        const float *vj = v + j * ks;
         const __m256 a = _mm256_set1_ps(p1[j]), c = _mm256_set1_ps(p2[j]);
         for (int u = 0; u < dv; u++) {
-            const __m256 x = _mm256_loadu_ps(vj + 8 * u);
+            const __m256 x = load8(v, j * ks + d0 + 8 * u, bf);
             x1[u] = _mm256_fmadd_ps(a, x, x1[u]);
             x2[u] = _mm256_fmadd_ps(c, x, x2[u]);
         }
@@ -649,11 +662,12 @@ static inline void weigh(const float *v, long ks, const float *p1, const float *
    multiple of 8. Keys are first copied per (row, head) into blocks of 16 keys x hs transposed
    (kt: [B * nh, Tp / 16, hs, 16], zero padded), so that 4 queries x 16 keys are multiplied from 2 loads
    and 4 broadcasts of contiguous memory; the weighted sum of values takes 2 queries x 32 dimensions at a
-   time. Work goes out 4 queries at a time, longest first. Returns 0, or -1 where scratch memory could not
-   be had. */
+   time. Work goes out 4 queries at a time, longest first. q and out are fp32; k and v fp32, or bf16 with bf
+   (a bf16 model's prefill: widened as read, the sums in fp32; PyTorch's bf16 flash kernel took 200 of a
+   685 ms 124M prefill on a Zen 4). Returns 0, or -1 where scratch memory could not be had. */
 #define QB 4
-int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float *k, const float *v, long kb, long kh,
-                          long ks, float *out, long B, long nh, long T, long hs, float scale, int threads) {
+int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const void *k, const void *v, long kb, long kh,
+                          long ks, float *out, long B, long nh, long T, long hs, float scale, int threads, int bf) {
     const long Tp = (T + 15) / 16 * 16, blocks = (T + QB - 1) / QB;
     float *kt = aligned_alloc(64, (B * nh * hs * Tp * sizeof(float) + 63) / 64 * 64);
     float *sc = aligned_alloc(64, ((long)threads * QB * Tp * sizeof(float) + 63) / 64 * 64);
@@ -671,11 +685,11 @@ int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float
 #endif
 #pragma omp for schedule(static)
         for (long bh = 0; bh < B * nh; bh++) {
-            const float *kk = k + (bh / nh) * kb + (bh % nh) * kh;
+            const long k0 = (bh / nh) * kb + (bh % nh) * kh;
             float *o = kt + bh * hs * Tp;
             for (long j0 = 0; j0 < Tp; j0 += 16, o += 16 * hs)
                 for (long j = j0; j < j0 + 16; j++)
-                    for (long d = 0; d < hs; d++) o[d * 16 + j - j0] = j < T ? kk[j * ks + d] : 0.f;
+                    for (long d = 0; d < hs; d++) o[d * 16 + j - j0] = j < T ? ld1(k, k0 + j * ks + d, bf) : 0.f;
         }
         float *s = sc + t * QB * Tp;
 #pragma omp for schedule(dynamic, 1)
@@ -683,7 +697,7 @@ int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float
             const long bh = w % (B * nh), i0 = (blocks - 1 - w / (B * nh)) * QB; /* longest rows first */
             const long b = bh / nh, h = bh % nh, rows = T - i0 < QB ? T - i0 : QB, n = i0 + rows;
             const float *qq = q + b * qb + h * qh + i0 * qt, *kT = kt + bh * hs * Tp;
-            const float *vv = v + b * kb + h * kh;
+            const long v0 = b * kb + h * kh;
             const float *qr[QB];
             for (int r = 0; r < QB; r++) qr[r] = qq + (r < rows ? r : 0) * qt;
             __m256 mx[QB]; /* each row's running max over the blocks every row sees whole */
@@ -738,10 +752,12 @@ int gptchat_attend_causal(const float *q, long qb, long qh, long qt, const float
                 for (long d0 = 0; d0 < hs; d0 += 32) {
                     const long dv = hs - d0 < 32 ? (hs - d0) / 8 : 4;
                     __m256 x1[4], x2[4];
-                    if (dv == 4)
-                        weigh(vv + d0, ks, s1, s2, len, 4, x1, x2);
+                    if (dv == 4 && bf)
+                        weigh(v, v0 + d0, ks, s1, s2, len, 4, x1, x2, 1);
+                    else if (dv == 4)
+                        weigh(v, v0 + d0, ks, s1, s2, len, 4, x1, x2, 0);
                     else
-                        weigh(vv + d0, ks, s1, s2, len, dv, x1, x2);
+                        weigh(v, v0 + d0, ks, s1, s2, len, dv, x1, x2, bf);
                     for (int u = 0; u < dv; u++) {
                         _mm256_storeu_ps(o1 + d0 + 8 * u, _mm256_mul_ps(x1[u], _mm256_set1_ps(inv[r])));
                         if (r2 != r) _mm256_storeu_ps(o2 + d0 + 8 * u, _mm256_mul_ps(x2[u], _mm256_set1_ps(inv[r2])));

@@ -321,7 +321,14 @@ def test_the_activation_kernel_equals_pytorchs():
         assert (h - ref(x)).abs().max() <= 2e-6 * max(1.0, x.abs().max().item()), kind
     assert not native.can_activate(x.clone().requires_grad_())  # autograd keeps PyTorch's
     assert not native.can_activate(x.view(2, -1).t())  # not contiguous
-    assert not native.can_activate(x.bfloat16())
+    xb = x.bfloat16()
+    for kind, ref in refs.items():  # bf16: computed in fp32 on the bf16 values, stored rounded to nearest even
+        h = xb.clone()
+        assert native.can_activate(h) and native.activate_(h, kind) is h and h.dtype == torch.bfloat16
+        want = ref(xb.float())
+        assert ((h.float() - want).abs() <= want.abs() * 2**-8 + 2e-6 * 30).all(), kind
+        assert kind == "relu" or (h.float() - want).abs().max() > 0  # rounded (relu is exact)
+    assert not native.can_activate(x.half())
 
 
 def test_causal_attention_equals_pytorchs():
@@ -338,6 +345,13 @@ def test_causal_attention_equals_pytorchs():
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3).transpose(1, 2).reshape(B, T, nh * hs)
         got = native.attend_causal(q, cache_k, cache_v, 0.3)
         assert (got - ref).abs().max() <= 2e-5, (B, T, nh, hs)
+        # bf16 (a bf16 model's prefill): the sums in fp32 on the bf16 values, the output rounded to bf16
+        qb, kb, vb = q.bfloat16(), cache_k.bfloat16(), cache_v.bfloat16()
+        assert native.can_attend_causal(qb, kb, vb) and not native.can_attend_causal(qb, cache_k, cache_v)
+        got = native.attend_causal(qb, kb, vb, 0.3)
+        ref = F.scaled_dot_product_attention(qb.float(), kb[:, :, :T].float(), vb[:, :, :T].float(), is_causal=True,
+                                             scale=0.3).transpose(1, 2).reshape(got.shape)
+        assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
     assert not native.can_attend_causal(q.clone().requires_grad_(), cache_k, cache_v)
     assert not native.can_attend_causal(q[:, :, :1], cache_k, cache_v)  # one query: ``attend``'s
 
