@@ -118,7 +118,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_dequant.argtypes = [_P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.gptchat_pack.argtypes = [_P, _P, _L, _L, _L]
     lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
-                                    ctypes.c_int]
+                                    ctypes.c_int, ctypes.c_int]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -190,9 +190,9 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
 
 
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """``attend`` applies: fp32 on the CPU, one query a row, the last dimension contiguous and a
+    """``attend`` applies: fp32 or bf16 on the CPU, one query a row, the last dimension contiguous and a
     multiple of 8, keys and values laid out alike, and the kernel built."""
-    return q.shape[2] == 1 and _readable(q, k, v, (torch.float32,))
+    return q.shape[2] == 1 and _readable(q, k, v, (torch.float32, torch.bfloat16))
 
 
 def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple) -> bool:
@@ -204,11 +204,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     """Attention of one query a row, q (B, nh, 1, hs), over every slot of k and v (B, nh, n, hs), without
     a mask: (B, 1, nh * hs). See ``can_attend``."""
     B, nh, _, hs = q.shape
+    bf = q.dtype == torch.bfloat16  # bf16 caches widened as read, the sums fp32, the output rounded
+    q32 = q.float() if bf else q
     out, scores = torch.empty(B, 1, nh * hs), torch.empty(B * nh * k.shape[2])
-    kernel().gptchat_attend1(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+    kernel().gptchat_attend1(q32.data_ptr(), q32.stride(0), q32.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                              k.stride(1), k.stride(2), out.data_ptr(), scores.data_ptr(), B, nh, k.shape[2], hs,
-                             scale, torch.get_num_threads())
-    return out
+                             scale, torch.get_num_threads(), int(bf))
+    return out.to(q.dtype) if bf else out
 
 
 def can_attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -284,14 +284,18 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
    head h, out[b, h*hs .. h*hs+hs) = softmax(scale * q . k_j, j < n) @ v. q [B, nh, hs] and the caches
    [B, nh, >= n, hs] are read through their strides (elements; the last dimension contiguous); hs a
    multiple of 8; scores [B * nh, n] is scratch. PyTorch's CPU flash kernel took ~3x longer here on a 2-core EPYC (2-2.5 ms a token
-   of 124M at ~250 cached slots). */
-void gptchat_attend1(const float *q, long qb, long qh, const float *k, const float *v, long kb, long kh, long ks,
-                     float *out, float *scores, long B, long nh, long n, long hs, float scale, int threads) {
+   of 124M at ~250 cached slots). q and out fp32; the caches fp32, or bf16 with bf (widened as read). */
+void gptchat_attend1(const float *q, long qb, long qh, const void *k, const void *v, long kb, long kh, long ks,
+                     float *out, float *scores, long B, long nh, long n, long hs, float scale, int threads, int bf) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long bh = 0; bh < B * nh; bh++) {
-        const long b = bh / nh, h = bh % nh;
-        attend_one(q + b * qb + h * qh, k + b * kb + h * kh, v + b * kb + h * kh, ks, n, hs, scale, scores + bh * n,
-                   out + bh * hs, 0);
+        const long b = bh / nh, h = bh % nh, e = bf ? 2 : 4, kv = (b * kb + h * kh) * e;
+        if (bf)
+            attend_one(q + b * qb + h * qh, (const char *)k + kv, (const char *)v + kv, ks, n, hs, scale,
+                       scores + bh * n, out + bh * hs, 1);
+        else
+            attend_one(q + b * qb + h * qh, (const char *)k + kv, (const char *)v + kv, ks, n, hs, scale,
+                       scores + bh * n, out + bh * hs, 0);
     }
 }
 

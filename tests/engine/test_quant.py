@@ -313,6 +313,13 @@ def test_one_query_attention_equals_pytorchs():
         assert native.can_attend(q, k, v)
         ref = F.scaled_dot_product_attention(q, k, v, scale=0.125).transpose(1, 2).reshape(rows, 1, 12 * hs)
         assert torch.allclose(native.attend(q, k, v, 0.125), ref, atol=1e-5), (rows, n, hs)
+        # bf16 caches (a bf16 model's batched decode): widened as read, fp32 sums, the output rounded to bf16
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        assert native.can_attend(qb, kb, vb) and not native.can_attend(qb, k, v)
+        got = native.attend(qb, kb, vb, 0.125)
+        ref = F.scaled_dot_product_attention(qb.float(), kb.float(), vb.float(), scale=0.125)
+        ref = ref.transpose(1, 2).reshape(got.shape)
+        assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
     assert not native.can_attend(q[..., :12], k[..., :12], v[..., :12])  # head size not a multiple of 8
     assert not native.can_attend(q.double(), k.double(), v.double())
 
