@@ -39,6 +39,13 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
 }
 
+/* the sum of 8 floats */
+static inline float hsum8(__m256 a) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+
 /* e^x for 8 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (relative error ~2e-7) */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -262,10 +269,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (long j = 0; j < n; j++) {
         __m256 a = _mm256_setzero_ps();
         for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, j * ks + d, bf), a);
-        __m128 l = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        l = _mm_add_ps(l, _mm_movehl_ps(l, l));
-        l = _mm_add_ss(l, _mm_shuffle_ps(l, l, 1));
-        sc[j] = _mm_cvtss_f32(l) * scale;
+        sc[j] = hsum8(a) * scale;
         m = fmaxf(m, sc[j]);
     }
     long j = 0;
@@ -370,12 +374,6 @@ static void share(long N, long t, long T, long *n0, long *n1) {
     const long G = (N + 3) / 4, per = (G + T - 1) / T;
     *n0 = t * per * 4 < N ? t * per * 4 : N;
     *n1 = (t + 1) * per * 4 < N ? (t + 1) * per * 4 : N;
-}
-
-static inline float hsum8(__m256 a) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 
 /* One row's 16 products from k: fp32 (8 + 8), or bf16 as pairs: a 32-bit lane holds the weights of inputs 2j and

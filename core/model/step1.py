@@ -81,7 +81,8 @@ class Plan:
             return
         head = _weight(model.lm_head, rows=self.kind != INT8) if "lm_head" in model._modules else None
         # the tied head too, when it is of the same kind (else the model's own head module runs after the step);
-        # an fp32 head in either order: [in, out] rows like the blocks', or the token table's own [out, in]; bf16 in its own
+        # an fp32 head in either order: [in, out] rows like the blocks', or the token table's own [out, in];
+        # a bf16 head in its own, as the blocks'
         self.head = head[:2] if head is not None and head[2] == self.kind and model.lm_head.bias is None else None
         self.head_rows = int(self.head is not None and self.kind != INT8 and self.head[0].is_contiguous())
         self.vocab = model.config.vocab_size

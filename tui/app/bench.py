@@ -6,10 +6,11 @@
 In one process it alternates (a) decoding the reply's prompt exactly as `gptchat generate` does (the engine's
 text stream, each piece written and flushed), on the app's engine thread (tui/app/engine_thread.py: the one
 thread the app runs its models on, which leaves the process one OpenMP team, as `gptchat generate`'s main
-thread does; measured as fast as a main thread), and (b) the real app, headless: a Pilot types the prompt and presses Enter, and the bench waits
-on the app's messages until the reply has ended (states, never a fixed sleep or a polling loop). The app's rate is
-the one it reports itself (tokens after the first / decode seconds, as in the status line); its wall rate is
-the same tokens over the time between the first and the last piece of text the UI handled. Both sides decode
+thread does; measured as fast as a main thread), and (b) the real app, headless: a Pilot types the prompt and
+presses Enter, and the bench waits on the app's messages until the reply has ended (states, never a fixed
+sleep or a polling loop). The app's rate is the one it reports itself (tokens after the first / decode seconds,
+as in the status line); its wall rate is the same tokens over the time between the first and the last piece of
+text the UI handled. Both sides decode
 the same prompt ids with the same options and seed. Ratios, never absolute seconds: machines and their load
 differ. It also gives the UI thread's CPU time while streaming, as a share of a core: that thread holds the
 GIL the decode thread needs between kernels, so it is the app's cost to decoding. Model ready is timed twice: in a
