@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
-from gptchat.core.model.gpt import HEAD_VOCAB_BLOCK
+from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
 from gptchat.core.train.data import Dataset, val_starts, windows
 
 
@@ -53,7 +53,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, tgt[:, None]).squeeze(1)
             # log-sum-exp and softmax in place of the logits: max, exp(z - max), its sum, then / sum
             m = logits.amax(1)
-            e = logits.sub_(m[:, None]).exp_()
+            e = logits.sub_(m[:, None]).clamp_(min=EXP_FLOOR).exp_()  # EXP_FLOOR: see core/model/gpt.py
             s = e.sum(1)
             total += ((m + s.log() - target) * valid).sum()
             if want_h or want_w:

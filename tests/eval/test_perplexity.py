@@ -171,3 +171,15 @@ def test_eval_bench_scores_like_transformers_and_prints_every_figure():
     text = b.format()
     assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x"))
     assert json.loads(json.dumps(b.to_dict()))["rss_limit_bytes"] == b.rss_limit_bytes
+
+
+def test_log_sum_exp_in_place_over_logits_far_apart():
+    """lse_ (eval's head) equals torch.logsumexp on rows spread ~400 wide (past the exp floor) and on flat rows."""
+    from gptchat.core.eval.perplexity import lse_
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.cat([torch.randn(6, 3000, generator=gen) * 60, torch.randn(2, 3000, generator=gen) * 1e-3])
+    assert float((z.amax(1) - z.amin(1))[:6].min()) > 4 * 87
+    want = torch.logsumexp(z.double(), 1).float()
+    got = lse_(z.clone())
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), (got - want).abs().max()
