@@ -32,41 +32,47 @@ class _HeadCrossEntropy(torch.autograd.Function):
         h, t = hidden.reshape(-1, hidden.shape[-1]), y.reshape(-1)
         n = (t != -1).sum().clamp(min=1)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_w else None
-        w = head.detach()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # fp32 without autocast: every chunk's logits in one reused buffer (a (chunk, V) fp32 tensor is
-        # ~100 MB for GPT-2: over glibc's mmap threshold, a fresh allocation is faulted in page by page)
-        plain = h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-        buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device) if plain else None
-        for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i : i + chunk].detach(), t[i : i + chunk]
-            if plain:  # on the CPU by blocks of vocabulary columns: each block's product stays in cache
+        kind = h.device.type
+        # the products' type: autocast's (its casts made here, once) or the inputs'; sums and softmax in fp32
+        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.promote_types(h.dtype, head.dtype)
+        with torch.autocast(kind, enabled=False):
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_w else None
+            w = head.detach().to(dt)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # every chunk's fp32 logits in one reused buffer (a (chunk, V) fp32 tensor is ~100 MB for GPT-2:
+            # over glibc's mmap threshold, a fresh allocation is faulted in page by page), written on the CPU
+            # by blocks of vocabulary rows (each block's product stays in cache; in bf16 no (chunk, V) bf16
+            # copy is made) and in one product elsewhere
+            buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
+            step = HEAD_VOCAB_BLOCK if kind == "cpu" else w.shape[0]
+            for i in range(0, h.shape[0], chunk):
+                hc, tc = h[i : i + chunk].detach().to(dt), t[i : i + chunk]
                 logits = buf[: hc.shape[0]]
-                step = HEAD_VOCAB_BLOCK if h.device.type == "cpu" else w.shape[0]
                 for v in range(0, w.shape[0], step):
-                    torch.mm(hc, w[v : v + step].t(), out=logits[:, v : v + step])
-            else:
-                logits = (hc @ w.t()).float()  # (c, V): under autocast the product runs in bf16/fp16
-            valid, tgt = tc != -1, tc.clamp(min=0)
-            target = logits.gather(1, tgt[:, None]).squeeze(1)
-            # log-sum-exp and softmax in place of the logits: max, exp(z - max), its sum, then / sum
-            m = logits.amax(1)
-            e = logits.sub_(m[:, None]).clamp_(min=EXP_FLOOR).exp_()  # EXP_FLOOR: see core/model/gpt.py
-            s = e.sum(1)
-            total += ((m + s.log() - target) * valid).sum()
-            if want_h or want_w:
-                g = e.div_(s[:, None])  # softmax
-                g[torch.arange(len(tc), device=g.device), tgt] -= 1
-                g *= valid[:, None]
-                g = g.to(hc.dtype)
-                if want_h:
-                    grad_h[i : i + chunk] = g @ w.to(hc.dtype)
-                if want_w and g.dtype == torch.float32:
-                    grad_w.addmm_(g.t(), hc)  # in place: no second (V, C) buffer
-                elif want_w:
-                    grad_w += (g.t() @ hc).float()
+                    if dt == torch.float32:
+                        torch.mm(hc, w[v : v + step].t(), out=logits[:, v : v + step])
+                    else:
+                        logits[:, v : v + step] = hc @ w[v : v + step].t()
+                valid, tgt = tc != -1, tc.clamp(min=0)
+                target = logits.gather(1, tgt[:, None]).squeeze(1)
+                # log-sum-exp and softmax in place of the logits: max, exp(z - max), its sum, then / sum
+                m = logits.amax(1)
+                e = logits.sub_(m[:, None]).clamp_(min=EXP_FLOOR).exp_()  # EXP_FLOOR: see core/model/gpt.py
+                s = e.sum(1)
+                total += ((m + s.log() - target) * valid).sum()
+                if want_h or want_w:
+                    g = e.div_(s[:, None])  # softmax
+                    g[torch.arange(len(tc), device=g.device), tgt] -= 1
+                    g *= valid[:, None]
+                    g = g.to(dt)
+                    if want_h:
+                        grad_h[i : i + chunk] = g @ w
+                    if want_w and dt == torch.float32:
+                        grad_w.addmm_(g.t(), hc)  # in place: no second (V, C) buffer
+                    elif want_w:  # the product rounded to dt like autocast's, by blocks: no (V, C) temporary
+                        for v in range(0, w.shape[0], step):
+                            grad_w[v : v + step] += g[:, v : v + step].t() @ hc
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None, n)
         ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, head.dtype)
         return total / n

@@ -77,7 +77,33 @@ def test_fused_steps_keep_fewer_activations(monkeypatch):
     assert mine < 0.7 * plain, (mine, plain)  # measured 0.64 (the tiny vocab and head add to both)
 
 
-def test_plain_path_under_lora_autocast_and_inference(monkeypatch):
+@pytest.mark.parametrize("activation,bias", [("gelu_tanh", True), ("relu", False)])
+def test_fused_steps_under_bf16_autocast_give_autocasts_gradients(activation, bias, monkeypatch):
+    """Under autocast the steps make autocast's casts themselves: the plain modules' loss and gradients."""
+    plain = _model(activation, bias)
+    mine = copy.deepcopy(plain)
+    x = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l0, g0, n0 = _grads(plain, x, False, monkeypatch)
+        l1, g1, n1 = _grads(mine, x, True, monkeypatch)
+    assert (n0, n1) == (0, 2)
+    torch.testing.assert_close(l1, l0, atol=0, rtol=0)  # the same ops on the same casts (equal to the bit here)
+    for a, b in zip(g1, g0):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_steps_under_autocast_keep_fewer_activations_and_no_weight_casts(monkeypatch):
+    """Under bf16 autocast the fused steps keep less than the plain modules, and no bf16 copy of the
+    projections' weights is kept for backward (autocast's cast cache would hold one per weight)."""
+    model = _model()
+    x = torch.randint(0, 300, (4, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, mine = _saved_bytes(model, x, False, monkeypatch), _saved_bytes(model, x, True, monkeypatch)
+    assert mine < 0.7 * plain, (mine, plain)  # measured 0.61
+
+
+def test_plain_path_under_lora_and_inference(monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "ln_mlp", lambda *a: calls.append(1))  # would break the forward if used
     x = torch.randint(0, 300, (2, 16))
@@ -85,8 +111,6 @@ def test_plain_path_under_lora_autocast_and_inference(monkeypatch):
     add_lora(model, ["q", "v", "fc"], rank=2, alpha=4.0)
     model(x).sum().backward()  # LoRA adapters on the projections: their modules run
     model = _model()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x).float().sum().backward()
     with torch.no_grad():
         model(x)
     assert calls == []

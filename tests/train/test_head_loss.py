@@ -130,3 +130,23 @@ def test_logits_spread_past_the_exp_floor_keep_the_loss_and_gradients():
     ch, cw = torch.autograd.grad(chunked, (h, w))
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cw, gw, atol=1e-5)
+
+
+def test_head_loss_under_bf16_autocast_equals_autocasts_full_cross_entropy():
+    """Under autocast the chunked loss makes autocast's casts itself (the products in bf16, the softmax in fp32):
+    the loss and gradients of autocast's own full-logits cross-entropy, to bf16 rounding (the gradients differ
+    where autocast rounds softmax / n to bf16 and the chunks round the softmax, then divide)."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 37, 32, generator=gen).requires_grad_()
+    w = (torch.randn(3000, 32, generator=gen) * 0.5).requires_grad_()  # blocks of 1024 vocabulary rows and a part
+    y = torch.randint(0, 3000, (2, 37), generator=gen)
+    y[1, :4] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = loss_fn(h @ w.t(), y)
+        gh, gw = torch.autograd.grad(full, (h, w))
+        chunked = head_loss(h, w, y, chunk=16)
+        ch, cw = torch.autograd.grad(chunked, (h, w))
+    assert ch.dtype == cw.dtype == torch.float32
+    assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
+    for a, b in ((ch, gh), (cw, gw)):
+        torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=2e-2)
