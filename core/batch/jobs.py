@@ -165,7 +165,7 @@ def auto_batch_size(engine, jobs: list[Job], memory_bytes: int = 2 << 30) -> int
     """As many rows as keep the KV cache under ``memory_bytes``, at most 16 on a CPU (64 on a GPU)."""
     cfg = engine.model.config
     longest = max((len(j.ids) + j.max_new_tokens for j in jobs), default=1)
-    per_row = 2 * cfg.n_layer * min(longest, engine.n_ctx) * cfg.n_embd * engine.dtype.itemsize
+    per_row = 2 * cfg.n_layer * min(longest, engine.n_ctx) * cfg.n_embd * engine.kv_dtype.itemsize
     cap = 16 if engine.device.type == "cpu" else 64
     return max(1, min(cap, memory_bytes // max(per_row, 1)))
 

@@ -14,9 +14,13 @@ Activations per transformer block and token, in values of the activation dtype, 
 with a fused attention kernel (SDPA keeps no T x T matrix, only its output and a log-sum-exp):
 block input 1 + ln_1 1 + qkv 3 + attention output 1 + its contiguous copy 1 + residual 1 + ln_2 1
 + c_fc 4 + GELU 4 = 17 * n_embd (Korthikanti et al. 2022 count 34 bytes at 16-bit: the same 17
-values), plus n_head log-sum-exp floats. gptchat's own full-weight training without autocast keeps
-10 (core/model/fused.py recomputes the two layer norms and the GELU in backward: block input 1 + qkv 3
-+ attention output 1 + residual 1 + c_fc 4); autocast and LoRA runs keep the 17 (or LoRA's fewer). The head keeps the logits, the log-softmax and, while the
+values), plus n_head log-sum-exp floats. gptchat's own full-weight training keeps 10 in fp32
+(core/model/fused.py recomputes the two layer norms and the GELU in backward: block input 1 + qkv 3
++ attention output 1 + residual 1 + c_fc 4) and under autocast 12 in 16-bit units (the same, with
+the block input and the residual kept fp32: 2 units each); LoRA runs keep the 17 (or LoRA's fewer).
+Under autocast the fused steps cast the block's weights per use, so of autocast's 16-bit weight
+copies only the token table's (the head's) and the attention output projections' stay cached, where
+a bare parameter count (no shape known) assumes every weight's. The head keeps the logits, the log-softmax and, while the
 backward pass starts, their two gradients: 4 x vocab floats per token. With gradient checkpointing
 a block keeps only its input; one block's working set is rebuilt at a time during backward.
 
@@ -39,6 +43,7 @@ ADAM_BYTES = 8  # two fp32 moments per trained parameter
 ADAM_STEP_TEMP_BYTES = 6.4  # foreach AdamW's step temporaries per trained parameter (measured, torch 2.x)
 BLOCK_VALUES = 17  # activation values a block keeps per token, in units of n_embd (see above)
 FUSED_BLOCK_VALUES = 10  # the same with the layer norms and GELU recomputed (fp32 training, no LoRA)
+FUSED_MIXED_BLOCK_VALUES = 12  # likewise under autocast, in 16-bit units (fp32 block input and residual: 2 each)
 HEAD_COPIES = 4  # logits, log-softmax and their two gradients, per token, in fp32
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training tokens
 DEFAULT_UTILISATION = 0.4  # model FLOPs utilisation a well-tuned GPU run reaches (Llama 2 7B: ~0.41)
@@ -95,11 +100,11 @@ def lora_params(cfg: GPTConfig, rank: int, targets: list[str]) -> int:
     return cfg.n_layer * rank * cfg.n_embd * sum(LORA_WIDTH[t] for t in targets)
 
 
-def block_values(lora_targets: list[str] | None = None, fused: bool = False) -> int:
-    """Values per token (in n_embd units) a block keeps: 17, fewer under LoRA (``lora_targets``), 10
-    with ``fused`` (full-weight training without autocast: see the module docstring)."""
+def block_values(lora_targets: list[str] | None = None, fused: bool = False, mixed: bool = False) -> int:
+    """Values per token (in n_embd units of the activation dtype) a block keeps: 17, fewer under LoRA
+    (``lora_targets``), 10 with ``fused`` (full-weight training), 12 fused under autocast (``mixed``)."""
     if lora_targets is None:
-        return FUSED_BLOCK_VALUES if fused else BLOCK_VALUES
+        return (FUSED_MIXED_BLOCK_VALUES if mixed else FUSED_BLOCK_VALUES) if fused else BLOCK_VALUES
     return BLOCK_VALUES - sum(n for used_by, n in FROZEN_INPUTS.values() if not set(used_by) & set(lora_targets))
 
 
@@ -107,8 +112,8 @@ def block_activation_bytes(cfg: GPTConfig, batch: int, block: int, act_bytes: in
                            lora_targets: list[str] | None = None) -> int:
     """What one transformer block keeps for backward: block_values x n_embd values per token + the attention LSE."""
     tokens = batch * block
-    fused = act_bytes == 4  # fp32 activations: no autocast, so the fused steps run (fused.usable)
-    return tokens * (block_values(lora_targets, fused) * cfg.n_embd * act_bytes + cfg.n_head * 4)
+    fused = lora_targets is None  # full-weight training: the fused steps run (fused.usable)
+    return tokens * (block_values(lora_targets, fused, act_bytes < 4) * cfg.n_embd * act_bytes + cfg.n_head * 4)
 
 
 def activation_bytes(cfg: GPTConfig, batch: int, block: int, act_bytes: int = 4,
@@ -188,6 +193,8 @@ def training_memory(cfg: GPTConfig | None, *, params: int | None = None, batch: 
     t = trainable if lora else n
     weights = t * 4 + (n * frozen_bytes if lora else 0)
     copies = n * 2 if mixed and (not lora or frozen_bytes == 4) else 0
+    if mixed and not lora and cfg is not None:  # the fused steps' casts are per use (see the module docstring)
+        copies = 2 * (cfg.vocab_size * cfg.n_embd + cfg.n_layer * cfg.n_embd**2)
     grads, adam = t * 4, t * ADAM_BYTES
     if fsdp_shards > 1:
         gathered = 12 * cfg.n_embd**2 * 4 if cfg is not None else 0

@@ -58,7 +58,7 @@ class LiveBatch:
         self.shape = (cfg.n_head, cfg.head_dim)
         self.layers = [blk.attn for blk in engine.model.transformer.h]
         dev = engine.device
-        self.k = [torch.zeros(0, self.shape[0], cap, self.shape[1], dtype=engine.dtype, device=dev)
+        self.k = [torch.zeros(0, self.shape[0], cap, self.shape[1], dtype=engine.kv_dtype, device=dev)
                   for _ in self.layers]
         self.v = [t.clone() for t in self.k]
         self.visible = torch.zeros(0, cap, dtype=torch.bool, device=dev)

@@ -108,6 +108,8 @@ class CausalSelfAttention(nn.Module):
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a
             # single decode step that may see every cached slot
             causal = mask is None and start == 0 and T > 1
+            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (an int8 model's): read widened
+                k, v = k.to(q.dtype), v.to(q.dtype)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop, scale=self.scale
             )
@@ -173,6 +175,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the compute dtype (wpe's)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -283,13 +287,12 @@ class GPT(nn.Module):
         """(Re)allocate the KV cache; reuses the current one when it is already this size."""
         max_len = min(max_len or self.config.n_positions, self.config.n_positions)
         p = self.transformer.wpe.weight  # the compute dtype (an int8 model's wte is int8)
+        dtype = self.kv_dtype or p.dtype
         first = self.transformer.h[0].attn.kv_cache
-        if first is not None and first.batch_size == batch_size and first.max_len == max_len and first.k.dtype == p.dtype:
+        if first is not None and first.batch_size == batch_size and first.max_len == max_len and first.k.dtype == dtype:
             return
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(
-                batch_size, self.config.n_head, max_len, self.config.head_dim, p.dtype, p.device
-            )
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim, dtype, p.device)
 
     def drop_cache(self) -> None:
         for block in self.transformer.h:

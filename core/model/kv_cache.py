@@ -32,8 +32,8 @@ class KVCache(nn.Module):
         ``start`` a 0-d long tensor (GPT.decode_step): write one slot there and return the whole
         buffers, so that no shape depends on the slot (the caller masks the slots not yet written)."""
         if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start.view(1), k)
-            self.v.index_copy_(2, start.view(1), v)
+            self.k.index_copy_(2, start.view(1), k.to(self.k.dtype))
+            self.v.index_copy_(2, start.view(1), v.to(self.v.dtype))
             return self.k, self.v
         T = k.shape[2]
         self.k[:, :, start : start + T] = k

@@ -120,7 +120,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
                                     ctypes.c_int, ctypes.c_int]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                  _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int]
+                                  _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int, ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
@@ -196,21 +196,23 @@ def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple) -> bool:
-    return (q.dtype in dtypes and q.dtype == k.dtype == v.dtype and q.device.type == "cpu" and q.shape[3] % 8 == 0
-            and q.stride(3) == k.stride(3) == 1 and k.stride() == v.stride() and kernel() is not None)
+    """k and v of one of ``dtypes`` and q of theirs, or fp32 q over bf16 k and v (an int8 model's bf16 cache)."""
+    return (k.dtype in dtypes and k.dtype == v.dtype and (q.dtype == k.dtype or q.dtype == torch.float32)
+            and q.device.type == "cpu" and q.shape[3] % 8 == 0 and q.stride(3) == k.stride(3) == 1
+            and k.stride() == v.stride() and kernel() is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one query a row, q (B, nh, 1, hs), over every slot of k and v (B, nh, n, hs), without
     a mask: (B, 1, nh * hs). See ``can_attend``."""
     B, nh, _, hs = q.shape
-    bf = q.dtype == torch.bfloat16  # bf16 caches widened as read, the sums fp32, the output rounded
-    q32 = q.float() if bf else q
+    bf = k.dtype == torch.bfloat16  # bf16 caches widened as read, the sums fp32, a bf16 output rounded
+    q32 = q.float()
     out, scores = torch.empty(B, 1, nh * hs), torch.empty(B * nh * k.shape[2])
     kernel().gptchat_attend1(q32.data_ptr(), q32.stride(0), q32.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                              k.stride(1), k.stride(2), out.data_ptr(), scores.data_ptr(), B, nh, k.shape[2], hs,
                              scale, torch.get_num_threads(), int(bf))
-    return out.to(q.dtype) if bf else out
+    return out.to(q.dtype)
 
 
 def can_attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -226,14 +228,14 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     kernel and the transpose after it took 15-25% longer (124M, T = 1000, 2-core EPYC). bf16: the keys and
     values are widened as read and the sums are fp32 (the queries are widened first, the output rounded)."""
     B, nh, T, hs = q.shape
-    bf = q.dtype == torch.bfloat16
-    q32 = q.float() if bf else q
+    bf = k.dtype == torch.bfloat16
+    q32 = q.float()
     out = torch.empty(B, T, nh * hs)
     if kernel().gptchat_attend_causal(q32.data_ptr(), q32.stride(0), q32.stride(1), q32.stride(2), k.data_ptr(),
                                       v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), out.data_ptr(), B, nh, T, hs,
                                       scale, torch.get_num_threads(), int(bf)):
         raise MemoryError("causal attention kernel: no memory for its scratch buffers")
-    return out.to(q.dtype) if bf else out
+    return out.to(q.dtype)
 
 
 ACTS = {"gelu_tanh": 0, "gelu": 1, "relu": 2}  # the kernel's activation codes

@@ -564,7 +564,8 @@ static void embed(long tok, const void *emb, const float *emb_s, long es0, long 
    embed()), the final layer norm's output out. wp: STEP_PTRS pointers a layer (absent
    biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
    scales: the attention scale of each layer. kind: W_FP32 or W_INT8 (every other tensor fp32), or W_BF16
-   (the weights, norms, biases, tables and KV caches all bf16; the activations and logits stay fp32). head
+   (the weights, norms, biases, tables and KV caches all bf16; the activations and logits stay fp32); kv_bf:
+   bf16 KV caches under fp32 or int8 weights (written rounded, read widened). head
    (scales head_s when int8): the tied head, whose V logits are then written to logits, read as [C, V] rows
    like the blocks' weights, or with head_rows (not int8) as [V, C] rows; NULL: none. Returns 0, -1 where
    scratch memory could not be had, or -2 where the token is not in the table. */
@@ -572,8 +573,9 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
                   long ks, long slot, int kind, int act, float eps, const void *lnf_w, const void *lnf_b, float *x,
                   const void *head, const float *head_s, long V, float *logits, int threads, const int64_t *tok,
                   const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const void *pos,
-                  int head_rows) {
+                  int head_rows, int kv_bf) {
     const int bf = kind == W_BF16;
+    kv_bf = kv_bf || bf;
     if (emb) {
         if (*tok < 0 || *tok >= V) return -2;
         embed(*tok, emb, emb_s, es0, es1, emb_kp, pos, x, C, bf);
@@ -603,7 +605,7 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
             layer_norm(x, p[0], p[1], ln, C, eps, bf);
             linear(&tm, kind, p[2], p[3], p[4], ln, qkv, C, 3 * C, POST_STORE, act);
 #pragma omp barrier
-            attend_heads(qkv, kv[2 * l], kv[2 * l + 1], kh, ks, slot, C, hs, h0, h1, scales[l], sc, att, bf);
+            attend_heads(qkv, kv[2 * l], kv[2 * l + 1], kh, ks, slot, C, hs, h0, h1, scales[l], sc, att, kv_bf);
 #pragma omp barrier
             linear(&tm, kind, p[5], p[6], p[7], att, x, C, C, POST_ADD, act);
 #pragma omp barrier

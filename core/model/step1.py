@@ -152,19 +152,20 @@ def _table(wte: nn.Module, wpe: torch.Tensor, dtype: torch.dtype):
 
 
 def _kv_pointers(caches, dtype: torch.dtype) -> tuple | None:
-    """(pointer array: each layer's key then value buffer, their strides, their slots), or None where the step
-    cannot read them (more than one row, not ``dtype`` on the CPU, layers of different strides or lengths)."""
-    ptrs, st, cap = [], None, None
+    """(pointer array: each layer's key then value buffer, their strides, their slots, bf16), or None where the
+    step cannot read them (more than one row, neither ``dtype`` nor bf16 on the CPU, layers of different dtypes,
+    strides or lengths). bf16 caches under fp32 or int8 weights: an int8 model's (Engine.kv_dtype)."""
+    ptrs, st, cap, kv = [], None, None, None
     for c in caches:
         k, v = c._buffers["k"], c._buffers["v"]
-        st, cap = st or k.stride(), cap or k.shape[2]
-        if k.shape[0] != 1 or k.dtype != dtype or v.dtype != dtype or k.device.type != "cpu" or k.stride() != st \
-                or v.stride() != st or k.shape[2] != cap:
+        st, cap, kv = st or k.stride(), cap or k.shape[2], kv or k.dtype
+        if k.shape[0] != 1 or k.dtype not in (dtype, torch.bfloat16) or v.dtype != k.dtype or k.dtype != kv \
+                or k.device.type != "cpu" or k.stride() != st or v.stride() != st or k.shape[2] != cap:
             return None
         ptrs += [k.data_ptr(), v.data_ptr()]
     if st[3] != 1:
         return None
-    return (ctypes.c_void_p * len(ptrs))(*ptrs), st, cap
+    return (ctypes.c_void_p * len(ptrs))(*ptrs), st, cap, int(kv == torch.bfloat16)
 
 
 def _storage(m: nn.Module) -> int | None:
@@ -218,7 +219,7 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
     kv = p.kv(slot)
     if kv is None or slot >= p.n_pos:
         return None
-    kv_ptrs, st, _ = kv
+    kv_ptrs, st, _, kv_bf = kv
     head = p.head if logits else None
     out = torch.empty(1, 1, p.vocab) if head is not None else None
     emb = p.emb if idx.dtype == torch.long and idx.device.type == "cpu" else None
@@ -235,7 +236,7 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
                                        p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows)
+                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows, kv_bf)
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:

@@ -63,11 +63,25 @@ SHAPES = [{}, dict(bias=False), dict(activation="relu"), dict(activation="gelu")
           dict(scale_attn_by_inverse_layer_idx=True), dict(n_embd=96, n_head=3)]
 
 
-@pytest.mark.parametrize("kw", SHAPES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_the_step_equals_the_modules(kw, int8, monkeypatch):
+def _case_id(case) -> str:
+    kw, int8, kv_bf16 = case
+    shape = ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2"
+    return f"{shape}-{'int8' if int8 else 'fp32'}" + ("-bf16-cache" if kv_bf16 else "")
+
+
+# every shape over fp32 caches; two over bf16 ones (an int8 engine's cache; fp32 weights read it alike)
+STEP_CASES = [(kw, int8, False) for kw in SHAPES for int8 in (False, True)] + [
+    (kw, int8, True) for kw in (SHAPES[0], SHAPES[-1]) for int8 in (True, False)]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=_case_id)
+def test_the_step_equals_the_modules(case, monkeypatch):
+    """Over fp32 caches, and over bf16 ones: written rounded, read widened, by the step as by the modules
+    (prefill, and the steps where it is off)."""
+    kw, int8, kv_bf16 = case
     m = _model(**kw)
     m = quant.quantize_model(m) if int8 else m.to_inference_layout()
+    m.kv_dtype = torch.bfloat16 if kv_bf16 else None
     assert step1.plan(m) is not None and step1.plan(m).kind == (step1.INT8 if int8 else step1.FP32)
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = _spy(monkeypatch)
@@ -79,9 +93,12 @@ def test_the_step_equals_the_modules(kw, int8, monkeypatch):
         # fp32: the same sums in another order. int8: a layer norm or GELU a rounding apart moves an
         # activation's int16 code by one now and then (measured: 1e-4 of logits ~2 in size)
         tol = 1e-3 if int8 else 1e-5
-        assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), (got - ref).abs().max()
+        # a bf16 cache: a key or value a rounding apart now and then (one bf16 step, 2^-8 relative)
+        tol_logits, tol_cache = (5e-3, 2e-2) if kv_bf16 else (tol, tol)
+        assert (got - ref).abs().max() <= tol_logits * max(1.0, ref.abs().max().item()), (got - ref).abs().max()
         for (k, v), (rk, rv) in zip(cache, ref_cache):
-            assert (k - rk).abs().max() <= tol and (v - rv).abs().max() <= tol
+            assert k.dtype == (torch.bfloat16 if kv_bf16 else torch.float32)
+            assert (k - rk).abs().max() <= tol_cache and (v - rv).abs().max() <= tol_cache
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -302,6 +319,7 @@ def test_the_engine_decodes_through_the_step(quantize, tmp_path, monkeypatch):
     for on in (False, True):
         monkeypatch.setenv("GPTCHAT_STEP1", "1" if on else "0")
         eng = Engine.load(str(folder), device="cpu", dtype="fp32", quantize=quantize)
+        assert eng.kv_dtype == (torch.bfloat16 if quantize == "int8" else torch.float32)  # int8: a bf16 cache
         calls = _spy(monkeypatch)
         runs[on] = [t.token for step in eng.generate([[464, 2068, 7586]], greedy, 24, ignore_eos=True) for t in step]
         assert sum(calls) == (23 if on else 0)  # every decode step after the prefill, when on
@@ -368,3 +386,22 @@ def test_a_prefill_runs_the_causal_kernel_and_matches_the_modules(monkeypatch):
         ref = m(ids)
     assert len(calls) == 3  # every layer
     assert (got - ref).abs().max() <= 1e-4
+
+
+def test_an_int8_engine_caches_in_bf16_unless_switched_off(tmp_path, monkeypatch):
+    """GPTCHAT_KV_BF16=0 keeps an int8 engine's cache fp32; batched decode reads either (its rows' tokens equal
+    their tokens alone, on the same cache type)."""
+    folder = save(hf_model(seed=7), tmp_path / "m")
+    greedy = SamplingParams(greedy=True)
+    prompts = [[464, 2068, 7586], [50, 51, 52, 53, 54, 55]]
+    for switch, want in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("GPTCHAT_KV_BF16", switch)
+        eng = Engine.load(str(folder), device="cpu", dtype="fp32", quantize="int8")
+        assert eng.kv_dtype == want
+        alone = [[t.token for step in eng.generate([p], greedy, 12, ignore_eos=True) for t in step] for p in prompts]
+        assert eng.model.transformer.h[0].attn.kv_cache.k.dtype == want
+        rows: dict[int, list[int]] = {0: [], 1: []}
+        for step in eng.generate(prompts, greedy, 12, ignore_eos=True):
+            for t in step:
+                rows[t.row].append(t.token)
+        assert [rows[0], rows[1]] == alone
