@@ -175,7 +175,7 @@ class Engine:
 
     def _decode(self, b: LiveBatch, logits, params, stop, cancel, drop, refill, cap_max) -> Iterator[list[RowToken]]:
         B0 = len(b.rows)
-        fast = self._packed_linears(B0)
+        fast = self.packed_linears(B0)
         fast_from = self._packed_from()
         V = self.vocab_limit
         argmax = params.is_greedy and b.seen is None  # all the greedy sampler does then: one argmax
@@ -248,8 +248,9 @@ class Engine:
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
 
-    def _packed_linears(self, batch_size: int):
-        """Packed weights for batched CPU decode (see packed.py), or None where they do not help."""
+    def packed_linears(self, batch_size: int):
+        """Packed weights for batched CPU decode (see packed.py; eval's windows use them too), or None where
+        they do not help."""
         kind = packed.kind(self.device, self.dtype)
         if self.borrowed or kind is None or batch_size < self._packed_from():
             return None

@@ -75,6 +75,11 @@ class PackedLinears:
             self._found = found
         return [(n, m) for n, m, _, _ in found]
 
+    @property
+    def built(self) -> bool:
+        """Some weights are packed already (a later refresh packs only what changed)."""
+        return bool(self._packed)
+
     def refresh(self) -> None:
         """Pack the weights that are new or changed since the last call."""
         with torch.inference_mode():

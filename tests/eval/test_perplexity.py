@@ -183,3 +183,27 @@ def test_log_sum_exp_in_place_over_logits_far_apart():
     want = torch.logsumexp(z.double(), 1).float()
     got = lse_(z.clone())
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
+    """From PACK_FROM_TOKENS window tokens on (lowered here), fp32 eval on the CPU multiplies on the engine's panel
+    copy of the weights: the same loss as transformers'. A short eval builds no copy."""
+    from gptchat.core.eval import perplexity
+    from gptchat.core.model import native
+
+    if native.kernel() is None:
+        pytest.skip("no C kernels here: no panel copy")
+    hf, lm = models
+    ids = HeldOut([_text(300, 8)], "t").ids(lm.tokenizer)
+    fast = lm.engine.packed_linears(N_CTX)
+    assert fast is not None and fast.kind == "panels"
+    if not fast.built:  # a short eval leaves it unbuilt
+        score_ids(lm.engine, ids[:N_CTX])
+        assert not fast.built
+    monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
+    calls, real = [], native.sgemm
+    monkeypatch.setattr(native, "sgemm", lambda *a: calls.append(1) or real(*a))
+    nats, plan = score_ids(lm.engine, ids, stride=20)
+    assert fast.built and calls
+    ref, n = _reference(hf, ids, plan.windows)
+    assert nats / n == pytest.approx(ref / n, abs=1e-4)
