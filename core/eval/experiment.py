@@ -159,6 +159,7 @@ def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None]
             continue
         set_state(root, "running", row=row.id)
         if row.kind in ("base", "shots") and (loaded is None or loaded[0] != row.model):
+            loaded = None  # the previous model, and the packed copy a long eval built, go before the next loads
             loaded = (row.model, open_model(row.model, device=spec.device, dtype=spec.dtype))
         cell = _cell(ctx, row, loaded[1] if row.kind in ("base", "shots") else None)
         write(path, json.dumps(cell, indent=2))
