@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from importlib import resources
 from pathlib import Path
 
@@ -123,12 +122,14 @@ def kernel() -> ctypes.CDLL | None:
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int, ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
+    lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
+    lib.gptchat_qsgemm.restype = ctypes.c_int
     return lib
 
 
@@ -255,6 +256,18 @@ def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
     return h
 
 
+def qsgemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+           n: int) -> torch.Tensor:
+    """x (M, K) fp32 contiguous times the int8 groups of ``pack`` (scales per output, bias) -> (M, n) fp32, for many
+    rows: each panel of 16 outputs dequantized once into cache, then multiplied in fp32 (gptchat_qsgemm)."""
+    m, k = x.shape
+    y = x.new_empty(m, n)
+    if kernel().gptchat_qsgemm(packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                               x.data_ptr(), y.data_ptr(), m, n, k, padded(n, k)[1], torch.get_num_threads()):
+        raise MemoryError("int8 kernel: no memory for its panel buffers")
+    return y
+
+
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows n0..n1 (n0 a multiple of 4) as fp32 [n1 - n0, k], into ``out`` when given."""
@@ -263,14 +276,3 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: i
     kernel().gptchat_dequant(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), n0, n1, k, padded(1, k)[1],
                              torch.get_num_threads())
     return out
-
-
-_local = threading.local()
-
-
-def scratch(numel: int) -> torch.Tensor:
-    """A flat fp32 buffer of at least ``numel`` elements, kept per thread and reused across calls."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < numel:
-        _local.buf = buf = torch.empty(numel)
-    return buf[:numel]

@@ -259,18 +259,19 @@ def test_the_avx2_kernel_computes_exact_integer_products():
 
 
 @pytest.mark.skipif(quant.native.kernel() is None, reason="the AVX2 int8 kernel cannot be built here")
-def test_many_rows_go_through_dequantized_blocks_and_the_table_reads_the_head(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_rows_go_through_dequantized_panels_and_the_table_reads_the_head(bias, monkeypatch):
     torch.manual_seed(3)
-    w = torch.randn(300, 40) * 0.05  # 300 rows: more than one dequantized block below
+    w = torch.randn(300, 40) * 0.05  # 300 outputs: 18 panels of 16 and a short one; 40 inputs: a padded group
     q, scale = quant.quantize_rows(w)
-    lin = quant.QuantLinear(q, scale, None)
-    monkeypatch.setattr(quant, "DEQUANT_BLOCK", 40 * 64)  # blocks of 64 rows, the last one short
+    b = torch.randn(300) if bias else None
+    lin = quant.QuantLinear(q, scale, b)
     x = torch.randn(quant.NATIVE_ROWS + 5, 40)
     with torch.inference_mode():
         y = lin(x)
         ref = x @ (q.float() * scale[:, None]).t()
-        assert torch.allclose(y, ref, atol=1e-5)
-        # the kernel on the first rows of the same call agrees with the blocks within int16 rounding
+        assert torch.allclose(y, ref + (b if bias else 0), atol=1e-5)
+        # the kernel on the first rows of the same call agrees with the panels within int16 rounding
         assert torch.allclose(lin(x[:3]), y[:3], atol=1e-4 * y.abs().max().item())
         table = quant.QuantEmbedding(q, scale, lin)
         idx = torch.tensor([[0, 299, 5], [3, 4, 7]])
