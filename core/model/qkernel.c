@@ -825,9 +825,12 @@ static void panel_block(const float *p, const float *x, long K, float *y, long y
     }
 }
 
-/* y [M, N] = x [M, K] Wp (+ b). b, when given, is padded to the panels (ceil(N/16) x 16 floats); 0 or -1 (no
-   memory for a tail buffer) */
-int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads) {
+/* The panel loop of gptchat_sgemm and gptchat_qsgemm: y [M, N] = x [M, K] W (+ b), W either fp32 panels Wp (b,
+   when given, padded to the panels) or (Wp NULL) int8 groups q of rows of Kp with scales s, each panel of 16
+   outputs dequantized into a per-thread [K, 16] buffer first (b unpadded). Each thread takes whole panels; the
+   last panel's outputs past N go to a buffer of its own, copied out at the end. 0 or -1 (no memory). */
+static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp, const float *b, const float *x,
+                       float *y, long M, long N, long K, int threads) {
     if (M <= 0 || N <= 0) return 0;
     const long P = (N + 15) / 16, full = N / 16;
     int failed = 0;
@@ -835,26 +838,52 @@ int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, lon
     {
         long j0, j1;
         my_share(P, &j0, &j1);
-        /* the last panel's outputs past N go to a buffer of its own, copied out at the end */
-        float *tail = j1 > full && j0 < j1 ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
-        if (j1 > full && j0 < j1 && !tail) failed = 1;
+        const int part = j1 > full && j0 < j1;
+        float *pb = !Wp && j0 < j1 ? aligned_alloc(64, (K * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
+        float *tail = part ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
+        if ((!Wp && j0 < j1 && !pb) || (part && !tail)) failed = 1;
         for (long j = j0; j < j1 && !failed; j++) {
-            const float *p = Wp + j * K * 16;
-            float *yj = j < full ? y + j * 16 : tail;
-            const long ys = j < full ? N : 16;
+            const long n0 = j * 16, rows = N - n0 < 16 ? N - n0 : 16;
+            const float *p = Wp ? Wp + j * K * 16 : pb, *bj = Wp && b ? b + n0 : NULL;
+            float bt[16] = {0};
+            if (!Wp) { /* row n0 + r becomes column r of the panel (zeros past N), written in order */
+                const int8_t *g[16];
+                float sc[16];
+                for (long r = 0; r < 16; r++) {
+                    const long n = n0 + (r < rows ? r : 0);
+                    g[r] = q + (n / 4) * Kp * 4 + (n % 4) * 32;
+                    sc[r] = r < rows ? s[n] : 0.f;
+                }
+                for (long k = 0; k < K; k++) {
+                    const long off = (k / 32) * 128 + k % 32;
+                    for (long r = 0; r < 16; r++) pb[k * 16 + r] = (float)g[r][off] * sc[r];
+                }
+                for (long r = 0; b && r < rows; r++) bt[r] = b[n0 + r];
+                bj = b ? bt : NULL;
+            }
+            const int last = j >= full;
+            float *yj = last ? tail : y + n0;
+            const long ys = last ? 16 : N;
             for (long k0 = 0; k0 < K; k0 += SG_KC) {
                 const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
                 for (long m = 0; m < M; m += 6) {
                     const int R = M - m < 6 ? (int)(M - m) : 6;
-                    panel_block(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, b ? b + j * 16 : NULL, m == 0);
+                    panel_block(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, bj, m == 0);
                 }
             }
-            if (j >= full)
-                for (long m = 0; m < M; m++) memcpy(y + m * N + j * 16, tail + m * 16, (N - j * 16) * sizeof(float));
+            if (last)
+                for (long m = 0; m < M; m++) memcpy(y + m * N + n0, tail + m * 16, rows * sizeof(float));
         }
+        free(pb);
         free(tail);
     }
     return failed ? -1 : 0;
+}
+
+/* y [M, N] = x [M, K] Wp (+ b). b, when given, is padded to the panels (ceil(N/16) x 16 floats); 0 or -1 (no
+   memory for a tail buffer) */
+int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads) {
+    return gemm_panels(Wp, NULL, NULL, 0, b, x, y, M, N, K, threads);
 }
 
 /* y [M, N] = x [M, K] (q * s)^T (+ b [N]) for many rows (prefill, eval): q in gptchat_pack's groups (rows of Kp),
@@ -865,48 +894,5 @@ int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, lon
    gave 0.96-1.23x a product and 1.03x a 124M prefill: not taken.) 0 or -1 (no memory for the buffers). */
 int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float *x, float *y, long M, long N, long K,
                    long Kp, int threads) {
-    if (M <= 0 || N <= 0) return 0;
-    const long P = (N + 15) / 16, full = N / 16;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        long j0, j1;
-        my_share(P, &j0, &j1);
-        const int part = j1 > full && j0 < j1;
-        float *pb = j0 < j1 ? aligned_alloc(64, (K * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
-        float *tail = part ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
-        if ((j0 < j1 && !pb) || (part && !tail)) failed = 1;
-        for (long j = j0; j < j1 && !failed; j++) {
-            const long n0 = j * 16, rows = N - n0 < 16 ? N - n0 : 16;
-            /* row n0 + r becomes column r of the panel (zeros past N), written in order */
-            const int8_t *g[16];
-            float sc[16];
-            for (long r = 0; r < 16; r++) {
-                const long n = n0 + (r < rows ? r : 0);
-                g[r] = q + (n / 4) * Kp * 4 + (n % 4) * 32;
-                sc[r] = r < rows ? s[n] : 0.f;
-            }
-            for (long k = 0; k < K; k++) {
-                const long off = (k / 32) * 128 + k % 32;
-                for (long r = 0; r < 16; r++) pb[k * 16 + r] = (float)g[r][off] * sc[r];
-            }
-            float bt[16] = {0};
-            for (long r = 0; b && r < rows; r++) bt[r] = b[n0 + r];
-            const int last = j >= full;
-            float *yj = last ? tail : y + n0;
-            const long ys = last ? 16 : N;
-            for (long k0 = 0; k0 < K; k0 += SG_KC) {
-                const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
-                for (long m = 0; m < M; m += 6) {
-                    const int R = M - m < 6 ? (int)(M - m) : 6;
-                    panel_block(pb, x + m * K, K, yj + m * ys, ys, k0, k1, R, b ? bt : NULL, m == 0);
-                }
-            }
-            if (last)
-                for (long m = 0; m < M; m++) memcpy(y + m * N + n0, tail + m * 16, rows * sizeof(float));
-        }
-        free(pb);
-        free(tail);
-    }
-    return failed ? -1 : 0;
+    return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads);
 }
