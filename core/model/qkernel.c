@@ -439,8 +439,10 @@ enum { W_FP32 = 0, W_INT8 = 1, W_BF16 = 2 }; /* the step's kinds of weights */
    thread a block of input rows into partial sums added by column afterwards; bf16: W [N, K] rows (nn.Linear's
    own order), each thread its block of outputs, the bias bf16 too. Measured on a 2-core AMD EPYC (Zen 4),
    bf16 weights streamed at 17-22 GB/s as [K, N] partial sums (4 or 8 input rows a pass, AVX2 or AVX-512)
-   and at 30-31 GB/s as [N, K] row dots, where summing the buffer read 30-33. fp32 reads its block as two
-   streams too (two rows from each half a pass): 1.03-1.08x in alternating pairs there. */
+   and at 30-31 GB/s as [N, K] row dots, where summing the buffer read 30-33. fp32 reads its block as four
+   streams (a row from each quarter a pass): against two (two rows from each half), a 124M step in the same
+   process, alternating x12, median 1.24x while the memory ran fast (10.3-11.9 ms, ~45 GB/s) and 1.07x while it
+   ran slow (15-17 ms); eight streams measured 1.01-1.04x over four (noise): not taken. */
 static void linear(const team_t *tm, int kind, const void *W, const float *s, const void *b, const float *x,
                    float *y, long K, long N, int post, int act) {
     long n0, n1;
@@ -464,16 +466,16 @@ static void linear(const team_t *tm, int kind, const void *W, const float *s, co
     const float *w = (const float *)W;
     const long per = (K + tm->T - 1) / tm->T, k0 = tm->t * per < K ? tm->t * per : K, k1 = k0 + per < K ? k0 + per : K;
     float *p = tm->part + tm->t * N;
-    /* four input rows a pass, the first pass storing: two from each half of the thread's block while both last,
-       so that the block is read as two streams (see dot_rows), then the rows left over */
-    const long len = k1 - k0, h = len / 4 * 2;
+    /* four input rows a pass, the first pass storing: one from each quarter of the thread's block while they
+       last, so that the block is read as four streams (see dot_rows), then the rows left over */
+    const long len = k1 - k0, h = len / 4;
     if (len == 0) memset(p, 0, N * sizeof(float));
     for (long i = 0, pass = 0; i < len; pass++) {
         long kr[4], r = 4;
         if (i < h) {
-            kr[0] = k0 + i, kr[1] = k0 + i + 1, kr[2] = k0 + h + i, kr[3] = k0 + h + i + 1;
-            i += 2;
-            if (i == h) i = 2 * h;
+            kr[0] = k0 + i, kr[1] = k0 + h + i, kr[2] = k0 + 2 * h + i, kr[3] = k0 + 3 * h + i;
+            i += 1;
+            if (i == h) i = 4 * h;
         } else {
             r = len - i < 4 ? len - i : 4;
             for (long j = 0; j < 4; j++) kr[j] = k0 + i + (j < r ? j : 0);
