@@ -92,9 +92,9 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(tail, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - tail)
             # tail == 1 with no mask: the last query sees every key, which is plain attention
         drop = self.dropout if self.training else 0.0
-        if T == 1 and mask is None and not self.training and native.can_attend(q, k, v):
-            # one query a row seeing every cached slot (decode with no padding): the C kernel (fp32 or bf16)
-            return self._project(native.attend(q, k, v, self.scale))
+        if T == 1 and not self.training and native.can_attend(q, k, v, mask):
+            # one query a row (decode; a padded batch's with its row of visible slots): the C kernel (fp32 or bf16)
+            return self._project(native.attend(q, k, v, self.scale, mask))
         elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not self.training:
             # one bf16 query: the CPU flash kernel is slow here (1024 cached slots: 0.70 ms a layer
             # against 0.17 ms for these two products), and decode runs it every layer, every token

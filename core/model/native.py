@@ -117,7 +117,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_dequant.argtypes = [_P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.gptchat_pack.argtypes = [_P, _P, _L, _L, _L]
     lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
-                                    ctypes.c_int, ctypes.c_int]
+                                    ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int, ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -190,10 +190,12 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
     return y
 
 
-def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """``attend`` applies: fp32 or bf16 on the CPU, one query a row, the last dimension contiguous and a
-    multiple of 8, keys and values laid out alike, and the kernel built."""
-    return q.shape[2] == 1 and _readable(q, k, v, (torch.float32, torch.bfloat16))
+    multiple of 8, keys and values laid out alike, the kernel built, and no mask or a boolean one of one row of
+    slots a batch row (B, 1, 1, n: a padded batch's decode step)."""
+    return (q.shape[2] == 1 and _readable(q, k, v, (torch.float32, torch.bfloat16))
+            and (mask is None or mask.dtype == torch.bool and mask.shape == (q.shape[0], 1, 1, k.shape[2])))
 
 
 def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple) -> bool:
@@ -203,16 +205,19 @@ def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple) 
             and k.stride() == v.stride() and kernel() is not None)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query a row, q (B, nh, 1, hs), over every slot of k and v (B, nh, n, hs), without
-    a mask: (B, 1, nh * hs). See ``can_attend``."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query a row, q (B, nh, 1, hs), over the slots of k and v (B, nh, n, hs) its row of
+    ``mask`` (B, 1, 1, n) marks (None: every slot): (B, 1, nh * hs). See ``can_attend``."""
     B, nh, _, hs = q.shape
     bf = k.dtype == torch.bfloat16  # bf16 caches widened as read, the sums fp32, a bf16 output rounded
     q32 = q.float()
     out, scores = torch.empty(B, 1, nh * hs), torch.empty(B * nh * k.shape[2])
+    vis = None if mask is None else mask.reshape(B, -1).contiguous()  # one byte a slot
     kernel().gptchat_attend1(q32.data_ptr(), q32.stride(0), q32.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                              k.stride(1), k.stride(2), out.data_ptr(), scores.data_ptr(), B, nh, k.shape[2], hs,
-                             scale, torch.get_num_threads(), int(bf))
+                             scale, torch.get_num_threads(), int(bf), None if vis is None else vis.data_ptr(),
+                             0 if vis is None else vis.stride(0))
     return out.to(q.dtype)
 
 

@@ -262,11 +262,17 @@ void gptchat_pack(const int8_t *q, int8_t *out, long N, long K, long Kp) {
 }
 
 /* softmax(scale q . k_j, j < n) @ v for one query and one head: q [hs], keys and values at elements j * ks
-   of k and v (fp32, or bf16 with bf); sc [n] scratch, the result into o [hs]. hs a multiple of 8. */
+   of k and v (fp32, or bf16 with bf); sc [n] scratch, the result into o [hs]. hs a multiple of 8. vis (NULL:
+   every slot) says which slots the query sees (a padded batch's row); at least one must be. */
 static inline __attribute__((always_inline)) void attend_one(const float *q, const void *k, const void *v, long ks,
-                                                             long n, long hs, float scale, float *sc, float *o, int bf) {
+                                                             long n, long hs, float scale, float *sc, float *o, int bf,
+                                                             const uint8_t *vis) {
     float m = -INFINITY, sum = 0.f;
     for (long j = 0; j < n; j++) {
+        if (vis && !vis[j]) {
+            sc[j] = -INFINITY;
+            continue;
+        }
         __m256 a = _mm256_setzero_ps();
         for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, j * ks + d, bf), a);
         sc[j] = hsum8(a) * scale;
@@ -275,6 +281,8 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     long j = 0;
     for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m))));
     for (; j < n; j++) sc[j] = expf(sc[j] - m);
+    for (j = 0; vis && j < n; j++)
+        if (!vis[j]) sc[j] = 0.f; /* exp8 floors at e^-87: an unseen slot gets exactly no weight */
     for (j = 0; j < n; j++) sum += sc[j];
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     for (long d = 0; d < hs; d += 8) {
@@ -288,18 +296,21 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
    head h, out[b, h*hs .. h*hs+hs) = softmax(scale * q . k_j, j < n) @ v. q [B, nh, hs] and the caches
    [B, nh, >= n, hs] are read through their strides (elements; the last dimension contiguous); hs a
    multiple of 8; scores [B * nh, n] is scratch. PyTorch's CPU flash kernel took ~3x longer here on a 2-core EPYC (2-2.5 ms a token
-   of 124M at ~250 cached slots). q and out fp32; the caches fp32, or bf16 with bf (widened as read). */
+   of 124M at ~250 cached slots). q and out fp32; the caches fp32, or bf16 with bf (widened as read). vis (NULL:
+   no padding) [B, n] bytes at row stride vs: the slots each row sees (a padded batch). */
 void gptchat_attend1(const float *q, long qb, long qh, const void *k, const void *v, long kb, long kh, long ks,
-                     float *out, float *scores, long B, long nh, long n, long hs, float scale, int threads, int bf) {
+                     float *out, float *scores, long B, long nh, long n, long hs, float scale, int threads, int bf,
+                     const uint8_t *vis, long vs) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long bh = 0; bh < B * nh; bh++) {
         const long b = bh / nh, h = bh % nh, e = bf ? 2 : 4, kv = (b * kb + h * kh) * e;
+        const uint8_t *row = vis ? vis + b * vs : NULL;
         if (bf)
             attend_one(q + b * qb + h * qh, (const char *)k + kv, (const char *)v + kv, ks, n, hs, scale,
-                       scores + bh * n, out + bh * hs, 1);
+                       scores + bh * n, out + bh * hs, 1, row);
         else
             attend_one(q + b * qb + h * qh, (const char *)k + kv, (const char *)v + kv, ks, n, hs, scale,
-                       scores + bh * n, out + bh * hs, 0);
+                       scores + bh * n, out + bh * hs, 0, row);
     }
 }
 
@@ -532,12 +543,12 @@ static void attend_heads(const float *qkv, void *const kc, void *const vc, long 
                 kk[slot * ks + d] = to_bf16(kn[d]);
                 vv[slot * ks + d] = to_bf16(vn[d]);
             }
-            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 1);
+            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 1, NULL);
         } else {
             float *kk = (float *)kc + h * kh, *vv = (float *)vc + h * kh;
             memcpy(kk + slot * ks, kn, hs * sizeof(float));
             memcpy(vv + slot * ks, vn, hs * sizeof(float));
-            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 0);
+            attend_one(qkv + h * hs, kk, vv, ks, slot + 1, hs, scale, sc, out + h * hs, 0, NULL);
         }
     }
 }

@@ -321,6 +321,17 @@ def test_one_query_attention_equals_pytorchs():
         ref = F.scaled_dot_product_attention(qb.float(), kb.float(), vb.float(), scale=0.125)
         ref = ref.transpose(1, 2).reshape(got.shape)
         assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
+        # a padded batch's rows: each sees its own slots (its first always), fp32 and bf16 caches under fp32 queries
+        vis = torch.rand(rows, n) < 0.6
+        vis[:, 0] = True
+        mask = vis[:, None, None, :]
+        assert native.can_attend(q, k, v, mask) and native.can_attend(q, kb, vb, mask)
+        assert not native.can_attend(q, k, v, mask[..., :-1] if n > 1 else mask.float())
+        for kk, vv in ((k, v), (kb, vb)):
+            ref = F.scaled_dot_product_attention(q, kk.float(), vv.float(), attn_mask=mask, scale=0.125)
+            ref = ref.transpose(1, 2).reshape(rows, 1, 12 * hs)
+            got = native.attend(q, kk, vv, 0.125, mask)
+            assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5), (rows, n, hs, kk.dtype)
     assert not native.can_attend(q[..., :12], k[..., :12], v[..., :12])  # head size not a multiple of 8
     assert not native.can_attend(q.double(), k.double(), v.double())
 
