@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 
 from gptchat.core.bench.engine import random_checkpoint
-from gptchat.core.eval.perplexity import PACK_FROM_TOKENS, batch_tokens_for, plan_windows, score_windows
+from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, packed_for_eval, plan_windows,
+                                          score_windows)
 from gptchat.core.generate.loaded import open_model
 
 TARGET_VS_PREFILL = 0.9
@@ -185,7 +186,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
 
             hf = GPT2LMHeadModel.from_pretrained(str(folder), dtype=torch.float32).eval()
         log("warm-up")
-        fast = e.packed_linears(e.n_ctx)  # a long eval (PACK_FROM_TOKENS or more) packs them at its start: once here
+        fast = packed_for_eval(e, PACK_FROM_TOKENS)  # what a long eval packs at its start: once here
         if fast is not None:
             fast.refresh()
         score_windows(e, ids, chunks[0][:1], batch_tokens=batch_tokens)

@@ -230,6 +230,17 @@ def batch_tokens_for(engine) -> int:
     return max(1, CPU_ACTIVATION_BYTES // (4 * cfg.n_embd * engine.dtype.itemsize))
 
 
+def packed_for_eval(engine, tokens: int):
+    """The engine's panel copy of the weights (packed.py, as batched decode uses them) for an fp32 CPU eval of
+    ``tokens`` window tokens, or None. Its blocks' products took 0.88-0.92x PyTorch's GEMM's time on a 1024-token
+    window (2-core Zen 4); the head stays on PyTorch's (on panels: 266 against 247 ms for 512 rows). Packing 124M
+    takes ~0.36 s and ~0.5 GB and a window gains ~0.1 s: built for PACK_FROM_TOKENS or more, used once built."""
+    fast = engine.packed_linears(engine.n_ctx)
+    if fast is None or fast.kind != "panels" or not (fast.built or tokens >= PACK_FROM_TOKENS):
+        return None
+    return fast
+
+
 def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[list[int]] | None = None,
                   batch_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
     """Sum of -log p over the scored tokens of ``windows`` of ``ids``, each after its prefix (default none).
@@ -243,14 +254,8 @@ def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[
     lengths = [len(p) + w.end - w.begin for w, p in zip(windows, prefixes)]
     head = _Head(model, engine.vocab_limit)
     total = 0.0
-    # fp32 on the CPU: the blocks' products on the engine's panel copy of the weights (packed.py, as batched
-    # decode uses them), 0.88-0.92x the time of PyTorch's GEMM on a 1024-token window (2-core Zen 4); the head
-    # stays on PyTorch's (on panels it was slower: 266 against 247 ms for 512 rows). Packing 124M takes ~0.36 s
-    # and ~0.5 GB, a window gains ~0.1 s: built for PACK_FROM_TOKENS or more, used whenever built
-    fast = engine.packed_linears(max(lengths))
-    fast = fast.use() if fast is not None and fast.kind == "panels" and (
-        fast.built or sum(lengths) >= PACK_FROM_TOKENS) else nullcontext()
-    with engine._lock, fast:  # the engine's one-model-at-a-time rule; scoring uses no cache
+    fast = packed_for_eval(engine, sum(lengths))
+    with engine._lock, fast.use() if fast is not None else nullcontext():  # the engine's one-model-at-a-time rule; scoring uses no cache
         model.drop_cache()
         for g in _groups(lengths, max(1, batch_tokens // max(lengths))):
             batch = _batch(ids, windows[g.start : g.stop], prefixes[g.start : g.stop])

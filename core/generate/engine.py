@@ -69,8 +69,7 @@ class Engine:
         self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
         if self.device.type == "cpu" and self.dtype == torch.float32:
             native.kernel()  # built (once per machine) or loaded now, with the model, not in the first reply
-        if not borrowed and any(isinstance(m, quant.QuantLinear) for m in model.modules()) \
-                and not switched_off("GPTCHAT_KV_BF16"):
+        if quantize == "int8" and not switched_off("GPTCHAT_KV_BF16"):
             # int8 weights: keys and values cached in bf16, read widened to fp32 (a 124M decode step at slot
             # 900 read 66 MB of fp32 cache beside 125 MB of weights). GPTCHAT_KV_BF16=0 keeps them fp32.
             model.kv_dtype = torch.bfloat16
