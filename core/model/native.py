@@ -192,9 +192,10 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
 
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """``attend`` applies: fp32 or bf16 on the CPU, one query a row, the last dimension contiguous and a
-    multiple of 8, keys and values laid out alike, the kernel built, and no mask or a boolean one of one row of
-    slots a batch row (B, 1, 1, n: a padded batch's decode step)."""
-    return (q.shape[2] == 1 and _readable(q, k, v, (torch.float32, torch.bfloat16))
+    multiple of 8, keys and values laid out alike, the kernel built, not inside torch.compile (the compiled
+    decode step reads the cache through a mask: a foreign call cannot be traced), and no mask or a boolean one
+    of one row of slots a batch row (B, 1, 1, n: a padded batch's decode step)."""
+    return (q.shape[2] == 1 and not torch.compiler.is_compiling() and _readable(q, k, v, (torch.float32, torch.bfloat16))
             and (mask is None or mask.dtype == torch.bool and mask.shape == (q.shape[0], 1, 1, k.shape[2])))
 
 
