@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import fused, native, step1
+from gptchat.core.model import flash, fused, native, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
@@ -80,6 +80,9 @@ class CausalSelfAttention(nn.Module):
         """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear).
         ``tail``: the outputs of the last ``tail`` positions only (every key and value is still written)."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        if (self.training and not self.dropout and self.kv_cache is None and mask is None and start == 0
+                and tail is None and flash.usable(qkv, self.n_head)):
+            return self._project(flash.attention(qkv, self.n_head, self.scale))  # bf16 training on the CPU, in C
         # one view for all three (B, nh, T, hs): a third of split-then-view's cost, per layer and token
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.kv_cache is not None:

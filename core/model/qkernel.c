@@ -909,3 +909,304 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
                    long Kp, int threads) {
     return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads);
 }
+
+/* ---- causal attention for training in bf16, on CPUs with AVX512-BF16 ----
+
+   Under bf16 autocast a 124M finetune step (4 x 1024 tokens, 2-core Zen 4) spent 20% of its time in PyTorch's
+   CPU flash attention (72 ms forward and 129 ms backward a layer: 89 and 124 GFLOP/s where its products
+   ran at ~400). These multiply bf16 pairs into fp32 sums with VDPBF16PS (32 products an instruction). Every
+   product is one microkernel, C (+)= A B with A's rows read as bf16 pairs and B packed as [n / 16][k / 2][16][2]
+   (16 outputs x one pair of inputs a 64-byte load): S = Q K^T, O = P V, dP = dO V^T, dV += P^T dO,
+   dK += dS^T Q and dQ = dS K differ only in what is packed and which rows are read. Queries go by blocks of
+   FQ rows over the keys they see; each (row, head) is one thread's: its packed copies, its fp32 dK and dV
+   sums. Softmax, log-sum-exp and dS are fp32; P and dS are rounded to bf16 for their products, as PyTorch's
+   bf16 kernel does. qkv is [B, T, 3C] (c_attn's output: q, k, v of head h at h * hs, C + h * hs, 2C + h * hs),
+   out and dout [B, T, C] (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. */
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FQ 64 /* query rows a block */
+
+static inline __attribute__((always_inline)) int32_t ld32(const uint16_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* C[r][0, 16 NV) (+)= sum over pairs p of A[r][2p, 2p + 1] . B[p] for the 4 rows A[r]; B's NV panels ps
+   elements apart, each [kp][16][2] */
+static inline __attribute__((always_inline)) TGT void mk(const uint16_t *const *A, const uint16_t *B, long ps,
+                                                         long kp, float *C, long ldc, const int NV, int acc) {
+    __m512 c[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < NV; u++) c[r][u] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * u) : _mm512_setzero_ps();
+    for (long p = 0; p < kp; p++) {
+        __m512i b[4];
+        for (int u = 0; u < NV; u++) b[u] = _mm512_loadu_si512(B + u * ps + p * 32);
+        for (int r = 0; r < 4; r++) {
+            const __m512i a = _mm512_set1_epi32(ld32(A[r] + 2 * p));
+            for (int u = 0; u < NV; u++) c[r][u] = _mm512_dpbf16_ps(c[r][u], (__m512bh)a, (__m512bh)b[u]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < NV; u++) _mm512_storeu_ps(C + r * ldc + 16 * u, c[r][u]);
+}
+
+/* C[4][0, n) over B's panels (n a multiple of 16) */
+static TGT void mk_rows(const uint16_t *const *A, const uint16_t *B, long ps, long kp, float *C, long ldc, long n,
+                        int acc) {
+    long u = 0;
+    for (; u + 64 <= n; u += 64) mk(A, B + u / 16 * ps, ps, kp, C + u, ldc, 4, acc);
+    for (; u < n; u += 16) mk(A, B + u / 16 * ps, ps, kp, C + u, ldc, 1, acc);
+}
+
+/* rows [0, n) of src (row stride sn, k contiguous entries; k even) -> [n16 / 16][k / 2][16][2], rows past n zero:
+   each (row, pair) is one 32-bit word */
+static void pack_nk(const uint16_t *src, long sn, long n, long n16, long k, uint16_t *dst) {
+    uint32_t *o = (uint32_t *)dst;
+    for (long j0 = 0; j0 < n16; j0 += 16, o += 16 * (k / 2))
+        for (long jj = 0; jj < 16; jj++) {
+            const long j = j0 + jj;
+            if (j < n)
+                for (long p = 0; p < k / 2; p++) memcpy(o + p * 16 + jj, src + j * sn + 2 * p, 4);
+            else
+                for (long p = 0; p < k / 2; p++) o[p * 16 + jj] = 0;
+        }
+}
+
+/* rows [0, kn) of src (row stride sk, n contiguous entries; n a multiple of 16) as the inputs of a product ->
+   [n / 16][k2 / 2][16][2] (k2 even), rows past kn zero */
+static TGT void pack_kn(const uint16_t *src, long sk, long kn, long k2, long n, uint16_t *dst) {
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (long i = 0; i < k2; i += 2)
+        for (long d = 0; d < n; d += 16) {
+            const __m512i a = i < kn ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + i * sk + d)))
+                                     : _mm512_setzero_si512();
+            const __m512i b = i + 1 < kn
+                                  ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + (i + 1) * sk + d)))
+                                  : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + ((d / 16) * (k2 / 2) + i / 2) * 32, _mm512_permutex2var_epi16(a, idx, b));
+        }
+}
+
+/* e^x for 16 floats, as exp8 */
+static inline __attribute__((always_inline)) TGT __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* 16 bf16 widened */
+static inline __attribute__((always_inline)) TGT __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* src rows [0, n) (row stride sn, hs contiguous entries) -> dst [hs][Tp] (row d: entry d of every row), zero past n */
+static void transpose(const uint16_t *src, long sn, long n, long Tp, long hs, uint16_t *dst) {
+    for (long i0 = 0; i0 < Tp; i0 += 16)
+        for (long d = 0; d < hs; d++)
+            for (long i = i0; i < i0 + 16; i++) dst[d * Tp + i] = i < n ? src[i * sn + d] : 0;
+}
+
+/* 4 row pointers from row r0 of a block (rows past the last valid one read the last: their sums are unused) */
+static inline void rows4(const uint16_t **A, const uint16_t *base, long stride, long r0, long last) {
+    for (int r = 0; r < 4; r++) A[r] = base + (r0 + r < last ? r0 + r : last) * stride;
+}
+
+/* keys the rows [r0, r0 + 4) of a block at i0 need: through row r0 + 3, rounded up to 16, at most n16 */
+static inline long seen(long i0, long r0, long n16) {
+    const long n = (i0 + r0 + 4 + 15) / 16 * 16;
+    return n < n16 ? n : n16;
+}
+
+static TGT void store_bf16(uint16_t *dst, const float *src, long n) {
+    long d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+    for (; d < n; d++) dst[d] = to_bf16(src[d]);
+}
+
+int gptchat_attn_train_fwd(const uint16_t *qkv, uint16_t *out, float *lse, long B, long T, long C, long nh, long hs,
+                           float scale, int threads) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, hp = hs / 2, ld3 = 3 * C;
+    const long per = 2 * Tp * hs * 2 + FQ * Tp * 4 + FQ * Tp * 2 + FQ * hs * 4 + 64; /* bytes a thread */
+    char *buf = aligned_alloc(64, (threads * per + 63) / 64 * 64);
+    if (!buf) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num();
+#else
+        const long t = 0;
+#endif
+        uint16_t *kp = (uint16_t *)(buf + t * per), *vp = kp + Tp * hs, *P = vp + Tp * hs;
+        float *S = (float *)(P + FQ * Tp), *O = S + FQ * Tp;
+#pragma omp for schedule(dynamic, 1)
+        for (long bh = 0; bh < B * nh; bh++) {
+            const long b = bh / nh, h = bh % nh;
+            const uint16_t *q0 = qkv + b * T * ld3 + h * hs, *k0 = q0 + C, *v0 = q0 + 2 * C;
+            pack_nk(k0, ld3, T, Tp, hs, kp);
+            pack_kn(v0, ld3, T, Tp, hs, vp);
+            for (long i0 = 0; i0 < T; i0 += FQ) {
+                const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
+                const uint16_t *A[4];
+                for (long r0 = 0; r0 < rows; r0 += 4) {
+                    rows4(A, q0, ld3, i0 + r0, T - 1);
+                    mk_rows(A, kp, hp * 32, hp, S + r0 * Tp, Tp, seen(i0, r0, n16), 0);
+                }
+                for (long r = 0; r < rows; r++) {
+                    const long i = i0 + r, len = i + 1;
+                    float *s = S + r * Tp, m = -INFINITY, sum = 0.f;
+                    for (long j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
+                    const float ms = m * scale;
+                    long j = 0;
+                    __m256 acc = _mm256_setzero_ps();
+                    for (; j + 8 <= len; j += 8) {
+                        const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(scale),
+                                                              _mm256_set1_ps(ms)));
+                        _mm256_storeu_ps(s + j, e);
+                        acc = _mm256_add_ps(acc, e);
+                    }
+                    for (; j < len; j++) sum += s[j] = expf(s[j] * scale - ms);
+                    sum += hsum8(acc);
+                    lse[bh * T + i] = ms + logf(sum);
+                    const float inv = 1.f / sum;
+                    for (j = 0; j < len; j++) s[j] *= inv;
+                    for (; j < n16; j++) s[j] = 0.f;
+                    store_bf16(P + r * Tp, s, n16);
+                }
+                for (long r0 = 0; r0 < rows; r0 += 4) {
+                    rows4(A, P, Tp, r0, rows - 1);
+                    mk_rows(A, vp, (Tp / 2) * 32, n16 / 2, O + r0 * hs, hs, hs, 0);
+                }
+                for (long r = 0; r < rows; r++) store_bf16(out + (b * T + i0 + r) * C + h * hs, O + r * hs, hs);
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* The backward of one (row, head) bh, on one thread's scratch (see gptchat_attn_train_bwd). dV and dK are summed
+   transposed ([hs][Tp]: dV^T += dO^T P, dK^T += Q^T dS), so that P and dS are packed as [key / 16][query / 2][16][2]
+   straight from their rows, two rows at a time. (Its own function: OpenMP's outlined body does not inherit a
+   target attribute.) */
+static TGT void bwd_head(const uint16_t *qkv, const uint16_t *out, const uint16_t *dout, const float *lse,
+                         uint16_t *dqkv, long bh, long T, long C, long nh, long hs, float scale, char *scratch) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, hp = hs / 2, ld3 = 3 * C, half = (Tp / 2) * 32, pq = (FQ / 2) * 32;
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    uint16_t *kn = (uint16_t *)scratch, *vn = kn + Tp * hs, *kk = vn + Tp * hs, *qT = kk + Tp * hs;
+    uint16_t *gT = qT + Tp * hs, *Pp = gT + Tp * hs, *dSp = Pp + FQ * Tp, *dSb = dSp + FQ * Tp;
+    float *dKT = (float *)(dSb + FQ * Tp), *dVT = dKT + Tp * hs, *S = dVT + Tp * hs, *dP = S + FQ * Tp;
+    float *dQ = dP + FQ * Tp;
+    const long b = bh / nh, h = bh % nh;
+    const uint16_t *q0 = qkv + b * T * ld3 + h * hs, *k0 = q0 + C, *v0 = q0 + 2 * C;
+    const uint16_t *o0 = out + b * T * C + h * hs, *g0 = dout + b * T * C + h * hs;
+    pack_nk(k0, ld3, T, Tp, hs, kn);
+    pack_nk(v0, ld3, T, Tp, hs, vn);
+    pack_kn(k0, ld3, T, Tp, hs, kk);
+    transpose(q0, ld3, T, Tp, hs, qT);
+    transpose(g0, C, T, Tp, hs, gT);
+    memset(dKT, 0, 2 * Tp * hs * sizeof(float));
+    for (long i0 = 0; i0 < T; i0 += FQ) {
+        const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
+        const uint16_t *A[4];
+        for (long r0 = 0; r0 < rows; r0 += 4) {
+            const long n = seen(i0, r0, n16);
+            rows4(A, q0, ld3, i0 + r0, T - 1);
+            mk_rows(A, kn, hp * 32, hp, S + r0 * Tp, Tp, n, 0);
+            rows4(A, g0, C, i0 + r0, T - 1);
+            mk_rows(A, vn, hp * 32, hp, dP + r0 * Tp, Tp, n, 0);
+        }
+        for (long r = 0; r < FQ; r += 2) { /* P and dS of rows r and r + 1, 16 keys at a time */
+            float L[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};
+            long last[2] = {-1, -1}; /* the row's last key (-1: a row past T) */
+            for (int x = 0; x < 2; x++) {
+                const long i = i0 + r + x;
+                if (r + x >= rows) continue;
+                __m512 acc = _mm512_setzero_ps();
+                for (long d = 0; d < hs; d += 16)
+                    acc = _mm512_fmadd_ps(bf16x16(g0 + i * C + d), bf16x16(o0 + i * C + d), acc);
+                dl[x] = _mm512_reduce_add_ps(acc), L[x] = lse[bh * T + i], last[x] = i;
+            }
+            for (long j0 = 0; j0 < n16; j0 += 16) {
+                __m256i pb[2], gb[2];
+                for (int x = 0; x < 2; x++) {
+                    __m512 p = _mm512_setzero_ps(), g = p;
+                    if (j0 <= last[x]) {
+                        const __mmask16 m = _mm512_cmple_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(j0), iota),
+                                                                    _mm512_set1_epi32(last[x]));
+                        const float *s = S + (r + x) * Tp + j0, *dp = dP + (r + x) * Tp + j0;
+                        p = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), _mm512_set1_ps(scale),
+                                                                         _mm512_set1_ps(L[x]))));
+                        g = _mm512_maskz_mul_ps(m, _mm512_mul_ps(p, _mm512_set1_ps(scale)),
+                                                _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(dl[x])));
+                    }
+                    pb[x] = (__m256i)_mm512_cvtneps_pbh(p);
+                    gb[x] = (__m256i)_mm512_cvtneps_pbh(g);
+                    _mm256_storeu_si256((__m256i *)(dSb + (r + x) * Tp + j0), gb[x]);
+                }
+                const long o = (j0 / 16) * pq + (r / 2) * 32;
+                _mm512_storeu_si512(Pp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(pb[0]), idx,
+                                                                       _mm512_castsi256_si512(pb[1])));
+                _mm512_storeu_si512(dSp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(gb[0]), idx,
+                                                                        _mm512_castsi256_si512(gb[1])));
+            }
+        }
+        for (long d0 = 0; d0 < hs; d0 += 4) {
+            rows4(A, gT + i0, Tp, d0, hs - 1);
+            mk_rows(A, Pp, pq, FQ / 2, dVT + d0 * Tp, Tp, n16, 1);
+            rows4(A, qT + i0, Tp, d0, hs - 1);
+            mk_rows(A, dSp, pq, FQ / 2, dKT + d0 * Tp, Tp, n16, 1);
+        }
+        for (long r0 = 0; r0 < rows; r0 += 4) {
+            rows4(A, dSb, Tp, r0, rows - 1);
+            mk_rows(A, kk, half, n16 / 2, dQ + r0 * hs, hs, hs, 0);
+        }
+        for (long r = 0; r < rows; r++) store_bf16(dqkv + (b * T + i0 + r) * ld3 + h * hs, dQ + r * hs, hs);
+    }
+    for (long j = 0; j < T; j++) {
+        uint16_t *dk = dqkv + (b * T + j) * ld3 + C + h * hs, *dv = dk + C;
+        for (long d = 0; d < hs; d++) {
+            dk[d] = to_bf16(dKT[d * Tp + j]);
+            dv[d] = to_bf16(dVT[d * Tp + j]);
+        }
+    }
+}
+
+/* dqkv [B, T, 3C] (every element written) from dout and the forward's out and lse; 0, or -1 (no memory) */
+int gptchat_attn_train_bwd(const uint16_t *qkv, const uint16_t *out, const uint16_t *dout, const float *lse,
+                           uint16_t *dqkv, long B, long T, long C, long nh, long hs, float scale, int threads) {
+    const long Tp = (T + FQ - 1) / FQ * FQ;
+    /* bf16: K and V packed for S and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each);
+       fp32: dK^T, dV^T (hs Tp), S, dP (FQ Tp), dQ (FQ hs) */
+    const long per = ((5 * Tp * hs + 3 * FQ * Tp) * 2 + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64;
+    char *buf = aligned_alloc(64, threads * per);
+    if (!buf) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num();
+#else
+        const long t = 0;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (long bh = 0; bh < B * nh; bh++) bwd_head(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, buf + t * per);
+    }
+    free(buf);
+    return 0;
+}
+#undef TGT
+#undef FQ
