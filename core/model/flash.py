@@ -1,13 +1,15 @@
-"""Causal self-attention for bf16 training on the CPU: forward and backward in gptchat's C kernel
-(qkernel.c, ``gptchat_attn_train_fwd``/``_bwd``), on CPUs with AVX512-BF16.
+"""Causal self-attention for training on the CPU: forward and backward in gptchat's C kernel (qkernel.c,
+``gptchat_attn_train_fwd``/``_bwd``), fp32 on CPUs with AVX-512 and bf16 on those with AVX512-BF16 too.
 
-Why: under bf16 autocast a 124M finetune step (4 x 1024 tokens) on a 2-core Zen 4 spent a fifth of its
-time in PyTorch's CPU flash attention, 72 ms forward and 129 ms backward a layer, where its products of
-the same bf16 numbers ran at ~400 GFLOP/s and attention reached 89 and 124. The kernel multiplies bf16
-pairs into fp32 sums with the CPU's bf16 dot-product instruction, keeps what PyTorch's kernel keeps for
-backward (q, k, v, the output and each row's log-sum-exp) and rounds P and dS to bf16 for their products
-as PyTorch's does. It takes c_attn's output (B, T, 3C) whole and returns (B, T, C), the layout c_proj
-reads, so no head-major copies are made either way.
+Why: a 124M finetune step (4 x 1024 tokens) on a 2-core Zen 4 spent 13% of its time (fp32) and 20% (bf16
+autocast) in PyTorch's CPU flash attention, whose products ran at about half (fp32) and a quarter (bf16) of
+the speed PyTorch's own matrix products reach there. The kernel packs its operands in panels of 16 outputs
+(fp32 FMA, or the CPU's bf16 pair dot product), keeps what PyTorch's kernel keeps for backward (q, k, v, the
+output and each row's log-sum-exp) and, in bf16, rounds P and dS to bf16 for their products as PyTorch's
+does. It takes c_attn's output (B, T, 3C) whole and returns (B, T, C), the layout c_proj reads, so no
+head-major copies are made either way. Measured there, forward + backward a layer: fp32 50 + 128 ms against
+66 + 197, bf16 32 + 66 against 67 + 137; the step 1.42x -> 1.57x transformers' in fp32, 1.40x -> 1.57x in bf16
+(``python -m gptchat.core.bench.train [--bf16]``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ import torch
 from gptchat.core.model import native
 from gptchat.core.model.device import cpu_flags, switched_off
 
-NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+FP32_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+NEEDS = {torch.float32: FP32_NEEDS, torch.bfloat16: FP32_NEEDS | {"avx512_bf16"}}  # CPU flags by dtype
 
 
 def usable(qkv: torch.Tensor, n_head: int) -> bool:
-    """The kernel applies: bf16 activations wanting gradients on the CPU, head size a multiple of 16, a CPU
-    with AVX512-BF16, the kernel built, not inside torch.compile, and not switched off
-    (``GPTCHAT_BF16_ATTENTION=0``)."""
+    """The kernel applies: fp32 or bf16 activations wanting gradients on the CPU, head size a multiple of 16,
+    a CPU with AVX-512 (and AVX512-BF16 for bf16), the kernel built, not inside torch.compile, and not switched
+    off (``GPTCHAT_TRAIN_ATTENTION=0``)."""
     C = qkv.shape[-1] // 3
-    return (qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and qkv.requires_grad and qkv.dim() == 3
+    return (qkv.dtype in NEEDS and qkv.device.type == "cpu" and qkv.requires_grad and qkv.dim() == 3
             and C % n_head == 0 and (C // n_head) % 16 == 0 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_BF16_ATTENTION")
-            and NEEDS <= cpu_flags() and native.kernel() is not None)
+            and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_TRAIN_ATTENTION")
+            and NEEDS[qkv.dtype] <= cpu_flags() and native.kernel() is not None)
+
+
+def _bf(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
 
 
 class _Attention(torch.autograd.Function):
@@ -40,7 +47,7 @@ class _Attention(torch.autograd.Function):
         out = qkv.new_empty(B, T, C)
         lse = torch.empty(B, n_head, T)
         if native.kernel().gptchat_attn_train_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, C, n_head,
-                                                  C // n_head, scale, torch.get_num_threads()):
+                                                  C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
             raise MemoryError("bf16 attention kernel: no memory for its scratch buffers")
         ctx.save_for_backward(qkv, out, lse)
         ctx.n_head, ctx.scale = n_head, scale
@@ -51,11 +58,11 @@ class _Attention(torch.autograd.Function):
         qkv, out, lse = ctx.saved_tensors
         B, T, C3 = qkv.shape
         C = C3 // 3
-        grad = grad.to(torch.bfloat16).contiguous()
+        grad = grad.to(qkv.dtype).contiguous()
         dqkv = torch.empty_like(qkv)
         if native.kernel().gptchat_attn_train_bwd(qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(),
                                                   dqkv.data_ptr(), B, T, C, ctx.n_head, C // ctx.n_head, ctx.scale,
-                                                  torch.get_num_threads()):
+                                                  torch.get_num_threads(), _bf(qkv)):
             raise MemoryError("bf16 attention kernel: no memory for its scratch buffers")
         return dqkv, None, None
 

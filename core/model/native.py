@@ -126,8 +126,9 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
-    lib.gptchat_attn_train_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int]
-    lib.gptchat_attn_train_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int]
+    lib.gptchat_attn_train_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_attn_train_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
+                                           ctypes.c_int]
     lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None

@@ -910,40 +910,62 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
     return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads);
 }
 
-/* ---- causal attention for training in bf16, on CPUs with AVX512-BF16 ----
+/* ---- causal attention for training (fp32, or bf16 on CPUs with AVX512-BF16), forward and backward ----
 
-   Under bf16 autocast a 124M finetune step (4 x 1024 tokens, 2-core Zen 4) spent 20% of its time in PyTorch's
-   CPU flash attention (72 ms forward and 129 ms backward a layer: 89 and 124 GFLOP/s where its products
-   ran at ~400). These multiply bf16 pairs into fp32 sums with VDPBF16PS (32 products an instruction). Every
-   product is one microkernel, C (+)= A B with A's rows read as bf16 pairs and B packed as [n / 16][k / 2][16][2]
-   (16 outputs x one pair of inputs a 64-byte load): S = Q K^T, O = P V, dP = dO V^T, dV += P^T dO,
-   dK += dS^T Q and dQ = dS K differ only in what is packed and which rows are read. Queries go by blocks of
-   FQ rows over the keys they see; each (row, head) is one thread's: its packed copies, its fp32 dK and dV
-   sums. Softmax, log-sum-exp and dS are fp32; P and dS are rounded to bf16 for their products, as PyTorch's
-   bf16 kernel does. qkv is [B, T, 3C] (c_attn's output: q, k, v of head h at h * hs, C + h * hs, 2C + h * hs),
-   out and dout [B, T, C] (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. */
+   A 124M finetune step (4 x 1024 tokens, 2-core Zen 4) spent 13% (fp32) and 20% (bf16 autocast) of its time
+   in PyTorch's CPU flash attention: 67 + 171 ms a layer forward + backward in fp32 (~95 GFLOP/s where its
+   products ran at ~180), 67 + 137 in bf16 (~100 against ~400). Every product here is one microkernel,
+   C (+)= A B over 4 rows of A and 16-64 outputs, with B packed in panels of 16 outputs: fp32 [n / 16][k][16]
+   (one input's 16 weights a 64-byte load, times a broadcast of A's entry: FMA), bf16 [n / 16][k / 2][16][2]
+   (a pair of inputs' 16 x 2 a 64-byte load, times a broadcast pair of A's: VDPBF16PS, 32 products an
+   instruction). Both layouts put element (n, k) at the same element offset within a panel's 16 k, so the
+   same offsets serve both. S = Q K^T, O = P V, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS and dQ = dS K differ
+   only in what is packed and which rows are read. Queries go by blocks of FQ rows over the keys they see; each
+   (row, head) is one thread's, with its packed copies and its fp32 dK and dV sums. Softmax, log-sum-exp and dS
+   are fp32; in bf16, P and dS are rounded to bf16 for their products, as PyTorch's bf16 kernel does. qkv is
+   [B, T, 3C] (c_attn's output: q, k, v of head h at h * hs, C + h * hs, 2C + h * hs), out and dout [B, T, C]
+   (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. (The bodies are functions of their own:
+   OpenMP's outlined region does not inherit a target attribute.) */
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AI static inline __attribute__((always_inline)) TGT
 #define FQ 64 /* query rows a block */
 
-static inline __attribute__((always_inline)) int32_t ld32(const uint16_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
+AI const void *at(const void *p, long i, const int bf) { return (const char *)p + i * (bf ? 2 : 4); }
+
+/* 16 elements of p at i, widened */
+AI __m512 ld16(const void *p, long i, const int bf) {
+    if (!bf) return _mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* C[r][0, 16 NV) (+)= sum over pairs p of A[r][2p, 2p + 1] . B[p] for the 4 rows A[r]; B's NV panels ps
-   elements apart, each [kp][16][2] */
-static inline __attribute__((always_inline)) TGT void mk(const uint16_t *const *A, const uint16_t *B, long ps,
-                                                         long kp, float *C, long ldc, const int NV, int acc) {
+/* C[r][0, 16 NV) (+)= A[r][0, k) B for the 4 rows A[r]; B's NV panels ps elements apart */
+AI void mk(const void *const *A, const void *B, long ps, long k, float *C, long ldc, const int NV, int acc,
+           const int bf) {
     __m512 c[4][4];
     for (int r = 0; r < 4; r++)
         for (int u = 0; u < NV; u++) c[r][u] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * u) : _mm512_setzero_ps();
-    for (long p = 0; p < kp; p++) {
-        __m512i b[4];
-        for (int u = 0; u < NV; u++) b[u] = _mm512_loadu_si512(B + u * ps + p * 32);
-        for (int r = 0; r < 4; r++) {
-            const __m512i a = _mm512_set1_epi32(ld32(A[r] + 2 * p));
-            for (int u = 0; u < NV; u++) c[r][u] = _mm512_dpbf16_ps(c[r][u], (__m512bh)a, (__m512bh)b[u]);
+    if (bf) {
+        const uint16_t *b0 = B;
+        for (long p = 0; p < k / 2; p++) {
+            __m512i b[4];
+            for (int u = 0; u < NV; u++) b[u] = _mm512_loadu_si512(b0 + u * ps + p * 32);
+            for (int r = 0; r < 4; r++) {
+                int32_t w;
+                memcpy(&w, (const uint16_t *)A[r] + 2 * p, 4);
+                const __m512i a = _mm512_set1_epi32(w);
+                for (int u = 0; u < NV; u++) c[r][u] = _mm512_dpbf16_ps(c[r][u], (__m512bh)a, (__m512bh)b[u]);
+            }
+        }
+    } else {
+        const float *b0 = B;
+        for (long i = 0; i < k; i++) {
+            __m512 b[4];
+            for (int u = 0; u < NV; u++) b[u] = _mm512_loadu_ps(b0 + u * ps + i * 16);
+            for (int r = 0; r < 4; r++) {
+                const __m512 a = _mm512_set1_ps(((const float *)A[r])[i]);
+                for (int u = 0; u < NV; u++) c[r][u] = _mm512_fmadd_ps(a, b[u], c[r][u]);
+            }
         }
     }
     for (int r = 0; r < 4; r++)
@@ -951,45 +973,60 @@ static inline __attribute__((always_inline)) TGT void mk(const uint16_t *const *
 }
 
 /* C[4][0, n) over B's panels (n a multiple of 16) */
-static TGT void mk_rows(const uint16_t *const *A, const uint16_t *B, long ps, long kp, float *C, long ldc, long n,
-                        int acc) {
+AI void rows_of(const void *const *A, const void *B, long ps, long k, float *C, long ldc, long n, int acc, const int bf) {
     long u = 0;
-    for (; u + 64 <= n; u += 64) mk(A, B + u / 16 * ps, ps, kp, C + u, ldc, 4, acc);
-    for (; u < n; u += 16) mk(A, B + u / 16 * ps, ps, kp, C + u, ldc, 1, acc);
+    for (; u + 64 <= n; u += 64) mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 4, acc, bf);
+    for (; u < n; u += 16) mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 1, acc, bf);
+}
+static TGT void mk_rows(const void *const *A, const void *B, long ps, long k, float *C, long ldc, long n, int acc,
+                        int bf) {
+    if (bf)
+        rows_of(A, B, ps, k, C, ldc, n, acc, 1);
+    else
+        rows_of(A, B, ps, k, C, ldc, n, acc, 0);
 }
 
-/* rows [0, n) of src (row stride sn, k contiguous entries; k even) -> [n16 / 16][k / 2][16][2], rows past n zero:
-   each (row, pair) is one 32-bit word */
-static void pack_nk(const uint16_t *src, long sn, long n, long n16, long k, uint16_t *dst) {
-    uint32_t *o = (uint32_t *)dst;
-    for (long j0 = 0; j0 < n16; j0 += 16, o += 16 * (k / 2))
+/* rows [0, n) of src (row stride sn elements, k contiguous entries; k even) -> panels of 16 rows, rows past n
+   zero. A panel's unit is a 32-bit word either way (one fp32 entry, or a pair of bf16 ones) */
+static void pack_nk(const void *src, long sn, long n, long n16, long k, void *dst, int bf) {
+    const long W = bf ? k / 2 : k, rowb = sn * (bf ? 2 : 4);
+    uint32_t *o = dst;
+    for (long j0 = 0; j0 < n16; j0 += 16, o += 16 * W)
         for (long jj = 0; jj < 16; jj++) {
             const long j = j0 + jj;
             if (j < n)
-                for (long p = 0; p < k / 2; p++) memcpy(o + p * 16 + jj, src + j * sn + 2 * p, 4);
+                for (long w = 0; w < W; w++) memcpy(o + w * 16 + jj, (const char *)src + j * rowb + 4 * w, 4);
             else
-                for (long p = 0; p < k / 2; p++) o[p * 16 + jj] = 0;
+                for (long w = 0; w < W; w++) o[w * 16 + jj] = 0;
         }
 }
 
-/* rows [0, kn) of src (row stride sk, n contiguous entries; n a multiple of 16) as the inputs of a product ->
-   [n / 16][k2 / 2][16][2] (k2 even), rows past kn zero */
-static TGT void pack_kn(const uint16_t *src, long sk, long kn, long k2, long n, uint16_t *dst) {
+/* rows [0, kn) of src (row stride sk elements, n contiguous entries; n a multiple of 16) as the inputs of a
+   product -> n / 16 panels of k2 inputs (k2 even), rows past kn zero */
+static TGT void pack_kn(const void *src, long sk, long kn, long k2, long n, void *dst, int bf) {
     const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     for (long i = 0; i < k2; i += 2)
         for (long d = 0; d < n; d += 16) {
-            const __m512i a = i < kn ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + i * sk + d)))
+            if (!bf) {
+                float *o = (float *)dst + (d / 16) * k2 * 16 + i * 16;
+                for (int x = 0; x < 2; x++)
+                    _mm512_storeu_ps(o + 16 * x, i + x < kn ? _mm512_loadu_ps((const float *)src + (i + x) * sk + d)
+                                                            : _mm512_setzero_ps());
+                continue;
+            }
+            const uint16_t *s16 = src;
+            const __m512i a = i < kn ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(s16 + i * sk + d)))
                                      : _mm512_setzero_si512();
             const __m512i b = i + 1 < kn
-                                  ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + (i + 1) * sk + d)))
+                                  ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(s16 + (i + 1) * sk + d)))
                                   : _mm512_setzero_si512();
-            _mm512_storeu_si512(dst + ((d / 16) * (k2 / 2) + i / 2) * 32, _mm512_permutex2var_epi16(a, idx, b));
+            _mm512_storeu_si512((uint16_t *)dst + (d / 16) * k2 * 16 + i * 16, _mm512_permutex2var_epi16(a, idx, b));
         }
 }
 
 /* e^x for 16 floats, as exp8 */
-static inline __attribute__((always_inline)) TGT __m512 exp16(__m512 x) {
+AI __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -1006,21 +1043,22 @@ static inline __attribute__((always_inline)) TGT __m512 exp16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* 16 bf16 widened */
-static inline __attribute__((always_inline)) TGT __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* src rows [0, n) (row stride sn, hs contiguous entries) -> dst [hs][Tp] (row d: entry d of every row), zero past n */
-static void transpose(const uint16_t *src, long sn, long n, long Tp, long hs, uint16_t *dst) {
+/* src rows [0, n) (row stride sn elements, hs contiguous entries) -> dst [hs][Tp] (row d: entry d of every row),
+   zero past n */
+static void transpose(const void *src, long sn, long n, long Tp, long hs, void *dst, int bf) {
     for (long i0 = 0; i0 < Tp; i0 += 16)
         for (long d = 0; d < hs; d++)
-            for (long i = i0; i < i0 + 16; i++) dst[d * Tp + i] = i < n ? src[i * sn + d] : 0;
+            for (long i = i0; i < i0 + 16; i++) {
+                if (bf)
+                    ((uint16_t *)dst)[d * Tp + i] = i < n ? ((const uint16_t *)src)[i * sn + d] : 0;
+                else
+                    ((float *)dst)[d * Tp + i] = i < n ? ((const float *)src)[i * sn + d] : 0.f;
+            }
 }
 
 /* 4 row pointers from row r0 of a block (rows past the last valid one read the last: their sums are unused) */
-static inline void rows4(const uint16_t **A, const uint16_t *base, long stride, long r0, long last) {
-    for (int r = 0; r < 4; r++) A[r] = base + (r0 + r < last ? r0 + r : last) * stride;
+AI void rows4(const void **A, const void *base, long stride, long r0, long last, const int bf) {
+    for (int r = 0; r < 4; r++) A[r] = at(base, (r0 + r < last ? r0 + r : last) * stride, bf);
 }
 
 /* keys the rows [r0, r0 + 4) of a block at i0 need: through row r0 + 3, rounded up to 16, at most n16 */
@@ -1029,170 +1067,72 @@ static inline long seen(long i0, long r0, long n16) {
     return n < n16 ? n : n16;
 }
 
-static TGT void store_bf16(uint16_t *dst, const float *src, long n) {
-    long d = 0;
-    for (; d + 16 <= n; d += 16)
-        _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
-    for (; d < n; d++) dst[d] = to_bf16(src[d]);
-}
-
-int gptchat_attn_train_fwd(const uint16_t *qkv, uint16_t *out, float *lse, long B, long T, long C, long nh, long hs,
-                           float scale, int threads) {
-    const long Tp = (T + FQ - 1) / FQ * FQ, hp = hs / 2, ld3 = 3 * C;
-    const long per = 2 * Tp * hs * 2 + FQ * Tp * 4 + FQ * Tp * 2 + FQ * hs * 4 + 64; /* bytes a thread */
-    char *buf = aligned_alloc(64, (threads * per + 63) / 64 * 64);
-    if (!buf) return -1;
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const long t = omp_get_thread_num();
-#else
-        const long t = 0;
-#endif
-        uint16_t *kp = (uint16_t *)(buf + t * per), *vp = kp + Tp * hs, *P = vp + Tp * hs;
-        float *S = (float *)(P + FQ * Tp), *O = S + FQ * Tp;
-#pragma omp for schedule(dynamic, 1)
-        for (long bh = 0; bh < B * nh; bh++) {
-            const long b = bh / nh, h = bh % nh;
-            const uint16_t *q0 = qkv + b * T * ld3 + h * hs, *k0 = q0 + C, *v0 = q0 + 2 * C;
-            pack_nk(k0, ld3, T, Tp, hs, kp);
-            pack_kn(v0, ld3, T, Tp, hs, vp);
-            for (long i0 = 0; i0 < T; i0 += FQ) {
-                const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
-                const uint16_t *A[4];
-                for (long r0 = 0; r0 < rows; r0 += 4) {
-                    rows4(A, q0, ld3, i0 + r0, T - 1);
-                    mk_rows(A, kp, hp * 32, hp, S + r0 * Tp, Tp, seen(i0, r0, n16), 0);
-                }
-                for (long r = 0; r < rows; r++) {
-                    const long i = i0 + r, len = i + 1;
-                    float *s = S + r * Tp, m = -INFINITY, sum = 0.f;
-                    for (long j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
-                    const float ms = m * scale;
-                    long j = 0;
-                    __m256 acc = _mm256_setzero_ps();
-                    for (; j + 8 <= len; j += 8) {
-                        const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(scale),
-                                                              _mm256_set1_ps(ms)));
-                        _mm256_storeu_ps(s + j, e);
-                        acc = _mm256_add_ps(acc, e);
-                    }
-                    for (; j < len; j++) sum += s[j] = expf(s[j] * scale - ms);
-                    sum += hsum8(acc);
-                    lse[bh * T + i] = ms + logf(sum);
-                    const float inv = 1.f / sum;
-                    for (j = 0; j < len; j++) s[j] *= inv;
-                    for (; j < n16; j++) s[j] = 0.f;
-                    store_bf16(P + r * Tp, s, n16);
-                }
-                for (long r0 = 0; r0 < rows; r0 += 4) {
-                    rows4(A, P, Tp, r0, rows - 1);
-                    mk_rows(A, vp, (Tp / 2) * 32, n16 / 2, O + r0 * hs, hs, hs, 0);
-                }
-                for (long r = 0; r < rows; r++) store_bf16(out + (b * T + i0 + r) * C + h * hs, O + r * hs, hs);
-            }
-        }
+/* n floats (a multiple of 16) to dst: stored, or rounded to bf16 */
+AI void store16s(void *dst, const float *src, long n, const int bf) {
+    for (long d = 0; d < n; d += 16) {
+        if (bf)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+        else
+            _mm512_storeu_ps((float *)dst + d, _mm512_loadu_ps(src + d));
     }
-    free(buf);
-    return 0;
 }
 
-/* The backward of one (row, head) bh, on one thread's scratch (see gptchat_attn_train_bwd). dV and dK are summed
-   transposed ([hs][Tp]: dV^T += dO^T P, dK^T += Q^T dS), so that P and dS are packed as [key / 16][query / 2][16][2]
-   straight from their rows, two rows at a time. (Its own function: OpenMP's outlined body does not inherit a
-   target attribute.) */
-static TGT void bwd_head(const uint16_t *qkv, const uint16_t *out, const uint16_t *dout, const float *lse,
-                         uint16_t *dqkv, long bh, long T, long C, long nh, long hs, float scale, char *scratch) {
-    const long Tp = (T + FQ - 1) / FQ * FQ, hp = hs / 2, ld3 = 3 * C, half = (Tp / 2) * 32, pq = (FQ / 2) * 32;
-    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    uint16_t *kn = (uint16_t *)scratch, *vn = kn + Tp * hs, *kk = vn + Tp * hs, *qT = kk + Tp * hs;
-    uint16_t *gT = qT + Tp * hs, *Pp = gT + Tp * hs, *dSp = Pp + FQ * Tp, *dSb = dSp + FQ * Tp;
-    float *dKT = (float *)(dSb + FQ * Tp), *dVT = dKT + Tp * hs, *S = dVT + Tp * hs, *dP = S + FQ * Tp;
-    float *dQ = dP + FQ * Tp;
-    const long b = bh / nh, h = bh % nh;
-    const uint16_t *q0 = qkv + b * T * ld3 + h * hs, *k0 = q0 + C, *v0 = q0 + 2 * C;
-    const uint16_t *o0 = out + b * T * C + h * hs, *g0 = dout + b * T * C + h * hs;
-    pack_nk(k0, ld3, T, Tp, hs, kn);
-    pack_nk(v0, ld3, T, Tp, hs, vn);
-    pack_kn(k0, ld3, T, Tp, hs, kk);
-    transpose(q0, ld3, T, Tp, hs, qT);
-    transpose(g0, C, T, Tp, hs, gT);
-    memset(dKT, 0, 2 * Tp * hs * sizeof(float));
+/* The forward of one (row, head) bh on one thread's scratch */
+AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long C, long nh, long hs, float scale,
+                 char *scratch, const int bf) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, ld3 = 3 * C, b = bh / nh, h = bh % nh;
+    void *kp = scratch, *vp = (void *)at(kp, Tp * hs, bf), *P = (void *)at(vp, Tp * hs, bf);
+    float *S = (float *)at(P, FQ * Tp, bf), *O = S + FQ * Tp;
+    const void *q0 = at(qkv, b * T * ld3 + h * hs, bf), *k0 = at(q0, C, bf), *v0 = at(q0, 2 * C, bf);
+    pack_nk(k0, ld3, T, Tp, hs, kp, bf);
+    pack_kn(v0, ld3, T, Tp, hs, vp, bf);
     for (long i0 = 0; i0 < T; i0 += FQ) {
         const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
-        const uint16_t *A[4];
+        const void *A[4];
         for (long r0 = 0; r0 < rows; r0 += 4) {
-            const long n = seen(i0, r0, n16);
-            rows4(A, q0, ld3, i0 + r0, T - 1);
-            mk_rows(A, kn, hp * 32, hp, S + r0 * Tp, Tp, n, 0);
-            rows4(A, g0, C, i0 + r0, T - 1);
-            mk_rows(A, vn, hp * 32, hp, dP + r0 * Tp, Tp, n, 0);
+            rows4(A, q0, ld3, i0 + r0, T - 1, bf);
+            mk_rows(A, kp, hs * 16, hs, S + r0 * Tp, Tp, seen(i0, r0, n16), 0, bf);
         }
-        for (long r = 0; r < FQ; r += 2) { /* P and dS of rows r and r + 1, 16 keys at a time */
-            float L[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};
-            long last[2] = {-1, -1}; /* the row's last key (-1: a row past T) */
-            for (int x = 0; x < 2; x++) {
-                const long i = i0 + r + x;
-                if (r + x >= rows) continue;
-                __m512 acc = _mm512_setzero_ps();
-                for (long d = 0; d < hs; d += 16)
-                    acc = _mm512_fmadd_ps(bf16x16(g0 + i * C + d), bf16x16(o0 + i * C + d), acc);
-                dl[x] = _mm512_reduce_add_ps(acc), L[x] = lse[bh * T + i], last[x] = i;
+        for (long r = 0; r < rows; r++) {
+            const long i = i0 + r, len = i + 1;
+            float *s = S + r * Tp, m = -INFINITY, sum = 0.f;
+            for (long j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
+            const float ms = m * scale;
+            long j = 0;
+            __m512 acc = _mm512_setzero_ps();
+            for (; j + 16 <= len; j += 16) {
+                const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale), _mm512_set1_ps(ms)));
+                _mm512_storeu_ps(s + j, e);
+                acc = _mm512_add_ps(acc, e);
             }
-            for (long j0 = 0; j0 < n16; j0 += 16) {
-                __m256i pb[2], gb[2];
-                for (int x = 0; x < 2; x++) {
-                    __m512 p = _mm512_setzero_ps(), g = p;
-                    if (j0 <= last[x]) {
-                        const __mmask16 m = _mm512_cmple_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(j0), iota),
-                                                                    _mm512_set1_epi32(last[x]));
-                        const float *s = S + (r + x) * Tp + j0, *dp = dP + (r + x) * Tp + j0;
-                        p = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), _mm512_set1_ps(scale),
-                                                                         _mm512_set1_ps(L[x]))));
-                        g = _mm512_maskz_mul_ps(m, _mm512_mul_ps(p, _mm512_set1_ps(scale)),
-                                                _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(dl[x])));
-                    }
-                    pb[x] = (__m256i)_mm512_cvtneps_pbh(p);
-                    gb[x] = (__m256i)_mm512_cvtneps_pbh(g);
-                    _mm256_storeu_si256((__m256i *)(dSb + (r + x) * Tp + j0), gb[x]);
-                }
-                const long o = (j0 / 16) * pq + (r / 2) * 32;
-                _mm512_storeu_si512(Pp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(pb[0]), idx,
-                                                                       _mm512_castsi256_si512(pb[1])));
-                _mm512_storeu_si512(dSp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(gb[0]), idx,
-                                                                        _mm512_castsi256_si512(gb[1])));
-            }
-        }
-        for (long d0 = 0; d0 < hs; d0 += 4) {
-            rows4(A, gT + i0, Tp, d0, hs - 1);
-            mk_rows(A, Pp, pq, FQ / 2, dVT + d0 * Tp, Tp, n16, 1);
-            rows4(A, qT + i0, Tp, d0, hs - 1);
-            mk_rows(A, dSp, pq, FQ / 2, dKT + d0 * Tp, Tp, n16, 1);
+            for (; j < len; j++) sum += s[j] = expf(s[j] * scale - ms);
+            sum += _mm512_reduce_add_ps(acc);
+            lse[bh * T + i] = ms + logf(sum);
+            const float inv = 1.f / sum;
+            for (j = 0; j < len; j++) s[j] *= inv;
+            for (; j < n16; j++) s[j] = 0.f;
+            store16s((void *)at(P, r * Tp, bf), s, n16, bf);
         }
         for (long r0 = 0; r0 < rows; r0 += 4) {
-            rows4(A, dSb, Tp, r0, rows - 1);
-            mk_rows(A, kk, half, n16 / 2, dQ + r0 * hs, hs, hs, 0);
+            rows4(A, P, Tp, r0, rows - 1, bf);
+            mk_rows(A, vp, Tp * 16, n16, O + r0 * hs, hs, hs, 0, bf);
         }
-        for (long r = 0; r < rows; r++) store_bf16(dqkv + (b * T + i0 + r) * ld3 + h * hs, dQ + r * hs, hs);
-    }
-    for (long j = 0; j < T; j++) {
-        uint16_t *dk = dqkv + (b * T + j) * ld3 + C + h * hs, *dv = dk + C;
-        for (long d = 0; d < hs; d++) {
-            dk[d] = to_bf16(dKT[d * Tp + j]);
-            dv[d] = to_bf16(dVT[d * Tp + j]);
-        }
+        for (long r = 0; r < rows; r++) store16s((void *)at(out, (b * T + i0 + r) * C + h * hs, bf), O + r * hs, hs, bf);
     }
 }
+static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long T, long C, long nh, long hs, float scale,
+                           char *scratch, int bf) {
+    if (bf)
+        fwd_head(qkv, out, lse, bh, T, C, nh, hs, scale, scratch, 1);
+    else
+        fwd_head(qkv, out, lse, bh, T, C, nh, hs, scale, scratch, 0);
+}
 
-/* dqkv [B, T, 3C] (every element written) from dout and the forward's out and lse; 0, or -1 (no memory) */
-int gptchat_attn_train_bwd(const uint16_t *qkv, const uint16_t *out, const uint16_t *dout, const float *lse,
-                           uint16_t *dqkv, long B, long T, long C, long nh, long hs, float scale, int threads) {
-    const long Tp = (T + FQ - 1) / FQ * FQ;
-    /* bf16: K and V packed for S and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each);
-       fp32: dK^T, dV^T (hs Tp), S, dP (FQ Tp), dQ (FQ hs) */
-    const long per = ((5 * Tp * hs + 3 * FQ * Tp) * 2 + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64;
+/* out [B, T, C] and lse [B, nh, T] of qkv; 0, or -1 (no memory) */
+int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
+                           float scale, int threads, int bf) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
+    const long per = ((2 * Tp * hs + FQ * Tp) * e + (FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64; /* bytes a thread */
     char *buf = aligned_alloc(64, threads * per);
     if (!buf) return -1;
 #pragma omp parallel num_threads(threads)
@@ -1203,10 +1143,141 @@ int gptchat_attn_train_bwd(const uint16_t *qkv, const uint16_t *out, const uint1
         const long t = 0;
 #endif
 #pragma omp for schedule(dynamic, 1)
-        for (long bh = 0; bh < B * nh; bh++) bwd_head(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, buf + t * per);
+        for (long bh = 0; bh < B * nh; bh++) fwd_head_f(qkv, out, lse, bh, T, C, nh, hs, scale, buf + t * per, bf);
+    }
+    free(buf);
+    return 0;
+}
+
+/* The backward of one (row, head) bh on one thread's scratch. dV and dK are summed transposed ([hs][Tp]:
+   dV^T += dO^T P, dK^T += Q^T dS), so that P and dS go into their panels straight from their rows, two rows
+   at a time */
+AI void bwd_head(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long bh, long T,
+                 long C, long nh, long hs, float scale, char *scratch, const int bf) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, ld3 = 3 * C, b = bh / nh, h = bh % nh;
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    void *kn = scratch, *vn = (void *)at(kn, Tp * hs, bf), *kk = (void *)at(vn, Tp * hs, bf);
+    void *qT = (void *)at(kk, Tp * hs, bf), *gT = (void *)at(qT, Tp * hs, bf), *Pp = (void *)at(gT, Tp * hs, bf);
+    void *dSp = (void *)at(Pp, FQ * Tp, bf), *dSb = (void *)at(dSp, FQ * Tp, bf);
+    float *dKT = (float *)at(dSb, FQ * Tp, bf), *dVT = dKT + Tp * hs, *S = dVT + Tp * hs, *dP = S + FQ * Tp;
+    float *dQ = dP + FQ * Tp;
+    const void *q0 = at(qkv, b * T * ld3 + h * hs, bf), *k0 = at(q0, C, bf), *v0 = at(q0, 2 * C, bf);
+    const void *o0 = at(out, b * T * C + h * hs, bf), *g0 = at(dout, b * T * C + h * hs, bf);
+    pack_nk(k0, ld3, T, Tp, hs, kn, bf);
+    pack_nk(v0, ld3, T, Tp, hs, vn, bf);
+    pack_kn(k0, ld3, T, Tp, hs, kk, bf);
+    transpose(q0, ld3, T, Tp, hs, qT, bf);
+    transpose(g0, C, T, Tp, hs, gT, bf);
+    memset(dKT, 0, 2 * Tp * hs * sizeof(float));
+    for (long i0 = 0; i0 < T; i0 += FQ) {
+        const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
+        const void *A[4];
+        for (long r0 = 0; r0 < rows; r0 += 4) {
+            const long n = seen(i0, r0, n16);
+            rows4(A, q0, ld3, i0 + r0, T - 1, bf);
+            mk_rows(A, kn, hs * 16, hs, S + r0 * Tp, Tp, n, 0, bf);
+            rows4(A, g0, C, i0 + r0, T - 1, bf);
+            mk_rows(A, vn, hs * 16, hs, dP + r0 * Tp, Tp, n, 0, bf);
+        }
+        for (long r = 0; r < FQ; r += 2) { /* P and dS of rows r and r + 1, 16 keys at a time */
+            float L[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};
+            long last[2] = {-1, -1}; /* the row's last key (-1: a row past T) */
+            for (int x = 0; x < 2; x++) {
+                const long i = i0 + r + x;
+                if (r + x >= rows) continue;
+                __m512 acc = _mm512_setzero_ps();
+                for (long d = 0; d < hs; d += 16) acc = _mm512_fmadd_ps(ld16(g0, i * C + d, bf), ld16(o0, i * C + d, bf), acc);
+                dl[x] = _mm512_reduce_add_ps(acc), L[x] = lse[bh * T + i], last[x] = i;
+            }
+            for (long j0 = 0; j0 < n16; j0 += 16) {
+                __m512 p[2], g[2];
+                for (int x = 0; x < 2; x++) {
+                    p[x] = g[x] = _mm512_setzero_ps();
+                    if (j0 <= last[x]) {
+                        const __mmask16 m = _mm512_cmple_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(j0), iota),
+                                                                    _mm512_set1_epi32(last[x]));
+                        const float *s = S + (r + x) * Tp + j0, *dp = dP + (r + x) * Tp + j0;
+                        p[x] = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), _mm512_set1_ps(scale),
+                                                                            _mm512_set1_ps(L[x]))));
+                        g[x] = _mm512_maskz_mul_ps(m, _mm512_mul_ps(p[x], _mm512_set1_ps(scale)),
+                                                   _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(dl[x])));
+                    }
+                    store16s((void *)at(dSb, (r + x) * Tp + j0, bf), (const float *)&g[x], 16, bf);
+                }
+                const long o = (j0 / 16) * FQ * 16 + r * 16; /* rows r and r + 1 of the panel of keys j0.. */
+                if (bf) {
+                    const __m256i p0 = (__m256i)_mm512_cvtneps_pbh(p[0]), p1 = (__m256i)_mm512_cvtneps_pbh(p[1]);
+                    const __m256i g0b = (__m256i)_mm512_cvtneps_pbh(g[0]), g1b = (__m256i)_mm512_cvtneps_pbh(g[1]);
+                    _mm512_storeu_si512((uint16_t *)Pp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(p0), idx,
+                                                                                      _mm512_castsi256_si512(p1)));
+                    _mm512_storeu_si512((uint16_t *)dSp + o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(g0b), idx,
+                                                                                       _mm512_castsi256_si512(g1b)));
+                } else {
+                    for (int x = 0; x < 2; x++) {
+                        _mm512_storeu_ps((float *)Pp + o + 16 * x, p[x]);
+                        _mm512_storeu_ps((float *)dSp + o + 16 * x, g[x]);
+                    }
+                }
+            }
+        }
+        for (long d0 = 0; d0 < hs; d0 += 4) {
+            rows4(A, at(gT, i0, bf), Tp, d0, hs - 1, bf);
+            mk_rows(A, Pp, FQ * 16, FQ, dVT + d0 * Tp, Tp, n16, 1, bf);
+            rows4(A, at(qT, i0, bf), Tp, d0, hs - 1, bf);
+            mk_rows(A, dSp, FQ * 16, FQ, dKT + d0 * Tp, Tp, n16, 1, bf);
+        }
+        for (long r0 = 0; r0 < rows; r0 += 4) {
+            rows4(A, dSb, Tp, r0, rows - 1, bf);
+            mk_rows(A, kk, Tp * 16, n16, dQ + r0 * hs, hs, hs, 0, bf);
+        }
+        for (long r = 0; r < rows; r++) store16s((void *)at(dqkv, (b * T + i0 + r) * ld3 + h * hs, bf), dQ + r * hs, hs, bf);
+    }
+    for (long j = 0; j < T; j++) {
+        void *dk = (void *)at(dqkv, (b * T + j) * ld3 + C + h * hs, bf), *dv = (void *)at(dk, C, bf);
+        for (long d = 0; d < hs; d++) {
+            if (bf) {
+                ((uint16_t *)dk)[d] = to_bf16(dKT[d * Tp + j]);
+                ((uint16_t *)dv)[d] = to_bf16(dVT[d * Tp + j]);
+            } else {
+                ((float *)dk)[d] = dKT[d * Tp + j];
+                ((float *)dv)[d] = dVT[d * Tp + j];
+            }
+        }
+    }
+}
+static TGT void bwd_head_f(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long bh,
+                           long T, long C, long nh, long hs, float scale, char *scratch, int bf) {
+    if (bf)
+        bwd_head(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, scratch, 1);
+    else
+        bwd_head(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, scratch, 0);
+}
+
+/* dqkv [B, T, 3C] (every element written) from dout and the forward's out and lse; 0, or -1 (no memory) */
+int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
+                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
+    const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
+    /* packed K and V for S and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each);
+       fp32: dK^T, dV^T (hs Tp), S, dP (FQ Tp), dQ (FQ hs) */
+    const long per = ((5 * Tp * hs + 3 * FQ * Tp) * e + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64;
+    char *buf = aligned_alloc(64, threads * per);
+    if (!buf) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num();
+#else
+        const long t = 0;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (long bh = 0; bh < B * nh; bh++)
+            bwd_head_f(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, buf + t * per, bf);
     }
     free(buf);
     return 0;
 }
 #undef TGT
+#undef AI
 #undef FQ
