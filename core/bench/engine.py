@@ -3,9 +3,11 @@
 Benchmarks print ratios against a reference run beside them, never absolute targets: this machine's
 speed varies, the ratio much less. Batch-1 decode also gets its ceiling: it reads every weight once
 per token, so it cannot beat (read bandwidth, measured here in the same run) / (bytes of weights). The
-bandwidth is read at the start and again just before each timed batch-1 decode run; the ceiling uses
-the median of those readings (a single reading at the start put the same decode speed anywhere between
-63% and 94% of the ceiling on a VM whose bandwidth drifted within minutes).
+bandwidth is read at the start, just before each timed batch-1 decode run and after the last; the
+ceiling column shows the median of those readings (a single reading at the start put the same decode
+speed anywhere between 63% and 94% of the ceiling on a VM whose bandwidth drifted within minutes), and
+the fraction reached is the median over runs of each run's speed against the mean of the readings just
+before and after it (the same VM's memory changed phase between runs: 31-58 GB/s within one bench).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Result:
     ours: float
     reference: float | None = None
     ceiling: float | None = None  # tok/s the read bandwidth allows (batch-1 decode only)
+    paired: float | None = None  # the median over runs of each run's fraction of the ceiling beside it
+
 
     @property
     def ratio(self) -> float | None:
@@ -46,6 +50,8 @@ class Result:
 
     @property
     def fraction(self) -> float | None:
+        if self.paired is not None:
+            return self.paired
         return self.ours / self.ceiling if self.ceiling else None
 
 
@@ -60,7 +66,7 @@ class Report:
     cpu_flags: list[str] = field(default_factory=list)
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() at the start
     bandwidth_gbs: float = 0.0  # read bandwidth, measured in this run (the median of bandwidth_samples)
-    bandwidth_samples: list[float] = field(default_factory=list)  # at the start, then before each batch-1 decode run
+    bandwidth_samples: list[float] = field(default_factory=list)  # at the start, before each batch-1 decode run, after
     weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
     results: list[Result] = field(default_factory=list)
     quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
@@ -73,8 +79,9 @@ class Report:
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int,
                   before: Callable[[], object] | None = None):
-    """Median seconds of each, the two runs alternating so that a change in background load hits both.
-    ``before``: run, untimed, just before each of ours (a bandwidth reading beside each decode run)."""
+    """Median seconds of each, the two runs alternating so that a change in background load hits both, and
+    ours' seconds run by run. ``before``: run, untimed, just before each of ours (a bandwidth reading beside
+    each decode run)."""
     t_ours, t_ref = [], []
     for _ in range(repeats):
         for fn, out in ((ours, t_ours), (ref, t_ref)):
@@ -85,7 +92,14 @@ def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, 
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-    return statistics.median(t_ours), (statistics.median(t_ref) if t_ref else None)
+    return statistics.median(t_ours), (statistics.median(t_ref) if t_ref else None), t_ours
+
+
+def paired_fraction(runs_s: list[float], readings: list[float], tokens: int, weight_bytes: int) -> float:
+    """The median over runs of (the run's tokens/s) / (the ceiling from the mean of the bandwidth readings
+    just before and just after it): ``readings`` holds one before each run and one after the last."""
+    return statistics.median(tokens / t * weight_bytes / ((a + b) / 2 * 1e9)
+                             for t, a, b in zip(runs_s, readings, readings[1:]))
 
 
 def read_bandwidth(seconds: float = 1.0, megabytes: int = 512) -> float:
@@ -203,7 +217,7 @@ def run(
             ids = torch.tensor([long_prompt], device=eng.device)
             ref = lambda: _hf_generate(hf, ids, 1)  # noqa: E731
             ref()
-        t, t_ref = _median_times(ours_prefill, ref, repeats)
+        t, t_ref, _ = _median_times(ours_prefill, ref, repeats)
         report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref))
 
         for bs in batch_sizes:
@@ -219,15 +233,19 @@ def run(
             ours_decode() if bs > 1 else None
             ids = prompts.to(eng.device)
             ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
-            # batch 1: the bandwidth read again just before each timed run (this VM's swung 18-27 GB/s within
-            # minutes); the ceiling is the median of all readings
+            # batch 1: the bandwidth read again just before each timed run and after the last (this VM's swung
+            # 18-27 GB/s, and later 31-58, within minutes); the ceiling is the median of all readings
             reading = (lambda: report.bandwidth_samples.append(read_bandwidth(0.3))) if bs == 1 else None  # noqa: E731
-            t, t_ref = _median_times(ours_decode, ref, 1 if bs > 1 else repeats, before=reading)
+            first = len(report.bandwidth_samples)
+            t, t_ref, runs = _median_times(ours_decode, ref, 1 if bs > 1 else repeats, before=reading)
+            ceiling = paired = None
             if bs == 1:
+                reading()
                 report.bandwidth_gbs = statistics.median(report.bandwidth_samples)
-            ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes if bs == 1 else None
+                ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
+                paired = paired_fraction(runs, report.bandwidth_samples[first:], n_new, report.weight_bytes)
             report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
-                                         bs * n_new / t_ref if t_ref else None, ceiling))
+                                         bs * n_new / t_ref if t_ref else None, ceiling, paired))
         log("sampling: the default settings on random logits")
         _bench_sampler(report, vocab, eng.device, repeats)
         if compile:
@@ -262,7 +280,7 @@ def _bench_compiled(eng, report: Report, prompts, n_new: int, repeats: int, log)
                 pass
         return fn
 
-    t_c, t_e = _median_times(run_with(True), run_with(False), repeats)
+    t_c, t_e, _ = _median_times(run_with(True), run_with(False), repeats)
     eng.compile = False
     ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
     report.results.append(Result(f"decode batch 1 compiled ({n_new})", "tok/s", n_new / t_c, None, ceiling))
@@ -316,7 +334,7 @@ def _bench_sampler(report: Report, vocab: int, device, repeats: int, draws: int 
                 torch.multinomial(torch.softmax(x, dim=-1), 1)
 
         ours()
-        t, t_ref = _median_times(ours, ref, repeats)
+        t, t_ref, _ = _median_times(ours, ref, repeats)
         report.results.append(Result(f"sampling step, batch {bs}", "ms", t / draws * 1e3, t_ref / draws * 1e3))
 
 
@@ -350,6 +368,9 @@ def format_report(rep: Report) -> str:
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
     lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token"
                  + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else ""))
+    if any(r.paired is not None for r in rep.results):
+        lines.append("of ceiling (batch 1): the median over runs of each run's speed against the ceiling of the "
+                     "readings just before and after it")
     if any(r.unit == "ms" for r in rep.results):
         lines.append("sampling step: default temperature and top-k on random logits, a generator a row; beside it the "
                      "same filters, softmax and torch.multinomial (transformers' draw)")

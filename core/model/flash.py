@@ -14,6 +14,8 @@ head-major copies are made either way. Measured there, forward + backward a laye
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gptchat.core.model import native
@@ -31,7 +33,14 @@ def usable(qkv: torch.Tensor, n_head: int) -> bool:
     return (qkv.dtype in NEEDS and qkv.device.type == "cpu" and qkv.requires_grad and qkv.dim() == 3
             and C % n_head == 0 and (C // n_head) % 16 == 0 and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_TRAIN_ATTENTION")
-            and NEEDS[qkv.dtype] <= cpu_flags() and native.kernel() is not None)
+            and NEEDS[qkv.dtype] <= cpu_flags() and _built())
+
+
+@functools.lru_cache(maxsize=1)
+def _built() -> bool:
+    """The kernel library is built, by a compiler that knew AVX512-BF16's intrinsics (gcc 10, clang 9 on)."""
+    lib = native.kernel()
+    return lib is not None and bool(lib.gptchat_attn_train_ok())
 
 
 def _bf(t: torch.Tensor) -> int:
@@ -48,7 +57,7 @@ class _Attention(torch.autograd.Function):
         lse = torch.empty(B, n_head, T)
         if native.kernel().gptchat_attn_train_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, C, n_head,
                                                   C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
-            raise MemoryError("bf16 attention kernel: no memory for its scratch buffers")
+            raise MemoryError("training attention kernel: no memory for its scratch buffers")
         ctx.save_for_backward(qkv, out, lse)
         ctx.n_head, ctx.scale = n_head, scale
         return out
@@ -63,7 +72,7 @@ class _Attention(torch.autograd.Function):
         if native.kernel().gptchat_attn_train_bwd(qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(),
                                                   dqkv.data_ptr(), B, T, C, ctx.n_head, C // ctx.n_head, ctx.scale,
                                                   torch.get_num_threads(), _bf(qkv)):
-            raise MemoryError("bf16 attention kernel: no memory for its scratch buffers")
+            raise MemoryError("training attention kernel: no memory for its scratch buffers")
         return dqkv, None, None
 
 

@@ -82,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         if (self.training and not self.dropout and self.kv_cache is None and mask is None and start == 0
                 and tail is None and flash.usable(qkv, self.n_head)):
-            return self._project(flash.attention(qkv, self.n_head, self.scale))  # bf16 training on the CPU, in C
+            return self._project(flash.attention(qkv, self.n_head, self.scale))  # training on the CPU (AVX-512), in C
         # one view for all three (B, nh, T, hs): a third of split-then-view's cost, per layer and token
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.kv_cache is not None:

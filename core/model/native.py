@@ -1,7 +1,7 @@
 """gptchat's C kernels (qkernel.c beside this file) for the CPU: int8 products, one-query attention,
-a whole batch-1 decode step (step1.py), causal attention for prefills, the MLP's activation, and fp32
-products of a few rows on weights packed in panels (batched decode, packed.py); compiled at first use
-and loaded with ctypes.
+a whole batch-1 decode step (step1.py), causal attention for prefills and for training (flash.py), the
+MLP's activation, and fp32 products of a few rows on weights packed in panels (batched decode, packed.py);
+compiled at first use and loaded with ctypes.
 
 Why a kernel of our own: batch-1 decode with int8 weights should read a quarter of fp32's bytes at the
 memory's speed, but fbgemm's int8 product is compute-bound on AVX2 CPUs without VNNI (measured on AMD
@@ -130,6 +130,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attn_train_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
                                            ctypes.c_int]
     lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
+    lib.gptchat_attn_train_ok.argtypes, lib.gptchat_attn_train_ok.restype = [], ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int

@@ -926,6 +926,9 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
    [B, T, 3C] (c_attn's output: q, k, v of head h at h * hs, C + h * hs, 2C + h * hs), out and dout [B, T, C]
    (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. (The bodies are functions of their own:
    OpenMP's outlined region does not inherit a target attribute.) */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+/* (compilers that know AVX512-BF16's intrinsics; with others the entry points below say so and PyTorch's runs) */
+int gptchat_attn_train_ok(void) { return 1; }
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define AI static inline __attribute__((always_inline)) TGT
 #define FQ 64 /* query rows a block */
@@ -1281,3 +1284,14 @@ int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, c
 #undef TGT
 #undef AI
 #undef FQ
+#else
+int gptchat_attn_train_ok(void) { return 0; }
+int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
+                           float scale, int threads, int bf) {
+    return -3;
+}
+int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
+                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
+    return -3;
+}
+#endif

@@ -340,16 +340,19 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     from gptchat.core.bench import engine as bench
     from gptchat.core.model import native
 
-    readings = iter([10.0, 20.0, 40.0])  # at the start, then before each batch-1 decode run
+    readings = iter([10.0, 20.0, 40.0])  # at the start, before the batch-1 decode run, after it
     monkeypatch.setattr(bench, "read_bandwidth", lambda *a: next(readings))
     monkeypatch.setattr(bench, "_quality", lambda *a, **k: None)  # nor the quality measurement
     rep = bench.run(shape="tiny", prompt_tokens=8, new_tokens=2, batch_sizes=(1,), reference=False, repeats=1,
                     quantize="int8")
     assert rep.int8_kernel == ("avx2" if native.kernel() is not None else "fbgemm")
-    assert rep.bandwidth_samples == [10.0, 20.0] and rep.bandwidth_gbs == 15.0  # the ceiling's: their median
+    assert rep.bandwidth_samples == [10.0, 20.0, 40.0] and rep.bandwidth_gbs == 20.0  # the ceiling's: their median
     b1 = next(r for r in rep.results if r.name.startswith("decode batch 1"))
-    assert b1.ceiling == 15.0e9 / rep.weight_bytes
-    assert "read bandwidth 15.0 GB/s (median of 2 readings, 10.0-20.0)" in bench.format_report(rep)
+    assert b1.ceiling == 20.0e9 / rep.weight_bytes
+    # the fraction: the one run against the mean of the readings around it (30 GB/s), not the median ceiling
+    assert b1.fraction == b1.paired == pytest.approx(b1.ours * rep.weight_bytes / 30.0e9)
+    assert "read bandwidth 20.0 GB/s (median of 3 readings, 10.0-40.0)" in bench.format_report(rep)
+    assert "of ceiling (batch 1): the median over runs" in bench.format_report(rep)
     assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
     assert rep.decode_step == ("one C call" if native.kernel() is not None else "modules")
     assert f"batch-1 decode step: {rep.decode_step}" in bench.format_report(rep)
@@ -358,3 +361,11 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     assert sorted(drawn) == ["sampling step, batch 1", "sampling step, batch 16"]
     assert all(r.unit == "ms" and r.ours > 0 and r.reference > 0 and r.ratio for r in drawn.values())
     assert " ms " in bench.format_report(rep)
+
+
+def test_bench_pairs_each_decode_run_with_the_readings_around_it():
+    from gptchat.core.bench.engine import paired_fraction
+
+    # 100 tokens a run, 100 MB a token: runs of 1, 2 and 4 s between readings of 10, 30, 10 and 10 GB/s
+    assert paired_fraction([1.0, 2.0, 4.0], [10.0, 30.0, 10.0, 10.0], 100, 10**8) == pytest.approx(0.25)
+    # (0.5 against 20 GB/s, 0.25 against 20, 0.25 against 10: the median)
