@@ -237,7 +237,7 @@ def run(
             # 18-27 GB/s, and later 31-58, within minutes); the ceiling is the median of all readings
             reading = (lambda: report.bandwidth_samples.append(read_bandwidth(0.3))) if bs == 1 else None  # noqa: E731
             first = len(report.bandwidth_samples)
-            t, t_ref, runs = _median_times(ours_decode, ref, 1 if bs > 1 else repeats, before=reading)
+            t, t_ref, runs = _median_times(ours_decode, ref, repeats, before=reading)
             ceiling = paired = None
             if bs == 1:
                 reading()

@@ -17,7 +17,7 @@ import torch
 
 from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
-from gptchat.core.generate.sampling import SamplingParams, sample
+from gptchat.core.generate.sampling import SamplingParams, greedy, sample
 from gptchat.core.model import hugepages, native, packed, quant, step1
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.words import QUANT_MODES
@@ -180,7 +180,7 @@ class Engine:
         argmax = params.is_greedy and b.seen is None  # all the greedy sampler does then: one argmax
         while True:
             lg = logits[:, :V]
-            tok = lg.argmax(dim=-1) if argmax else sample(lg, params, b.gens, b.seen)  # (B',)
+            tok = greedy(lg) if argmax else sample(lg, params, b.gens, b.seen)  # (B',)
             ids = tok.tolist()  # the one host sync of a step: the caller needs the tokens
             if b.seen is not None:
                 b.seen.scatter_(1, tok[:, None], True)

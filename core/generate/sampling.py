@@ -52,6 +52,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row. 16-bit CPU logits are widened first (exact; the same index): PyTorch's CPU
+    argmax of 16 x 50257 bf16 logits took 1.5 ms against 0.64 ms with the widening, 6% of a bf16 batch-16
+    decode step on a 2-core Zen 4."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     return torch.argmax(logits, dim=-1)
 
 

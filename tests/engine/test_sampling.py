@@ -170,3 +170,14 @@ def test_a_tie_across_the_nucleus_edge_goes_to_the_whole_row():
     logits[0, [7, 50, 120, 200]] = torch.tensor([5.0, 3.0, 3.0, 3.0])  # masses ~0.71, then three of ~0.10
     assert _top_p_probs(logits, SamplingParams(top_p=0.75)) is None  # the edge falls between two tied tokens
     assert _top_p_probs(logits, SamplingParams(top_p=0.5)) is not None  # only the first kept: no tie at the edge
+
+
+def test_greedy_of_16_bit_logits_is_their_own_argmax_ties_included():
+    from gptchat.core.generate.sampling import greedy
+
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    x[2, 10] = x[2, 700] = x[2].max() + 1  # a tie: the first index wins, as PyTorch's argmax gives
+    for dt in (torch.bfloat16, torch.float16):
+        lg = x.to(dt)
+        assert torch.equal(greedy(lg), lg.argmax(dim=-1))
+    assert greedy(x.bfloat16())[2] == 10
