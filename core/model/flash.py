@@ -14,15 +14,12 @@ head-major copies are made either way. Measured there, forward + backward a laye
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gptchat.core.model import native
-from gptchat.core.model.device import cpu_flags, switched_off
+from gptchat.core.model.device import switched_off
 
-FP32_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
-NEEDS = {torch.float32: FP32_NEEDS, torch.bfloat16: FP32_NEEDS | {"avx512_bf16"}}  # CPU flags by dtype
+NEEDS = {torch.float32: native.AVX512, torch.bfloat16: native.AVX512 | {"avx512_bf16"}}  # CPU flags by dtype
 
 
 def usable(qkv: torch.Tensor, n_head: int) -> bool:
@@ -33,14 +30,7 @@ def usable(qkv: torch.Tensor, n_head: int) -> bool:
     return (qkv.dtype in NEEDS and qkv.device.type == "cpu" and qkv.requires_grad and qkv.dim() == 3
             and C % n_head == 0 and (C // n_head) % 16 == 0 and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_TRAIN_ATTENTION")
-            and NEEDS[qkv.dtype] <= cpu_flags() and _built())
-
-
-@functools.lru_cache(maxsize=1)
-def _built() -> bool:
-    """The kernel library is built, by a compiler that knew AVX512-BF16's intrinsics (gcc 10, clang 9 on)."""
-    lib = native.kernel()
-    return lib is not None and bool(lib.gptchat_attn_train_ok())
+            and native.avx512(qkv.dtype == torch.bfloat16))
 
 
 def _bf(t: torch.Tensor) -> int:

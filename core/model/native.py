@@ -131,6 +131,8 @@ def kernel() -> ctypes.CDLL | None:
                                            ctypes.c_int]
     lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
     lib.gptchat_attn_train_ok.argtypes, lib.gptchat_attn_train_ok.restype = [], ctypes.c_int
+    lib.gptchat_bpack.argtypes, lib.gptchat_bpack.restype = [_P, _P, _L, _L], None
+    lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
@@ -192,6 +194,37 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
     if kernel().gptchat_sgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
                               y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
         raise MemoryError("fp32 kernel: no memory for its tail buffer")
+    return y
+
+
+AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the AVX-512 section of the kernel uses
+
+
+@functools.lru_cache(maxsize=None)
+def avx512(bf16: bool) -> bool:
+    """The kernel's AVX-512 section (training attention, bf16 panels) runs here: the library built by a
+    compiler that knew AVX512-BF16's intrinsics (gcc 10, clang 9 on), and a CPU with AVX-512 (and
+    AVX512-BF16 for ``bf16``)."""
+    lib = kernel()
+    flags = AVX512 | ({"avx512_bf16"} if bf16 else set())
+    return lib is not None and bool(lib.gptchat_attn_train_ok()) and flags <= cpu_flags()
+
+
+def bpanels(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] (nn.Linear's; K even) -> ``bgemm``'s panels of 16 outputs x pairs of inputs."""
+    n, k = w.shape
+    out = torch.empty(-(-n // 16) * 16 * k, dtype=torch.bfloat16)
+    kernel().gptchat_bpack(w.detach().contiguous().data_ptr(), out.data_ptr(), n, k)
+    return out
+
+
+def bgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (M, K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (M, n) bf16, sums in fp32."""
+    m, k = x.shape
+    y = x.new_empty(m, n)
+    if kernel().gptchat_bgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
+                              y.data_ptr(), m, n, k, torch.get_num_threads()):
+        raise MemoryError("bf16 kernel: no memory for its buffers")
     return y
 
 

@@ -1281,11 +1281,65 @@ int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, c
     free(buf);
     return 0;
 }
+/* ---- bf16 products of a few rows (batched bf16 decode): weights in the panels above ---- */
+
+/* W [N, K] bf16 (nn.Linear's rows, K even) -> [ceil(N / 16)][K / 2][16][2], outputs past N zero */
+void gptchat_bpack(const uint16_t *W, uint16_t *out, long N, long K) {
+    pack_nk(W, K, N, (N + 15) / 16 * 16, K, out, 1);
+}
+
+/* The outputs [u0, u1) (multiples of 64, or N16) of every row, on one thread's [M][64] fp32 buffer */
+static TGT void bgemm_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N,
+                           long K, long u0, long u1, float *acc) {
+    const long N16 = (N + 15) / 16 * 16;
+    for (long u = u0; u < u1; u += 64) {
+        const int NV = N16 - u < 64 ? (int)((N16 - u) / 16) : 4;
+        const void *A[4];
+        for (long r0 = 0; r0 < M; r0 += 4) {
+            rows4(A, x, K, r0, M - 1, 1);
+            if (NV == 4)
+                mk(A, Wp + (u / 16) * K * 16, K * 16, K, acc + r0 * 64, 64, 4, 0, 1);
+            else
+                for (int v = 0; v < NV; v++) mk(A, Wp + (u / 16 + v) * K * 16, K * 16, K, acc + r0 * 64 + 16 * v, 64, 1, 0, 1);
+        }
+        const long n1 = u + 64 < N ? u + 64 : N;
+        for (long r = 0; r < M; r++)
+            for (long n = u; n < n1; n++) y[r * N + n] = to_bf16(acc[r * 64 + n - u] + (b ? ld1(b, n, 1) : 0.f));
+    }
+}
+
+/* y [M, N] = x [M, K] W^T (+ b [N]), bf16 in and out, fp32 sums; W from gptchat_bpack. Each thread takes
+   blocks of 64 outputs, every row through each while its panels are in cache. 0, or -1 (no memory) */
+int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
+                  int threads) {
+    const long blocks = (N + 63) / 64;
+    float *buf = aligned_alloc(64, ((long)threads * ((M + 3) / 4 * 4) * 64 * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const long t = 0, T = 1;
+#endif
+        const long per = (blocks + T - 1) / T, b0 = t * per < blocks ? t * per : blocks;
+        const long b1 = b0 + per < blocks ? b0 + per : blocks, N16 = (N + 15) / 16 * 16;
+        const long u1 = b1 * 64 < N16 ? b1 * 64 : N16;
+        if (b0 < b1) bgemm_part(Wp, b, x, y, M, N, K, b0 * 64, u1, buf + t * ((M + 3) / 4 * 4) * 64);
+    }
+    free(buf);
+    return 0;
+}
 #undef TGT
 #undef AI
 #undef FQ
 #else
 int gptchat_attn_train_ok(void) { return 0; }
+void gptchat_bpack(const uint16_t *W, uint16_t *out, long N, long K) {}
+int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
+                  int threads) {
+    return -3;
+}
 int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
                            float scale, int threads, int bf) {
     return -3;

@@ -73,3 +73,51 @@ def test_packed_copies_follow_swapped_and_changed_linears():
     net[2] = nn.Sequential(nn.Linear(32, 5))  # moved one level down: the old name's copy is dropped
     both()
     assert sorted(pl._packed) == ["0", "2.0"]
+
+
+def _bf16_panels_here():
+    if not native.avx512(bf16=True):
+        pytest.skip("the bf16 panels need AVX512-BF16 and a compiler that knows it")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 8, 5), (3, 64, 16), (4, 768, 2304), (7, 100, 50257), (16, 3072, 768),
+                                   (17, 520, 47), (64, 768, 70)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_panels_equal_the_product_to_bf16_rounding(M, K, N, with_bias):
+    _bf16_panels_here()
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    w, b, x = (torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g).bfloat16(),
+               torch.randn(M, K, generator=g).bfloat16())
+    y = native.bgemm(native.bpanels(w), b if with_bias else None, x, N)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double() if with_bias else None)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    # fp32 sums of exact bf16 products, rounded once: within half a bf16 unit of the exact result (+ sum rounding)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * K ** 0.5).all()
+
+
+def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
+    """A bf16 engine's batched steps go through gptchat_bgemm, and decode the tokens oneDNN's packed
+    weights decode (greedy, a tiny trained-shape model: the same tokens)."""
+    _bf16_panels_here()
+    from gptchat.core.generate.engine import Engine
+    from gptchat.core.generate.sampling import SamplingParams
+    from gptchat.core.model import packed
+    from gptchat.core.model.config import GPTConfig
+    from gptchat.core.model.gpt import GPT
+
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=300))
+    model.init_weights(3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    runs = {}
+    for kind in ("bpanels", "onednn"):
+        calls = []
+        real = native.bgemm
+        monkeypatch.setattr(native, "bgemm", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(packed, "kind", lambda *a, k=kind: k)
+        m = GPT(model.config)
+        m.load_state_dict(model.state_dict())
+        eng = Engine(m.to(torch.bfloat16))
+        runs[kind] = [[t.token for t in step] for step in eng.generate(prompts, SamplingParams(greedy=True), 6,
+                                                                       ignore_eos=True)]
+        assert (len(calls) > 0) == (kind == "bpanels")
+    assert runs["bpanels"] == runs["onednn"]

@@ -10,15 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptchat.core.model import flash
+from gptchat.core.model import flash, native
 from gptchat.core.model.config import GPTConfig
-from gptchat.core.model.device import cpu_flags
 from gptchat.core.model.gpt import GPT
 
 
 
 def _skip(dtype: torch.dtype) -> None:
-    if not (flash.NEEDS[dtype] <= cpu_flags() and flash._built()):
+    if not native.avx512(dtype == torch.bfloat16):
         pytest.skip(f"the {dtype} training attention kernel needs {sorted(flash.NEEDS[dtype])} and a C compiler")
 
 
