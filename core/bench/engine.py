@@ -221,31 +221,10 @@ def run(
         report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref))
 
         for bs in batch_sizes:
-            n_new = new_tokens if bs == 1 else batch_new_tokens
-            n_new = min(n_new, eng.n_ctx - 16)
-            prompts = torch.randint(0, vocab, (bs, 16), generator=gen)
+            n_new = min(new_tokens if bs == 1 else batch_new_tokens, eng.n_ctx - 16)
             log(f"decode: batch {bs}, {n_new} new tokens")
-
-            def ours_decode():
-                for _ in eng.generate(prompts.tolist(), greedy, n_new, ignore_eos=True):
-                    pass
-
-            ours_decode() if bs > 1 else None
-            ids = prompts.to(eng.device)
-            ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
-            # batch 1: the bandwidth read again just before each timed run and after the last (this VM's swung
-            # 18-27 GB/s, and later 31-58, within minutes); the ceiling is the median of all readings
-            reading = (lambda: report.bandwidth_samples.append(read_bandwidth(0.3))) if bs == 1 else None  # noqa: E731
-            first = len(report.bandwidth_samples)
-            t, t_ref, runs = _median_times(ours_decode, ref, repeats, before=reading)
-            ceiling = paired = None
-            if bs == 1:
-                reading()
-                report.bandwidth_gbs = statistics.median(report.bandwidth_samples)
-                ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
-                paired = paired_fraction(runs, report.bandwidth_samples[first:], n_new, report.weight_bytes)
-            report.results.append(Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t,
-                                         bs * n_new / t_ref if t_ref else None, ceiling, paired))
+            report.results.append(_bench_decode(eng, hf, report, torch.randint(0, vocab, (bs, 16), generator=gen),
+                                                greedy, n_new, repeats))
         log("sampling: the default settings on random logits")
         _bench_sampler(report, vocab, eng.device, repeats)
         if compile:
@@ -260,6 +239,32 @@ def run(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _bench_decode(eng, hf, report: Report, prompts: torch.Tensor, greedy, n_new: int, repeats: int) -> Result:
+    """Decode of ``prompts`` (B, 16) for n_new tokens, ours and transformers' alternating; batch 1 also gets its
+    ceiling: the bandwidth read again just before each timed run and after the last (this VM's swung 18-27 GB/s,
+    and later 31-58, within minutes), the ceiling the median of all readings, the fraction paired run by run."""
+    bs = prompts.shape[0]
+
+    def ours_decode():
+        for _ in eng.generate(prompts.tolist(), greedy, n_new, ignore_eos=True):
+            pass
+
+    ours_decode() if bs > 1 else None
+    ids = prompts.to(eng.device)
+    ref = (lambda: _hf_generate(hf, ids, n_new)) if hf is not None else None  # noqa: E731
+    reading = (lambda: report.bandwidth_samples.append(read_bandwidth(0.3))) if bs == 1 else None  # noqa: E731
+    first = len(report.bandwidth_samples)
+    t, t_ref, runs = _median_times(ours_decode, ref, repeats, before=reading)
+    ceiling = paired = None
+    if bs == 1:
+        reading()
+        report.bandwidth_gbs = statistics.median(report.bandwidth_samples)
+        ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
+        paired = paired_fraction(runs, report.bandwidth_samples[first:], n_new, report.weight_bytes)
+    return Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t, bs * n_new / t_ref if t_ref else None,
+                  ceiling, paired)
 
 
 def _bench_compiled(eng, report: Report, prompts, n_new: int, repeats: int, log) -> None:
