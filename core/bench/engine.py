@@ -40,7 +40,6 @@ class Result:
     ceiling: float | None = None  # tok/s the read bandwidth allows (batch-1 decode only)
     paired: float | None = None  # the median over runs of each run's fraction of the ceiling beside it
 
-
     @property
     def ratio(self) -> float | None:
         if not self.reference:
