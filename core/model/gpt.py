@@ -32,6 +32,9 @@ HEAD_VOCAB_BLOCK = 1024
 EXP_FLOOR = -87.0
 
 
+ROWS_FROM = 8192  # one row through a [out, in] weight this wide goes to native.rows (a vocabulary head)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose one-row product can be split over the input dimension (``parts`` > 1, set by
     GPT.to_inference_layout): a batch-1 decode step on the CPU is memory-bound matrix-vector products,
@@ -43,6 +46,9 @@ class Linear(nn.Linear):
     parts = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features >= ROWS_FROM and x.numel() == self.in_features and native.can_rows(x, self.weight):
+            y = native.rows(self.weight, x)  # a prefill's last-row head: PyTorch's one-row product reads slowly
+            return y if self.bias is None else y + self.bias
         if self.parts > 1 and x.numel() == self.in_features:
             w = self.weight.t()  # [in, out], contiguous in the inference layout
             if w.is_contiguous():

@@ -132,6 +132,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
     lib.gptchat_attn_train_ok.argtypes, lib.gptchat_attn_train_ok.restype = [], ctypes.c_int
     lib.gptchat_bpack.argtypes, lib.gptchat_bpack.restype = [_P, _P, _L, _L], None
+    lib.gptchat_rows.argtypes, lib.gptchat_rows.restype = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int], ctypes.c_int
     lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
@@ -195,6 +196,26 @@ def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: i
                               y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
         raise MemoryError("fp32 kernel: no memory for its tail buffer")
     return y
+
+
+def can_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``rows`` applies: one row, a contiguous fp32 or bf16 [N, K] CPU weight (K a multiple of 8) without
+    gradients wanted, the kernel built, not inside torch.compile."""
+    return (x.numel() == w.shape[1] and w.dtype in (torch.float32, torch.bfloat16) and x.dtype == w.dtype
+            and w.device.type == "cpu" and x.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 8 == 0
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and not torch.compiler.is_compiling() and kernel() is not None)
+
+
+def rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [N, K] . x for one row x (any shape of K entries) -> (..., N) in w's dtype (fp32 sums). See ``can_rows``."""
+    n, k = w.shape
+    x32 = x.reshape(k).float().contiguous()
+    y = torch.empty(n)
+    if kernel().gptchat_rows(w.data_ptr(), x32.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads(),
+                             int(w.dtype == torch.bfloat16)):
+        raise MemoryError("row kernel: no memory for its buffer")
+    return y.to(w.dtype).view(*x.shape[:-1], n)
 
 
 AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the AVX-512 section of the kernel uses

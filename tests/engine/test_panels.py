@@ -121,3 +121,34 @@ def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
                                                                        ignore_eos=True)]
         assert (len(calls) > 0) == (kind == "bpanels")
     assert runs["bpanels"] == runs["onednn"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(50257, 768), (9001, 24), (8192, 1600)])
+def test_one_row_through_a_wide_weight_equals_the_product(N, K, dtype):
+    g = torch.Generator().manual_seed(N)
+    w, x = torch.randn(N, K, generator=g).to(dtype), torch.randn(1, 1, K, generator=g).to(dtype)
+    assert native.can_rows(x, w) and not native.can_rows(torch.randn(2, K).to(dtype), w)
+    y = native.rows(w, x)
+    exact = torch.nn.functional.linear(x.double(), w.double())
+    assert y.shape == (1, 1, N) and y.dtype == dtype
+    rel = 1e-6 if dtype == torch.float32 else 2 ** -8  # fp32 sums; bf16 rounded once at the end
+    assert ((y.double() - exact).abs() <= exact.abs() * rel + 1e-5 * K ** 0.5).all()
+
+
+def test_a_prefills_last_row_head_runs_on_the_row_kernel(monkeypatch):
+    """A one-row forward through a vocabulary-wide head goes to native.rows; its logits are the full forward's."""
+    from gptchat.core.model.config import GPTConfig
+    from gptchat.core.model.gpt import GPT
+
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=9000)).eval()
+    model.init_weights(1)
+    x = torch.randint(0, 9000, (1, 12), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = native.rows
+    monkeypatch.setattr(native, "rows", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        full = model(x)
+        last = model(x, tail=1)
+    assert len(calls) == 1  # the tail's one row, not the full forward's twelve
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
