@@ -125,3 +125,20 @@ def _save_nanogpt(model, sd: dict, folder: Path) -> Path:
             "iter_num": 100, "best_val_loss": torch.tensor(3.5), "config": {"batch_size": 12, "dataset": "owt"}}
     torch.save(ckpt, folder / "ckpt.pt")
     return folder / "ckpt.pt"
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` (a function, or a staticmethod such as an autograd Function's backward) so that each
+    call is recorded (its positional arguments) and then made as before; returns the record."""
+    import inspect
+
+    real = getattr(owner, name)
+    calls: list = []
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+    monkeypatch.setattr(owner, name, staticmethod(recorded) if static else recorded)
+    return calls

@@ -46,7 +46,7 @@ class Linear(nn.Linear):
     parts = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features >= ROWS_FROM and x.numel() == self.in_features and native.can_rows(x, self.weight):
+        if self.out_features >= ROWS_FROM and native.can_rows(x, self.weight):
             y = native.rows(self.weight, x)  # a prefill's last-row head: PyTorch's one-row product reads slowly
             return y if self.bias is None else y + self.bias
         if self.parts > 1 and x.numel() == self.in_features:

@@ -130,7 +130,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attn_train_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
                                            ctypes.c_int]
     lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
-    lib.gptchat_attn_train_ok.argtypes, lib.gptchat_attn_train_ok.restype = [], ctypes.c_int
+    lib.gptchat_avx512_ok.argtypes, lib.gptchat_avx512_ok.restype = [], ctypes.c_int
     lib.gptchat_bpack.argtypes, lib.gptchat_bpack.restype = [_P, _P, _L, _L], None
     lib.gptchat_rows.argtypes, lib.gptchat_rows.restype = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int], ctypes.c_int
     lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
@@ -228,7 +228,7 @@ def avx512(bf16: bool) -> bool:
     AVX512-BF16 for ``bf16``)."""
     lib = kernel()
     flags = AVX512 | ({"avx512_bf16"} if bf16 else set())
-    return lib is not None and bool(lib.gptchat_attn_train_ok()) and flags <= cpu_flags()
+    return lib is not None and bool(lib.gptchat_avx512_ok()) and flags <= cpu_flags()
 
 
 def bpanels(w: torch.Tensor) -> torch.Tensor:
@@ -240,11 +240,11 @@ def bpanels(w: torch.Tensor) -> torch.Tensor:
 
 
 def bgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (M, K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (M, n) bf16, sums in fp32."""
-    m, k = x.shape
-    y = x.new_empty(m, n)
+    """x (..., K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (..., n) bf16, sums in fp32."""
+    k = x.shape[-1]
+    y = x.new_empty(x.shape[:-1] + (n,))
     if kernel().gptchat_bgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
-                              y.data_ptr(), m, n, k, torch.get_num_threads()):
+                              y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
         raise MemoryError("bf16 kernel: no memory for its buffers")
     return y
 

@@ -117,9 +117,9 @@ class PackedLinears:
             for name, lin in self._linears():
                 packed, bias = self._packed[name]
                 if self.kind == "panels":
-                    lin.forward = _panel_forward(packed, bias, lin)
+                    lin.forward = _kernel_forward(native.sgemm, packed, bias, lin, torch.float32)
                 elif self.kind == "bpanels":
-                    lin.forward = _bpanel_forward(packed, bias, lin)
+                    lin.forward = _kernel_forward(native.bgemm, packed, bias, lin, torch.bfloat16, BPANEL_ROWS)
                 else:
                     lin.forward = _packed_forward(packed, bias, lin.out_features)
                 patched.append(lin)
@@ -145,28 +145,18 @@ def _packed_forward(packed, bias, out_features: int):
     return forward
 
 
-def _panel_forward(packed: torch.Tensor, bias: torch.Tensor | None, lin: nn.Linear):
-    out_features, plain = lin.out_features, type(lin).forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return plain(lin, x)  # not what the panels are for (autocast, autograd): the module's own product
-        return native.sgemm(packed, bias, x.contiguous(), out_features)
-
-    return forward
-
-
 BPANEL_ROWS = 64  # bf16 panels for up to this many rows (a decode step's; a refill's prompt takes the module's)
 
 
-def _bpanel_forward(packed: torch.Tensor, bias: torch.Tensor | None, lin: nn.Linear):
+def _kernel_forward(product, packed: torch.Tensor, bias: torch.Tensor | None, lin: nn.Linear, dtype: torch.dtype,
+                    max_rows: int | None = None):
+    """``lin``'s forward through one of gptchat's panel products (native.sgemm, native.bgemm)."""
     out_features, plain = lin.out_features, type(lin).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled() or rows > BPANEL_ROWS:
-            return plain(lin, x)
-        y = native.bgemm(packed, bias, x.reshape(rows, x.shape[-1]).contiguous(), out_features)
-        return y.view(*x.shape[:-1], out_features)
+        if (x.dtype != dtype or x.device.type != "cpu" or torch.is_grad_enabled()
+                or max_rows is not None and x.numel() // x.shape[-1] > max_rows):
+            return plain(lin, x)  # not what the panels are for (autocast, autograd, a long prompt): the module's own
+        return product(packed, bias, x.contiguous(), out_features)
 
     return forward

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gptchat.core.model import native
+from tests.factory import spy
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason="no C kernel here (no compiler or no AVX2)")
 
@@ -110,9 +111,8 @@ def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     runs = {}
     for kind in ("bpanels", "onednn"):
-        calls = []
-        real = native.bgemm
-        monkeypatch.setattr(native, "bgemm", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.undo()  # the previous round's spy and kind
+        calls = spy(monkeypatch, native, "bgemm")
         monkeypatch.setattr(packed, "kind", lambda *a, k=kind: k)
         m = GPT(model.config)
         m.load_state_dict(model.state_dict())
@@ -144,9 +144,7 @@ def test_a_prefills_last_row_head_runs_on_the_row_kernel(monkeypatch):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=9000)).eval()
     model.init_weights(1)
     x = torch.randint(0, 9000, (1, 12), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real = native.rows
-    monkeypatch.setattr(native, "rows", lambda *a: calls.append(1) or real(*a))
+    calls = spy(monkeypatch, native, "rows")
     with torch.no_grad():
         full = model(x)
         last = model(x, tail=1)

@@ -15,7 +15,7 @@ from gptchat.core.model import native, quant, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
 from gptchat.core.train.lora import add_lora
-from tests.factory import hf_model, save
+from tests.factory import hf_model, save, spy
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
 
@@ -377,9 +377,7 @@ def test_causal_attention_equals_pytorchs():
 def test_a_prefill_runs_the_causal_kernel_and_matches_the_modules(monkeypatch):
     m = _model().to_inference_layout()
     ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(6))
-    calls = []
-    real = native.attend_causal
-    monkeypatch.setattr(native, "attend_causal", lambda *a: calls.append(1) or real(*a))
+    calls = spy(monkeypatch, native, "attend_causal")
     with torch.inference_mode():
         got = m(ids)
         monkeypatch.setattr(native, "can_attend_causal", lambda *a: False)

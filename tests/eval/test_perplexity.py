@@ -13,7 +13,7 @@ from gptchat.core.eval.heldout import HeldOut, load_heldout
 from gptchat.core.eval.perplexity import evaluate, plan_windows, score_ids
 from gptchat.core.eval.shots import in_context
 from gptchat.core.generate.loaded import open_model
-from tests.factory import hf_model, save
+from tests.factory import hf_model, save, spy
 
 N_CTX = 64
 WORDS = "the cat sat on a mat while every dog ran far into green parks".split()
@@ -201,8 +201,7 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
         score_ids(lm.engine, ids[:N_CTX])
         assert not fast.built
     monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
-    calls, real = [], native.sgemm
-    monkeypatch.setattr(native, "sgemm", lambda *a: calls.append(1) or real(*a))
+    calls = spy(monkeypatch, native, "sgemm")
     nats, plan = score_ids(lm.engine, ids, stride=20)
     assert fast.built and calls
     ref, n = _reference(hf, ids, plan.windows)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from gptchat.core.model import flash, native
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
+from tests.factory import spy
 
 
 
@@ -84,16 +85,9 @@ def _model(seed=0) -> GPT:
 def test_training_uses_the_kernel_with_pytorchs_gradients(dtype, monkeypatch):
     """fp32 training, and bf16 autocast: a call a layer, the gradients of PyTorch's attention (to rounding)."""
     _skip(dtype)
-    calls = []
-    real = flash._Attention.backward
-
-    def counted(ctx, g):
-        calls.append(1)
-        return real(ctx, g)
-
     mine, plain = _model(), _model()
     x = torch.randint(0, 300, (3, 100), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(flash._Attention, "backward", staticmethod(counted))
+    calls = spy(monkeypatch, flash._Attention, "backward")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         mine(x).float().logsumexp(-1).mean().backward()
         with monkeypatch.context() as mp:

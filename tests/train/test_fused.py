@@ -12,6 +12,7 @@ from gptchat.core.model import fused
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
 from gptchat.core.train.lora import add_lora
+from tests.factory import spy
 
 
 def _model(activation="gelu_tanh", bias=True, seed=0) -> GPT:
@@ -23,15 +24,8 @@ def _model(activation="gelu_tanh", bias=True, seed=0) -> GPT:
 
 def _grads(model, x, use_fused: bool, monkeypatch) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """(loss, every parameter's gradient, how many fused backward steps ran)."""
-    ran = []
-    real = fused._LNMLP.backward
-
-    def counted(ctx, g):
-        ran.append(1)
-        return real(ctx, g)
-
     with monkeypatch.context() as mp:
-        mp.setattr(fused._LNMLP, "backward", staticmethod(counted))
+        ran = spy(mp, fused._LNMLP, "backward")
         if not use_fused:
             mp.setattr(fused, "usable", lambda *a: False)
         loss = model(x).logsumexp(-1).mean()
