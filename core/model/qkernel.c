@@ -1164,27 +1164,6 @@ static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long
         fwd_head(qkv, out, lse, bh, T, C, nh, hs, scale, scratch, 0);
 }
 
-/* out [B, T, C] and lse [B, nh, T] of qkv; 0, or -1 (no memory) */
-int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
-                           float scale, int threads, int bf) {
-    const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
-    const long per = ((2 * Tp * hs + FQ * Tp) * e + (FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64; /* bytes a thread */
-    char *buf = aligned_alloc(64, threads * per);
-    if (!buf) return -1;
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const long t = omp_get_thread_num();
-#else
-        const long t = 0;
-#endif
-#pragma omp for schedule(dynamic, 1)
-        for (long bh = 0; bh < B * nh; bh++) fwd_head_f(qkv, out, lse, bh, T, C, nh, hs, scale, buf + t * per, bf);
-    }
-    free(buf);
-    return 0;
-}
-
 /* The backward of one (row, head) bh on one thread's scratch. dV and dK are summed transposed ([hs][Tp]:
    dV^T += dO^T P, dK^T += Q^T dS), so that P and dS go into their panels straight from their rows, two rows
    at a time */
@@ -1291,13 +1270,18 @@ static TGT void bwd_head_f(const void *qkv, const void *out, const void *dout, c
         bwd_head(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, scratch, 0);
 }
 
-/* dqkv [B, T, 3C] (every element written) from dout and the forward's out and lse; 0, or -1 (no memory) */
-int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
-                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
+/* Both directions: each thread a scratch of its own, the (row, head) pairs dealt out one at a time. The forward
+   writes dst = out [B, T, C] and lse; the backward dst = dqkv [B, T, 3C] (every element) from dout and the
+   forward's out and lse. 0, or -1 (no memory) */
+static int each_head(int bwd, const void *qkv, const void *out, const void *dout, float *lse, void *dst, long B, long T,
+                     long C, long nh, long hs, float scale, int threads, int bf) {
     const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
-    /* packed K and V for S and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each);
-       fp32: dK^T, dV^T (hs Tp), S, dP (FQ Tp), dQ (FQ hs) */
-    const long per = ((5 * Tp * hs + 3 * FQ * Tp) * e + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4 + 63) / 64 * 64;
+    /* forward: packed K and V (Tp hs each), P (FQ Tp); fp32 S (FQ Tp), O (FQ hs). backward: packed K and V for S
+       and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each); fp32 dK^T, dV^T (hs Tp),
+       S, dP (FQ Tp), dQ (FQ hs) */
+    const long bytes = bwd ? (5 * Tp * hs + 3 * FQ * Tp) * e + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4
+                           : (2 * Tp * hs + FQ * Tp) * e + (FQ * Tp + FQ * hs) * 4;
+    const long per = (bytes + 63) / 64 * 64;
     char *buf = aligned_alloc(64, threads * per);
     if (!buf) return -1;
 #pragma omp parallel num_threads(threads)
@@ -1308,12 +1292,27 @@ int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, c
         const long t = 0;
 #endif
 #pragma omp for schedule(dynamic, 1)
-        for (long bh = 0; bh < B * nh; bh++)
-            bwd_head_f(qkv, out, dout, lse, dqkv, bh, T, C, nh, hs, scale, buf + t * per, bf);
+        for (long bh = 0; bh < B * nh; bh++) {
+            if (bwd)
+                bwd_head_f(qkv, out, dout, lse, dst, bh, T, C, nh, hs, scale, buf + t * per, bf);
+            else
+                fwd_head_f(qkv, dst, lse, bh, T, C, nh, hs, scale, buf + t * per, bf);
+        }
     }
     free(buf);
     return 0;
 }
+
+int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
+                           float scale, int threads, int bf) {
+    return each_head(0, qkv, NULL, NULL, lse, out, B, T, C, nh, hs, scale, threads, bf);
+}
+
+int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
+                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
+    return each_head(1, qkv, out, dout, (float *)lse, dqkv, B, T, C, nh, hs, scale, threads, bf);
+}
+
 /* ---- bf16 products of a few rows (batched bf16 decode): weights in the panels above ---- */
 
 /* W [N, K] bf16 (nn.Linear's rows, K even) -> [ceil(N / 16)][K / 2][16][2], outputs past N zero */
