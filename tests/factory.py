@@ -6,6 +6,7 @@ a lot between tokens: parity at 1e-4 on such weights means something, unlike on 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -142,3 +143,14 @@ def spy(monkeypatch, owner, name: str) -> list:
     static = isinstance(inspect.getattr_static(owner, name), staticmethod)
     monkeypatch.setattr(owner, name, staticmethod(recorded) if static else recorded)
     return calls
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """PyTorch's (and the C kernels') thread count set to ``n`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

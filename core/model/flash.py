@@ -1,5 +1,6 @@
-"""Causal self-attention for training on the CPU: forward and backward in gptchat's C kernel (qkernel.c,
-``gptchat_attn_train_fwd``/``_bwd``), fp32 on CPUs with AVX-512 and bf16 on those with AVX512-BF16 too.
+"""Causal self-attention from slot 0 on the CPU in gptchat's C kernel (qkernel.c, ``gptchat_attn_fwd``/``_bwd``):
+training's forward and backward, and the forward of prefills and eval windows; fp32 on CPUs with AVX-512 and
+bf16 on those with AVX512-BF16 too.
 
 Why: a 124M finetune step (4 x 1024 tokens) on a 2-core Zen 4 spent 13% of its time (fp32) and 20% (bf16
 autocast) in PyTorch's CPU flash attention, whose products ran at about half (fp32) and a quarter (bf16) of
@@ -10,6 +11,10 @@ does. It takes c_attn's output (B, T, 3C) whole and returns (B, T, C), the layou
 head-major copies are made either way. Measured there, forward + backward a layer: fp32 50 + 128 ms against
 66 + 197, bf16 32 + 66 against 67 + 137; the step 1.42x -> 1.57x transformers' in fp32, 1.40x -> 1.57x in bf16
 (``python -m gptchat.core.bench.train [--bf16]``).
+Inference (no gradients) takes the same forward, for the last ``tail`` queries if asked: against the AVX2
+kernel it replaced there (native.attend_causal, which reads the cache), a 124M layer's prefill of 1000 tokens
+took 11.4 against 15.8 ms fp32, 7.5 against 14.7 bf16; four 1024-token eval windows 55 against 96 fp32.
+``GPTCHAT_FLASH=0`` turns it off (PyTorch's kernel in training, the AVX2 one otherwise).
 """
 
 from __future__ import annotations
@@ -22,15 +27,25 @@ from gptchat.core.model.device import switched_off
 NEEDS = {torch.float32: native.AVX512, torch.bfloat16: native.AVX512 | {"avx512_bf16"}}  # CPU flags by dtype
 
 
-def usable(qkv: torch.Tensor, n_head: int) -> bool:
-    """The kernel applies: fp32 or bf16 activations wanting gradients on the CPU, head size a multiple of 16,
-    a CPU with AVX-512 (and AVX512-BF16 for bf16), the kernel built, not inside torch.compile, and not switched
-    off (``GPTCHAT_TRAIN_ATTENTION=0``)."""
+def _fits(qkv: torch.Tensor, n_head: int) -> bool:
     C = qkv.shape[-1] // 3
-    return (qkv.dtype in NEEDS and qkv.device.type == "cpu" and qkv.requires_grad and qkv.dim() == 3
-            and C % n_head == 0 and (C // n_head) % 16 == 0 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_TRAIN_ATTENTION")
+    return (qkv.dtype in NEEDS and qkv.device.type == "cpu" and qkv.dim() == 3 and C % n_head == 0
+            and (C // n_head) % 16 == 0 and not torch.compiler.is_compiling() and not switched_off("GPTCHAT_FLASH")
             and native.avx512(qkv.dtype == torch.bfloat16))
+
+
+def usable(qkv: torch.Tensor, n_head: int) -> bool:
+    """``attention`` applies: fp32 or bf16 activations wanting gradients on the CPU, head size a multiple of 16,
+    a CPU with AVX-512 (and AVX512-BF16 for bf16), the kernel built, not inside torch.compile, and not switched
+    off (``GPTCHAT_FLASH=0``)."""
+    return qkv.requires_grad and torch.is_grad_enabled() and _fits(qkv, n_head)
+
+
+def usable_forward(qkv: torch.Tensor, n_head: int) -> bool:
+    """``forward`` applies: as ``usable`` but no gradients wanted, and (B, nh) pairs enough to keep every thread
+    busy (the kernel gives each pair to one thread; the AVX2 kernel deals out query blocks)."""
+    return (not (qkv.requires_grad and torch.is_grad_enabled()) and qkv.shape[0] * n_head >= 2 * torch.get_num_threads()
+            and _fits(qkv, n_head))
 
 
 def _bf(t: torch.Tensor) -> int:
@@ -45,7 +60,7 @@ class _Attention(torch.autograd.Function):
         qkv = qkv.contiguous()
         out = qkv.new_empty(B, T, C)
         lse = torch.empty(B, n_head, T)
-        if native.kernel().gptchat_attn_train_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, C, n_head,
+        if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, T, C, n_head,
                                                   C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
             raise MemoryError("training attention kernel: no memory for its scratch buffers")
         ctx.save_for_backward(qkv, out, lse)
@@ -59,7 +74,7 @@ class _Attention(torch.autograd.Function):
         C = C3 // 3
         grad = grad.to(qkv.dtype).contiguous()
         dqkv = torch.empty_like(qkv)
-        if native.kernel().gptchat_attn_train_bwd(qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(),
+        if native.kernel().gptchat_attn_bwd(qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(),
                                                   dqkv.data_ptr(), B, T, C, ctx.n_head, C // ctx.n_head, ctx.scale,
                                                   torch.get_num_threads(), _bf(qkv)):
             raise MemoryError("training attention kernel: no memory for its scratch buffers")
@@ -69,3 +84,16 @@ class _Attention(torch.autograd.Function):
 def attention(qkv: torch.Tensor, n_head: int, scale: float) -> torch.Tensor:
     """Causal attention from position 0 of c_attn's output ``qkv`` (B, T, 3C): (B, T, C). See ``usable``."""
     return _Attention.apply(qkv, n_head, scale)
+
+
+def forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int | None = None) -> torch.Tensor:
+    """Causal attention from position 0 of ``qkv`` (B, T, 3C), no gradients: (B, tail or T, C), the last
+    ``tail`` queries' outputs. See ``usable_forward``."""
+    B, T, C3 = qkv.shape
+    C, tail = C3 // 3, T if tail is None else min(tail, T)
+    qkv = qkv.contiguous()
+    out, lse = qkv.new_empty(B, tail, C), torch.empty(B, n_head, T)
+    if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
+                                        C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
+        raise MemoryError("attention kernel: no memory for its scratch buffers")
+    return out

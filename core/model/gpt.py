@@ -93,6 +93,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v, kv_len if kv_len is not None else start + T)
+        if mask is None and start == 0 and T > 1 and not self.training and flash.usable_forward(qkv, self.n_head):
+            return self._project(flash.forward(qkv, self.n_head, self.scale, tail))  # a prefill or eval window, in C
         if tail is not None and tail < T:
             q, T = q[:, :, -tail:], tail
             if mask is not None:
@@ -112,7 +114,7 @@ class CausalSelfAttention(nn.Module):
                 att = att.masked_fill(~mask, float("-inf"))
             y = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
         elif mask is None and start == 0 and T > 1 and not self.training and native.can_attend_causal(q, k, v):
-            return self._project(native.attend_causal(q, k, v, self.scale))  # a prefill or eval window, in C
+            return self._project(native.attend_causal(q, k, v, self.scale))  # the same without AVX-512 (AVX2)
         else:
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a
             # single decode step that may see every cached slot

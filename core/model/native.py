@@ -126,10 +126,10 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
-    lib.gptchat_attn_train_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.gptchat_attn_train_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
-                                           ctypes.c_int]
-    lib.gptchat_attn_train_fwd.restype = lib.gptchat_attn_train_bwd.restype = ctypes.c_int
+    lib.gptchat_attn_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_attn_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
+                                     ctypes.c_int]
+    lib.gptchat_attn_fwd.restype = lib.gptchat_attn_bwd.restype = ctypes.c_int
     lib.gptchat_avx512_ok.argtypes, lib.gptchat_avx512_ok.restype = [], ctypes.c_int
     lib.gptchat_bpack.argtypes, lib.gptchat_bpack.restype = [_P, _P, _L, _L], None
     lib.gptchat_rows.argtypes, lib.gptchat_rows.restype = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int], ctypes.c_int

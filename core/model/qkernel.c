@@ -942,7 +942,8 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
     return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads);
 }
 
-/* ---- causal attention for training (fp32, or bf16 on CPUs with AVX512-BF16), forward and backward ----
+/* ---- causal attention from slot 0 (fp32, or bf16 on CPUs with AVX512-BF16): training's forward and backward,
+   and the forward of prefills and eval windows ----
 
    A 124M finetune step (4 x 1024 tokens, 2-core Zen 4) spent 13% (fp32) and 20% (bf16 autocast) of its time
    in PyTorch's CPU flash attention: 67 + 171 ms a layer forward + backward in fp32 (~95 GFLOP/s where its
@@ -956,8 +957,9 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
    (row, head) is one thread's, with its packed copies and its fp32 dK and dV sums. Softmax, log-sum-exp and dS
    are fp32; in bf16, P and dS are rounded to bf16 for their products, as PyTorch's bf16 kernel does. qkv is
    [B, T, 3C] (c_attn's output: q, k, v of head h at h * hs, C + h * hs, 2C + h * hs), out and dout [B, T, C]
-   (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. (The bodies are functions of their own:
-   OpenMP's outlined region does not inherit a target attribute.) */
+   (the layout c_proj reads), lse [B, nh, T]; hs a multiple of 16. The forward may compute the last ``tail``
+   queries only (out [B, tail, C], their lse rows): a prefill's or an eval window's last layer. (The bodies are
+   functions of their own: OpenMP's outlined region does not inherit a target attribute.) */
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 /* (compilers that know AVX512-BF16's intrinsics; with others gptchat_avx512_ok says 0 and the entry points are
    stubs: PyTorch's attention and oneDNN's bf16 products run) */
@@ -1114,15 +1116,15 @@ AI void store16s(void *dst, const float *src, long n, const int bf) {
 }
 
 /* The forward of one (row, head) bh on one thread's scratch */
-AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long C, long nh, long hs, float scale,
-                 char *scratch, const int bf) {
+AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long tail, long C, long nh, long hs,
+                 float scale, char *scratch, const int bf) {
     const long Tp = (T + FQ - 1) / FQ * FQ, ld3 = 3 * C, b = bh / nh, h = bh % nh;
     void *kp = scratch, *vp = (void *)at(kp, Tp * hs, bf), *P = (void *)at(vp, Tp * hs, bf);
     float *S = (float *)at(P, FQ * Tp, bf), *O = S + FQ * Tp;
     const void *q0 = at(qkv, b * T * ld3 + h * hs, bf), *k0 = at(q0, C, bf), *v0 = at(q0, 2 * C, bf);
     pack_nk(k0, ld3, T, Tp, hs, kp, bf);
     pack_kn(v0, ld3, T, Tp, hs, vp, bf);
-    for (long i0 = 0; i0 < T; i0 += FQ) {
+    for (long i0 = T - tail; i0 < T; i0 += FQ) {
         const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
         const void *A[4];
         for (long r0 = 0; r0 < rows; r0 += 4) {
@@ -1153,15 +1155,16 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long C
             rows4(A, P, Tp, r0, rows - 1, bf);
             mk_rows(A, vp, Tp * 16, n16, O + r0 * hs, hs, hs, 0, bf);
         }
-        for (long r = 0; r < rows; r++) store16s((void *)at(out, (b * T + i0 + r) * C + h * hs, bf), O + r * hs, hs, bf);
+        for (long r = 0; r < rows; r++)
+            store16s((void *)at(out, (b * tail + i0 + r - (T - tail)) * C + h * hs, bf), O + r * hs, hs, bf);
     }
 }
-static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long T, long C, long nh, long hs, float scale,
-                           char *scratch, int bf) {
+static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long T, long tail, long C, long nh, long hs,
+                           float scale, char *scratch, int bf) {
     if (bf)
-        fwd_head(qkv, out, lse, bh, T, C, nh, hs, scale, scratch, 1);
+        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, 1);
     else
-        fwd_head(qkv, out, lse, bh, T, C, nh, hs, scale, scratch, 0);
+        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, 0);
 }
 
 /* The backward of one (row, head) bh on one thread's scratch. dV and dK are summed transposed ([hs][Tp]:
@@ -1274,7 +1277,7 @@ static TGT void bwd_head_f(const void *qkv, const void *out, const void *dout, c
    writes dst = out [B, T, C] and lse; the backward dst = dqkv [B, T, 3C] (every element) from dout and the
    forward's out and lse. 0, or -1 (no memory) */
 static int each_head(int bwd, const void *qkv, const void *out, const void *dout, float *lse, void *dst, long B, long T,
-                     long C, long nh, long hs, float scale, int threads, int bf) {
+                     long tail, long C, long nh, long hs, float scale, int threads, int bf) {
     const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
     /* forward: packed K and V (Tp hs each), P (FQ Tp); fp32 S (FQ Tp), O (FQ hs). backward: packed K and V for S
        and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each); fp32 dK^T, dV^T (hs Tp),
@@ -1296,21 +1299,21 @@ static int each_head(int bwd, const void *qkv, const void *out, const void *dout
             if (bwd)
                 bwd_head_f(qkv, out, dout, lse, dst, bh, T, C, nh, hs, scale, buf + t * per, bf);
             else
-                fwd_head_f(qkv, dst, lse, bh, T, C, nh, hs, scale, buf + t * per, bf);
+                fwd_head_f(qkv, dst, lse, bh, T, tail, C, nh, hs, scale, buf + t * per, bf);
         }
     }
     free(buf);
     return 0;
 }
 
-int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
-                           float scale, int threads, int bf) {
-    return each_head(0, qkv, NULL, NULL, lse, out, B, T, C, nh, hs, scale, threads, bf);
+int gptchat_attn_fwd(const void *qkv, void *out, float *lse, long B, long T, long tail, long C, long nh, long hs,
+                     float scale, int threads, int bf) {
+    return each_head(0, qkv, NULL, NULL, lse, out, B, T, tail, C, nh, hs, scale, threads, bf);
 }
 
-int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
-                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
-    return each_head(1, qkv, out, dout, (float *)lse, dqkv, B, T, C, nh, hs, scale, threads, bf);
+int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B, long T,
+                     long C, long nh, long hs, float scale, int threads, int bf) {
+    return each_head(1, qkv, out, dout, (float *)lse, dqkv, B, T, T, C, nh, hs, scale, threads, bf);
 }
 
 /* ---- bf16 products of a few rows (batched bf16 decode): weights in the panels above ---- */
@@ -1372,12 +1375,12 @@ int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint
                   int threads) {
     return -3;
 }
-int gptchat_attn_train_fwd(const void *qkv, void *out, float *lse, long B, long T, long C, long nh, long hs,
-                           float scale, int threads, int bf) {
+int gptchat_attn_fwd(const void *qkv, void *out, float *lse, long B, long T, long tail, long C, long nh, long hs,
+                     float scale, int threads, int bf) {
     return -3;
 }
-int gptchat_attn_train_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B,
-                           long T, long C, long nh, long hs, float scale, int threads, int bf) {
+int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B, long T,
+                     long C, long nh, long hs, float scale, int threads, int bf) {
     return -3;
 }
 #endif

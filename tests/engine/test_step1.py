@@ -11,11 +11,12 @@ import torch
 
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
-from gptchat.core.model import native, quant, step1
+from gptchat.core.model import flash, native, quant, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
 from gptchat.core.train.lora import add_lora
 from tests.factory import hf_model, save, spy
+from tests.factory import threads as using
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
 
@@ -113,13 +114,9 @@ def test_the_step_splits_its_work_over_any_number_of_threads(kind, threads, monk
         m = quant.quantize_model(m) if kind == "int8" else m.to_inference_layout()
         ref_model = m
     ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(5)).tolist()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with using(threads):
         got, _ = _decode(m, ids, 4, monkeypatch, on=True)
         ref, _ = _decode(ref_model, ids, 4, monkeypatch, on=False)
-    finally:
-        torch.set_num_threads(before)
     tol = {"fp32": 1e-5, "int8": 1e-3, "bf16": 5e-3}[kind]
     assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
 
@@ -374,12 +371,19 @@ def test_causal_attention_equals_pytorchs():
     assert not native.can_attend_causal(q[:, :, :1], cache_k, cache_v)  # one query: ``attend``'s
 
 
-def test_a_prefill_runs_the_causal_kernel_and_matches_the_modules(monkeypatch):
+@pytest.mark.parametrize("flash_on", [True, False])
+def test_a_prefill_runs_the_causal_kernel_and_matches_the_modules(monkeypatch, flash_on):
+    """Every layer's attention in C: the AVX-512 kernel (flash.forward) where it applies, else the AVX2 one; the
+    logits of PyTorch's attention either way."""
+    if flash_on and not native.avx512(False):
+        pytest.skip("the AVX-512 attention needs AVX-512 and a C compiler")
+    monkeypatch.setenv("GPTCHAT_FLASH", "1" if flash_on else "0")
     m = _model().to_inference_layout()
     ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(6))
-    calls = spy(monkeypatch, native, "attend_causal")
-    with torch.inference_mode():
+    calls = spy(monkeypatch, flash if flash_on else native, "forward" if flash_on else "attend_causal")
+    with torch.inference_mode(), using(2):  # 2 x 4 (row, head) pairs keep 2 threads busy
         got = m(ids)
+        monkeypatch.setenv("GPTCHAT_FLASH", "0")
         monkeypatch.setattr(native, "can_attend_causal", lambda *a: False)
         ref = m(ids)
     assert len(calls) == 3  # every layer

@@ -1,6 +1,6 @@
-"""Training attention in C (core/model/flash.py): outputs and gradients as close to exact attention as
-PyTorch's own kernel gets in the same dtype (fp32, bf16), used by the model's training forward and nowhere
-else."""
+"""Causal attention in C (core/model/flash.py): outputs and gradients as close to exact attention as
+PyTorch's own kernel gets in the same dtype (fp32, bf16), used by the model's training forward; the same
+forward, for the last queries only if asked, in prefills and eval windows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from gptchat.core.model import flash, native
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
-from tests.factory import spy
-
+from tests.factory import spy, threads
 
 
 def _skip(dtype: torch.dtype) -> None:
@@ -100,6 +99,7 @@ def test_training_uses_the_kernel_with_pytorchs_gradients(dtype, monkeypatch):
 
 
 def test_not_used_for_inference_dropout_or_when_switched_off(monkeypatch):
+    """(``attention``, the autograd one: inference takes ``forward``, below)"""
     calls = []
     monkeypatch.setattr(flash, "attention", lambda *a: calls.append(1))  # would break the forward if used
     x = torch.randint(0, 300, (2, 16))
@@ -110,6 +110,44 @@ def test_not_used_for_inference_dropout_or_when_switched_off(monkeypatch):
         if hasattr(mod, "dropout") and isinstance(mod.dropout, float):
             mod.dropout = 0.1
     m(x).sum().backward()  # attention dropout: PyTorch's
-    monkeypatch.setenv("GPTCHAT_TRAIN_ATTENTION", "0")
+    monkeypatch.setenv("GPTCHAT_FLASH", "0")
     _model()(x).sum().backward()
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_inference_forward_is_the_training_one_for_any_tail(dtype):
+    """``forward`` (no gradients) gives ``attention``'s outputs, of the last ``tail`` queries when asked: the
+    same kernel, the query blocks starting at T - tail instead of 0."""
+    _skip(dtype)
+    gen = torch.Generator().manual_seed(3)
+    for B, T, nh, hs in ((2, 130, 2, 32), (1, 67, 3, 64), (3, 5, 1, 16)):
+        qkv = torch.randn(B, T, 3 * nh * hs, generator=gen).to(dtype)
+        whole = flash.attention(qkv.clone().requires_grad_(), nh, 0.3).detach()
+        with torch.inference_mode():
+            assert torch.equal(flash.forward(qkv, nh, 0.3), whole)
+            for tail in (1, 2, T // 2, T - 1, T):
+                got = flash.forward(qkv, nh, 0.3, tail)
+                assert got.shape == (B, tail, nh * hs) and torch.equal(got, whole[:, -tail:]), (T, tail)
+
+
+def test_a_prefill_takes_the_forward_with_its_tail(monkeypatch):
+    """A model's inference forward runs ``forward`` once a layer (only the last layer's asked tail, cut in the
+    kernel) and gives PyTorch attention's logits; a training forward, a single query, and a batch whose
+    (row, head) pairs cannot keep the threads busy do not take it."""
+    _skip(torch.float32)
+    m = _model().eval()
+    x = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(4))
+    calls = spy(monkeypatch, flash, "forward")
+    with torch.inference_mode(), threads(2):  # 2 x 2 (row, head) pairs keep 2 threads busy
+        got = m(x, tail=9)
+        monkeypatch.setenv("GPTCHAT_FLASH", "0")
+        ref = m(x, tail=9)
+    assert len(calls) == 2 and calls[-1][3] == 9 and got.shape == (2, 9, 300)
+    assert (got - ref).abs().max() <= 1e-4
+    monkeypatch.delenv("GPTCHAT_FLASH")
+    qkv = torch.randn(1, 8, 3 * 64)
+    with torch.inference_mode():
+        assert flash.usable_forward(qkv, 2 * torch.get_num_threads())
+        assert not flash.usable_forward(qkv, 1) or torch.get_num_threads() == 1  # 1 pair, 2+ threads
+    assert not flash.usable_forward(qkv.requires_grad_(), 2 * torch.get_num_threads())  # training: ``attention``
