@@ -37,7 +37,7 @@ class Result:
     unit: str
     ours: float
     reference: float | None = None
-    ceiling: float | None = None  # tok/s the read bandwidth allows (batch-1 decode only)
+    ceiling: float | None = None  # batch-1 decode: tok/s the read bandwidth allows; prefill: s at the product rate
     paired: float | None = None  # the median over runs of each run's fraction of the ceiling beside it
 
     @property
@@ -51,7 +51,16 @@ class Result:
     def fraction(self) -> float | None:
         if self.paired is not None:
             return self.paired
-        return self.ours / self.ceiling if self.ceiling else None
+        if not self.ceiling:
+            return None
+        return self.ceiling / self.ours if self.unit == "s" else self.ours / self.ceiling
+
+    @property
+    def reference_fraction(self) -> float | None:
+        """transformers' figure against the same ceiling (prefill: how far its products' rate leaves it)."""
+        if not (self.ceiling and self.reference):
+            return None
+        return self.ceiling / self.reference if self.unit == "s" else self.reference / self.ceiling
 
 
 @dataclass
@@ -67,6 +76,8 @@ class Report:
     bandwidth_gbs: float = 0.0  # read bandwidth, measured in this run (the median of bandwidth_samples)
     bandwidth_samples: list[float] = field(default_factory=list)  # at the start, before each batch-1 decode run, after
     weight_bytes: int = 0  # bytes of weights one batch-1 decode step reads
+    prefill_gflop: float = 0.0  # arithmetic of the timed prefill (prefill_flops)
+    product_gflops: float = 0.0  # the best rate of PyTorch's products at the prefill's shapes, this run (product_rate)
     results: list[Result] = field(default_factory=list)
     quality: dict | None = None  # quality.Quality against fp32, for int8 and bf16
     omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default")
@@ -114,6 +125,49 @@ def read_bandwidth(seconds: float = 1.0, megabytes: int = 512) -> float:
         buf.sum()
         times.append(time.perf_counter() - t0)
     return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    """Arithmetic of a prefill of ``tokens`` that computes the last position's logits, as the engine runs it:
+    each layer's four products (24 C^2 a token: c_attn 3 C^2, c_proj C^2, the MLP's 8 C^2, two operations a
+    multiply-add) and causal attention (scores and weighted values over the keys each query sees:
+    2 C T (T + 1)), except in the last layer, which needs every position's keys and values (c_attn) but the
+    rest for the last position only; then one row of the head."""
+    C, T = cfg.n_embd, tokens
+    last = 6 * C * C * T + 4 * C * T + 18 * C * C
+    return (cfg.n_layer - 1) * (24 * C * C * T + 2 * C * T * (T + 1)) + last + 2 * C * cfg.vocab_size
+
+
+def product_rate(cfg, rows: int, dtype: torch.dtype, device, seconds: float = 0.6) -> float:
+    """FLOP/s: the best median of PyTorch's own products (F.linear, as nn.Linear calls it) of ``rows`` x C
+    through a layer's four weight shapes in ``dtype``, measured now: what a prefill's products can reach on
+    this machine (a 2-core Zen 4 gave 135-195 GFLOP/s in fp32 and ~410-420 in bf16 across the four)."""
+    import torch.nn.functional as F
+
+    C = cfg.n_embd
+    x = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (C, 4 * C)}
+    best = 0.0
+    for n, k in ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C)):
+        w = torch.randn(n, k, dtype=dtype, device=device)
+        F.linear(x[k], w)  # warm-up
+        times: list[float] = []
+        end = time.perf_counter() + seconds / 4
+        while time.perf_counter() < end or len(times) < 3:
+            _sync(device)
+            t0 = time.perf_counter()
+            F.linear(x[k], w)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * rows * n * k / statistics.median(times))
+    return best
+
+
+def _sync(device) -> None:
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def weight_bytes_per_token(model) -> int:
@@ -217,7 +271,11 @@ def run(
             ref = lambda: _hf_generate(hf, ids, 1)  # noqa: E731
             ref()
         t, t_ref, _ = _median_times(ours_prefill, ref, repeats)
-        report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref))
+        cfg = eng.model.config
+        report.prefill_gflop = prefill_flops(cfg, prompt_tokens) / 1e9
+        report.product_gflops = product_rate(cfg, prompt_tokens, eng.dtype, eng.device) / 1e9
+        report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref,
+                                     report.prefill_gflop / report.product_gflops))
 
         for bs in batch_sizes:
             n_new = min(new_tokens if bs == 1 else batch_new_tokens, eng.n_ctx - 16)
@@ -370,8 +428,13 @@ def format_report(rep: Report) -> str:
         ceiling = fmt(r.ceiling) if r.ceiling else "-"
         frac = f"{r.fraction:.0%}" if r.fraction else "-"
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
-    lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token"
+    lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token (prefill: below)"
                  + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else ""))
+    pre = next((r for r in rep.results if r.name.startswith("prefill") and r.ceiling), None)
+    if pre is not None:
+        theirs = f", transformers {pre.reference_fraction:.0%}" if pre.reference_fraction else ""
+        lines.append(f"prefill ceiling: its {rep.prefill_gflop:.0f} GFLOP at the best rate of PyTorch's own products "
+                     f"at its shapes in this run ({rep.product_gflops:.0f} GFLOP/s): gptchat {pre.fraction:.0%}{theirs}")
     if any(r.paired is not None for r in rep.results):
         lines.append("of ceiling (batch 1): the median over runs of each run's speed against the ceiling of the "
                      "readings just before and after it")

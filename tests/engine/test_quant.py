@@ -356,11 +356,34 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     assert f"int8 kernel: {rep.int8_kernel}" in bench.format_report(rep)
     assert rep.decode_step == ("one C call" if native.kernel() is not None else "modules")
     assert f"batch-1 decode step: {rep.decode_step}" in bench.format_report(rep)
+    # the prefill against its arithmetic at the best rate of PyTorch's products at its shapes, measured here
+    pre = rep.results[0]
+    assert pre.name == "prefill 8 tokens" and rep.product_gflops > 0
+    assert pre.ceiling == pytest.approx(rep.prefill_gflop / rep.product_gflops) and pre.fraction == pre.ceiling / pre.ours
+    assert "prefill ceiling: its" in bench.format_report(rep)
     # the sampler is timed against softmax + torch.multinomial on the same logits, whatever the reference flag
     drawn = {r.name: r for r in rep.results if r.name.startswith("sampling step")}
     assert sorted(drawn) == ["sampling step, batch 1", "sampling step, batch 16"]
     assert all(r.unit == "ms" and r.ours > 0 and r.reference > 0 and r.ratio for r in drawn.values())
     assert " ms " in bench.format_report(rep)
+
+
+def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
+    """bench.prefill_flops against torch's FLOP counter on a real forward (last position's logits, the last
+    layer's rest on that position only): its products as counted, plus causal attention (query i sees i + 1
+    keys; the counter does not see the CPU attention kernels), 4 C operations a key and query."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gptchat.core.bench.engine import prefill_flops
+    from gptchat.core.model.config import GPTConfig
+    from gptchat.core.model.gpt import GPT
+
+    cfg = GPTConfig(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=300)
+    T, C, L = 50, cfg.n_embd, cfg.n_layer
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        GPT(cfg).eval()(torch.randint(0, 300, (1, T)), last_only=True)
+    attention = (L - 1) * sum(4 * C * (i + 1) for i in range(T)) + 4 * C * T  # the last layer: one query
+    assert counter.get_total_flops() + attention == prefill_flops(cfg, T)
 
 
 def test_bench_pairs_each_decode_run_with_the_readings_around_it():

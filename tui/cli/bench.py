@@ -86,6 +86,7 @@ def _engine_dict(rep) -> dict:
     d = asdict(rep)
     for r, row in zip(rep.results, d["results"]):
         row["ratio"], row["fraction_of_ceiling"] = r.ratio, r.fraction
+        row["reference_fraction_of_ceiling"] = r.reference_fraction
     return d
 
 
