@@ -127,15 +127,16 @@ def read_bandwidth(seconds: float = 1.0, megabytes: int = 512) -> float:
     return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
-def prefill_flops(cfg, tokens: int) -> float:
-    """Arithmetic of a prefill of ``tokens`` that computes the last position's logits, as the engine runs it:
-    each layer's four products (24 C^2 a token: c_attn 3 C^2, c_proj C^2, the MLP's 8 C^2, two operations a
-    multiply-add) and causal attention (scores and weighted values over the keys each query sees:
-    2 C T (T + 1)), except in the last layer, which needs every position's keys and values (c_attn) but the
-    rest for the last position only; then one row of the head."""
+def prefill_flops(cfg, tokens: int, tail: int = 1) -> float:
+    """Arithmetic of a forward of ``tokens`` positions that computes logits for the last ``tail`` (a prefill:
+    one; an eval window: the tokens it scores), as the engine runs it: each layer's four products (24 C^2 a
+    position: c_attn 3 C^2, c_proj C^2, the MLP's 8 C^2, two operations a multiply-add) and causal attention
+    (scores and weighted values, 4 C a key each query sees), except in the last layer, which needs every
+    position's keys and values (c_attn) but the rest for the last ``tail`` only; then ``tail`` rows of the head."""
     C, T = cfg.n_embd, tokens
-    last = 6 * C * C * T + 4 * C * T + 18 * C * C
-    return (cfg.n_layer - 1) * (24 * C * C * T + 2 * C * T * (T + 1)) + last + 2 * C * cfg.vocab_size
+    seen_by_tail = tail * T - tail * (tail - 1) // 2  # keys seen by the last ``tail`` queries
+    last = 6 * C * C * T + 4 * C * seen_by_tail + 18 * C * C * tail
+    return (cfg.n_layer - 1) * (24 * C * C * T + 2 * C * T * (T + 1)) + last + 2 * C * cfg.vocab_size * tail
 
 
 def product_rate(cfg, rows: int, dtype: torch.dtype, device, seconds: float = 0.6) -> float:

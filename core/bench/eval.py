@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from gptchat.core.bench.engine import random_checkpoint
+from gptchat.core.bench.engine import prefill_flops, random_checkpoint
 from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, packed_for_eval, plan_windows,
                                           score_windows)
 from gptchat.core.generate.loaded import open_model
@@ -72,6 +72,7 @@ class EvalBench:
     peak_rss_bytes: int | None = None  # of the child process
     rss_after_load_bytes: int | None = None
     heldout_tokens: int = 0
+    arithmetic_bound: float = 0.0  # (a) at equal FLOP rates: prefill arithmetic a token / eval's a window token
 
     @property
     def rss_limit_bytes(self) -> int:
@@ -94,6 +95,9 @@ class EvalBench:
             f"(a) window tokens/s: eval {self.eval_window_tok_s:.1f}, engine prefill ({PREFILL_TOKENS} tokens) "
             f"{self.prefill_tok_s:.1f}: {self.window_vs_prefill:.2f}x (target >= {TARGET_VS_PREFILL}x: "
             f"{verdict(self.window_vs_prefill >= TARGET_VS_PREFILL)})",
+            f"    the arithmetic alone allows {self.arithmetic_bound:.2f}x at the prefill's FLOP rate (a window also "
+            f"computes the head for each token it scores, the prefill for its last only): eval ran at "
+            f"{self.window_vs_prefill / self.arithmetic_bound:.2f} of the prefill's FLOP rate",
         ]
         if self.scored_vs_hf is not None:
             lines += [
@@ -143,6 +147,13 @@ def peak_rss(folder: Path, heldout_tokens: int, n_windows: int, stride: int | No
     res = q.get()
     p.join()
     return res
+
+
+def _arithmetic_bound(cfg, windows, prefill_tokens: int) -> float:
+    """(a)'s ceiling if eval and prefill ran at the same FLOP rate: the prefill's arithmetic a token over the
+    windows' a window token (their heads over every scored token; the loss's log-sum-exp not counted)."""
+    per_window = sum(prefill_flops(cfg, w.end - w.begin, w.n_scored) for w in windows) / sum(w.end - w.begin for w in windows)
+    return prefill_flops(cfg, prefill_tokens) / prefill_tokens / per_window
 
 
 def _hf_loop(hf, ids: list[int], windows) -> tuple[float, int]:
@@ -219,6 +230,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
             prefill_tok_s=med(prompt.shape[1] / s for s in pre),
             window_vs_prefill=med((win / s) / (prompt.shape[1] / p) for s, p in zip(ours, pre)),
             loss=nats / n_scored, weights_bytes=sum(p.numel() * 4 for p in e.model.parameters()),
+            arithmetic_bound=_arithmetic_bound(e.model.config, chunks[0], prompt.shape[1]),
         )
         if ref:
             b.hf_scored_tok_s = med(scored / s for s in ref)

@@ -369,9 +369,9 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
 
 
 def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
-    """bench.prefill_flops against torch's FLOP counter on a real forward (last position's logits, the last
-    layer's rest on that position only): its products as counted, plus causal attention (query i sees i + 1
-    keys; the counter does not see the CPU attention kernels), 4 C operations a key and query."""
+    """bench.prefill_flops against torch's FLOP counter on real forwards that compute the last ``tail``
+    positions' logits (the last layer's rest on those only): their products as counted, plus causal attention
+    (query i sees i + 1 keys), 4 C operations a key and query."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gptchat.core.bench.engine import prefill_flops
@@ -380,10 +380,12 @@ def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
 
     cfg = GPTConfig(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=300)
     T, C, L = 50, cfg.n_embd, cfg.n_layer
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        GPT(cfg).eval()(torch.randint(0, 300, (1, T)), last_only=True)
-    attention = (L - 1) * sum(4 * C * (i + 1) for i in range(T)) + 4 * C * T  # the last layer: one query
-    assert counter.get_total_flops() + attention == prefill_flops(cfg, T)
+    for tail in (1, 7):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            GPT(cfg).eval()(torch.randint(0, 300, (1, T)), tail=tail)
+        products = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.addmm", "aten.mm"))
+        attention = (L - 1) * sum(4 * C * (i + 1) for i in range(T)) + sum(4 * C * (i + 1) for i in range(T - tail, T))
+        assert products + attention == prefill_flops(cfg, T, tail), tail
 
 
 def test_bench_pairs_each_decode_run_with_the_readings_around_it():

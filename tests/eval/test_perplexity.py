@@ -169,7 +169,8 @@ def test_eval_bench_scores_like_transformers_and_prints_every_figure():
     assert b.window_vs_prefill > 0 and b.scored_vs_hf > 0
     assert b.rss_after_load_bytes < b.peak_rss_bytes < 64 * 2**30
     text = b.format()
-    assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x"))
+    assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x", "the arithmetic alone allows"))
+    assert 0 < b.arithmetic_bound < 1  # a window's head over its scored tokens: more arithmetic a token
     assert json.loads(json.dumps(b.to_dict()))["rss_limit_bytes"] == b.rss_limit_bytes
 
 
