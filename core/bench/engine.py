@@ -23,8 +23,10 @@ from typing import Callable
 import torch
 
 from gptchat.core.bench import quality
+from gptchat.core.bench.ceilings import (paired_fraction, prefill_flops, product_rate, read_bandwidth,
+                                         weight_bytes_per_token)
 from gptchat.core.model.config import PRESETS
-from gptchat.core.model import hugepages, step1
+from gptchat.core.model import step1
 from gptchat.core.model.quant import QuantLinear
 from gptchat.core.generate import sampling
 from gptchat.core.generate.options import DEFAULTS
@@ -103,86 +105,6 @@ def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, 
             fn()
             out.append(time.perf_counter() - t0)
     return statistics.median(t_ours), (statistics.median(t_ref) if t_ref else None), t_ours
-
-
-def paired_fraction(runs_s: list[float], readings: list[float], tokens: int, weight_bytes: int) -> float:
-    """The median over runs of (the run's tokens/s) / (the ceiling from the mean of the bandwidth readings
-    just before and just after it): ``readings`` holds one before each run and one after the last."""
-    return statistics.median(tokens / t * weight_bytes / ((a + b) / 2 * 1e9)
-                             for t, a, b in zip(runs_s, readings, readings[1:]))
-
-
-def read_bandwidth(seconds: float = 1.0, megabytes: int = 512) -> float:
-    """Read bandwidth in GB/s: the median of repeated sums over a buffer larger than any L3 cache, in 2 MB
-    pages where the system gives them, as the int8 weights are (the same sums over 4 KB pages measured the
-    same on a 2-core AMD EPYC)."""
-    buf = hugepages.block(megabytes * 2**20).view(torch.float32).fill_(1.0)
-    buf.sum()  # pages touched and threads started before timing
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times) / 1e9
-
-
-def prefill_flops(cfg, tokens: int, tail: int = 1) -> float:
-    """Arithmetic of a forward of ``tokens`` positions that computes logits for the last ``tail`` (a prefill:
-    one; an eval window: the tokens it scores), as the engine runs it: each layer's four products (24 C^2 a
-    position: c_attn 3 C^2, c_proj C^2, the MLP's 8 C^2, two operations a multiply-add) and causal attention
-    (scores and weighted values, 4 C a key each query sees), except in the last layer, which needs every
-    position's keys and values (c_attn) but the rest for the last ``tail`` only; then ``tail`` rows of the head."""
-    C, T = cfg.n_embd, tokens
-    seen_by_tail = tail * T - tail * (tail - 1) // 2  # keys seen by the last ``tail`` queries
-    last = 6 * C * C * T + 4 * C * seen_by_tail + 18 * C * C * tail
-    return (cfg.n_layer - 1) * (24 * C * C * T + 2 * C * T * (T + 1)) + last + 2 * C * cfg.vocab_size * tail
-
-
-def product_rate(cfg, rows: int, dtype: torch.dtype, device, seconds: float = 0.6) -> float:
-    """FLOP/s: the best median of PyTorch's own products (F.linear, as nn.Linear calls it) of ``rows`` x C
-    through a layer's four weight shapes in ``dtype``, measured now: what a prefill's products can reach on
-    this machine (a 2-core Zen 4 gave 135-195 GFLOP/s in fp32 and ~410-420 in bf16 across the four)."""
-    import torch.nn.functional as F
-
-    C = cfg.n_embd
-    x = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (C, 4 * C)}
-    best = 0.0
-    for n, k in ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C)):
-        w = torch.randn(n, k, dtype=dtype, device=device)
-        F.linear(x[k], w)  # warm-up
-        times: list[float] = []
-        end = time.perf_counter() + seconds / 4
-        while time.perf_counter() < end or len(times) < 3:
-            _sync(device)
-            t0 = time.perf_counter()
-            F.linear(x[k], w)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * rows * n * k / statistics.median(times))
-    return best
-
-
-def _sync(device) -> None:
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.synchronize(device)
-    elif kind == "mps":
-        torch.mps.synchronize()
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one batch-1 decode step reads: everything but the embedding tables, of which
-    a token reads one row (the tied head's table is counted, once, as the head)."""
-    tables = {id(model.transformer.wpe.weight)}
-    wte = getattr(model.transformer.wte, "weight", None)  # None: int8 rows (QuantEmbedding), looked up
-    if getattr(model.lm_head, "weight", None) is not wte:
-        tables.add(id(wte))
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            total += m.nbytes()
-    return total
 
 
 def cpu_description() -> tuple[str, list[str]]:

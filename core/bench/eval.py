@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from gptchat.core.bench.engine import prefill_flops, random_checkpoint
+from gptchat.core.bench.ceilings import prefill_flops
+from gptchat.core.bench.engine import random_checkpoint
 from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, packed_for_eval, plan_windows,
                                           score_windows)
 from gptchat.core.generate.loaded import open_model

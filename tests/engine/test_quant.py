@@ -369,12 +369,12 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
 
 
 def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
-    """bench.prefill_flops against torch's FLOP counter on real forwards that compute the last ``tail``
+    """ceilings.prefill_flops against torch's FLOP counter on real forwards that compute the last ``tail``
     positions' logits (the last layer's rest on those only): their products as counted, plus causal attention
     (query i sees i + 1 keys), 4 C operations a key and query."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gptchat.core.bench.engine import prefill_flops
+    from gptchat.core.bench.ceilings import prefill_flops
     from gptchat.core.model.config import GPTConfig
     from gptchat.core.model.gpt import GPT
 
@@ -389,7 +389,7 @@ def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
 
 
 def test_bench_pairs_each_decode_run_with_the_readings_around_it():
-    from gptchat.core.bench.engine import paired_fraction
+    from gptchat.core.bench.ceilings import paired_fraction
 
     # 100 tokens a run, 100 MB a token: runs of 1, 2 and 4 s between readings of 10, 30, 10 and 10 GB/s
     assert paired_fraction([1.0, 2.0, 4.0], [10.0, 30.0, 10.0, 10.0], 100, 10**8) == pytest.approx(0.25)
