@@ -82,7 +82,9 @@ def _build(cc: str, source: Path, openmp: bool, folder: Path) -> Path:
         for cmd in ([cc, *flags, "-c", str(source), "-o", str(obj)], [cc, "-shared", str(obj), "-o", str(lib), "-lm"]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                raise OSError(f"{' '.join(cmd)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                said = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "no output")
+                raise OSError(f"{' '.join(cmd)}: {said.strip()}")
         os.replace(lib, target)
     return target
 

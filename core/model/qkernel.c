@@ -273,34 +273,77 @@ void gptchat_pack(const int8_t *q, int8_t *out, long N, long K, long Kp) {
             }
 }
 
+/* lane u: the sum of a[u]'s eight lanes */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67); /* [0-3 | 0-3], [4-7 | 4-7] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+/* o[d0, d0 + 8 nv) = inv * sum over keys j of sc[j] v_j there: one sum a dimension, the keys in order */
+static inline __attribute__((always_inline)) void weigh_keys(const float *sc, const void *v, long ks, long n, long d0,
+                                                             const int nv, float inv, float *o, int bf) {
+    __m256 y[8];
+    for (int u = 0; u < nv; u++) y[u] = _mm256_setzero_ps();
+    for (long j = 0; j < n; j++) {
+        const __m256 w = _mm256_set1_ps(sc[j]);
+        for (int u = 0; u < nv; u++) y[u] = _mm256_fmadd_ps(w, load8(v, j * ks + d0 + 8 * u, bf), y[u]);
+    }
+    for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + d0 + 8 * u, _mm256_mul_ps(y[u], _mm256_set1_ps(inv)));
+}
+
 /* softmax(scale q . k_j, j < n) @ v for one query and one head: q [hs], keys and values at elements j * ks
    of k and v (fp32, or bf16 with bf); sc [n] scratch, the result into o [hs]. hs a multiple of 8. vis (NULL:
-   every slot) says which slots the query sees (a padded batch's row); at least one must be. */
+   every slot) says which slots the query sees (a padded batch's row); at least one must be. Scores go eight keys
+   at a time and the weighted sum key by key into one accumulator a dimension (eight independent chains each
+   way): a key at a time into one chain, then a dimension block at a time over all keys, took ~1 ms more a token
+   than the cache's bytes of a 124M step at slot 1000 (2-core Zen 4). */
 static inline __attribute__((always_inline)) void attend_one(const float *q, const void *k, const void *v, long ks,
                                                              long n, long hs, float scale, float *sc, float *o, int bf,
                                                              const uint8_t *vis) {
-    float m = -INFINITY, sum = 0.f;
-    for (long j = 0; j < n; j++) {
-        if (vis && !vis[j]) {
-            sc[j] = -INFINITY;
-            continue;
+    long j = 0;
+    const __m256 sc8 = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        for (long d = 0; d < hs; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(qd, load8(k, (j + u) * ks + d, bf), a[u]);
         }
+        const __m256 s8 = _mm256_mul_ps(hsum8x8(a), sc8);
+        _mm256_storeu_ps(sc + j, s8);
+        if (!vis) mx = _mm256_max_ps(mx, s8);
+    }
+    float m = -INFINITY, sum = 0.f;
+    {
+        float t[8];
+        _mm256_storeu_ps(t, mx);
+        for (int u = 0; u < 8; u++) m = fmaxf(m, t[u]);
+    }
+    for (; j < n; j++) {
         __m256 a = _mm256_setzero_ps();
         for (long d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, j * ks + d, bf), a);
         sc[j] = hsum8(a) * scale;
-        m = fmaxf(m, sc[j]);
+        if (!vis) m = fmaxf(m, sc[j]);
     }
-    long j = 0;
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m))));
+    if (vis) { /* unseen slots take no part in the maximum, and no weight below */
+        m = -INFINITY;
+        for (j = 0; j < n; j++) m = vis[j] ? fmaxf(m, sc[j]) : m;
+    }
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(m))));
     for (; j < n; j++) sc[j] = expf(sc[j] - m);
     for (j = 0; vis && j < n; j++)
         if (!vis[j]) sc[j] = 0.f; /* exp8 floors at e^-87: an unseen slot gets exactly no weight */
-    for (j = 0; j < n; j++) sum += sc[j];
-    const __m256 inv = _mm256_set1_ps(1.f / sum);
-    for (long d = 0; d < hs; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), load8(v, j * ks + d, bf), a);
-        _mm256_storeu_ps(o + d, _mm256_mul_ps(a, inv));
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(sc + j));
+    for (sum = hsum8(acc); j < n; j++) sum += sc[j];
+    for (long d0 = 0; d0 < hs; d0 += 64) {
+        if (hs - d0 >= 64)
+            weigh_keys(sc, v, ks, n, d0, 8, 1.f / sum, o, bf); /* (8: a constant, the eight sums in registers) */
+        else
+            weigh_keys(sc, v, ks, n, d0, (int)((hs - d0) / 8), 1.f / sum, o, bf);
     }
 }
 

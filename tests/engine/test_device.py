@@ -81,3 +81,21 @@ def test_bf16_generation_on_cpu_tracks_fp32(tmp_path):
     assert torch.corrcoef(torch.stack([a[0], b[0]]))[0, 1] > 0.99
     comp = complete(half.engine, half.tokenizer, ids, GenOptions(SamplingParams(greedy=True), max_new_tokens=8))
     assert comp.completion_tokens >= 1
+
+
+def test_the_c_kernels_build_wherever_they_can(tmp_path):
+    """On Linux x86-64 with AVX2/FMA and a C compiler (CI's machines), qkernel.c compiles and the library
+    loads: a compile error must fail here with the compiler's words, not quietly skip every kernel test while
+    the engine falls back to PyTorch."""
+    import platform
+    import sys
+    from pathlib import Path
+
+    from gptchat.core.model import native
+    from gptchat.core.model.device import cpu_flags
+
+    if (not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64")
+            or not {"avx2", "fma"} <= cpu_flags() or native._compiler() is None):
+        pytest.skip("the C kernels are for Linux on x86-64 with AVX2/FMA and a C compiler")
+    native._build(native._compiler(), Path(native.__file__).with_name("qkernel.c"), True, tmp_path)  # raises
+    assert native.switched_off("GPTCHAT_NATIVE") or native.kernel() is not None
