@@ -153,7 +153,8 @@ def peak_rss(folder: Path, heldout_tokens: int, n_windows: int, stride: int | No
 def _arithmetic_bound(cfg, windows, prefill_tokens: int) -> float:
     """(a)'s ceiling if eval and prefill ran at the same FLOP rate: the prefill's arithmetic a token over the
     windows' a window token (their heads over every scored token; the loss's log-sum-exp not counted)."""
-    per_window = sum(prefill_flops(cfg, w.end - w.begin, w.n_scored) for w in windows) / sum(w.end - w.begin for w in windows)
+    tokens = sum(w.end - w.begin for w in windows)
+    per_window = sum(prefill_flops(cfg, w.end - w.begin, w.n_scored) for w in windows) / tokens
     return prefill_flops(cfg, prefill_tokens) / prefill_tokens / per_window
 
 

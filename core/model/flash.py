@@ -53,17 +53,22 @@ def _bf(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
+def _forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``tail`` queries' outputs (B, tail, C) of contiguous ``qkv``, and every row's log-sum-exp."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    out, lse = qkv.new_empty(B, tail, C), torch.empty(B, n_head, T)
+    if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
+                                        C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
+        raise MemoryError("attention kernel: no memory for its scratch buffers")
+    return out, lse
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, n_head: int, scale: float) -> torch.Tensor:
-        B, T, C3 = qkv.shape
-        C = C3 // 3
         qkv = qkv.contiguous()
-        out = qkv.new_empty(B, T, C)
-        lse = torch.empty(B, n_head, T)
-        if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, T, C, n_head,
-                                                  C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
-            raise MemoryError("training attention kernel: no memory for its scratch buffers")
+        out, lse = _forward(qkv, n_head, scale, qkv.shape[1])
         ctx.save_for_backward(qkv, out, lse)
         ctx.n_head, ctx.scale = n_head, scale
         return out
@@ -76,9 +81,9 @@ class _Attention(torch.autograd.Function):
         grad = grad.to(qkv.dtype).contiguous()
         dqkv = torch.empty_like(qkv)
         if native.kernel().gptchat_attn_bwd(qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(),
-                                                  dqkv.data_ptr(), B, T, C, ctx.n_head, C // ctx.n_head, ctx.scale,
-                                                  torch.get_num_threads(), _bf(qkv)):
-            raise MemoryError("training attention kernel: no memory for its scratch buffers")
+                                            dqkv.data_ptr(), B, T, C, ctx.n_head, C // ctx.n_head, ctx.scale,
+                                            torch.get_num_threads(), _bf(qkv)):
+            raise MemoryError("attention kernel: no memory for its scratch buffers")
         return dqkv, None, None
 
 
@@ -90,11 +95,5 @@ def attention(qkv: torch.Tensor, n_head: int, scale: float) -> torch.Tensor:
 def forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int | None = None) -> torch.Tensor:
     """Causal attention from position 0 of ``qkv`` (B, T, 3C), no gradients: (B, tail or T, C), the last
     ``tail`` queries' outputs. See ``usable_forward``."""
-    B, T, C3 = qkv.shape
-    C, tail = C3 // 3, T if tail is None else min(tail, T)
-    qkv = qkv.contiguous()
-    out, lse = qkv.new_empty(B, tail, C), torch.empty(B, n_head, T)
-    if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
-                                        C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
-        raise MemoryError("attention kernel: no memory for its scratch buffers")
-    return out
+    T = qkv.shape[1]
+    return _forward(qkv.contiguous(), n_head, scale, T if tail is None else min(tail, T))[0]

@@ -359,7 +359,8 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     # the prefill against its arithmetic at the best rate of PyTorch's products at its shapes, measured here
     pre = rep.results[0]
     assert pre.name == "prefill 8 tokens" and rep.product_gflops > 0
-    assert pre.ceiling == pytest.approx(rep.prefill_gflop / rep.product_gflops) and pre.fraction == pre.ceiling / pre.ours
+    assert pre.ceiling == pytest.approx(rep.prefill_gflop / rep.product_gflops)
+    assert pre.fraction == pre.ceiling / pre.ours
     assert "prefill ceiling: its" in bench.format_report(rep)
     # the sampler is timed against softmax + torch.multinomial on the same logits, whatever the reference flag
     drawn = {r.name: r for r in rep.results if r.name.startswith("sampling step")}
@@ -383,7 +384,8 @@ def test_the_prefill_arithmetic_is_what_pytorch_counts(monkeypatch):
     for tail in (1, 7):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             GPT(cfg).eval()(torch.randint(0, 300, (1, T)), tail=tail)
-        products = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.addmm", "aten.mm"))
+        counted = counter.get_flop_counts()["Global"]
+        products = sum(n for op, n in counted.items() if str(op) in ("aten.addmm", "aten.mm"))
         attention = (L - 1) * sum(4 * C * (i + 1) for i in range(T)) + sum(4 * C * (i + 1) for i in range(T - tail, T))
         assert products + attention == prefill_flops(cfg, T, tail), tail
 
