@@ -1229,8 +1229,14 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
                 _mm512_storeu_ps(s + j, e);
                 acc = _mm512_add_ps(acc, e);
             }
-            for (; j < len; j++) sum += s[j] = expf(s[j] * scale - ms);
-            sum += _mm512_reduce_add_ps(acc);
+            if (j < len) { /* the last keys, fewer than 16, in a masked vector (an expf a key: 200 tokens 1.06-1.15x) */
+                const __mmask16 m = (__mmask16)((1u << (len - j)) - 1);
+                const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(scale), _mm512_set1_ps(ms));
+                const __m512 e = _mm512_maskz_mov_ps(m, exp16(x));
+                _mm512_mask_storeu_ps(s + j, m, e);
+                acc = _mm512_add_ps(acc, e);
+            }
+            sum = _mm512_reduce_add_ps(acc);
             lse[bh * T + i] = ms + logf(sum);
             const __m512 inv = _mm512_set1_ps(1.f / sum);
             for (j = 0; j < n16; j += 16) { /* normalised as stored, the keys past the row's last zero */
