@@ -51,18 +51,17 @@ class Result:
 
     @property
     def fraction(self) -> float | None:
-        if self.paired is not None:
-            return self.paired
-        if not self.ceiling:
-            return None
-        return self.ceiling / self.ours if self.unit == "s" else self.ours / self.ceiling
+        return self.paired if self.paired is not None else self._of_ceiling(self.ours)
 
     @property
     def reference_fraction(self) -> float | None:
         """transformers' figure against the same ceiling (prefill: how far its products' rate leaves it)."""
-        if not (self.ceiling and self.reference):
+        return self._of_ceiling(self.reference)
+
+    def _of_ceiling(self, value: float | None) -> float | None:
+        if not (self.ceiling and value):
             return None
-        return self.ceiling / self.reference if self.unit == "s" else self.reference / self.ceiling
+        return self.ceiling / value if self.unit == "s" else value / self.ceiling  # seconds: lower is better
 
 
 @dataclass
@@ -87,6 +86,11 @@ class Report:
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
     int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py) or "fbgemm"
     decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
+
+
+def _decode_ceiling(report: "Report") -> float:
+    """Batch-1 tok/s the median bandwidth reading allows for the bytes a step reads."""
+    return report.bandwidth_gbs * 1e9 / report.weight_bytes
 
 
 def _median_times(ours: Callable[[], object], ref: Callable[[], object] | None, repeats: int,
@@ -241,7 +245,7 @@ def _bench_decode(eng, hf, report: Report, prompts: torch.Tensor, greedy, n_new:
     if bs == 1:
         reading()
         report.bandwidth_gbs = statistics.median(report.bandwidth_samples)
-        ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
+        ceiling = _decode_ceiling(report)
         paired = paired_fraction(runs, report.bandwidth_samples[first:], n_new, report.weight_bytes)
     return Result(f"decode batch {bs} ({n_new} new)", "tok/s", bs * n_new / t, bs * n_new / t_ref if t_ref else None,
                   ceiling, paired)
@@ -267,7 +271,7 @@ def _bench_compiled(eng, report: Report, prompts, n_new: int, repeats: int, log)
 
     t_c, t_e, _ = _median_times(run_with(True), run_with(False), repeats)
     eng.compile = False
-    ceiling = report.bandwidth_gbs * 1e9 / report.weight_bytes
+    ceiling = _decode_ceiling(report)
     report.results.append(Result(f"decode batch 1 compiled ({n_new})", "tok/s", n_new / t_c, None, ceiling))
     report.compile = {"warm_up_s": warm, "compiled_tok_s": n_new / t_c, "eager_tok_s": n_new / t_e,
                       "compiled_vs_eager": t_e / t_c}

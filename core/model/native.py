@@ -190,14 +190,19 @@ def panels(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, to
     return packed, b
 
 
-def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32."""
+def _panel_product(fn, packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (..., K) contiguous through the panel kernel ``fn`` (gptchat_sgemm or _bgemm) -> (..., n), x's dtype."""
     k = x.shape[-1]
     y = x.new_empty(x.shape[:-1] + (n,))
-    if kernel().gptchat_sgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
-                              y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
-        raise MemoryError("fp32 kernel: no memory for its tail buffer")
+    if fn(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // k,
+          n, k, torch.get_num_threads()):
+        raise MemoryError("panel product kernel: no memory for its buffers")
     return y
+
+
+def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32."""
+    return _panel_product(kernel().gptchat_sgemm, packed, bias, x, n)
 
 
 def can_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -243,12 +248,7 @@ def bpanels(w: torch.Tensor) -> torch.Tensor:
 
 def bgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
     """x (..., K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (..., n) bf16, sums in fp32."""
-    k = x.shape[-1]
-    y = x.new_empty(x.shape[:-1] + (n,))
-    if kernel().gptchat_bgemm(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
-                              y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
-        raise MemoryError("bf16 kernel: no memory for its buffers")
-    return y
+    return _panel_product(kernel().gptchat_bgemm, packed, bias, x, n)
 
 
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:

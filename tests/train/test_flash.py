@@ -162,7 +162,8 @@ def test_a_prefill_takes_the_forward_with_its_tail(monkeypatch):
     assert (got - ref).abs().max() <= 1e-4
     monkeypatch.delenv("GPTCHAT_FLASH")
     qkv = torch.randn(1, 8, 3 * 64)
-    with torch.inference_mode():
-        assert flash.usable_forward(qkv, 2 * torch.get_num_threads())
-        assert not flash.usable_forward(qkv, 1) or torch.get_num_threads() == 1  # 1 pair, 2+ threads
-    assert not flash.usable_forward(qkv.requires_grad_(), 2 * torch.get_num_threads())  # training: ``attention``
+    with torch.inference_mode(), threads(2):
+        assert flash.usable_forward(qkv, 4)
+        assert not flash.usable_forward(qkv, 1)  # one (row, head) pair for two threads: the AVX2 kernel's
+    with threads(2):
+        assert not flash.usable_forward(qkv.requires_grad_(), 4)  # training: ``attention``
