@@ -74,8 +74,10 @@ class Engine:
             # 900 read 66 MB of fp32 cache beside 125 MB of weights). GPTCHAT_KV_BF16=0 keeps them fp32.
             model.kv_dtype = torch.bfloat16
         self.kv_dtype = model.kv_dtype or self.dtype
-        # int8 weights (none: nothing moves) into 2 MB pages: batch-1 decode streams them all every token
-        hugepages.rehome([(m._buffers, "packed") for m in model.modules() if isinstance(m, quant.QuantLinear)])
+        # int8 weights, and bf16 ones where the C step reads them (fp32: nothing moves), into 2 MB pages: batch-1
+        # decode streams them all every token
+        if not borrowed:
+            hugepages.rehome_streamed(model, bf16=self.device.type == "cpu" and native.kernel() is not None)
 
     @classmethod
     def load(cls, spec, device: str | None = None, dtype: str | None = None, download: bool = True,

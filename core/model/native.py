@@ -121,7 +121,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attend1.argtypes = [_P, _L, _L, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _L, ctypes.c_float,
                                     ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                  _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int, ctypes.c_int]
+                                  _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
@@ -134,7 +135,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attn_fwd.restype = lib.gptchat_attn_bwd.restype = ctypes.c_int
     lib.gptchat_avx512_ok.argtypes, lib.gptchat_avx512_ok.restype = [], ctypes.c_int
     lib.gptchat_bpack.argtypes, lib.gptchat_bpack.restype = [_P, _P, _L, _L], None
-    lib.gptchat_rows.argtypes, lib.gptchat_rows.restype = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int], ctypes.c_int
+    lib.gptchat_rows.argtypes = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_rows.restype = ctypes.c_int
     lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
@@ -219,13 +221,20 @@ def rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     x32 = x.reshape(k).float().contiguous()
     y = torch.empty(n)
-    if kernel().gptchat_rows(w.data_ptr(), x32.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads(),
-                             int(w.dtype == torch.bfloat16)):
+    bf = w.dtype == torch.bfloat16
+    if kernel().gptchat_rows(w.data_ptr(), x32.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads(), int(bf),
+                             int(bf and wide_rows())):
         raise MemoryError("row kernel: no memory for its buffer")
     return y.to(w.dtype).view(*x.shape[:-1], n)
 
 
 AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the AVX-512 section of the kernel uses
+
+
+def wide_rows() -> bool:
+    """bf16 batch-1 products read their rows in AVX-512 (qkernel.c's dot_rows_wide) rather than AVX2. Only
+    AVX-512F/BW are needed; ``GPTCHAT_WIDE=0`` keeps AVX2."""
+    return avx512(bf16=False) and not switched_off("GPTCHAT_WIDE")
 
 
 @functools.lru_cache(maxsize=None)

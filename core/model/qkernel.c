@@ -17,6 +17,7 @@
 #include <string.h>
 
 #define PREFETCH 2048 /* bytes ahead of the read: measured 2048-8192 alike, none 10% slower (AMD Milan) */
+#define STREAMS 4     /* rows of a block read at once by one thread in a batch-1 product (dot_rows) */
 
 /* bf16 is the top half of an fp32: widened exactly by a shift, so bf16 weights are multiplied in fp32 with
    plain AVX2 (the products are memory-bound at batch 1; the activations stay fp32). */
@@ -463,6 +464,7 @@ typedef struct {
     float *tmp;        /* [4C] shared: summed products before post() */
     int16_t *x16;      /* [4C] this thread's int16 activation */
     float *xd;         /* [4C] this thread's activation for bf16 pairs (deinterleave) */
+    int wide;          /* bf16 rows by dot_rows_wide (AVX-512) */
 } team_t;
 
 /* The columns [n0, n1) of N this thread finishes (groups of 4 for the int8 layout) */
@@ -500,8 +502,9 @@ static void deinterleave(const float *x, float *xd, long K) {
    xd as dot16 reads it; K a multiple of 8). The rows are read as S streams at once, one in each S-th of the
    block: one forward stream a core read 40-41 GB/s on 2 cores of an AMD EPYC (Zen 4) in a phase where two or
    more read 58-64 (in slower phases all alike). bf16 rows from memory, alternating in one process: 35-41
-   GB/s one row at a time, 42-48 as four streams, 43-51 with the pairs; from cache ~80, ~110 and ~150. */
-#define S 4
+   GB/s one row at a time, 42-48 as four streams, 43-51 with the pairs; from cache ~80, ~110 and ~150. fp32 in
+   AVX-512 (16 lanes, double-pumped on Zen 4) read 0.87x these AVX2 rows there: fp32 stays AVX2. */
+#define S STREAMS
 static inline __attribute__((always_inline)) void dot_rows(const void *W, const float *x, const float *xd, float *y,
                                                            long K, long n0, long n1, int bf) {
     const long e = bf ? 2 : 4, q = (n1 - n0) / S;
@@ -528,6 +531,24 @@ static inline __attribute__((always_inline)) void dot_rows(const void *W, const 
 }
 #undef S
 
+/* dot_rows' bf16 pairs in AVX-512 where the CPU has it (defined in the AVX-512 section; elsewhere dot_rows):
+   the same bytes in half the instructions. On a 2-core Zen 4, 247 MB of bf16 rows alternating in one process:
+   1.09x the AVX2 pairs (57 against 53 GB/s, summing a buffer 57), a bf16 124M step 1.03x. */
+static void dot_rows_wide(const uint16_t *W, const float *x, const float *xd, float *y, long K, long n0, long n1);
+
+/* y[n] = W[n] . x over rows [n0, n1) of W [N, K], fp32 or bf16 (bf) rows; xd: scratch of K floats for bf16 */
+static void dot_block(const void *W, const float *x, float *xd, float *y, long K, long n0, long n1, int bf, int wide) {
+    if (!bf) {
+        dot_rows(W, x, NULL, y, K, n0, n1, 0);
+        return;
+    }
+    deinterleave(x, xd, K);
+    if (wide)
+        dot_rows_wide(W, x, xd, y, K, n0, n1);
+    else
+        dot_rows(W, x, xd, y, K, n0, n1, 1);
+}
+
 enum { W_FP32 = 0, W_INT8 = 1, W_BF16 = 2 }; /* the step's kinds of weights */
 
 /* y = post(x @ W + b) over all threads of the region; every thread returns after its columns are done
@@ -552,11 +573,11 @@ static void linear(const team_t *tm, int kind, const void *W, const float *s, co
         return;
     }
     if (kind == W_BF16) {
-        deinterleave(x, tm->xd, K);
-        dot_rows(W, x, tm->xd, tm->tmp, K, n0, n1, 1);
+        float *z = post == POST_STORE ? y : tm->tmp; /* stored: straight into y */
+        dot_block(W, x, tm->xd, z, K, n0, n1, 1, tm->wide);
         if (b)
-            for (long n = n0; n < n1; n++) tm->tmp[n] += ld1(b, n, 1);
-        finish(y, tm->tmp, n0, n1, post, act);
+            for (long n = n0; n < n1; n++) z[n] += ld1(b, n, 1);
+        if (z != y) finish(y, z, n0, n1, post, act);
         return;
     }
     const float *w = (const float *)W;
@@ -608,29 +629,26 @@ static void linear(const team_t *tm, int kind, const void *W, const float *s, co
    which then needs no transposed copy at load */
 static void rows_dot(const team_t *tm, const void *W, const float *x, float *y, long K, long N, int bf) {
     const long per = (N + tm->T - 1) / tm->T, n0 = tm->t * per < N ? tm->t * per : N, n1 = n0 + per < N ? n0 + per : N;
-    if (bf) {
-        deinterleave(x, tm->xd, K);
-        dot_rows(W, x, tm->xd, y, K, n0, n1, 1);
-    } else {
-        dot_rows(W, x, NULL, y, K, n0, n1, 0);
-    }
+    dot_block(W, x, tm->xd, y, K, n0, n1, bf, tm->wide);
 }
 
-/* y [N] = W [N, K] . x for one row x [K] (fp32 W, or bf16 W with bf; K a multiple of 8), each thread a block of
-   W's rows read as dot_rows' streams: the head of a prefill's last row (PyTorch's one-row product of 124M's
-   tied head read ~12 GB/s on a 2-core Zen 4, where summing a buffer read 35). 0, or -1 (no memory) */
-int gptchat_rows(const void *W, const float *x, float *y, long N, long K, int threads, int bf) {
-    float *xd = bf ? aligned_alloc(64, (K * sizeof(float) + 63) / 64 * 64) : NULL;
+/* y [N] = W [N, K] . x for one row x [K] (fp32 W, or bf16 W with bf; K a multiple of 8; wide: bf16 by
+   dot_rows_wide), each thread a block of W's rows read as dot_rows' streams: the head of a prefill's last row
+   (PyTorch's one-row product of 124M's tied head read ~12 GB/s on a 2-core Zen 4, where summing a buffer read
+   35). 0, or -1 (no memory) */
+int gptchat_rows(const void *W, const float *x, float *y, long N, long K, int threads, int bf, int wide) {
+    float *xd = bf ? aligned_alloc(64, (threads * K * sizeof(float) + 63) / 64 * 64) : NULL;
     if (bf && !xd) return -1;
-    if (bf) deinterleave(x, xd, K);
 #pragma omp parallel num_threads(threads)
     {
         long n0, n1;
         my_share(N, &n0, &n1);
-        if (bf)
-            dot_rows(W, x, xd, y, K, n0, n1, 1);
-        else
-            dot_rows(W, x, NULL, y, K, n0, n1, 0);
+#ifdef _OPENMP
+        float *mine = bf ? xd + omp_get_thread_num() * K : NULL;
+#else
+        float *mine = xd;
+#endif
+        dot_block(W, x, mine, y, K, n0, n1, bf, wide);
     }
     free(xd);
     return 0;
@@ -683,15 +701,17 @@ static void embed(long tok, const void *emb, const float *emb_s, long es0, long 
    biases / scales NULL); kv: per layer its key then value cache, [nh, >= slot+1, hs] through strides kh, ks;
    scales: the attention scale of each layer. kind: W_FP32 or W_INT8 (every other tensor fp32), or W_BF16
    (the weights, norms, biases, tables and KV caches all bf16; the activations and logits stay fp32); kv_bf:
-   bf16 KV caches under fp32 or int8 weights (written rounded, read widened). head
-   (scales head_s when int8): the tied head, whose V logits are then written to logits, read as [C, V] rows
-   like the blocks' weights, or with head_rows (not int8) as [V, C] rows; NULL: none. Returns 0, -1 where
-   scratch memory could not be had, or -2 where the token is not in the table. */
+   bf16 KV caches under fp32 or int8 weights (written rounded, read widened). head (scales head_s when int8):
+   the tied head, whose V logits are then written to logits, read as [C, V] rows like the blocks' weights, or
+   with head_rows (not int8) as [V, C] rows; NULL: none. wide: bf16 rows by dot_rows_wide (the CPU has
+   AVX-512). Each thread normalises the row itself into its own buffer (the norms were one thread's while the
+   others waited at a barrier: a bf16 step 1.01-1.02x). Returns 0, -1 where scratch memory could not be had, or
+   -2 where the token is not in the table. */
 int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kh,
                   long ks, long slot, int kind, int act, float eps, const void *lnf_w, const void *lnf_b, float *x,
                   const void *head, const float *head_s, long V, float *logits, int threads, const int64_t *tok,
                   const void *emb, const float *emb_s, long es0, long es1, long emb_kp, const void *pos,
-                  int head_rows, int kv_bf) {
+                  int head_rows, int kv_bf, int wide) {
     const int bf = kind == W_BF16;
     kv_bf = kv_bf || bf;
     if (emb) {
@@ -700,13 +720,12 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
     }
     const long hs = C / nh, N4 = 4 * C, NP = head && V > N4 ? V : N4; /* the widest product */
     const long T = threads > 0 ? threads : 1;
-    /* shared: part [T, NP], tmp [NP], qkv [3C], att [C], h [4C], ln [C]; per thread: x16 [4C + 32], xd [4C],
+    /* shared: part [T, NP], tmp [NP], qkv [3C], att [C], h [4C]; per thread: x16 [4C + 32], xd [4C], ln [C],
        scores [slot+1 + 8] */
-    const long shared = T * NP + NP + 3 * C + C + N4 + C, per_thread = (N4 + 32) / 2 + N4 + slot + 1 + 8;
+    const long shared = T * NP + NP + 3 * C + C + N4, per_thread = (N4 + 32) / 2 + N4 + C + slot + 1 + 8;
     float *buf = aligned_alloc(64, ((shared + T * per_thread) * sizeof(float) + 63) / 64 * 64);
     if (!buf) return -1;
-    float *part = buf, *tmp = part + T * NP, *qkv = tmp + NP, *att = qkv + 3 * C, *h = att + C, *ln = h + N4;
-    float *priv = ln + C;
+    float *part = buf, *tmp = part + T * NP, *qkv = tmp + NP, *att = qkv + 3 * C, *h = att + C, *priv = h + N4;
 #pragma omp parallel num_threads(T)
     {
 #ifdef _OPENMP
@@ -714,12 +733,11 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
 #else
         const long t = 0, nt = 1;
 #endif
-        team_t tm = {t, nt, part, tmp, (int16_t *)(priv + t * per_thread), priv + t * per_thread + (N4 + 32) / 2};
-        float *sc = tm.xd + N4;
+        team_t tm = {t, nt, part, tmp, (int16_t *)(priv + t * per_thread), priv + t * per_thread + (N4 + 32) / 2, wide};
+        float *ln = tm.xd + N4, *sc = ln + C;
         const long hper = (nh + nt - 1) / nt, h0 = t * hper < nh ? t * hper : nh, h1 = h0 + hper < nh ? h0 + hper : nh;
         for (long l = 0; l < L; l++) {
             const void *const *p = wp + l * STEP_PTRS;
-#pragma omp single
             layer_norm(x, p[0], p[1], ln, C, eps, bf);
             linear(&tm, kind, p[2], p[3], p[4], ln, qkv, C, 3 * C, POST_STORE, act);
 #pragma omp barrier
@@ -727,7 +745,6 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
 #pragma omp barrier
             linear(&tm, kind, p[5], p[6], p[7], att, x, C, C, POST_ADD, act);
 #pragma omp barrier
-#pragma omp single
             layer_norm(x, p[8], p[9], ln, C, eps, bf);
             linear(&tm, kind, p[10], p[11], p[12], ln, h, C, N4, POST_ACT, act);
 #pragma omp barrier
@@ -1048,6 +1065,36 @@ AI __m512 ld16(const void *p, long i, const int bf) {
     if (!bf) return _mm512_loadu_ps((const float *)p + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* dot_rows' bf16 pairs 32 inputs an iteration (one 64-byte load a row, two FMAs), then the last 8-24 inputs in
+   dot_rows' AVX2 steps */
+static TGT void dot_rows_wide(const uint16_t *W, const float *x, const float *xd, float *y, long K, long n0, long n1) {
+    const long q = (n1 - n0) / STREAMS, K32 = K / 32 * 32;
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
+    for (long i = 0; i < q; i++) {
+        const uint16_t *w[STREAMS];
+        __m512 a[STREAMS], c[STREAMS];
+        for (int j = 0; j < STREAMS; j++) {
+            w[j] = W + (n0 + j * q + i) * K;
+            a[j] = c[j] = _mm512_setzero_ps();
+        }
+        for (long k = 0; k < K32; k += 32)
+            for (int j = 0; j < STREAMS; j++) {
+                const __m512i v = _mm512_loadu_si512(w[j] + k);
+                a[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xd + k / 2), a[j]);
+                c[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), _mm512_loadu_ps(xd + K / 2 + k / 2),
+                                       c[j]);
+            }
+        for (int j = 0; j < STREAMS; j++) {
+            __m256 a8 = _mm256_setzero_ps(), c8 = _mm256_setzero_ps();
+            long k = K32;
+            for (; k + 16 <= K; k += 16) dot16((const char *)w[j], x, xd, K, k, &a8, &c8, 1);
+            if (k < K) a8 = _mm256_fmadd_ps(load8(w[j], k, 1), _mm256_loadu_ps(x + k), a8);
+            y[n0 + j * q + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], c[j])) + hsum8(_mm256_add_ps(a8, c8));
+        }
+    }
+    dot_rows(W, x, xd, y, K, n0 + STREAMS * q, n1, 1); /* the rows left over */
 }
 
 /* C[r][0, 16 NV) (+)= A[r][0, k) B for the 4 rows A[r]; B's NV panels ps elements apart */
@@ -1468,6 +1515,9 @@ int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint
 #undef FQ
 #else
 int gptchat_avx512_ok(void) { return 0; }
+static void dot_rows_wide(const uint16_t *W, const float *x, const float *xd, float *y, long K, long n0, long n1) {
+    dot_rows(W, x, xd, y, K, n0, n1, 1);
+}
 void gptchat_bpack(const uint16_t *W, uint16_t *out, long N, long K) {}
 int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
                   int threads) {

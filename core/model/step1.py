@@ -28,7 +28,7 @@ first op against ~8 us warm), and the six ops of an int8 lookup cost ~0.3-0.5 ms
 runs in the step when it is of the blocks' kind (else its module runs after); an fp32 head is read in
 either order, the token table's own included. fp32 logits equal the modules' to ~1e-6 (another order of
 the same sums); int8's to ~1e-4 (a norm or GELU a rounding apart can move an activation's int16 code by
-one). ``GPTCHAT_STEP1=0`` turns it off.
+one). ``GPTCHAT_STEP1=0`` turns it off; ``GPTCHAT_WIDE=0`` keeps bf16 rows in AVX2 where the CPU has AVX-512.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
                                        p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows, kv_bf)
+                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows,
+                                       kv_bf, int(p.kind == BF16 and native.wide_rows()))
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:

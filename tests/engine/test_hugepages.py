@@ -1,4 +1,4 @@
-"""int8 weights moved into one block of 2 MB pages after loading (core/model/hugepages.py)."""
+"""int8 and bf16 weights moved into one block of 2 MB pages after loading (core/model/hugepages.py)."""
 
 from __future__ import annotations
 
@@ -79,4 +79,26 @@ def test_an_int8_engine_decodes_from_its_weights_in_the_block(tmp_path):
     for m in mods:  # the same weights, each in an allocation of its own
         m._buffers["packed"] = m.packed.clone()
     ref = [t.token for out in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in out]
+    assert got == ref
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
+def test_a_bf16_engine_streams_its_weights_from_the_block_with_the_head_still_tied(tmp_path):
+    folder = save(hf_model(seed=6), tmp_path / "m")
+    eng = Engine.load(str(folder), device="cpu", dtype="bf16")
+    m = eng.model
+    assert m.lm_head.weight is m.transformer.wte.weight  # still one tensor: the table and the head
+    lins = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    ptrs = sorted(mod.weight.data_ptr() for mod in lins)
+    assert ptrs[0] % hugepages.HUGE == 0
+    nbytes = sum((mod.weight.numel() * 2 + 63) // 64 * 64 for mod in lins)
+    assert ptrs[-1] - ptrs[0] < nbytes  # one block
+    assert m.transformer.wpe.weight.data_ptr() not in ptrs  # one row a token: left where it is
+    got = [t.token for out in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in out]
+    ref_eng = Engine.load(str(folder), device="cpu", dtype="bf16")
+    for mod in ref_eng.model.modules():  # the same weights, each in an allocation of its own
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.data = mod.weight.data.clone()
+    ref_eng.model.transformer.wte.weight = ref_eng.model.lm_head.weight
+    ref = [t.token for out in ref_eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in out]
     assert got == ref

@@ -123,9 +123,11 @@ def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
     assert runs["bpanels"] == runs["onednn"]
 
 
+@pytest.mark.parametrize("wide", ["1", "0"], ids=["avx512-rows", "avx2-rows"])  # bf16's rows in AVX-512 where there is
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K", [(50257, 768), (9001, 24), (8192, 1600)])
-def test_one_row_through_a_wide_weight_equals_the_product(N, K, dtype):
+@pytest.mark.parametrize("N,K", [(50257, 768), (9001, 24), (8192, 1600), (8195, 40)])
+def test_one_row_through_a_wide_weight_equals_the_product(N, K, dtype, wide, monkeypatch):
+    monkeypatch.setenv("GPTCHAT_WIDE", wide)
     g = torch.Generator().manual_seed(N)
     w, x = torch.randn(N, K, generator=g).to(dtype), torch.randn(1, 1, K, generator=g).to(dtype)
     assert native.can_rows(x, w) and not native.can_rows(torch.randn(2, K).to(dtype), w)

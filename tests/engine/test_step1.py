@@ -216,11 +216,19 @@ def _bf16_pair(**kw) -> tuple[GPT, GPT]:
     return copy.deepcopy(m32).to(torch.bfloat16).to_inference_layout(), m32.to_inference_layout()
 
 
-@pytest.mark.parametrize("kw", SHAPES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
-def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, monkeypatch):
+# widths whose rows end in 8 or 16 inputs past a multiple of 32 (the AVX-512 rows' last steps)
+BF16_SHAPES = SHAPES + [dict(n_embd=72, n_head=9), dict(n_embd=80, n_head=5)]
+
+
+@pytest.mark.parametrize("wide", ["1", "0"], ids=["avx512-rows", "avx2-rows"])
+@pytest.mark.parametrize("kw", BF16_SHAPES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
+def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, wide, monkeypatch):
     """bf16 weights, norms, biases, tables and caches, widened as they are read: the step's logits equal the fp32
     modules' on the same (rounded) weights but for the cache's rounding to bf16, and are nearer them than the bf16
-    modules' (which round every activation); the cache it writes is bf16, as the modules' is."""
+    modules' (which round every activation); the cache it writes is bf16, as the modules' is. Rows read in
+    AVX-512 where the CPU has it, and in AVX2."""
+    monkeypatch.setenv("GPTCHAT_WIDE", wide)
+    assert native.wide_rows() == (wide == "1" and native.avx512(bf16=False))
     m16, m32 = _bf16_pair(**kw)
     p = step1.plan(m16)
     assert p is not None and p.kind == step1.BF16 and p.emb is not None and p.head_rows == 1
