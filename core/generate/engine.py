@@ -165,7 +165,7 @@ class Engine:
         if self.compile and len(prompts) == 1:
             cap = self.n_ctx  # one cache size, so the compiled step is compiled once (its shapes are the cache's)
         no_grad = torch.no_grad if self.borrowed else torch.inference_mode
-        with self._lock, no_grad():
+        with self._lock, no_grad(), step1.held(self.model):
             try:
                 b = LiveBatch(self, params, cap)
                 logits = b.admit(list(zip(prompts, limits, seeds)), T)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -195,6 +196,7 @@ def _weight(m: nn.Module, rows: bool = False):
 
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Plan
+_held: dict[int, Plan] = {}  # id(model) -> its plan, checked once for a whole generation (``held``)
 
 
 def plan(model: nn.Module) -> Plan | None:
@@ -202,10 +204,32 @@ def plan(model: nn.Module) -> Plan | None:
     cannot run it."""
     if switched_off("GPTCHAT_STEP1") or native.kernel() is None:
         return None
+    p = _held.get(id(model))
+    if p is not None:
+        return p
     p = _plans.get(model)
     if p is None or not p.current(model):
         p = _plans[model] = Plan(model)
     return p if p.ptrs is not None else None
+
+
+@contextmanager
+def held(model: nn.Module):
+    """Inside, ``model``'s weights are taken to stay as they are (an engine's generation, which holds the
+    engine's lock): its plan is checked once, on entry, instead of on every step. After a step has streamed
+    every weight through the caches, ``Plan.current`` touches cold memory: ~0.1 ms a token in a 124M int8
+    generation on a 2-core Zen 4 (3% of it), against ~20 us warm."""
+    key, p = id(model), plan(model)
+    before = _held.get(key)
+    if p is not None:
+        _held[key] = p
+    try:
+        yield
+    finally:
+        if before is None:
+            _held.pop(key, None)
+        else:
+            _held[key] = before
 
 
 def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logits: bool = True) -> torch.Tensor | None:

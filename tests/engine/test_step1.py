@@ -415,3 +415,26 @@ def test_an_int8_engine_caches_in_bf16_unless_switched_off(tmp_path, monkeypatch
             for t in step:
                 rows[t.row].append(t.token)
         assert [rows[0], rows[1]] == alone
+
+
+def test_a_generation_checks_its_plan_once_and_a_later_change_is_seen(monkeypatch):
+    """Inside a generation (the engine's lock held) the weights stay put: the plan is checked on entry, not on
+    every step; a weight replaced between two generations rebuilds it."""
+    m = _model().to_inference_layout()
+    eng = Engine(m)
+    greedy = SamplingParams(greedy=True)
+    calls, checks = _spy(monkeypatch), spy(monkeypatch, step1.Plan, "current")
+    first = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
+    assert sum(calls) == 11 and len(checks) <= 2  # the entry's check (and the prefill's, which runs no step)
+    assert step1._held == {}  # let go once the generation ended
+    fresh = _model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(-1.0)
+    m.load_state_dict(fresh.state_dict(), assign=True)
+    m.lm_head.weight = m.transformer.wte.weight
+    m.to_inference_layout()
+    second = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
+    monkeypatch.setenv("GPTCHAT_STEP1", "0")
+    ref = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
+    assert second == ref and second != first
