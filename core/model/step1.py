@@ -260,8 +260,8 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
                                        p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows,
-                                       kv_bf, int(p.kind == BF16 and native.wide_rows()))
+                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup,
+                                       p.head_rows, kv_bf, int(p.kind == BF16 and native.wide_rows()))
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:
