@@ -165,7 +165,7 @@ class Engine:
         if self.compile and len(prompts) == 1:
             cap = self.n_ctx  # one cache size, so the compiled step is compiled once (its shapes are the cache's)
         no_grad = torch.no_grad if self.borrowed else torch.inference_mode
-        with self._lock, no_grad(), step1.held(self.model):
+        with self._lock, no_grad(), step1.held(self.model, pick_below=self.vocab_limit):
             try:
                 b = LiveBatch(self, params, cap)
                 logits = b.admit(list(zip(prompts, limits, seeds)), T)
@@ -182,7 +182,11 @@ class Engine:
         argmax = params.is_greedy and b.seen is None  # all the greedy sampler does then: one argmax
         while True:
             lg = logits[:, :V]
-            tok = greedy(lg) if argmax else sample(lg, params, b.gens, b.seen)  # (B',)
+            if argmax:  # the step's own pick where it took one (batch 1 on the CPU)
+                tok = step1.picked(self.model, lg)
+                tok = greedy(lg) if tok is None else tok
+            else:
+                tok = sample(lg, params, b.gens, b.seen)  # (B',)
             ids = tok.tolist()  # the one host sync of a step: the caller needs the tokens
             if b.seen is not None:
                 b.seen.scatter_(1, tok[:, None], True)

@@ -122,7 +122,7 @@ def kernel() -> ctypes.CDLL | None:
                                     ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P,
-                                  ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]

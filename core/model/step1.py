@@ -100,6 +100,9 @@ class Plan:
         self.caches: list = []  # weak references to the KV caches kv_ptrs was read from (a KVCache keeps its buffers)
         self.kv_ptrs = None
         self.x = torch.empty(1, 1, cfg.n_embd)  # the row's activation, when the hidden state is not returned
+        self.pick_below = None  # set by ``held``: the step also takes the argmax of the first this many logits
+        self.pick = torch.zeros(1, dtype=torch.long)  # ... written here,
+        self.picked_from = None  # ... of these logits (``picked``)
 
     def current(self, model: nn.Module) -> bool:
         """The model's products, tables and head are still those this plan was built from (~15 us for 124M)."""
@@ -214,22 +217,38 @@ def plan(model: nn.Module) -> Plan | None:
 
 
 @contextmanager
-def held(model: nn.Module):
+def held(model: nn.Module, pick_below: int | None = None):
     """Inside, ``model``'s weights are taken to stay as they are (an engine's generation, which holds the
     engine's lock): its plan is checked once, on entry, instead of on every step. After a step has streamed
     every weight through the caches, ``Plan.current`` touches cold memory: ~0.1 ms a token in a 124M int8
-    generation on a 2-core Zen 4 (3% of it), against ~20 us warm."""
+    generation on a 2-core Zen 4 (3% of it), against ~20 us warm. ``pick_below``: each step also takes the
+    argmax of its first that many logits, for ``picked``."""
     key, p = id(model), plan(model)
     before = _held.get(key)
     if p is not None:
-        _held[key] = p
+        _held[key], p.pick_below, p.picked_from = p, pick_below, None
     try:
         yield
     finally:
+        if p is not None:
+            p.pick_below = p.picked_from = None
         if before is None:
             _held.pop(key, None)
         else:
             _held[key] = before
+
+
+def picked(model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
+    """torch.argmax(logits, -1) for the (1, V) ``logits`` the last step of ``held`` model returned (V its
+    ``pick_below``), taken in the step by each thread over the logits it had just written (in a 124M int8
+    generation torch.argmax took ~66 us after a step, the logits in the other core's caches: 2% of a token);
+    None for any other logits."""
+    p = _held.get(id(model))
+    if p is None or p.picked_from is None or logits.shape != (1, p.pick_below):
+        return None
+    if logits.data_ptr() != p.picked_from.data_ptr() or logits.stride(-1) != 1:
+        return None
+    return p.pick.clone()
 
 
 def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logits: bool = True) -> torch.Tensor | None:
@@ -256,12 +275,15 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
         x = (p.wte(idx) + p.wpe[slot]).float().contiguous()  # (1, 1, C)
         lookup = (None, None, None, 0, 0, 0, None)
     wf, bf = p.ln_f
+    pick = p.pick.data_ptr() if out is not None and p.pick_below and p.pick_below <= p.vocab else None
     rc = native.kernel().gptchat_step1(p.ptrs, kv_ptrs, p.scales, p.dims[0], p.dims[1], p.dims[2], st[1], st[2], slot,
                                        p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
                                        None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup,
-                                       p.head_rows, kv_bf, int(p.kind == BF16 and native.wide_rows()))
+                                       p.head_rows, kv_bf, int(p.kind == BF16 and native.wide_rows()),
+                                       pick, p.pick_below or 0)
+    p.picked_from = out if pick is not None else None
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")
     if rc:

@@ -438,3 +438,53 @@ def test_a_generation_checks_its_plan_once_and_a_later_change_is_seen(monkeypatc
     monkeypatch.setenv("GPTCHAT_STEP1", "0")
     ref = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
     assert second == ref and second != first
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_the_step_picks_greedys_token_as_torch_argmax_would(kind, monkeypatch):
+    """Inside ``held`` the step also takes the argmax of the first ``pick_below`` logits, each thread over its own
+    block: equal to torch.argmax, ties to the first index and a NaN counting as the largest, with 1-3 threads;
+    a generation's greedy tokens then come from it."""
+    m = _bf16_pair()[0] if kind == "bf16" else _model()
+    m = quant.quantize_model(m) if kind == "int8" else m.to_inference_layout()
+    table = m.transformer.wte.weight if kind != "int8" else None
+
+    def step_and_pick(slot, below):
+        with torch.inference_mode(), step1.held(m, pick_below=below):
+            out = step1.run(m, torch.tensor([[7]]), slot, slot + 1)
+            return out[0, -1, :below].float(), step1.picked(m, out[0, -1:, :below].view(1, -1))
+
+    for threads in (1, 2, 3):
+        with using(threads), torch.inference_mode():
+            m.setup_cache(1, 16)
+            for slot, below in ((0, 300), (1, 257), (2, 3)):
+                logits, pick = step_and_pick(slot, below)
+                assert pick is not None and pick.tolist() == [int(torch.argmax(logits))]
+    if table is not None:  # a tie with the winner at row 0, then a NaN past it: the first of each
+        with torch.inference_mode():
+            m.setup_cache(1, 16)
+            win = int(torch.argmax(step_and_pick(0, 300)[0]))
+            with torch.no_grad():
+                table[0] = table[win]
+            m.setup_cache(1, 16)
+            logits, pick = step_and_pick(0, 300)
+            assert logits[0] == logits.max() and pick.tolist() == [0]
+            with torch.no_grad():
+                table[299] = float("nan")
+            m.setup_cache(1, 16)
+            logits, pick = step_and_pick(0, 300)
+            assert pick.tolist() == [299] == [int(torch.argmax(logits))]
+    assert step1.picked(m, torch.zeros(1, 300)) is None  # outside ``held``: nothing to offer
+
+
+def test_a_greedy_generation_takes_the_steps_pick(monkeypatch):
+    from gptchat.core.generate import engine as engine_module
+
+    m = _model().to_inference_layout()
+    eng = Engine(m)
+    greedy_calls = spy(monkeypatch, engine_module, "greedy")
+    got = [t.token for step in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in step]
+    assert len(greedy_calls) == 1  # the prefill's token; the eleven steps' from the step itself
+    monkeypatch.setenv("GPTCHAT_STEP1", "0")
+    ref = [t.token for step in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in step]
+    assert got == ref
