@@ -191,15 +191,20 @@ static void quantize_rows(const float *x, int16_t *x16, float *xs, long M, long 
 }
 
 /* inside a parallel region: the calling thread's contiguous share [lo, hi) of n items */
+/* The block [n0, n1) of N that thread t of T takes: ceil(N / T) each, in order */
+static void rows_share(long N, long t, long T, long *n0, long *n1) {
+    const long per = (N + T - 1) / T;
+    *n0 = t * per < N ? t * per : N;
+    *n1 = *n0 + per < N ? *n0 + per : N;
+}
+
+/* rows_share for the calling thread of the current region */
 static void my_share(long n, long *lo, long *hi) {
 #ifdef _OPENMP
-    const long t = omp_get_thread_num(), T = omp_get_num_threads();
+    rows_share(n, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
 #else
-    const long t = 0, T = 1;
+    rows_share(n, 0, 1, lo, hi);
 #endif
-    const long per = (n + T - 1) / T;
-    *lo = t * per < n ? t * per : n;
-    *hi = *lo + per < n ? *lo + per : n;
 }
 
 /* y [M, N] = (x [M, K] @ (q * s)^T) + b. Returns 0, or -1 where scratch memory could not be had. */
@@ -623,13 +628,6 @@ static void linear(const team_t *tm, int kind, const void *W, const float *s, co
         tm->tmp[n] = acc;
     }
     finish(y, tm->tmp, n0, n1, post, act);
-}
-
-/* The rows [n0, n1) of N that thread t of T computes in rows_dot */
-static void rows_share(long N, long t, long T, long *n0, long *n1) {
-    const long per = (N + T - 1) / T;
-    *n0 = t * per < N ? t * per : N;
-    *n1 = *n0 + per < N ? *n0 + per : N;
 }
 
 /* y [N] = W [N, K] @ x [K], each thread a block of rows: the tied head read in the token table's own order,

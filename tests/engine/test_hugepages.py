@@ -99,7 +99,7 @@ def test_a_bf16_engine_streams_its_weights_from_the_block_with_the_head_still_ti
     for mod in ref_eng.model.modules():  # the same weights, each in an allocation of its own
         if isinstance(mod, torch.nn.Linear):
             mod.weight.data = mod.weight.data.clone()
-    ref_eng.model.transformer.wte.weight = ref_eng.model.lm_head.weight
+    assert ref_eng.model.lm_head.weight is ref_eng.model.transformer.wte.weight  # .data replaced: still tied
     again = ref_eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True)
     ref = [t.token for out in again for t in out]
     assert got == ref
