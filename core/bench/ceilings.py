@@ -92,3 +92,9 @@ def weight_bytes_per_token(model) -> int:
         if isinstance(m, QuantLinear):
             total += m.nbytes()
     return total
+
+
+def streamed_weights(model) -> list:
+    """The tensors behind weight_bytes_per_token: the parameters and int8 products' packed groups."""
+    packed = (getattr(m, "packed", None) for m in model.modules() if isinstance(m, QuantLinear))
+    return list(model.parameters()) + [t for t in packed if t is not None]

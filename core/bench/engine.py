@@ -24,9 +24,9 @@ import torch
 
 from gptchat.core.bench import quality
 from gptchat.core.bench.ceilings import (paired_fraction, prefill_flops, product_rate, read_bandwidth,
-                                         weight_bytes_per_token)
+                                         streamed_weights, weight_bytes_per_token)
 from gptchat.core.model.config import PRESETS
-from gptchat.core.model import step1
+from gptchat.core.model import hugepages, step1
 from gptchat.core.model.quant import QuantLinear
 from gptchat.core.generate import sampling
 from gptchat.core.generate.options import DEFAULTS
@@ -86,6 +86,7 @@ class Report:
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
     int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py) or "fbgemm"
     decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
+    huge_pages: float | None = None  # the share of those weights' bytes in 2 MB pages (hugepages.share)
 
 
 def _decode_ceiling(report: "Report") -> float:
@@ -126,14 +127,22 @@ def cpu_description() -> tuple[str, list[str]]:
 
 
 def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
-    """A GPT-2 of a preset shape with random weights, saved by transformers (HF format)."""
+    """A GPT-2 of a preset shape with random weights, saved by transformers (HF format), its weights
+    rewritten by write_safetensors: in the page cache as a download leaves them (large writes, large
+    folios) rather than as safetensors' save_file does (small ones), so that the bench times the mapping
+    a user's model gets (see readers._advise_huge)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptchat.core.weights.checkpoints import write_safetensors
 
     cfg = PRESETS[shape]
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                     n_positions=cfg.n_positions, vocab_size=cfg.vocab_size))
     hf.save_pretrained(folder)
+    weights = {k: t for k, t in hf.state_dict().items() if k != "lm_head.weight"}  # tied, as transformers saves it
+    write_safetensors(folder / ".model.safetensors.tmp", weights, {"format": "pt"})
+    os.replace(folder / ".model.safetensors.tmp", folder / "model.safetensors")
     return folder
 
 
@@ -198,6 +207,7 @@ def run(
             ref = lambda: _hf_generate(hf, ids, 1)  # noqa: E731
             ref()
         t, t_ref, _ = _median_times(ours_prefill, ref, repeats)
+        report.huge_pages = hugepages.share(streamed_weights(eng.model))  # after use: the pages are in
         cfg = eng.model.config
         report.prefill_gflop = prefill_flops(cfg, prompt_tokens) / 1e9
         report.product_gflops = product_rate(cfg, prompt_tokens, eng.dtype, eng.device) / 1e9
@@ -346,7 +356,8 @@ def format_report(rep: Report) -> str:
              f"read bandwidth {rep.bandwidth_gbs:.1f} GB/s"
              + (f" (median of {len(rep.bandwidth_samples)} readings, {min(rep.bandwidth_samples):.1f}-"
                 f"{max(rep.bandwidth_samples):.1f})" if len(rep.bandwidth_samples) > 1 else "")
-             + f"; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights",
+             + f"; a decode step reads {rep.weight_bytes / 1e6:.0f} MB of weights"
+             + (f", {rep.huge_pages:.0%} of them in 2 MB pages" if rep.huge_pages is not None else ""),
              f"{'':28} {'gptchat':>12} {'transformers':>14} {'ratio':>8} {'ceiling':>12} {'of ceiling':>10}"]
     for r in rep.results:
         fmt = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{v:.2f} ms"}.get(r.unit, lambda v: f"{v:.1f} tok/s")

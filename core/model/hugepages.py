@@ -15,6 +15,7 @@ memory on the way), which the start-up's first token cannot pay. Where the kerne
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import sys
@@ -94,3 +95,42 @@ def rehome_streamed(model: torch.nn.Module, bf16: bool = True) -> int:
     if tied:
         wte.weight = head.weight
     return moved
+
+
+def share(tensors) -> float | None:
+    """The fraction of ``tensors``' bytes (CPU) that sit in 2 MB pages: anonymous huge pages (``block``) or a file
+    mapped in 2 MB folios (a checkpoint, see readers._advise_huge), read from /proc/self/smaps and taken per
+    mapping (its 2 MB part over its resident part). None where the kernel does not say (not Linux)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    maps, cur = [], None
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            cur = [lo, hi, 0, 0]
+            maps.append(cur)
+        elif cur is not None and line.endswith(" kB"):
+            key, kb = line.split(":", 1)[0], int(line.split()[1])
+            if key == "Rss":
+                cur[2] = kb
+            elif key in ("AnonHugePages", "FilePmdMapped", "ShmemPmdMapped"):
+                cur[3] += kb
+    maps.sort()
+    starts = [m[0] for m in maps]
+    total = huge = 0.0
+    for t in tensors:
+        if t.device.type != "cpu" or not t.numel():
+            continue
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while i < len(maps) and maps[i][0] < hi:
+            a, b, rss, pmd = maps[i]
+            part = max(0, min(b, hi) - max(a, lo))
+            total += part
+            huge += part * (min(pmd / rss, 1.0) if rss else 0.0)
+            i += 1
+    return huge / total if total else None

@@ -329,14 +329,12 @@ def save_hf(model, folder: Path, tokenizer_folder: Path | None = None, provenanc
     """
     import shutil
 
-    from safetensors.torch import save_file
-
     from gptchat.core.text.tokenizer import find_vocab_files
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    write_safetensors(tmp, hf_state_dict(model), {"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
     _write_json(folder / "config.json", model.config.to_hf())
     found = find_vocab_files(tokenizer_folder) if tokenizer_folder else None
@@ -354,6 +352,54 @@ def save_hf(model, folder: Path, tokenizer_folder: Path | None = None, provenanc
     if provenance is not None:
         _write_json(folder / "gptchat.json", provenance)
     return folder
+
+
+_WRITE_CHUNK = 16 << 20
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """``tensors`` (name -> CPU tensor) as a safetensors file at ``path``, in file order as given.
+
+    The bytes go out in writes of 16 MB at 16 MB offsets (through one buffer) rather than one write a
+    tensor: Linux (6.x, ext4/xfs) caches a file in folios as large as the writes that made it, and a
+    file cached in 2 MB folios is mapped in 2 MB pages when a model is loaded from it (readers.py), which
+    batch-1 decode streams ~1.05x faster (a 124M fp32 step, one process, Zen 4; see hugepages.py).
+    safetensors' own save_file wrote the same file in small folios."""
+    import itertools
+    import struct
+
+    import torch
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    at = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-aligned, as safetensors writes it
+    pieces = itertools.chain([memoryview(struct.pack("<Q", len(raw)) + raw)],
+                             (memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                              for t in tensors.values()))
+    buf, fill = bytearray(_WRITE_CHUNK), 0
+    with open(path, "wb", buffering=0) as f:
+        for view in pieces:
+            while len(view):
+                k = min(len(view), _WRITE_CHUNK - fill)
+                buf[fill:fill + k] = view[:k]
+                fill, view = fill + k, view[k:]
+                if fill == _WRITE_CHUNK:
+                    _write_all(f, memoryview(buf))
+                    fill = 0
+        _write_all(f, memoryview(buf)[:fill])
+
+
+def _write_all(f, view: memoryview) -> None:
+    while len(view):
+        view = view[f.write(view):]
 
 
 def _write_json(path: Path, obj) -> None:

@@ -18,6 +18,7 @@ from gptchat.core.errors import CheckpointError
 
 MAX_JSON_BYTES = 16 << 20  # config.json is ~1 KB and a shard index ~100 KB: anything this big is not metadata
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_HUGE = 2 << 20  # a huge page, the unit the mapped file's pages are dropped in
 ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}  # weights
 # every dtype safetensors defines, with its size: a mask buffer stored as BOOL is skipped, not refused
 ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
@@ -180,6 +181,8 @@ def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: 
                     view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError):  # a filesystem that cannot map: read instead
                     view = None
+                else:
+                    _advise_huge(view)
             for e in entries if view is not None else sorted(entries, key=lambda e: e.begin - e.end):
                 dtype = getattr(torch, ST_DTYPES[e.dtype][0])
                 start, size = base + e.begin, ST_DTYPES[e.dtype][1]
@@ -193,8 +196,25 @@ def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: 
         raise CheckpointError(f"cannot read {path}: {ex.strerror or ex}") from None
 
 
+def _advise_huge(view) -> None:
+    """Ask Linux to read the file into 2 MB folios where it reads it from disk (MADV_HUGEPAGE on a file
+    mapping: read-around in PMD-sized folios). A file cached in 2 MB folios, however it got there (read
+    this way, or written in large writes: checkpoints.write_safetensors, a download's 10 MB chunks), is
+    mapped in 2 MB pages without any copy: 500 MB of fp32 weights are then ~250 page-table entries
+    rather than ~120,000, and batch-1 decode streams them ~1.05x faster (hugepages.py). A file already
+    cached in 4 KB pages stays so until the kernel drops it. No effect where THP is off."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            view.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 def _drop_pages(view, start: int, length: int) -> None:
-    """Hand back the pages lying wholly inside a tensor's bytes once its consumer has moved on.
+    """Hand back the 2 MB stretches lying wholly inside a tensor's bytes once its consumer has moved on.
 
     The mapping is copy-on-write and nothing writes while a checkpoint streams, so a dropped page is
     read again from the file if it is touched later, unchanged; what this saves is the pages a
@@ -203,7 +223,8 @@ def _drop_pages(view, start: int, length: int) -> None:
     import mmap
 
     advice = getattr(mmap, "MADV_DONTNEED", None)
-    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    # whole 2 MB stretches only: dropping part of one splits its 2 MB mapping (_advise_huge) for good
+    lo, hi = -(-start // _HUGE) * _HUGE, (start + length) // _HUGE * _HUGE
     if advice is not None and hi > lo:
         try:
             view.madvise(advice, lo, hi - lo)

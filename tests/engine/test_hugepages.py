@@ -1,4 +1,5 @@
-"""int8 and bf16 weights moved into one block of 2 MB pages after loading (core/model/hugepages.py)."""
+"""int8 and bf16 weights moved into one block of 2 MB pages after loading (core/model/hugepages.py); checkpoint
+files written and mapped so that fp32 weights come in 2 MB pages without a copy (checkpoints.write_safetensors)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,67 @@ def test_a_bf16_engine_streams_its_weights_from_the_block_with_the_head_still_ti
     again = ref_eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True)
     ref = [t.token for out in again for t in out]
     assert got == ref
+
+
+def test_write_safetensors_round_trips_every_dtype_across_its_write_chunks(tmp_path):
+    from safetensors import safe_open
+
+    from gptchat.core.weights.checkpoints import write_safetensors
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "big": torch.randn(5 << 20, generator=g),  # 20 MB: crosses the 16 MB writes
+        "bf": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "half": torch.randn(7, generator=g).to(torch.float16),
+        "t": torch.randn(4, 6, generator=g).t(),  # not contiguous
+        "mask": torch.rand(9, generator=g) > 0.5,
+        "ids": torch.arange(-3, 4, dtype=torch.int64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    write_safetensors(tmp_path / "w.safetensors", tensors, {"format": "pt", "n": 3})
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "n": "3"}
+        assert set(f.keys()) == set(tensors)
+        for k, t in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+
+
+def _pmd_mapped_kb(path: Path) -> int:
+    """FilePmdMapped of this process's mappings of ``path`` (KB in 2 MB page-table entries)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("FilePmdMapped:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="2 MB file pages are Linux's")
+def test_a_checkpoint_gptchat_writes_is_mapped_in_2mb_pages_where_the_kernel_caches_large_folios(tmp_path):
+    import dataclasses
+    import mmap
+
+    from gptchat.core.model.config import PRESETS
+    from gptchat.core.model.gpt import GPT
+    from gptchat.core.weights.checkpoints import save_hf
+    from gptchat.core.weights.readers import read_safetensors, safetensors_header
+
+    probe = tmp_path / "probe"  # one aligned 8 MB write: does this kernel and filesystem cache it in 2 MB folios?
+    probe.write_bytes(bytes(8 << 20))
+    with open(probe, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        sum(view[i] for i in range(0, len(view), 4096))
+        if _pmd_mapped_kb(probe) < 2048:
+            pytest.skip("this kernel or filesystem does not map file pages in 2 MB")
+    model = GPT(dataclasses.replace(PRESETS["gpt2"], n_layer=4, vocab_size=1024))  # 114 MB in 2-9 MB tensors
+    model.init_weights(seed=0)
+    folder = save_hf(model, tmp_path / "m")
+    path = folder / "model.safetensors"
+    keep = list(read_safetensors(path, *safetensors_header(path)))
+    for _, t in keep:
+        t.sum()  # fault every page in, as a decode step does
+    size_kb = path.stat().st_size >> 10
+    assert _pmd_mapped_kb(path) > 0.95 * size_kb  # safetensors' save_file: 68%; transformers' save_pretrained: 0
