@@ -131,18 +131,6 @@ def test_write_safetensors_round_trips_every_dtype_across_its_write_chunks(tmp_p
             assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
 
 
-def _pmd_mapped_kb(path: Path) -> int:
-    """FilePmdMapped of this process's mappings of ``path`` (KB in 2 MB page-table entries)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("FilePmdMapped:"):
-            total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="2 MB file pages are Linux's")
 def test_a_checkpoint_gptchat_writes_is_mapped_in_2mb_pages_where_the_kernel_caches_large_folios(tmp_path):
     import dataclasses
@@ -155,10 +143,14 @@ def test_a_checkpoint_gptchat_writes_is_mapped_in_2mb_pages_where_the_kernel_cac
 
     probe = tmp_path / "probe"  # one aligned 8 MB write: does this kernel and filesystem cache it in 2 MB folios?
     probe.write_bytes(bytes(8 << 20))
-    with open(probe, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        sum(view[i] for i in range(0, len(view), 4096))
-        if _pmd_mapped_kb(probe) < 2048:
+    with open(probe, "rb") as f:
+        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        t = torch.frombuffer(view, dtype=torch.uint8)
+        t[::4096].sum()
+        if not hugepages.share([t]):
             pytest.skip("this kernel or filesystem does not map file pages in 2 MB")
+    del t
+    view.close()
     model = GPT(dataclasses.replace(PRESETS["gpt2"], n_layer=4, vocab_size=1024))  # 114 MB in 2-9 MB tensors
     model.init_weights(seed=0)
     folder = save_hf(model, tmp_path / "m")
@@ -166,5 +158,4 @@ def test_a_checkpoint_gptchat_writes_is_mapped_in_2mb_pages_where_the_kernel_cac
     keep = list(read_safetensors(path, *safetensors_header(path)))
     for _, t in keep:
         t.sum()  # fault every page in, as a decode step does
-    size_kb = path.stat().st_size >> 10
-    assert _pmd_mapped_kb(path) > 0.95 * size_kb  # safetensors' save_file: 68%; transformers' save_pretrained: 0
+    assert hugepages.share([t for _, t in keep]) > 0.95  # safetensors' save_file: 68%; transformers' save_pretrained: 0
