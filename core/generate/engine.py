@@ -19,7 +19,7 @@ from gptchat.core.errors import ContextOverflow, DeviceError, UsageError
 from gptchat.core.generate.batching import LiveBatch
 from gptchat.core.generate.sampling import SamplingParams, greedy, sample
 from gptchat.core.model import hugepages, native, packed, quant, step1
-from gptchat.core.model.device import switched_off
+from gptchat.core.model.device import keep_freed_buffers, switched_off
 from gptchat.core.model.words import QUANT_MODES
 from gptchat.core.weights.checkpoints import Checkpoint, load
 
@@ -69,6 +69,8 @@ class Engine:
         self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
         if self.device.type == "cpu" and self.dtype == torch.float32:
             native.kernel()  # built (once per machine) or loaded now, with the model, not in the first reply
+        if self.device.type == "cpu" and not borrowed:
+            keep_freed_buffers()
         if quantize == "int8" and not switched_off("GPTCHAT_KV_BF16"):
             # int8 weights: keys and values cached in bf16, read widened to fp32 (a 124M decode step at slot
             # 900 read 66 MB of fp32 cache beside 125 MB of weights). GPTCHAT_KV_BF16=0 keeps them fp32.

@@ -128,3 +128,28 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_buffers() -> bool:
+    """Let glibc keep freed buffers of up to 32 MB in its heap for the next call, rather than hand them back
+    to the system and fault them in again (zeroed, 4 KB at a time) in the next forward: a 124M prefill of
+    1000 tokens allocates ~100 MB of activations, and its next run took 9,000-46,000 page faults in fp32
+    and 23,000-78,000 in int8 (0.94-1.00 s against 0.90-0.92 s with none, 2-core Zen 4). The price: up to
+    ``GPTCHAT_HEAP_KEEP_MB`` (default 256) of freed memory stays the process's after a forward; the peak is
+    the forward's own. True where set (glibc, and not switched off with ``GPTCHAT_HEAP_KEEP_MB=0``)."""
+    import ctypes
+
+    keep = os.environ.get("GPTCHAT_HEAP_KEEP_MB", "256")
+    try:
+        mb = int(keep)
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    if mb <= 0:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # set either and glibc stops moving both itself: the mmap threshold goes to the ceiling its own rule
+    # rises to (buffers up to 32 MB from the heap), the trim threshold to what is kept
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, mb << 20))
