@@ -47,7 +47,8 @@ class LiveBatch:
     """The live rows of ``Engine.generate``: their KV cache, masks, positions and samplers.
 
     Every row shares the cache's slot numbering; ``visible`` (B, cap) says which slots each row may
-    attend to (its own prompt and tokens), ``next_pos`` is each row's own next position id. While
+    attend to (its own prompt and tokens), ``next_pos`` is each row's own next position id (written out
+only when read while dense: ``_write_positions``). While
     ``dense`` (no padding, every row starting at slot 0: a single prompt, or prompts of one length)
     attention needs no mask and positions equal slots, which keeps SDPA on its fastest path.
     """
@@ -80,6 +81,7 @@ class LiveBatch:
         """Prefill new rows on their own and add them so their prompts end at slot ``s_end``.
         Returns their last logits (n, V)."""
         e, dev = self.e, self.e.device
+        self._write_positions()
         ids, pos, valid = left_pad([p for p, _, _ in items], pad_id=e.eos_id or 0)
         n, L = ids.shape
         ids, pos, valid = to_device(ids, dev), to_device(pos, dev), to_device(valid, dev)
@@ -124,6 +126,7 @@ class LiveBatch:
         """Drop finished rows from the cache and every per-row tensor; returns their tokens' survivors."""
         keep = [j for j, a in enumerate(self.alive) if a]
         idx = torch.tensor(keep, dtype=torch.long, device=self.e.device)
+        self._write_positions()
         self.k = [k.index_select(0, idx) for k in self.k]
         self.v = [v.index_select(0, idx) for v in self.v]
         self.visible, self.next_pos = self.visible[idx], self.next_pos[idx]
@@ -145,7 +148,6 @@ class LiveBatch:
             if self.e.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
             logits = step(tok.view(-1, 1), self.slot)
-            self.next_pos += 1
             self.s_end += 1
             return logits
         if self.dense:  # positions are the slots and every slot so far is visible: no mask
@@ -153,9 +155,16 @@ class LiveBatch:
         else:
             pos, mask = self.next_pos[:, None], self.visible[:, None, None, : slot + 1]  # mask (B', 1, 1, slot+1)
         logits = self.e.model(tok.view(-1, 1), pos, mask, start=slot, kv_len=slot + 1)
-        self.next_pos = self.next_pos + 1
+        if not self.dense:
+            self.next_pos = self.next_pos + 1
         self.s_end += 1
         return logits[:, -1, :]
+
+    def _write_positions(self) -> None:
+        """While dense every row's next position is s_end, so next_pos is not kept step by step (a tensor op
+        a token, run on caches the step has just flushed); it is written out here before it is read."""
+        if self.dense and self.rows:
+            self.next_pos = torch.full((len(self.rows),), self.s_end, dtype=torch.long, device=self.e.device)
 
     def _install(self) -> None:
         for attn, k, v in zip(self.layers, self.k, self.v):

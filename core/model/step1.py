@@ -205,11 +205,11 @@ _held: dict[int, Plan] = {}  # id(model) -> its plan, checked once for a whole g
 def plan(model: nn.Module) -> Plan | None:
     """The model's plan (built on first use, rebuilt when its products changed), or None where the step
     cannot run it."""
-    if switched_off("GPTCHAT_STEP1") or native.kernel() is None:
-        return None
-    p = _held.get(id(model))
+    p = _held.get(id(model))  # held: checked on entry to ``held``
     if p is not None:
         return p
+    if switched_off("GPTCHAT_STEP1") or native.kernel() is None:
+        return None
     p = _plans.get(model)
     if p is None or not p.current(model):
         p = _plans[model] = Plan(model)

@@ -112,6 +112,30 @@ def test_refill_gives_finished_places_to_waiting_prompts(pair, greedy):
             assert got[i] == out[0, len(p):].tolist()[: len(got[i])]
 
 
+@pytest.mark.parametrize("limits", [[3, 9], [9, 3], [4, 4]])
+def test_a_dense_batch_that_compacts_or_takes_refills_keeps_each_rows_positions(pair, limits):
+    """While dense, next positions are not written step by step (LiveBatch._write_positions): a batch that
+    leaves that state (a row compacted out, ragged prompts admitted) must still give each row the tokens
+    it gives alone."""
+    from collections import deque
+
+    from gptchat.core.generate.sampling import SamplingParams
+
+    _, eng = pair
+    g = torch.Generator().manual_seed(7)
+    first = [torch.randint(0, 50257, (6,), generator=g).tolist() for _ in range(2)]  # one length: dense
+    later = [torch.randint(0, 50257, (k,), generator=g).tolist() for k in (2, 11, 5)]
+    params = SamplingParams(greedy=True)
+    refill = deque((p, 5, 0) for p in later)
+    got: dict = {}
+    for step in eng.generate(first, params, limits, refill=refill):
+        for rt in step:
+            got.setdefault(rt.row, []).append(rt.token)
+    assert not refill and sorted(got) == list(range(5))
+    for i, p in enumerate(first + later):
+        assert got[i] == _rows(eng, [p], params, limits[i] if i < 2 else 5)[0], i
+
+
 def test_drop_and_window(pair):
     from gptchat.core.generate.sampling import SamplingParams
 
