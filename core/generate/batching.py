@@ -48,7 +48,7 @@ class LiveBatch:
 
     Every row shares the cache's slot numbering; ``visible`` (B, cap) says which slots each row may
     attend to (its own prompt and tokens), ``next_pos`` is each row's own next position id (written out
-only when read while dense: ``_write_positions``). While
+    only when read while dense: ``_write_positions``). While
     ``dense`` (no padding, every row starting at slot 0: a single prompt, or prompts of one length)
     attention needs no mask and positions equal slots, which keeps SDPA on its fastest path.
     """

@@ -135,7 +135,8 @@ def keep_freed_buffers() -> bool:
     """Let glibc keep freed buffers of up to 32 MB in its heap for the next call, rather than hand them back
     to the system and fault them in again (zeroed, 4 KB at a time) in the next forward: a 124M prefill of
     1000 tokens allocates ~100 MB of activations, and its next run took 9,000-46,000 page faults in fp32
-    and 23,000-78,000 in int8 (0.94-1.00 s against 0.90-0.92 s with none, 2-core Zen 4). The price: up to
+    and 23,000-78,000 in int8; without them, alternating in one process, 1.04x fp32 and 1.09x int8 (2-core
+    Zen 4). The price: up to
     ``GPTCHAT_HEAP_KEEP_MB`` (default 256) of freed memory stays the process's after a forward; the peak is
     the forward's own. True where set (glibc, and not switched off with ``GPTCHAT_HEAP_KEEP_MB=0``)."""
     import ctypes

@@ -104,7 +104,8 @@ def share(tensors) -> float | None:
     mapped in 2 MB folios (a checkpoint, see readers._advise_huge), read from /proc/self/smaps and taken per
     mapping (its 2 MB part over its resident part). None where the kernel does not say (not Linux)."""
     try:
-        lines = open("/proc/self/smaps").read().splitlines()
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     maps, cur = [], None

@@ -199,7 +199,7 @@ def read_safetensors(path: Path, base: int, entries: list[TensorEntry], mapped: 
 def _advise_huge(view) -> None:
     """Ask Linux to read the file into 2 MB folios where it reads it from disk (MADV_HUGEPAGE on a file
     mapping: read-around in PMD-sized folios). A file cached in 2 MB folios, however it got there (read
-    this way, or written in large writes: checkpoints.write_safetensors, a download's 10 MB chunks), is
+    this way, or written in large writes: checkpoints.write_safetensors, a download in large chunks), is
     mapped in 2 MB pages without any copy: 500 MB of fp32 weights are then ~250 page-table entries
     rather than ~120,000, and batch-1 decode streams them ~1.05x faster (hugepages.py). A file already
     cached in 4 KB pages stays so until the kernel drops it. No effect where THP is off."""
