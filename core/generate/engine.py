@@ -6,10 +6,11 @@ text, applies stop strings and measures time; ``batching.py`` holds the rows of 
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -167,7 +168,7 @@ class Engine:
         if self.compile and len(prompts) == 1:
             cap = self.n_ctx  # one cache size, so the compiled step is compiled once (its shapes are the cache's)
         no_grad = torch.no_grad if self.borrowed else torch.inference_mode
-        with self._lock, no_grad(), step1.held(self.model, pick_below=self.vocab_limit):
+        with self._lock, no_grad(), step1.held(self.model, pick_below=self.vocab_limit), no_full_collections():
             try:
                 b = LiveBatch(self, params, cap)
                 logits = b.admit(list(zip(prompts, limits, seeds)), T)
@@ -297,3 +298,28 @@ class Engine:
             self.model.drop_cache()
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
             return self.model(x).float()[0, :, : self.vocab_limit]
+
+
+_quiet_lock = threading.Lock()
+_quiet = [0, None]  # generations running, the thresholds they replaced
+
+
+@contextmanager
+def no_full_collections():
+    """While any generation runs, Python's collector does not start a full (oldest-generation) collection by
+    itself; young ones go on, and the full one comes after. A full collection holds the GIL for as long as it
+    walks every object the process has (torch's, Textual's: 8 in four chat app replies, up to 180 ms each,
+    0.77 s in all), and a decode step needs the GIL between its kernels: the chat app's decode rate fell to
+    0.85x `gptchat generate`'s in the replies one landed in (5% of a core on the UI thread became 15%)."""
+    with _quiet_lock:
+        if _quiet[0] == 0:
+            _quiet[1] = gc.get_threshold()
+            gc.set_threshold(_quiet[1][0], _quiet[1][1], 1 << 30)
+        _quiet[0] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet[0] -= 1
+            if _quiet[0] == 0:
+                gc.set_threshold(*_quiet[1])

@@ -205,3 +205,45 @@ def test_padded_vocab_ids_are_never_sampled(tmp_path):
     for params in (GREEDY, SamplingParams(temperature=1.0)):
         toks = sum(_ids(e, [[1, 2, 3], [4]], 30, params, seeds=[1, 2], ignore_eos=True), [])
         assert len(toks) == 60 and max(toks) < 50257
+
+
+def test_no_full_collection_starts_by_itself_while_any_generation_runs(lm):
+    """A full collection walks every object the process has, holding the GIL a decode step needs: while a
+    generation runs the oldest generation's threshold is out of reach; young collections go on; the caller's
+    thresholds come back when the last of two overlapping generations (two threads) ends, and when one is
+    abandoned."""
+    import gc
+
+    other_engine = open_model(str(lm.checkpoint.folder), device="cpu").engine
+    started, release = threading.Event(), threading.Event()
+
+    def other():
+        for i, _ in enumerate(other_engine.generate([[4, 5]], GREEDY, 3, ignore_eos=True)):
+            if i == 0:
+                started.set()
+                release.wait(30)
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 7)
+    try:
+        a = lm.engine.generate([[1, 2, 3]], GREEDY, 4, ignore_eos=True)
+        next(a)
+        during = gc.get_threshold()
+        t = threading.Thread(target=other)
+        t.start()
+        assert started.wait(30)
+        for _ in a:
+            pass
+        still = gc.get_threshold()  # the other thread's generation is running
+        release.set()
+        t.join(30)
+        after = gc.get_threshold()
+        abandoned = lm.engine.generate([[1, 2, 3]], GREEDY, 50, ignore_eos=True)
+        next(abandoned)
+        abandoned.close()  # a consumer that stops early (a stop string, Esc)
+        closed = gc.get_threshold()
+    finally:
+        release.set()
+        gc.set_threshold(*before)
+    assert during[:2] == (700, 10) and during[2] > 10**6
+    assert still == during and after == (700, 10, 7) and closed == (700, 10, 7)
