@@ -127,10 +127,10 @@ def cpu_description() -> tuple[str, list[str]]:
 
 
 def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
-    """A GPT-2 of a preset shape with random weights, saved by transformers (HF format), its weights
-    rewritten by write_safetensors: in the page cache as a download leaves them (large writes, large
-    folios) rather than as safetensors' save_file does (small ones), so that the bench times the mapping
-    a user's model gets (see readers._advise_huge)."""
+    """A GPT-2 of a preset shape with random weights in HF format: transformers' config files, the weights
+    by write_safetensors, in the page cache as a download leaves them (large writes, large folios) rather than
+    as safetensors' save_file does (small ones), so that the bench times the mapping a user's model gets
+    (see readers._advise_huge)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gptchat.core.weights.checkpoints import write_safetensors
@@ -139,7 +139,9 @@ def random_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                     n_positions=cfg.n_positions, vocab_size=cfg.vocab_size))
-    hf.save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(folder)
+    hf.generation_config.save_pretrained(folder)
     weights = {k: t for k, t in hf.state_dict().items() if k != "lm_head.weight"}  # tied, as transformers saves it
     write_safetensors(folder / ".model.safetensors.tmp", weights, {"format": "pt"})
     os.replace(folder / ".model.safetensors.tmp", folder / "model.safetensors")

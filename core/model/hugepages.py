@@ -103,25 +103,11 @@ def share(tensors) -> float | None:
     """The fraction of ``tensors``' bytes (CPU) that sit in 2 MB pages: anonymous huge pages (``block``) or a file
     mapped in 2 MB folios (a checkpoint, see readers._advise_huge), read from /proc/self/smaps and taken per
     mapping (its 2 MB part over its resident part). None where the kernel does not say (not Linux)."""
-    try:
-        with open("/proc/self/smaps") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    found = mappings()
+    if found is None:
         return None
-    maps, cur = [], None
-    for line in lines:
-        head = line.split(" ", 1)[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            cur = [lo, hi, 0, 0]
-            maps.append(cur)
-        elif cur is not None and line.endswith(" kB"):
-            key, kb = line.split(":", 1)[0], int(line.split()[1])
-            if key == "Rss":
-                cur[2] = kb
-            elif key in ("AnonHugePages", "FilePmdMapped", "ShmemPmdMapped"):
-                cur[3] += kb
-    maps.sort()
+    huge_keys = ("AnonHugePages", "FilePmdMapped", "ShmemPmdMapped")
+    maps = sorted((lo, hi, f.get("Rss", 0), sum(f.get(k, 0) for k in huge_keys)) for lo, hi, f in found)
     starts = [m[0] for m in maps]
     total = huge = 0.0
     for t in tensors:
@@ -137,3 +123,25 @@ def share(tensors) -> float | None:
             huge += part * (min(pmd / rss, 1.0) if rss else 0.0)
             i += 1
     return huge / total if total else None
+
+
+def mappings() -> list[tuple[int, int, dict]] | None:
+    """This process's mappings from /proc/self/smaps: (start, end, {field: value}), sizes in kB and flags such
+    as THPeligible as numbers. None where the kernel does not say (not Linux)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    out: list[tuple[int, int, dict]] = []
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            out.append((lo, hi, {}))
+        elif out and ":" in line:
+            key, _, value = line.partition(":")
+            word = value.split()[0] if value.split() else ""
+            if word.isdigit():
+                out[-1][2][key] = int(word)
+    return out

@@ -193,7 +193,6 @@ static void quantize_rows(const float *x, int16_t *x16, float *xs, long M, long 
     }
 }
 
-/* inside a parallel region: the calling thread's contiguous share [lo, hi) of n items */
 /* The block [n0, n1) of N that thread t of T takes: ceil(N / T) each, in order */
 static void rows_share(long N, long t, long T, long *n0, long *n1) {
     const long per = (N + T - 1) / T;
@@ -778,7 +777,8 @@ int gptchat_step1(const void *const *wp, void *const *kv, const float *scales, l
 #endif
         team_t tm = {t, nt, part, tmp, (int16_t *)(priv + t * per_thread), priv + t * per_thread + (N4 + 32) / 2, wide};
         float *ln = tm.xd + N4, *sc = ln + C;
-        const long hper = (nh + nt - 1) / nt, h0 = t * hper < nh ? t * hper : nh, h1 = h0 + hper < nh ? h0 + hper : nh;
+        long h0, h1; /* this thread's heads */
+        rows_share(nh, t, nt, &h0, &h1);
         for (long l = 0; l < L; l++) {
             const void *const *p = wp + l * STEP_PTRS;
             layer_norm(x, p[0], p[1], ln, C, eps, bf);

@@ -86,6 +86,7 @@ class Plan:
         # a bf16 head in its own, as the blocks'
         self.head = head[:2] if head is not None and head[2] == self.kind and model.lm_head.bias is None else None
         self.head_rows = int(self.head is not None and self.kind != INT8 and self.head[0].is_contiguous())
+        self.wide = int(self.kind == BF16 and native.wide_rows())  # bf16 rows in AVX-512 (read once, not a token)
         self.vocab = model.config.vocab_size
         self.tensors = tensors  # holds them alive while the pointers are in use
         self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
@@ -281,7 +282,7 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
                                        x.data_ptr(), None if head is None else head[0].data_ptr(),
                                        None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
                                        None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup,
-                                       p.head_rows, kv_bf, int(p.kind == BF16 and native.wide_rows()),
+                                       p.head_rows, kv_bf, p.wide,
                                        pick, p.pick_below or 0)
     p.picked_from = out if pick is not None else None
     if rc == -2:

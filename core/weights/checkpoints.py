@@ -17,7 +17,7 @@ from pathlib import Path
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.errors import CheckpointError, ModelNotFound
 from gptchat.core.weights.readers import (
-    ST_DTYPES, TensorEntry, read_json_object, read_safetensors, safetensors_header, torch_load,
+    ST_DTYPES, ST_NAMES, TensorEntry, read_json_object, read_safetensors, safetensors_header, torch_load,
 )
 
 # Hugging Face stores these as Conv1D, i.e. [in, out]: transposed relative to nn.Linear. Matched by
@@ -370,14 +370,11 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -
 
     import torch
 
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
     header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
     at = 0
     for key, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        header[key] = {"dtype": ST_NAMES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape), "data_offsets": [at, at + n]}
         at += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-aligned, as safetensors writes it

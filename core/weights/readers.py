@@ -23,6 +23,9 @@ ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 
 # every dtype safetensors defines, with its size: a mask buffer stored as BOOL is skipped, not refused
 ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
             "I64": 8, "U64": 8, **{k: v[1] for k, v in ST_DTYPES.items()}}
+# torch dtype names -> safetensors' (what checkpoints.write_safetensors writes)
+ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
+            "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 # What a corrupt pickle or zip makes torch.load raise (it has no error class of its own for it).
 _CORRUPT = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             struct.error, UnicodeDecodeError, RecursionError)

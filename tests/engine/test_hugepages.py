@@ -28,16 +28,8 @@ def _thp_mode() -> str | None:
 
 def _eligible(ptr: int) -> bool | None:
     """THPeligible of the mapping holding ``ptr`` in /proc/self/smaps (None: not reported)."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    inside = False
-    for line in lines:
-        head = line.split(" ", 1)[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= ptr < hi
-        elif inside and line.startswith("THPeligible:"):
-            return line.split()[1] == "1"
-    return None
+    found = [f for lo, hi, f in hugepages.mappings() or [] if lo <= ptr < hi and "THPeligible" in f]
+    return found[0]["THPeligible"] == 1 if found else None
 
 
 def test_a_block_starts_on_a_2mb_boundary_and_is_advised():

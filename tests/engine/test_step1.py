@@ -232,6 +232,7 @@ def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, wide, monkeypatch):
     m16, m32 = _bf16_pair(**kw)
     p = step1.plan(m16)
     assert p is not None and p.kind == step1.BF16 and p.emb is not None and p.head_rows == 1
+    assert p.wide == native.wide_rows()  # the rows this test means the step to read
     assert all(lin.weight.is_contiguous() for blk in m16.transformer.h for lin in (blk.attn.c_attn, blk.mlp.c_proj))
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = _spy(monkeypatch)
