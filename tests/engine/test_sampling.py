@@ -181,3 +181,47 @@ def test_greedy_of_16_bit_logits_is_their_own_argmax_ties_included():
         lg = x.to(dt)
         assert torch.equal(greedy(lg), lg.argmax(dim=-1))
     assert greedy(x.bfloat16())[2] == 10
+
+
+@pytest.mark.skipif(__import__("gptchat.core.model.native", fromlist=["kernel"]).kernel() is None,
+                    reason="the C kernels cannot be built here")
+def test_the_c_top_k_draw_picks_the_whole_rows_token():
+    """The kernel's top-k draw (one pass over each row) gives, for the same uniform, the token the whole filtered
+    row gives; rows it cannot take (ties among the k + 1 best, NaN, infinities) come back -1 and sample() draws
+    them from the whole row, leaving the other rows of the batch to the kernel."""
+    from gptchat.core.generate import sampling
+    from gptchat.core.model import native
+
+    g = torch.Generator().manual_seed(11)
+    cases = [(50257, SamplingParams(temperature=0.8, top_k=40)), (3000, SamplingParams(temperature=1.3, top_k=256)),
+             (1000, SamplingParams(temperature=0.5, top_k=7, top_p=0.6)), (9, SamplingParams(temperature=2.0, top_k=8)),
+             (500, SamplingParams(temperature=1.0, top_k=3, top_p=0.02))]
+    drawn = 0
+    for V, params in cases:
+        wide = torch.randn(6, V + 5, generator=g) * torch.tensor([0.1, 1.0, 3.0, 8.0, 30.0, 1.0])[:, None]
+        x = wide[:, :V]  # rows apart in memory, as the engine's logits[:, :vocab] are
+        if V - V // 2 > params.top_k + 1:
+            x[5, : V // 2] = float("-inf")  # half the row out of reach
+        assert native.can_sample_top_k(x, params.top_k)
+        for _ in range(20):
+            u = torch.rand(6, dtype=torch.float64, generator=g)
+            tok, left = native.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
+            assert left == 0
+            assert torch.equal(tok, sampling._draw(sampling.filtered_probs(x, params), u)), (V, params)
+            drawn += 6
+    assert drawn == 600
+
+    x = torch.randn(4, 100, generator=g)
+    x[1, [3, 50]] = 9.0  # a tie for the best place
+    x[2, 7] = float("nan")
+    x[3, 8] = float("inf")
+    params = SamplingParams(temperature=1.0, top_k=5)
+    u = torch.rand(4, dtype=torch.float64, generator=g)
+    tok, left = native.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
+    assert left == 3 and tok[1:].tolist() == [-1, -1, -1] and tok[0] >= 0
+    # sample(): the tie's row from its whole row, the other by the kernel, each with its own generator's uniform
+    u = torch.cat([torch.rand(1, generator=make_generator(s), dtype=torch.float64) for s in (4, 5)])
+    got = sample(x[:2], params, [make_generator(4), make_generator(5)])
+    assert torch.equal(got, sampling._draw(sampling.filtered_probs(x[:2], params), u))
+    ties = {int(sample(x[1:2], params, [make_generator(s)])) for s in range(60)}
+    assert {3, 50} <= ties  # both tied tokens are drawn
