@@ -57,6 +57,9 @@ class Linear(nn.Linear):
                 if self.bias is not None:
                     y = y.add_(self.bias)
                 return y.view(x.shape[:-1] + (self.out_features,))
+        w = self.weight.t()  # [in, out]: contiguous in the inference layout
+        if native.can_few_rows(x, w):  # a short prefill: PyTorch's GEMM reads the weights slowly at a few rows
+            return native.few_rows(w, self.bias, x)
         return F.linear(x, self.weight, self.bias)
 
 

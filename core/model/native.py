@@ -141,6 +141,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_sample_topk.argtypes = [_P, _L, _L, _L, _L, ctypes.c_double, ctypes.c_double, _P, _P,
                                         ctypes.c_int]
     lib.gptchat_sample_topk.restype = ctypes.c_int
+    lib.gptchat_fewrows.argtypes, lib.gptchat_fewrows.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
@@ -229,6 +230,33 @@ def rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                              int(bf and wide_rows())):
         raise MemoryError("row kernel: no memory for its buffer")
     return y.to(w.dtype).view(*x.shape[:-1], n)
+
+
+FEW_ROWS = 24  # up to this many rows an fp32 product on the inference layout goes to gptchat_fewrows (at 32: even)
+
+
+def can_few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``few_rows`` applies: 2 to FEW_ROWS rows of fp32 x (..., K) on the CPU times a contiguous fp32 [K, N] CPU
+    weight (the inference layout's ``weight.t()``; N a multiple of 8), no gradients wanted, the kernel built, not
+    inside torch.compile."""
+    k = w.shape[0]
+    return (w.dim() == 2 and x.shape[-1] == k and 2 <= x.numel() // max(k, 1) <= FEW_ROWS
+            and w.dtype == torch.float32 and x.dtype == torch.float32 and w.device.type == "cpu"
+            and x.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 8 == 0
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and not torch.compiler.is_compiling() and kernel() is not None)
+
+
+def few_rows(w: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w [K, N] (+ bias) -> (..., N) fp32 by gptchat_fewrows. See ``can_few_rows``."""
+    k, n = w.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n)
+    b = None if bias is None else bias.float().contiguous()
+    if kernel().gptchat_fewrows(w.data_ptr(), None if b is None else b.data_ptr(), x2.data_ptr(), y.data_ptr(),
+                                x2.shape[0], k, n, torch.get_num_threads()):
+        raise MemoryError("few-rows kernel: no memory for its partial sums")
+    return y.view(*x.shape[:-1], n)
 
 
 AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the AVX-512 section of the kernel uses

@@ -152,3 +152,49 @@ def test_a_prefills_last_row_head_runs_on_the_row_kernel(monkeypatch):
         last = model(x, tail=1)
     assert len(calls) == 1  # the tail's one row, not the full forward's twelve
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("M,K,N", [(2, 768, 2304), (3, 37, 8), (8, 3072, 768), (9, 64, 520), (24, 100, 1032)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_few_rows_on_the_inference_layout_equal_the_product(M, K, N, with_bias, threads):
+    """gptchat_fewrows: each thread a block of input rows (K not a multiple of 4 or of the threads), more than 8 rows
+    512 columns at a time (N not a multiple of 512), the bias added once."""
+    g = torch.Generator().manual_seed(M * 100 + K)
+    w, b, x = torch.randn(K, N, generator=g), torch.randn(N, generator=g), torch.randn(M, K, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native.can_few_rows(x, w)
+        y = native.few_rows(w, b if with_bias else None, x)
+    finally:
+        torch.set_num_threads(before)
+    ref = x.double() @ w.double() + (b.double() if with_bias else 0)
+    assert y.shape == (M, N)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=2e-5 * K ** 0.5)
+
+
+def test_a_short_prefill_runs_on_the_few_rows_kernel(monkeypatch):
+    """Prompts of 2 to FEW_ROWS tokens through a model in the inference layout go to native.few_rows, and give the
+    logits of the rows layout's PyTorch products; one row, more rows, or gradients wanted stay on PyTorch's."""
+    from gptchat.core.model.config import GPTConfig
+    from gptchat.core.model.gpt import GPT
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=500)
+    ref = GPT(cfg).eval()
+    ref.init_weights(2)
+    model = GPT(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    model.to_inference_layout()
+    calls = spy(monkeypatch, native, "few_rows")
+    for T in (2, 7, native.FEW_ROWS):
+        x = torch.randint(0, 500, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
+    assert len(calls) == 3 * 2 * 4  # three prompts, two blocks, four products each
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randint(0, 500, (1, native.FEW_ROWS + 1)))
+    model.train()
+    model(torch.randint(0, 500, (1, 5))).sum().backward()
+    assert calls == []
