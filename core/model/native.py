@@ -238,9 +238,10 @@ FEW_ROWS = 24  # up to this many rows an fp32 product on the inference layout go
 def can_few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
     """``few_rows`` applies: 2 to FEW_ROWS rows of fp32 x (..., K) on the CPU times a contiguous fp32 [K, N] CPU
     weight (the inference layout's ``weight.t()``; N a multiple of 8), no gradients wanted, the kernel built, not
-    inside torch.compile."""
+    inside torch.compile, and not switched off (``GPTCHAT_FEW_ROWS=0``)."""
     k = w.shape[0]
     return (w.dim() == 2 and x.shape[-1] == k and 2 <= x.numel() // max(k, 1) <= FEW_ROWS
+            and not switched_off("GPTCHAT_FEW_ROWS")
             and w.dtype == torch.float32 and x.dtype == torch.float32 and w.device.type == "cpu"
             and x.device.type == "cpu" and w.is_contiguous() and w.shape[1] % 8 == 0
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))

@@ -200,13 +200,20 @@ static void rows_share(long N, long t, long T, long *n0, long *n1) {
     *n1 = *n0 + per < N ? *n0 + per : N;
 }
 
+/* the calling thread of the current region and the region's size (0 and 1 without OpenMP) */
+static void team_of(long *t, long *nt) {
+#ifdef _OPENMP
+    *t = omp_get_thread_num(), *nt = omp_get_num_threads();
+#else
+    *t = 0, *nt = 1;
+#endif
+}
+
 /* rows_share for the calling thread of the current region */
 static void my_share(long n, long *lo, long *hi) {
-#ifdef _OPENMP
-    rows_share(n, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
-#else
-    rows_share(n, 0, 1, lo, hi);
-#endif
+    long t, nt;
+    team_of(&t, &nt);
+    rows_share(n, t, nt, lo, hi);
 }
 
 /* y [M, N] = (x [M, K] @ (q * s)^T) + b. Returns 0, or -1 where scratch memory could not be had. */
@@ -1112,12 +1119,9 @@ int gptchat_fewrows(const float *W, const float *b, const float *x, float *y, lo
     if (!part) return -1;
 #pragma omp parallel num_threads(T)
     {
-#ifdef _OPENMP
-        const long t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const long t = 0, nt = 1;
-#endif
-        const long per = (K + nt - 1) / nt, k0 = t * per < K ? t * per : K, k1 = k0 + per < K ? k0 + per : K;
+        long t, nt, k0, k1;
+        team_of(&t, &nt);
+        rows_share(K, t, nt, &k0, &k1);
         const long len = k1 - k0, q = len / 4;
         float *mine = part + t * M * N;
         for (long nc = 0; nc < N; nc += NC) {

@@ -198,3 +198,10 @@ def test_a_short_prefill_runs_on_the_few_rows_kernel(monkeypatch):
     model.train()
     model(torch.randint(0, 500, (1, 5))).sum().backward()
     assert calls == []
+
+
+def test_the_few_rows_kernel_can_be_switched_off(monkeypatch):
+    x, w = torch.randn(4, 64), torch.randn(64, 32)
+    assert native.can_few_rows(x, w)
+    monkeypatch.setenv("GPTCHAT_FEW_ROWS", "0")
+    assert not native.can_few_rows(x, w)
