@@ -216,7 +216,6 @@ static void my_share(long n, long *lo, long *hi) {
     rows_share(n, t, nt, lo, hi);
 }
 
-/* y [M, N] = (x [M, K] @ (q * s)^T) + b. Returns 0, or -1 where scratch memory could not be had. */
 /* Rows up to which a product multiplies each row straight from the int8 groups (re-read from cache) rather than
    from a widened copy: a 2-core Zen 4, int8 124M batched greedy decode (8-token prompts, 32 new) alternating in
    one process, 1.43x at 2 rows, 1.26x at 4, 1.15x at 8, 1.06x at 16, 1.00-1.02x at 24-32; prefills of 2-16
@@ -224,6 +223,7 @@ static void my_share(long n, long *lo, long *hi) {
    multiply-adds it saves, until many rows share it.) */
 #define ROWWISE 16
 
+/* y [M, N] = (x [M, K] @ (q * s)^T) + b. Returns 0, or -1 where scratch memory could not be had. */
 int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *x, float *y, long M, long N, long K,
                   long Kp, int threads) {
     int16_t *x16 = aligned_alloc(64, (M * Kp * sizeof(int16_t) + M * sizeof(float) + 63) / 64 * 64);
@@ -242,11 +242,11 @@ int gptchat_qgemm(const int8_t *q, const float *s, const float *b, const float *
     {
         long g0, g1;
         my_share(G, &g0, &g1);
-        int16_t *w16 = M > 1 && g0 < g1 ? aligned_alloc(64, span * Kp * 4 * sizeof(int16_t)) : NULL;
-        if (M > 1 && g0 < g1 && !w16) failed = 1;
+        int16_t *w16 = !rowwise && g0 < g1 ? aligned_alloc(64, span * Kp * 4 * sizeof(int16_t)) : NULL;
+        if (!rowwise && g0 < g1 && !w16) failed = 1;
         for (long a = g0; a < g1 && !failed; a += span) {
             const long e = a + span < g1 ? a + span : g1;
-            if (M == 1 || rowwise) {
+            if (rowwise) {
                 for (long m = 0; m < M; m++) groups(q, s, b, x16 + m * Kp, xs[m], y + m * N, a, e, Kp, N);
                 continue;
             }
@@ -901,6 +901,45 @@ static int topk_row(const float *x, long V, long k1, float *bv, long *bi) {
     return 0;
 }
 
+/* The token drawn with uniform u from the k + 1 largest logits bv/bi (descending; reordered here), or -1 */
+static long topk_draw(float *bv, long *bi, long k, double temperature, double top_p, double u) {
+    double p[TOPK_MAX];
+    if (!isfinite(bv[0]) || !isfinite(bv[k])) return -1;
+    for (long j = 1; j <= k; j++)
+        if (bv[j] == bv[j - 1]) return -1;
+    double sum = 0.0;
+    for (long j = 0; j < k; j++) sum += p[j] = exp(((double)bv[j] - (double)bv[0]) / temperature);
+    double before = 0.0; /* the mass ranked above entry j */
+    for (long j = 0; j < k; j++) {
+        p[j] /= sum;
+        const double q = p[j];
+        if (j > 0 && top_p < 1.0 && before > top_p) p[j] = 0.0;
+        before += q;
+    }
+    for (long j = 1; j < k; j++) { /* token order (insertion: k is small) */
+        const long t = bi[j];
+        const double q = p[j];
+        long i = j;
+        for (; i > 0 && bi[i - 1] > t; i--) {
+            bi[i] = bi[i - 1];
+            p[i] = p[i - 1];
+        }
+        bi[i] = t;
+        p[i] = q;
+    }
+    double total = 0.0;
+    for (long j = 0; j < k; j++) total += p[j];
+    const double target = u * total;
+    double c = 0.0;
+    long last = 0;
+    for (long j = 0; j < k; j++) { /* the first whose running mass passes the target; else the last with mass */
+        c += p[j];
+        if (p[j] > 0.0) last = j;
+        if (c > target) return bi[j];
+    }
+    return bi[last];
+}
+
 /* out[r] = the token drawn for row r of logits [B][ld] (V used) with uniform u[r], rows shared among threads;
    -1: see above. k < V, 1 < k <= TOPK_MAX, temperature > 0, 0 < top_p <= 1 (1: off). Returns how many rows
    got -1. */
@@ -911,52 +950,8 @@ int gptchat_sample_topk(const float *logits, long B, long V, long ld, long k, do
     for (long r = 0; r < B; r++) {
         float bv[TOPK_MAX + 1];
         long bi[TOPK_MAX + 1];
-        double p[TOPK_MAX];
-        out[r] = -1;
-        if (topk_row(logits + r * ld, V, k + 1, bv, bi) || !isfinite(bv[0]) || !isfinite(bv[k])) {
-            left++;
-            continue;
-        }
-        int tie = 0;
-        for (long j = 1; j <= k; j++) tie |= bv[j] == bv[j - 1];
-        if (tie) {
-            left++;
-            continue;
-        }
-        double sum = 0.0;
-        for (long j = 0; j < k; j++) sum += p[j] = exp(((double)bv[j] - (double)bv[0]) / temperature);
-        double before = 0.0; /* the mass ranked above entry j */
-        for (long j = 0; j < k; j++) {
-            p[j] /= sum;
-            const double q = p[j];
-            if (j > 0 && top_p < 1.0 && before > top_p) p[j] = 0.0;
-            before += q;
-        }
-        for (long j = 1; j < k; j++) { /* token order (insertion: k is small) */
-            const long t = bi[j];
-            const double q = p[j];
-            long i = j;
-            for (; i > 0 && bi[i - 1] > t; i--) {
-                bi[i] = bi[i - 1];
-                p[i] = p[i - 1];
-            }
-            bi[i] = t;
-            p[i] = q;
-        }
-        double total = 0.0;
-        for (long j = 0; j < k; j++) total += p[j];
-        const double target = u[r] * total;
-        double c = 0.0;
-        long pick = -1, last = k - 1;
-        for (long j = 0; j < k; j++) { /* the first whose running mass passes the target; else the last with mass */
-            c += p[j];
-            if (p[j] > 0.0) last = j;
-            if (c > target) {
-                pick = j;
-                break;
-            }
-        }
-        out[r] = bi[pick >= 0 && pick <= last ? pick : last];
+        out[r] = topk_row(logits + r * ld, V, k + 1, bv, bi) ? -1 : topk_draw(bv, bi, k, temperature, top_p, u[r]);
+        left += out[r] < 0;
     }
     return left;
 }

@@ -196,7 +196,6 @@ def test_the_c_top_k_draw_picks_the_whole_rows_token():
     cases = [(50257, SamplingParams(temperature=0.8, top_k=40)), (3000, SamplingParams(temperature=1.3, top_k=256)),
              (1000, SamplingParams(temperature=0.5, top_k=7, top_p=0.6)), (9, SamplingParams(temperature=2.0, top_k=8)),
              (500, SamplingParams(temperature=1.0, top_k=3, top_p=0.02))]
-    drawn = 0
     for V, params in cases:
         wide = torch.randn(6, V + 5, generator=g) * torch.tensor([0.1, 1.0, 3.0, 8.0, 30.0, 1.0])[:, None]
         x = wide[:, :V]  # rows apart in memory, as the engine's logits[:, :vocab] are
@@ -208,8 +207,6 @@ def test_the_c_top_k_draw_picks_the_whole_rows_token():
             tok, left = native.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
             assert left == 0
             assert torch.equal(tok, sampling._draw(sampling.filtered_probs(x, params), u)), (V, params)
-            drawn += 6
-    assert drawn == 600
 
     x = torch.randn(4, 100, generator=g)
     x[1, [3, 50]] = 9.0  # a tie for the best place
