@@ -59,6 +59,13 @@ def cpu_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_amx_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices on AMX tiles (Xeons from Sapphire Rapids on): oneDNN, and so
+    PyTorch's bf16 products and attention, use them, at several times the rate of the AVX512-BF16 pair dot
+    products gptchat's own bf16 kernels use; those kernels step aside there (flash.pytorch_faster, packed.kind)."""
+    return "amx_bf16" in cpu_flags()
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask: containers and taskset narrow it)."""
     try:

@@ -116,7 +116,8 @@ class CausalSelfAttention(nn.Module):
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             y = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
-        elif mask is None and start == 0 and T > 1 and not self.training and native.can_attend_causal(q, k, v):
+        elif (mask is None and start == 0 and T > 1 and not self.training and native.can_attend_causal(q, k, v)
+              and not flash.pytorch_faster(q.dtype)):
             return self._project(native.attend_causal(q, k, v, self.scale))  # the same without AVX-512 (AVX2)
         else:
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a

@@ -124,8 +124,8 @@ def kernel() -> ctypes.CDLL | None:
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
-    lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
+    lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
@@ -196,19 +196,21 @@ def panels(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, to
     return packed, b
 
 
-def _panel_product(fn, packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (..., K) contiguous through the panel kernel ``fn`` (gptchat_sgemm or _bgemm) -> (..., n), x's dtype."""
+def _panel_product(fn, packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int,
+                   *more) -> torch.Tensor:
+    """x (..., K) contiguous through the panel kernel ``fn`` (gptchat_sgemm or _bgemm; ``more``: its arguments
+    after the threads) -> (..., n), x's dtype."""
     k = x.shape[-1]
     y = x.new_empty(x.shape[:-1] + (n,))
     if fn(packed.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // k,
-          n, k, torch.get_num_threads()):
+          n, k, torch.get_num_threads(), *more):
         raise MemoryError("panel product kernel: no memory for its buffers")
     return y
 
 
 def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32."""
-    return _panel_product(kernel().gptchat_sgemm, packed, bias, x, n)
+    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32 (zmm sums where ``wide_panels``)."""
+    return _panel_product(kernel().gptchat_sgemm, packed, bias, x, n, int(wide()))
 
 
 def can_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -227,7 +229,7 @@ def rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(n)
     bf = w.dtype == torch.bfloat16
     if kernel().gptchat_rows(w.data_ptr(), x32.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads(), int(bf),
-                             int(bf and wide_rows())):
+                             int(bf and wide())):
         raise MemoryError("row kernel: no memory for its buffer")
     return y.to(w.dtype).view(*x.shape[:-1], n)
 
@@ -263,9 +265,12 @@ def few_rows(w: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> tor
 AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the AVX-512 section of the kernel uses
 
 
-def wide_rows() -> bool:
-    """bf16 batch-1 products read their rows in AVX-512 (qkernel.c's dot_rows_wide) rather than AVX2. Only
-    AVX-512F/BW are needed; ``GPTCHAT_WIDE=0`` keeps AVX2."""
+def wide() -> bool:
+    """The AVX-512 forms of two kernels run rather than their AVX2 ones: bf16 batch-1 products read their rows in
+    zmm registers (qkernel.c's dot_rows_wide), and fp32 panel products (batched fp32 decode, int8 prefills)
+    keep 12 rows' sums in zmm registers a pass (panel_block16) where AVX2 keeps 6 rows' in pairs of ymm: twice
+    the FMA rate on CPUs with two 512-bit FMA units (Xeons; on Zen 4, which splits 512-bit work in two, the
+    same). Only AVX-512F/BW are needed; ``GPTCHAT_WIDE=0`` keeps AVX2."""
     return avx512(bf16=False) and not switched_off("GPTCHAT_WIDE")
 
 
@@ -371,7 +376,8 @@ def qsgemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     m, k = x.shape
     y = x.new_empty(m, n)
     if kernel().gptchat_qsgemm(packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                               x.data_ptr(), y.data_ptr(), m, n, k, padded(n, k)[1], torch.get_num_threads()):
+                               x.data_ptr(), y.data_ptr(), m, n, k, padded(n, k)[1], torch.get_num_threads(),
+                               int(wide())):
         raise MemoryError("int8 kernel: no memory for its panel buffers")
     return y
 

@@ -1205,12 +1205,21 @@ static void panel_block(const float *p, const float *x, long K, float *y, long y
     }
 }
 
+/* The AVX-512 form of panel_block (in the AVX-512 section below): R <= SG_ROWS16 rows, a 16-float sum a row in
+   one zmm register, so a pass takes twice the rows for one 64-byte load of the panel a step. On CPUs with two
+   512-bit FMA units a cycle (Xeons) AVX2's 256-bit FMAs reach only half the machine's rate. */
+#define SG_ROWS16 12
+static void panel_block16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
+                          const float *b, int fetch);
+
 /* The panel loop of gptchat_sgemm and gptchat_qsgemm: y [M, N] = x [M, K] W (+ b), W either fp32 panels Wp (b,
    when given, padded to the panels) or (Wp NULL) int8 groups q of rows of Kp with scales s, each panel of 16
    outputs dequantized into a per-thread [K, 16] buffer first (b unpadded). Each thread takes whole panels; the
-   last panel's outputs past N go to a buffer of its own, copied out at the end. 0 or -1 (no memory). */
+   last panel's outputs past N go to a buffer of its own, copied out at the end. ``wide``: the AVX-512 kernel
+   (panel_block16). 0 or -1 (no memory). */
 static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp, const float *b, const float *x,
-                       float *y, long M, long N, long K, int threads) {
+                       float *y, long M, long N, long K, int threads, int wide) {
+    const long RB = wide ? SG_ROWS16 : 6;
     if (M <= 0 || N <= 0) return 0;
     const long P = (N + 15) / 16, full = N / 16;
     int failed = 0;
@@ -1246,9 +1255,9 @@ static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp
             const long ys = last ? 16 : N;
             for (long k0 = 0; k0 < K; k0 += SG_KC) {
                 const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
-                for (long m = 0; m < M; m += 6) {
-                    const int R = M - m < 6 ? (int)(M - m) : 6;
-                    panel_block(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, bj, m == 0);
+                for (long m = 0; m < M; m += RB) {
+                    const int R = M - m < RB ? (int)(M - m) : (int)RB;
+                    (wide ? panel_block16 : panel_block)(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, bj, m == 0);
                 }
             }
             if (last)
@@ -1262,8 +1271,9 @@ static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp
 
 /* y [M, N] = x [M, K] Wp (+ b). b, when given, is padded to the panels (ceil(N/16) x 16 floats); 0 or -1 (no
    memory for a tail buffer) */
-int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads) {
-    return gemm_panels(Wp, NULL, NULL, 0, b, x, y, M, N, K, threads);
+int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, long M, long N, long K, int threads,
+                  int wide) {
+    return gemm_panels(Wp, NULL, NULL, 0, b, x, y, M, N, K, threads, wide);
 }
 
 /* y [M, N] = x [M, K] (q * s)^T (+ b [N]) for many rows (prefill, eval): q in gptchat_pack's groups (rows of Kp),
@@ -1273,8 +1283,8 @@ int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, lon
    (124M's four shapes and the head). (Copying 16 columns of an fp32 [K, N] weight into such a panel the same way
    gave 0.96-1.23x a product and 1.03x a 124M prefill: not taken.) 0 or -1 (no memory for the buffers). */
 int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float *x, float *y, long M, long N, long K,
-                   long Kp, int threads) {
-    return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads);
+                   long Kp, int threads, int wide) {
+    return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads, wide);
 }
 
 /* ---- causal attention from slot 0 (fp32, or bf16 on CPUs with AVX512-BF16): training's forward and backward,
@@ -1310,6 +1320,33 @@ AI __m512 ld16(const void *p, long i, const int bf) {
     if (!bf) return _mm512_loadu_ps((const float *)p + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* panel_rows in zmm registers: R rows of x times inputs k0..k1 of one panel of 16 outputs */
+AI void panel_rows16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, const int R,
+                     const float *b, int fetch) {
+    __m512 a[SG_ROWS16];
+    _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) {
+        const float *src = k0 ? y + r * ys : b;
+        a[r] = src ? _mm512_loadu_ps(src) : _mm512_setzero_ps();
+    }
+    p += k0 * 16;
+    for (long k = k0; k < k1; k++, p += 16) {
+        if (fetch) _mm_prefetch((const char *)(p + 16 * SG_AHEAD), _MM_HINT_T0);
+        const __m512 w = _mm512_loadu_ps(p);
+        _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, a[r]);
+    }
+    _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, a[r]);
+}
+
+static TGT void panel_block16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
+                              const float *b, int fetch) {
+    switch (R) {
+#define PR16(n) case n: panel_rows16(p, x, K, y, ys, k0, k1, n, b, fetch); break;
+    PR16(12) PR16(11) PR16(10) PR16(9) PR16(8) PR16(7) PR16(6) PR16(5) PR16(4) PR16(3) PR16(2)
+#undef PR16
+    default: panel_rows16(p, x, K, y, ys, k0, k1, 1, b, fetch); break;
+    }
 }
 
 /* dot_rows' bf16 pairs 32 inputs an iteration (one 64-byte load a row, two FMAs), then the last 8-24 inputs in
@@ -1760,6 +1797,10 @@ int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint
 #undef FQ
 #else
 int gptchat_avx512_ok(void) { return 0; }
+static void panel_block16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
+                          const float *b, int fetch) {
+    for (int r = 0; r < R; r += 6) panel_block(p, x + r * K, K, y + r * ys, ys, k0, k1, R - r < 6 ? R - r : 6, b, fetch);
+}
 static void dot_rows_wide(const uint16_t *W, const float *x, const float *xd, float *y, long K, long n0, long n1) {
     dot_rows(W, x, xd, y, K, n0, n1, 1);
 }

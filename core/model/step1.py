@@ -86,7 +86,7 @@ class Plan:
         # a bf16 head in its own, as the blocks'
         self.head = head[:2] if head is not None and head[2] == self.kind and model.lm_head.bias is None else None
         self.head_rows = int(self.head is not None and self.kind != INT8 and self.head[0].is_contiguous())
-        self.wide = int(self.kind == BF16 and native.wide_rows())  # bf16 rows in AVX-512 (read once, not a token)
+        self.wide = int(self.kind == BF16 and native.wide())  # bf16 rows in AVX-512 (read once, not a token)
         self.vocab = model.config.vocab_size
         self.tensors = tensors  # holds them alive while the pointers are in use
         self.ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])

@@ -12,10 +12,12 @@ pytestmark = pytest.mark.skipif(native.kernel() is None, reason="no C kernel her
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 8, 5), (2, 64, 16), (6, 768, 2304), (7, 100, 50257), (13, 1000, 33),
-                                   (16, 3072, 768), (40, 520, 47)])
+                                   (16, 3072, 768), (25, 64, 48), (40, 520, 47)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("layout", ["rows", "inference"])  # inference: [in, out] storage (GPT.to_inference_layout)
-def test_equals_the_product(M, K, N, with_bias, layout):
+@pytest.mark.parametrize("wide", ["1", "0"], ids=["avx512", "avx2"])  # 12 rows' sums in zmm a pass, or 6 in ymm pairs
+def test_equals_the_product(M, K, N, with_bias, layout, wide, monkeypatch):
+    monkeypatch.setenv("GPTCHAT_WIDE", wide)
     g = torch.Generator().manual_seed(M * 1000 + N)
     w, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(M, K, generator=g)
     if layout == "inference":
@@ -39,7 +41,8 @@ def test_leaves_memory_past_the_outputs_alone():
     packed, _ = native.panels(w, None)
     big = torch.full((3 * 21 + 64,), 7.0)
     y = big[: 3 * 21].view(3, 21)
-    assert native.kernel().gptchat_sgemm(packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), 3, 21, 32, 2) == 0
+    assert native.kernel().gptchat_sgemm(packed.data_ptr(), None, x.data_ptr(), y.data_ptr(), 3, 21, 32, 2,
+                                             int(native.wide())) == 0
     assert torch.allclose(y, x @ w.t(), atol=1e-4)
     assert torch.equal(big[3 * 21:], torch.full((64,), 7.0))
 

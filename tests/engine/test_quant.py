@@ -15,7 +15,7 @@ from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model import quant
 from tests.cli.test_batch import cli  # `gptchat ARGS` in-process: (exit code, stdout, stderr)
-from tests.factory import hf_model, save
+from tests.factory import hf_model, save, spy
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="this PyTorch has no fbgemm int8 kernels")
 
@@ -280,6 +280,31 @@ def test_many_rows_go_through_dequantized_panels_and_the_table_reads_the_head(bi
         fb = _fbgemm_linear(q, scale, None, monkeypatch)
         assert not fb.native and torch.allclose(fb(x), ref, atol=0.02 * ref.abs().mean().item() * 10)
         assert torch.equal(quant.QuantEmbedding(q, scale, fb)(idx), table(idx))  # fbgemm: the table keeps q
+
+
+@pytest.mark.skipif(quant.native.kernel() is None, reason="the AVX2 int8 kernel cannot be built here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_rows_take_whichever_way_was_timed_faster_and_both_give_the_product(bias, monkeypatch):
+    """PyTorch's GEMM on blocks of dequantized weights (outputs past a block of GEMM_BLOCK, a short last block)
+    and the panel kernel give the dequantized weight's product; ``_many_rows`` takes the one ``gemm_faster``
+    chose, which it times once a process."""
+    gen = torch.Generator().manual_seed(8)
+    n, k = quant.GEMM_BLOCK + 37, 72
+    q, scale = quant.quantize_rows(torch.randn(n, k, generator=gen) * 0.05)
+    b = torch.randn(n, generator=gen) if bias else None
+    lin = quant.QuantLinear(q, scale, b)
+    x = torch.randn(quant.NATIVE_ROWS + 40, k, generator=gen)
+    ref = torch.nn.functional.linear(x.double(), (q.double() * scale.double()[:, None]), None if b is None else b.double())
+    with torch.inference_mode():
+        for way in (lin._through_gemm, lin._through_panels):
+            y = way(x)
+            assert y.shape == (x.shape[0], n) and torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-5), way.__name__
+        assert isinstance(quant.gemm_faster(), bool) and quant.gemm_faster.cache_info().currsize == 1
+        for faster in (True, False):
+            monkeypatch.setattr(quant, "gemm_faster", lambda f=faster: f)
+            calls = spy(monkeypatch, quant.QuantLinear, "_through_gemm" if faster else "_through_panels")
+            lin(x)
+            assert len(calls) == 1
 
 
 def test_without_a_compiler_int8_falls_back_to_fbgemm_and_says_why(tmp_path, monkeypatch, caplog):

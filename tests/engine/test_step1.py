@@ -228,11 +228,11 @@ def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, wide, monkeypatch):
     modules' (which round every activation); the cache it writes is bf16, as the modules' is. Rows read in
     AVX-512 where the CPU has it, and in AVX2."""
     monkeypatch.setenv("GPTCHAT_WIDE", wide)
-    assert native.wide_rows() == (wide == "1" and native.avx512(bf16=False))
+    assert native.wide() == (wide == "1" and native.avx512(bf16=False))
     m16, m32 = _bf16_pair(**kw)
     p = step1.plan(m16)
     assert p is not None and p.kind == step1.BF16 and p.emb is not None and p.head_rows == 1
-    assert p.wide == native.wide_rows()  # the rows this test means the step to read
+    assert p.wide == native.wide()  # the rows this test means the step to read
     assert all(lin.weight.is_contiguous() for blk in m16.transformer.h for lin in (blk.attn.c_attn, blk.mlp.c_proj))
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = _spy(monkeypatch)
