@@ -33,6 +33,7 @@ from torch import nn
 from gptchat.core.errors import ContextOverflow, UsageError
 from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
+from gptchat.core.model import native
 from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
 
 HEAD_ROWS = 512  # scored positions per head chunk
@@ -234,9 +235,13 @@ def packed_for_eval(engine, tokens: int):
     """The engine's panel copy of the weights (packed.py, as batched decode uses them) for an fp32 CPU eval of
     ``tokens`` window tokens, or None. Its blocks' products took 0.88-0.92x PyTorch's GEMM's time on a 1024-token
     window (2-core Zen 4); the head stays on PyTorch's (on panels: 266 against 247 ms for 512 rows). Packing 124M
-    takes ~0.36 s and ~0.5 GB and a window gains ~0.1 s: built for PACK_FROM_TOKENS or more, used once built."""
+    takes ~0.36 s and ~0.5 GB and a window gains ~0.1 s: built for PACK_FROM_TOKENS or more, used once built.
+    None where PyTorch's GEMM is the faster at many rows (``native.gemm_beats_panels``: on a 2-core Xeon with
+    AVX-512 eval ran at 0.55x the engine's prefill rate on the panels)."""
     fast = engine.packed_linears(engine.n_ctx)
     if fast is None or fast.kind != "panels" or not (fast.built or tokens >= PACK_FROM_TOKENS):
+        return None
+    if native.gemm_beats_panels():
         return None
     return fast
 

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -206,6 +207,29 @@ def _panel_product(fn, packed: torch.Tensor, bias: torch.Tensor | None, x: torch
           n, k, torch.get_num_threads(), *more):
         raise MemoryError("panel product kernel: no memory for its buffers")
     return y
+
+
+@functools.lru_cache(maxsize=1)
+def gemm_beats_panels() -> bool:
+    """Whether PyTorch's GEMM multiplies many rows (prefills, eval windows) faster than gptchat's panel kernel
+    (``sgemm``; ``qsgemm`` runs the same loop on dequantized panels): timed once a process, a 1024-row product
+    through a 768 x 768 weight each way, best of three after a warm-up (~30 ms). Neither wins everywhere: on a
+    2-core Zen 4 (AVX2 FMAs at its full rate) the panels were 1.06-1.29x, on a 2-core Xeon with two 512-bit FMA
+    units a cycle PyTorch's (MKL's AVX-512 kernels, ~300 GFLOP/s against ~175) 1.6-1.8x. At 256 rows the two
+    are too close to call. Both sum in fp32; they differ by rounding."""
+    gen = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(768, 768, generator=gen), torch.randn(768, generator=gen), torch.randn(1024, 768, generator=gen)
+    pw, pb = panels(w, b)
+    wt = w.t()
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        for round in range(4):  # the first: a warm-up
+            for i, way in enumerate((lambda: sgemm(pw, pb, x, 768), lambda: torch.addmm(b, x, wt))):
+                t = time.perf_counter()
+                way()
+                if round:
+                    best[i] = min(best[i], time.perf_counter() - t)
+    return best[1] < best[0]
 
 
 def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -146,6 +146,7 @@ def _packed_forward(packed, bias, out_features: int):
 
 
 BPANEL_ROWS = 64  # bf16 panels for up to this many rows (a decode step's; a refill's prompt takes the module's)
+MANY_ROWS = 256  # fp32 calls of more rows (a batch's prompts) leave the panels where PyTorch's GEMM is faster there
 
 
 def _kernel_forward(product, packed: torch.Tensor, bias: torch.Tensor | None, lin: nn.Linear, dtype: torch.dtype,
@@ -154,8 +155,10 @@ def _kernel_forward(product, packed: torch.Tensor, bias: torch.Tensor | None, li
     out_features, plain = lin.out_features, type(lin).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
         if (x.dtype != dtype or x.device.type != "cpu" or torch.is_grad_enabled()
-                or max_rows is not None and x.numel() // x.shape[-1] > max_rows):
+                or max_rows is not None and rows > max_rows
+                or rows > MANY_ROWS and product is native.sgemm and native.gemm_beats_panels()):
             return plain(lin, x)  # not what the panels are for (autocast, autograd, a long prompt): the module's own
         return product(packed, bias, x.contiguous(), out_features)
 

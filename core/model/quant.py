@@ -9,7 +9,7 @@ Two kernels. Where core/model/native.py can build its AVX2 kernel (x86-64 Linux,
 activation row is rounded to int16 with its own scale and multiplied exactly in int32 (a row's result
 never depends on the other rows of its call); calls of more than NATIVE_ROWS rows (prefill, eval)
 multiply in fp32 on dequantized weights instead, in gptchat's panel kernel (native.qsgemm) or PyTorch's GEMM,
-whichever ``gemm_faster`` timed faster on this machine. Measured on
+whichever ``native.gemm_beats_panels`` timed faster on this machine. Measured on
 this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, `gptchat bench`
 alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling) against fbgemm's
 40.1 (26%), batch 16 221.6 against 250.0, batch 32 276.7 against 325.4, prefill of 1000 tokens 2.0 s
@@ -26,8 +26,6 @@ The quality cost (mean |logit - fp32 logit|, greedy agreement on a trained model
 
 from __future__ import annotations
 
-import functools
-import time
 import warnings
 
 import torch
@@ -65,27 +63,6 @@ NATIVE_ROWS = 256  # up to this many rows a call, the AVX2 kernel; more, fp32 pr
 
 
 GEMM_BLOCK = 512  # outputs dequantized at a time for PyTorch's GEMM: a [512, in] fp32 buffer (1.5 MB at 768 in)
-
-
-@functools.lru_cache(maxsize=1)
-def gemm_faster() -> bool:
-    """Whether an int8 product of many rows runs faster as PyTorch's GEMM on blocks of dequantized weights than
-    in gptchat's panel kernel: timed once a process (a 1024-row product, an eval window's, through a 768 x 768
-    layer each way, best of three after a warm-up: ~40 ms; at 256 rows the two are too close to call). Neither wins everywhere: 1000 rows, 124M's shapes, on a 2-core Zen 4 the panels 1.06-1.29x (AVX2 FMAs
-    run at its full rate there), on a 2-core Xeon with two 512-bit FMA units the GEMM 1.6-1.8x (its AVX-512
-    MKL kernels ~300 GFLOP/s, the panels ~170). Both sum in fp32; they differ by rounding."""
-    gen = torch.Generator().manual_seed(0)
-    lin = QuantLinear.from_float(torch.randn(768, 768, generator=gen), torch.randn(768, generator=gen))
-    x = torch.randn(1024, 768, generator=gen)
-    best = [float("inf"), float("inf")]
-    with torch.inference_mode():
-        for round in range(4):  # the first: a warm-up
-            for i, way in enumerate((lin._through_panels, lin._through_gemm)):
-                t = time.perf_counter()
-                way(x)
-                if round:
-                    best[i] = min(best[i], time.perf_counter() - t)
-    return best[1] < best[0]
 
 
 class QuantLinear(nn.Module):
@@ -135,8 +112,10 @@ class QuantLinear(nn.Module):
         return y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows (prefill, eval): fp32 products, on whichever of two ways ``gemm_faster`` timed faster here."""
-        return self._through_gemm(x) if gemm_faster() else self._through_panels(x)
+        """Many rows (prefill, eval): fp32 products, on whichever of two ways is faster here
+        (``native.gemm_beats_panels``: on a 2-core Zen 4 the panels 1.06-1.29x, on a 2-core Xeon with two 512-bit
+        FMA units the GEMM 1.6-1.8x, 1000 rows through 124M's shapes)."""
+        return self._through_gemm(x) if native.gemm_beats_panels() else self._through_panels(x)
 
     def _through_panels(self, x: torch.Tensor) -> torch.Tensor:
         """The weights dequantized 16 outputs at a time into cache, multiplied in gptchat's panel kernel

@@ -79,6 +79,27 @@ def test_packed_copies_follow_swapped_and_changed_linears():
     assert sorted(pl._packed) == ["0", "2.0"]
 
 
+def test_many_rows_leave_the_panels_where_pytorchs_gemm_is_faster(monkeypatch):
+    """A call of more than MANY_ROWS rows (a batch's prompts) goes to the module's own product where
+    ``native.gemm_beats_panels`` says PyTorch's GEMM is the faster at many rows; a decode step's rows stay."""
+    from torch import nn
+
+    from gptchat.core.model import packed
+
+    net = nn.Sequential(nn.Linear(8, 32))
+    pl = packed.PackedLinears(net, 16, "panels")
+    for beats in (True, False):
+        for rows in (16, packed.MANY_ROWS + 1):
+            monkeypatch.setattr(native, "gemm_beats_panels", lambda b=beats: b)
+            calls = spy(monkeypatch, native, "sgemm")
+            x = torch.randn(rows, 8)
+            with torch.inference_mode(), pl.use():
+                got = net(x)
+            assert torch.allclose(got, x @ net[0].weight.t() + net[0].bias, atol=1e-5)
+            assert len(calls) == (0 if beats and rows > packed.MANY_ROWS else 1), (beats, rows)
+            monkeypatch.undo()
+
+
 def _bf16_panels_here():
     if not native.avx512(bf16=True):
         pytest.skip("the bf16 panels need AVX512-BF16 and a compiler that knows it")

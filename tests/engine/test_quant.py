@@ -286,8 +286,8 @@ def test_many_rows_go_through_dequantized_panels_and_the_table_reads_the_head(bi
 @pytest.mark.parametrize("bias", [False, True])
 def test_many_rows_take_whichever_way_was_timed_faster_and_both_give_the_product(bias, monkeypatch):
     """PyTorch's GEMM on blocks of dequantized weights (outputs past a block of GEMM_BLOCK, a short last block)
-    and the panel kernel give the dequantized weight's product; ``_many_rows`` takes the one ``gemm_faster``
-    chose, which it times once a process."""
+    and the panel kernel give the dequantized weight's product; ``_many_rows`` takes the one
+    ``native.gemm_beats_panels`` chose, which it times once a process."""
     gen = torch.Generator().manual_seed(8)
     n, k = quant.GEMM_BLOCK + 37, 72
     q, scale = quant.quantize_rows(torch.randn(n, k, generator=gen) * 0.05)
@@ -299,9 +299,10 @@ def test_many_rows_take_whichever_way_was_timed_faster_and_both_give_the_product
         for way in (lin._through_gemm, lin._through_panels):
             y = way(x)
             assert y.shape == (x.shape[0], n) and torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-5), way.__name__
-        assert isinstance(quant.gemm_faster(), bool) and quant.gemm_faster.cache_info().currsize == 1
+        assert isinstance(quant.native.gemm_beats_panels(), bool)
+        assert quant.native.gemm_beats_panels.cache_info().currsize == 1  # timed once
         for faster in (True, False):
-            monkeypatch.setattr(quant, "gemm_faster", lambda f=faster: f)
+            monkeypatch.setattr(quant.native, "gemm_beats_panels", lambda f=faster: f)
             calls = spy(monkeypatch, quant.QuantLinear, "_through_gemm" if faster else "_through_panels")
             lin(x)
             assert len(calls) == 1

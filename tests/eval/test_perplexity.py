@@ -188,7 +188,8 @@ def test_log_sum_exp_in_place_over_logits_far_apart():
 
 def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
     """From PACK_FROM_TOKENS window tokens on (lowered here), fp32 eval on the CPU multiplies on the engine's panel
-    copy of the weights: the same loss as transformers'. A short eval builds no copy."""
+    copy of the weights: the same loss as transformers'. A short eval builds no copy, and none is used where
+    PyTorch's GEMM beats the panels at many rows (``native.gemm_beats_panels``, timed: both ways here)."""
     from gptchat.core.eval import perplexity
     from gptchat.core.model import native
 
@@ -202,8 +203,12 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
         score_ids(lm.engine, ids[:N_CTX])
         assert not fast.built
     monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
+    monkeypatch.setattr(native, "gemm_beats_panels", lambda: True)
     calls = spy(monkeypatch, native, "sgemm")
+    plain, _ = score_ids(lm.engine, ids, stride=20)
+    assert not calls and perplexity.packed_for_eval(lm.engine, len(ids)) is None
+    monkeypatch.setattr(native, "gemm_beats_panels", lambda: False)
     nats, plan = score_ids(lm.engine, ids, stride=20)
     assert fast.built and calls
     ref, n = _reference(hf, ids, plan.windows)
-    assert nats / n == pytest.approx(ref / n, abs=1e-4)
+    assert nats / n == pytest.approx(ref / n, abs=1e-4) and plain / n == pytest.approx(ref / n, abs=1e-4)
