@@ -179,13 +179,15 @@ def gemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x
     return y
 
 
-def panels(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def panels(w: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An fp32 weight [N, K] (nn.Linear's) and bias [N] -> gptchat_sgemm's layout: [ceil(N/16), K, 16], one
-    panel of 16 outputs after another, and the bias padded to match (zeros past N)."""
+    panel of 16 outputs after another (written into ``out``, fp32 of that many elements, when given), and the
+    bias padded to match (zeros past N)."""
     n, k = w.shape
     full, p = n // 16, -(-n // 16)
     w = w.detach()
-    packed = torch.empty(p, k, 16)
+    packed = torch.empty(p, k, 16) if out is None else out.view(p, k, 16)
     packed[:full].copy_(w[: full * 16].reshape(full, 16, k).transpose(1, 2))  # no padded copy of the whole weight
     if p > full:
         packed[full].zero_()

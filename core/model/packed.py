@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from gptchat.core.model import native
+from gptchat.core.model import hugepages, native
 from gptchat.core.model.device import cpu_amx_bf16, switched_off
 
 
@@ -94,13 +94,19 @@ class PackedLinears:
             linears = self._linears()
             for gone in set(self._packed) - {name for name, _ in linears}:  # swapped out: its copy goes too
                 del self._packed[gone], self._stamp[gone]
+            fresh = []
             for name, lin in linears:
                 w, b = lin.weight, lin.bias  # the panels copy the bias too: a change to either packs again
                 stamp = (w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
-                if self._stamp.get(name) == stamp:
-                    continue
+                if self._stamp.get(name) != stamp:
+                    fresh.append((name, lin, stamp))
+            room = _huge_room([lin for _, lin, _ in fresh]) if self.kind == "panels" else None
+            for name, lin, stamp in fresh:
+                w, b = lin.weight, lin.bias
                 if self.kind == "panels":
-                    self._packed[name] = native.panels(w, lin.bias)
+                    size = -(-w.shape[0] // 16) * 16 * w.shape[1]
+                    self._packed[name] = native.panels(w, lin.bias, None if room is None else room[:size])
+                    room = None if room is None else room[size:]
                 elif self.kind == "bpanels":
                     self._packed[name] = (native.bpanels(w), None if b is None else b.detach().contiguous())
                 else:
@@ -127,6 +133,17 @@ class PackedLinears:
         finally:
             for lin in patched:
                 del lin.forward  # back to the class's forward
+
+
+def _huge_room(linears: list) -> torch.Tensor | None:
+    """fp32 room for the panels of ``linears`` in 2 MB pages (hugepages.block), or None where they come to less
+    than one page. The panels are streamed whole every step like batch-1's weights: a 2-core Xeon's 48 products of
+    124M at 2 rows 18.0 -> 14.8 ms, 8 rows 20.3 -> 17.5, 16 rows 23.3 -> 21.0 against 4 KB pages (one stream a
+    thread, whose hardware prefetch stops at every 4 KB page); batch-16 fp32 decode 1.72x -> 1.85x transformers'.
+    The cost, once: packing 124M took 0.19 s in plain pages, 0.19-1.09 s in 2 MB ones (the first such block of a
+    process waits while the kernel gathers free 2 MB pages; the next came at once)."""
+    total = sum(-(-lin.weight.shape[0] // 16) * 16 * lin.weight.shape[1] for lin in linears)
+    return hugepages.block(total * 4).view(torch.float32) if total * 4 >= hugepages.HUGE else None
 
 
 def min_batch(dtype: torch.dtype) -> int:

@@ -79,6 +79,29 @@ def test_packed_copies_follow_swapped_and_changed_linears():
     assert sorted(pl._packed) == ["0", "2.0"]
 
 
+def test_panels_of_two_mb_or_more_are_packed_into_one_block_of_huge_pages():
+    """The panels packed in one refresh share one block starting on a 2 MB boundary (hugepages.block), one after
+    another; a weight changed later is packed on its own, and every product still equals the module's."""
+    from torch import nn
+
+    from gptchat.core.model import hugepages, packed
+
+    net = nn.Sequential(nn.Linear(256, 1040), nn.Linear(1040, 300))  # 1.1 + 1.3 MB of panels
+    pl = packed.PackedLinears(net, 16, "panels")
+    pl.refresh()
+    (a, _), (b, _) = pl._packed["0"], pl._packed["1"]
+    assert a.data_ptr() % hugepages.HUGE == 0 and b.data_ptr() == a.data_ptr() + a.numel() * 4
+    with torch.no_grad():
+        net[1].weight.mul_(2)
+    x = torch.randn(5, 256)
+    with torch.inference_mode():
+        ref = net(x)
+        with pl.use():
+            got = net(x)
+    assert pl._packed["0"][0] is a and torch.allclose(got, ref, atol=1e-4)
+    assert packed._huge_room([nn.Linear(8, 16)]) is None  # under one page: ordinary memory
+
+
 def test_many_rows_leave_the_panels_where_pytorchs_gemm_is_faster(monkeypatch):
     """A call of more than MANY_ROWS rows (a batch's prompts) goes to the module's own product where
     ``native.gemm_beats_panels`` says PyTorch's GEMM is the faster at many rows; a decode step's rows stay."""
