@@ -225,17 +225,17 @@ def gemm_beats_panels() -> bool:
     wt = w.t()
     best = [float("inf"), float("inf")]
     with torch.inference_mode():
-        for round in range(4):  # the first: a warm-up
+        for rep in range(4):  # the first: a warm-up
             for i, way in enumerate((lambda: sgemm(pw, pb, x, 768), lambda: torch.addmm(b, x, wt))):
                 t = time.perf_counter()
                 way()
-                if round:
+                if rep:
                     best[i] = min(best[i], time.perf_counter() - t)
     return best[1] < best[0]
 
 
 def sgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32 (zmm sums where ``wide_panels``)."""
+    """x (..., K) fp32 contiguous times weights from ``panels`` -> (..., n) fp32 (zmm sums where ``wide``)."""
     return _panel_product(kernel().gptchat_sgemm, packed, bias, x, n, int(wide()))
 
 
@@ -294,7 +294,7 @@ AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # what the 
 def wide() -> bool:
     """The AVX-512 forms of two kernels run rather than their AVX2 ones: bf16 batch-1 products read their rows in
     zmm registers (qkernel.c's dot_rows_wide), and fp32 panel products (batched fp32 decode, int8 prefills)
-    keep 12 rows' sums in zmm registers a pass (panel_block16) where AVX2 keeps 6 rows' in pairs of ymm: twice
+    keep up to 16 rows' sums in zmm registers a pass (panel_block16) where AVX2 keeps 6 rows' in pairs of ymm: twice
     the FMA rate on CPUs with two 512-bit FMA units (Xeons; on Zen 4, which splits 512-bit work in two, the
     same). Only AVX-512F/BW are needed; ``GPTCHAT_WIDE=0`` keeps AVX2."""
     return avx512(bf16=False) and not switched_off("GPTCHAT_WIDE")

@@ -104,7 +104,7 @@ class PackedLinears:
             for name, lin, stamp in fresh:
                 w, b = lin.weight, lin.bias
                 if self.kind == "panels":
-                    size = -(-w.shape[0] // 16) * 16 * w.shape[1]
+                    size = _panel_floats(lin)
                     self._packed[name] = native.panels(w, lin.bias, None if room is None else room[:size])
                     room = None if room is None else room[size:]
                 elif self.kind == "bpanels":
@@ -135,6 +135,11 @@ class PackedLinears:
                 del lin.forward  # back to the class's forward
 
 
+def _panel_floats(lin: nn.Linear) -> int:
+    """The floats of ``lin``'s weight in native.panels' layout (its outputs padded to 16)."""
+    return -(-lin.out_features // 16) * 16 * lin.in_features
+
+
 def _huge_room(linears: list) -> torch.Tensor | None:
     """fp32 room for the panels of ``linears`` in 2 MB pages (hugepages.block), or None where they come to less
     than one page. The panels are streamed whole every step like batch-1's weights: a 2-core Xeon's 48 products of
@@ -142,7 +147,7 @@ def _huge_room(linears: list) -> torch.Tensor | None:
     thread, whose hardware prefetch stops at every 4 KB page); batch-16 fp32 decode 1.72x -> 1.85x transformers'.
     The cost, once: packing 124M took 0.19 s in plain pages, 0.19-1.09 s in 2 MB ones (the first such block of a
     process waits while the kernel gathers free 2 MB pages; the next came at once)."""
-    total = sum(-(-lin.weight.shape[0] // 16) * 16 * lin.weight.shape[1] for lin in linears)
+    total = sum(_panel_floats(lin) for lin in linears)
     return hugepages.block(total * 4).view(torch.float32) if total * 4 >= hugepages.HUGE else None
 
 
