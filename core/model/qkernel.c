@@ -1206,9 +1206,9 @@ static void panel_block(const float *p, const float *x, long K, float *y, long y
 }
 
 /* The AVX-512 form of panel_block (in the AVX-512 section below): R <= SG_ROWS16 rows, a 16-float sum a row in
-   one zmm register, so a pass takes up to 16 rows (a batch of 16 in one pass: its products 1.06x against 12 + 4)
-   for one 64-byte load of the panel a step. On CPUs with two
-   512-bit FMA units a cycle (Xeons) AVX2's 256-bit FMAs reach only half the machine's rate. */
+   one zmm register, so a pass takes up to 16 rows for one 64-byte load of the panel a step (a batch of 16 in one
+   pass: its products 1.06x against 12 + 4). On CPUs with two 512-bit FMA units a cycle (Xeons) AVX2's 256-bit
+   FMAs reach only half the machine's rate. */
 #define SG_ROWS16 16
 static void panel_block16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
                           const float *b, int fetch);
