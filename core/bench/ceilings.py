@@ -5,6 +5,7 @@ eval window and the rate of PyTorch's own products at its shapes (theirs).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -48,24 +49,33 @@ def prefill_flops(cfg, tokens: int, tail: int = 1) -> float:
     return (cfg.n_layer - 1) * (24 * C * C * T + 2 * C * T * (T + 1)) + last + 2 * C * cfg.vocab_size * tail
 
 
-def product_rate(cfg, rows: int, dtype: torch.dtype, device, seconds: float = 0.6) -> float:
+def product_rate(cfg, rows: int, dtype: torch.dtype, device, seconds: float = 0.6, int8: bool = False) -> float:
     """FLOP/s: the best median of PyTorch's own products (F.linear, as nn.Linear calls it) of ``rows`` x C
     through a layer's four weight shapes in ``dtype``, measured now: what a prefill's products can reach on
-    this machine (a 2-core Zen 4 gave 135-195 GFLOP/s in fp32 and ~410-420 in bf16 across the four)."""
+    this machine (a 2-core Zen 4 gave 135-195 GFLOP/s in fp32 and ~410-420 in bf16 across the four).
+    ``int8``: PyTorch's int8 GEMM instead (torch._int_mm, as core/model/intmm.py calls it: two byte rows a row),
+    counted as the rows' own multiply-adds."""
     import torch.nn.functional as F
 
     C = cfg.n_embd
-    x = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (C, 4 * C)}
+    if int8:
+        x = {k: torch.randint(-127, 128, (2 * rows, k), dtype=torch.int8) for k in (C, 4 * C)}
+    else:
+        x = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (C, 4 * C)}
     best = 0.0
     for n, k in ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C)):
-        w = torch.randn(n, k, dtype=dtype, device=device)
-        F.linear(x[k], w)  # warm-up
+        if int8:
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+            product = functools.partial(torch._int_mm, x[k], w)
+        else:
+            product = functools.partial(F.linear, x[k], torch.randn(n, k, dtype=dtype, device=device))
+        product()  # warm-up
         times: list[float] = []
         end = time.perf_counter() + seconds / 4
         while time.perf_counter() < end or len(times) < 3:
             _sync(device)
             t0 = time.perf_counter()
-            F.linear(x[k], w)
+            product()
             _sync(device)
             times.append(time.perf_counter() - t0)
         best = max(best, 2 * rows * n * k / statistics.median(times))

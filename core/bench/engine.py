@@ -26,8 +26,8 @@ from gptchat.core.bench import quality
 from gptchat.core.bench.ceilings import (paired_fraction, prefill_flops, product_rate, read_bandwidth,
                                          streamed_weights, weight_bytes_per_token)
 from gptchat.core.model.config import PRESETS
-from gptchat.core.model import hugepages, step1
-from gptchat.core.model.quant import QuantLinear
+from gptchat.core.model import hugepages, intmm, step1
+from gptchat.core.model.quant import NATIVE_ROWS, QuantLinear
 from gptchat.core.generate import sampling
 from gptchat.core.generate.options import DEFAULTS
 from gptchat.core.generate.sampling import SamplingParams
@@ -84,7 +84,7 @@ class Report:
     omp_wait_policy: str = field(default_factory=lambda: os.environ.get("OMP_WAIT_POLICY", "default")
                                  + (f" (GOMP_SPINCOUNT {os.environ['GOMP_SPINCOUNT']})" if "GOMP_SPINCOUNT" in os.environ else ""))
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
-    int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py) or "fbgemm"
+    int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py; and intmm.describe()) or "fbgemm"
     decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
     huge_pages: float | None = None  # the share of those weights' bytes in 2 MB pages (hugepages.share)
 
@@ -184,6 +184,8 @@ def run(
                         load=os.getloadavg(), weight_bytes=weight_bytes_per_token(eng.model))
         kernels = {"avx2" if m.native else "fbgemm" for m in eng.model.modules() if isinstance(m, QuantLinear)}
         report.int8_kernel = ",".join(sorted(kernels)) or None
+        if "avx2" in kernels and intmm.describe(NATIVE_ROWS):
+            report.int8_kernel += f" ({intmm.describe(NATIVE_ROWS)})"
         report.decode_step = "one C call" if step1.plan(eng.model) is not None else "modules"
         log("read bandwidth: summing a 512 MB buffer for a second")
         report.bandwidth_gbs = read_bandwidth()
@@ -212,7 +214,9 @@ def run(
         report.huge_pages = hugepages.share(streamed_weights(eng.model))  # after use: the pages are in
         cfg = eng.model.config
         report.prefill_gflop = prefill_flops(cfg, prompt_tokens) / 1e9
-        report.product_gflops = product_rate(cfg, prompt_tokens, eng.dtype, eng.device) / 1e9
+        report.prefill_int8 = eng.quantize == "int8" and intmm.wins(prompt_tokens, False)
+        report.product_gflops = product_rate(cfg, prompt_tokens, eng.dtype, eng.device,
+                                             int8=report.prefill_int8) / 1e9
         report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref,
                                      report.prefill_gflop / report.product_gflops))
 
@@ -373,7 +377,8 @@ def format_report(rep: Report) -> str:
     pre = next((r for r in rep.results if r.name.startswith("prefill") and r.ceiling), None)
     if pre is not None:
         theirs = f", transformers {pre.reference_fraction:.0%}" if pre.reference_fraction else ""
-        lines.append(f"prefill ceiling: its {rep.prefill_gflop:.0f} GFLOP at the best rate of PyTorch's own products "
+        kind = "int8 products (two byte rows a row)" if rep.prefill_int8 else "products"
+        lines.append(f"prefill ceiling: its {rep.prefill_gflop:.0f} GFLOP at the best rate of PyTorch's own {kind} "
                      f"at its shapes in this run ({rep.product_gflops:.0f} GFLOP/s): gptchat {pre.fraction:.0%}{theirs}")
     if any(r.paired is not None for r in rep.results):
         lines.append("of ceiling (batch 1): the median over runs of each run's speed against the ceiling of the "

@@ -3,7 +3,7 @@
    Weights: q int8 in groups of 4 output rows, each group stored as Kp/32 blocks of 4 rows x 32 inputs
    ([ceil(N/4), Kp/32, 4, 32], Kp = K rounded up to 32, zero padded), so that one group is read as a
    single forward stream; one fp32 scale per output row. Activations: each row of x quantized to int16
-   with its own scale (max |x| / 32767), so a row's result never depends on the other rows of a call.
+   with its own scale (max |x| / X16_MAX), so a row's result never depends on the other rows of a call.
    Products are summed exactly in int32 over 256 inputs at a time, then in fp32.
    Built at first use by core/model/native.py (gcc or cc, -O3 -mavx2 -mfma -fopenmp); its OpenMP calls
    resolve to the runtime PyTorch already loaded, so the kernel shares PyTorch's threads. */
@@ -20,6 +20,9 @@
    plain read of as many bytes): 256 as fast as none and as the read itself (0.996 of it at ~36 GB/s, 0.73 at ~60),
    512 0.96, 768-2048 0.88-0.91 slow and 0.58-0.61 fast; AMD Milan had measured 2048-8192 alike, none 10% slower */
 #define PREFETCH 256
+/* an activation row's largest |x| becomes this int16: not 32767, so that gptchat_split16's two bytes of every
+   value, 256 h + l, keep h within [-127, 127], and both ways of multiplying an int8 product sum the same integers */
+#define X16_MAX 32639
 #define STREAMS 4     /* rows of a block read at once by one thread in a batch-1 product (dot_rows) */
 
 /* bf16 is the top half of an fp32: widened exactly by a shift, so bf16 weights are multiplied in fp32 with
@@ -85,7 +88,7 @@ static void groups(const int8_t *q, const float *s, const float *b, const int16_
     for (long g = g0; g < g1; g++) {
         const int8_t *p = q + g * Kp * 4;
         __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-        for (long c0 = 0; c0 < steps; c0 += 8) { /* 8 blocks: |sum| <= 256 * 127 * 32767 < 2^31 */
+        for (long c0 = 0; c0 < steps; c0 += 8) { /* 8 blocks: |sum| <= 256 * 127 * X16_MAX < 2^31 */
             long c1 = c0 + 8 < steps ? c0 + 8 : steps;
             __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
             for (long c = c0; c < c1; c++) {
@@ -168,21 +171,27 @@ static void groups2w(const int16_t *w16, long g0, const float *s, const float *b
 }
 
 /* x [M, K] fp32 -> x16 [M, Kp] int16 (zero padded), xs [M] */
-static void quantize_rows(const float *x, int16_t *x16, float *xs, long M, long K, long Kp) {
+/* a row's int16 scale: max |x| / X16_MAX (1 for a row of zeros or with an infinity or NaN) */
+static float row_scale(const float *r, long K) {
     const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 a8 = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) a8 = _mm256_max_ps(a8, _mm256_and_ps(_mm256_loadu_ps(r + k), nosign));
+    float t[8], a = 0.f;
+    _mm256_storeu_ps(t, a8);
+    for (int i = 0; i < 8; i++) a = fmaxf(a, t[i]);
+    for (; k < K; k++) a = fmaxf(a, fabsf(r[k]));
+    return a > 0.f && isfinite(a) ? a / (float)X16_MAX : 1.f;
+}
+
+static void quantize_rows(const float *x, int16_t *x16, float *xs, long M, long K, long Kp) {
     for (long m = 0; m < M; m++) {
         const float *r = x + m * K;
-        __m256 a8 = _mm256_setzero_ps();
-        long k = 0;
-        for (; k + 8 <= K; k += 8) a8 = _mm256_max_ps(a8, _mm256_and_ps(_mm256_loadu_ps(r + k), nosign));
-        float t[8], a = 0.f;
-        _mm256_storeu_ps(t, a8);
-        for (int i = 0; i < 8; i++) a = fmaxf(a, t[i]);
-        for (; k < K; k++) a = fmaxf(a, fabsf(r[k]));
-        const float sc = a > 0.f && isfinite(a) ? a / 32767.f : 1.f;
+        const float sc = row_scale(r, K);
         const __m256 inv = _mm256_set1_ps(1.f / sc);
         int16_t *o = x16 + m * Kp;
-        for (k = 0; k + 16 <= K; k += 16) { /* round to nearest even, saturate to int16 */
+        long k = 0;
+        for (; k + 16 <= K; k += 16) { /* round to nearest even, saturate to int16 */
             __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), inv));
             __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k + 8), inv));
             _mm256_storeu_si256((__m256i *)(o + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
@@ -280,6 +289,71 @@ void gptchat_dequant(const int8_t *q, const float *s, float *out, long n0, long 
                 _mm256_storeu_ps(o + k + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                                               _mm_loadl_epi64((const __m128i *)(p + j)))), sc));
         for (long j = 0; k < K; k++, j++) o[k] = p[j] * s[n];
+    }
+}
+
+/* For PyTorch's int8 x int8 product (torch._int_mm; AMX or VNNI tiles through oneDNN), which sums bytes: each row
+   of x rounded to int16 as quantize_rows does (scale max |x| / X16_MAX, the same rounding) and split into two
+   signed bytes, x16 = 256 h + l (h in [-127, 127], l in [-128, 127]), so the two products h.q and l.q are exact in
+   int32 and 256 h.q + l.q is the int16 row's exact sum: the same integers as gptchat_qgemm's.
+   x [M, K] fp32 -> a [M, 2, Kp] int8 (row 2m: h, 2m + 1: l; zero padded), xs [M] */
+void gptchat_split16(const float *x, int8_t *a, float *xs, long M, long K, long Kp, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long m = 0; m < M; m++) {
+        const float *r = x + m * K;
+        const float sc = row_scale(r, K);
+        const __m256 inv = _mm256_set1_ps(1.f / sc), lim = _mm256_set1_ps((float)X16_MAX);
+        const __m256i half = _mm256_set1_epi32(128), lowbyte = _mm256_set1_epi32(0xff);
+        int8_t *h = a + 2 * m * Kp, *l = h + Kp;
+        long k = 0;
+        for (; k + 8 <= K; k += 8) { /* round to nearest even; h = floor((x16 + 128) / 256), l = x16 - 256 h */
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(r + k), inv);
+            v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+            const __m256i x16 = _mm256_cvtps_epi32(v);
+            const __m256i hi = _mm256_srai_epi32(_mm256_add_epi32(x16, half), 8);
+            const __m256i lo = _mm256_sub_epi32(x16, _mm256_slli_epi32(hi, 8));
+            int32_t th[8], tl[8];
+            _mm256_storeu_si256((__m256i *)th, _mm256_and_si256(hi, lowbyte));
+            _mm256_storeu_si256((__m256i *)tl, _mm256_and_si256(lo, lowbyte));
+            for (int i = 0; i < 8; i++) h[k + i] = (int8_t)th[i], l[k + i] = (int8_t)tl[i];
+        }
+        for (; k < K; k++) {
+            const long v = lrintf(fminf(fmaxf(r[k] * (1.f / sc), -(float)X16_MAX), (float)X16_MAX));
+            const long hv = (v + 128) >> 8;
+            h[k] = (int8_t)hv, l[k] = (int8_t)(v - 256 * hv);
+        }
+        for (; k < Kp; k++) h[k] = l[k] = 0;
+        xs[m] = sc;
+    }
+}
+
+/* rows n0..n1 of the packed groups (n0 a multiple of 4) -> out [n1 - n0, Kp] int8 row-major, for torch._int_mm */
+void gptchat_unpack(const int8_t *q, int8_t *out, long n0, long n1, long Kp, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = n0; n < n1; n++) {
+        const int8_t *p = q + (n / 4) * Kp * 4 + (n % 4) * 32;
+        int8_t *o = out + (n - n0) * Kp;
+        for (long k = 0; k < Kp; k += 32, p += 128) _mm256_storeu_si256((__m256i *)(o + k), _mm256_loadu_si256((const __m256i *)p));
+    }
+}
+
+/* y[m, j] (row stride ldy) = (256 Y[2m, j] + Y[2m + 1, j]) xs[m] s[j] + b[j]: gptchat_split16's two byte products
+   [2M, nb] int32 back to fp32 (s, b: this block's scales and bias; b may be NULL) */
+void gptchat_join16(const int32_t *Y, const float *xs, const float *s, const float *b, float *y, long M, long nb,
+                    long ldy, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long m = 0; m < M; m++) {
+        const int32_t *hi = Y + 2 * m * nb, *lo = hi + nb;
+        float *o = y + m * ldy;
+        const __m256 c = _mm256_set1_ps(xs[m]), w = _mm256_set1_ps(256.f);
+        long j = 0;
+        for (; j + 8 <= nb; j += 8) {
+            const __m256 v = _mm256_fmadd_ps(w, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(hi + j))),
+                                             _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(lo + j))));
+            const __m256 r = _mm256_mul_ps(_mm256_mul_ps(v, c), _mm256_loadu_ps(s + j));
+            _mm256_storeu_ps(o + j, b ? _mm256_add_ps(r, _mm256_loadu_ps(b + j)) : r);
+        }
+        for (; j < nb; j++) o[j] = (256.f * (float)hi[j] + (float)lo[j]) * xs[m] * s[j] + (b ? b[j] : 0.f);
     }
 }
 

@@ -9,7 +9,10 @@ Two kernels. Where core/model/native.py can build its AVX2 kernel (x86-64 Linux,
 activation row is rounded to int16 with its own scale and multiplied exactly in int32 (a row's result
 never depends on the other rows of its call); calls of more than NATIVE_ROWS rows (prefill, eval)
 multiply in fp32 on dequantized weights instead, in gptchat's panel kernel (native.qsgemm) or PyTorch's GEMM,
-whichever ``native.gemm_beats_panels`` timed faster on this machine. Measured on
+whichever ``native.gemm_beats_panels`` timed faster on this machine. From intmm.FEW rows, where timed faster
+still (a 2-core Xeon with AMX: 1.4x the C kernel at 16 rows, 2.5-2.9x MKL's fp32 GEMM at 1000), the same int16
+rows go through PyTorch's int8 GEMM as two byte rows each (core/model/intmm.py): the C kernel's integer sums.
+Measured on
 this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, `gptchat bench`
 alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling) against fbgemm's
 40.1 (26%), batch 16 221.6 against 250.0, batch 32 276.7 against 325.4, prefill of 1000 tokens 2.0 s
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import native
+from gptchat.core.model import intmm, native
 from gptchat.core.model.words import QUANT_MODES
 
 ACT_SCALE, ACT_ZERO = 1.0 / 63.0, 64  # a row divided by its max |x| lies in [-1, 1]: 7-bit codes 1..127
@@ -97,7 +100,8 @@ class QuantLinear(nn.Module):
         return self.out_features * self.in_features + 4 * self.out_features * (2 if self.bias is not None else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.dtype == torch.float32 and x.numel() <= NATIVE_ROWS * self.in_features:
+        rows = x.numel() // self.in_features
+        if self.native and x.dtype == torch.float32 and rows <= NATIVE_ROWS and not intmm.wins(rows, True):
             return native.gemm(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, in)
@@ -112,9 +116,12 @@ class QuantLinear(nn.Module):
         return y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows (prefill, eval): fp32 products, on whichever of two ways is faster here
-        (``native.gemm_beats_panels``: on a 2-core Zen 4 the panels 1.06-1.29x, on a 2-core Xeon with two 512-bit
-        FMA units the GEMM 1.6-1.8x, 1000 rows through 124M's shapes)."""
+        """Many rows (prefill, eval; from intmm.FEW rows where the int8 GEMM won its timing): PyTorch's int8 GEMM
+        (core/model/intmm.py) where it was timed faster than the other ways, else fp32 products on whichever of
+        two ways is faster here (``native.gemm_beats_panels``: on a 2-core Zen 4 the panels 1.06-1.29x, on a
+        2-core Xeon with two 512-bit FMA units the GEMM 1.6-1.8x, 1000 rows through 124M's shapes)."""
+        if intmm.wins(x.shape[0], x.shape[0] <= NATIVE_ROWS):
+            return intmm.product(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
         return self._through_gemm(x) if native.gemm_beats_panels() else self._through_panels(x)
 
     def _through_panels(self, x: torch.Tensor) -> torch.Tensor:

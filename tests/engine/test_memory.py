@@ -109,10 +109,14 @@ def test_a_repeated_prefill_reuses_its_buffers_instead_of_faulting_them_in_again
     from tests.factory import hf_model, save
 
     folder = save(hf_model(n_layer=4, n_head=4, n_embd=768, n_positions=1024, vocab_size=1000), tmp_path / "m")
-    # the third prefill's page faults, medians of three children a side: glibc's own rule varies from run to
-    # run (on a 2-core Xeon 1,048-10,436 faults with it, 0-751 kept; on a Zen 4 750 against 5,200-8,500)
+    # the third prefill's page faults, medians of three children a side. Against buffers handed back each time
+    # (glibc told to map every buffer over 64 KB afresh: ~40,000 faults); glibc's own rule is no fixed control,
+    # it varies from run to run (on a 2-core Xeon 0-10,436 faults: the median of three children was 0 in two of
+    # eight pytest runs, failing the comparison; on a Zen 4 5,200-8,500), where kept took 0-1500
     kept = sorted(_child(FAULTS, folder) for _ in range(3))[1]  # 1000 tokens: buffers of 3-12 MB
     monkeypatch.setenv("GPTCHAT_HEAP_KEEP_MB", "0")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
     handed_back = sorted(_child(FAULTS, folder) for _ in range(3))[1]
     one_row_buffer = -(-1000 * 768 * 4 // 4096)  # the pages of one [1000, 768] fp32 buffer: 750
-    assert kept <= one_row_buffer + 1 and kept < 0.75 * handed_back, (kept, handed_back)
+    # kept: 0, 750 or 1500 faults under pytest (one or two such buffers placed anew), handed back ~40,000
+    assert kept <= 2 * one_row_buffer + 1 and kept < 0.1 * handed_back, (kept, handed_back)

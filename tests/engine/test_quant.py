@@ -13,7 +13,7 @@ import torch
 from gptchat.core.bench import quality
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
-from gptchat.core.model import quant
+from gptchat.core.model import intmm, quant
 from tests.cli.test_batch import cli  # `gptchat ARGS` in-process: (exit code, stdout, stderr)
 from tests.factory import hf_model, save, spy
 
@@ -234,8 +234,9 @@ def _fbgemm_linear(q, scale, bias, monkeypatch):
 
 
 @pytest.mark.skipif(quant.native.kernel() is None, reason="the AVX2 int8 kernel cannot be built here")
-def test_the_avx2_kernel_computes_exact_integer_products():
-    # reference in float64: x rounded per row to int16 (scale max|x| / 32767), products and sums exact,
+def test_the_avx2_kernel_computes_exact_integer_products(monkeypatch):
+    monkeypatch.setenv("GPTCHAT_INTMM", "0")  # 17 rows too on the C kernel (tests/engine/test_intmm.py: the other way)
+    # reference in float64: x rounded per row to int16 (scale max|x| / 32639), products and sums exact,
     # then the two scales and the bias; the kernel's only rounding is its fp32 sum of int32 partials
     torch.manual_seed(2)
     for n_out, n_in in ((5, 40), (96, 64), (50, 3072), (7, 33)):  # rows not a multiple of 4, inputs of 32
@@ -246,7 +247,7 @@ def test_the_avx2_kernel_computes_exact_integer_products():
             assert lin.native
             for rows in (1, 2, 3, 17):
                 x = torch.randn(rows, n_in) * torch.logspace(-2, 2, rows)[:, None]
-                xs = x.abs().amax(dim=1, keepdim=True) / 32767
+                xs = x.abs().amax(dim=1, keepdim=True) / 32639
                 x16 = torch.round(x * (1 / xs)).double()  # fp32 x times the reciprocal, half to even, as the kernel
                 ref = (x16 @ q.double().t()) * xs.double() * scale.double()
                 if bias is not None:
@@ -261,6 +262,7 @@ def test_the_avx2_kernel_computes_exact_integer_products():
 @pytest.mark.skipif(quant.native.kernel() is None, reason="the AVX2 int8 kernel cannot be built here")
 @pytest.mark.parametrize("bias", [False, True])
 def test_many_rows_go_through_dequantized_panels_and_the_table_reads_the_head(bias, monkeypatch):
+    monkeypatch.setenv("GPTCHAT_INTMM", "0")  # the fp32 ways (the int8 GEMM's: tests/engine/test_intmm.py)
     torch.manual_seed(3)
     w = torch.randn(300, 40) * 0.05  # 300 outputs: 18 panels of 16 and a short one; 40 inputs: a padded group
     q, scale = quant.quantize_rows(w)
@@ -288,6 +290,7 @@ def test_many_rows_take_whichever_way_was_timed_faster_and_both_give_the_product
     """PyTorch's GEMM on blocks of dequantized weights (outputs past a block of GEMM_BLOCK, a short last block)
     and the panel kernel give the dequantized weight's product; ``_many_rows`` takes the one
     ``native.gemm_beats_panels`` chose, which it times once a process."""
+    monkeypatch.setenv("GPTCHAT_INTMM", "0")  # where the int8 GEMM is not taken
     gen = torch.Generator().manual_seed(8)
     n, k = quant.GEMM_BLOCK + 37, 72
     q, scale = quant.quantize_rows(torch.randn(n, k, generator=gen) * 0.05)
@@ -371,7 +374,8 @@ def test_bench_says_which_int8_kernel_ran(monkeypatch):
     monkeypatch.setattr(bench, "_quality", lambda *a, **k: None)  # nor the quality measurement
     rep = bench.run(shape="tiny", prompt_tokens=8, new_tokens=2, batch_sizes=(1,), reference=False, repeats=1,
                     quantize="int8")
-    assert rep.int8_kernel == ("avx2" if native.kernel() is not None else "fbgemm")
+    described = f" ({intmm.describe(quant.NATIVE_ROWS)})" if intmm.describe(quant.NATIVE_ROWS) else ""
+    assert rep.int8_kernel == ("avx2" + described if native.kernel() is not None else "fbgemm")
     assert rep.bandwidth_samples == [10.0, 20.0, 40.0] and rep.bandwidth_gbs == 20.0  # the ceiling's: their median
     b1 = next(r for r in rep.results if r.name.startswith("decode batch 1"))
     assert b1.ceiling == 20.0e9 / rep.weight_bytes
