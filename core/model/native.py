@@ -143,6 +143,7 @@ def kernel() -> ctypes.CDLL | None:
                                         ctypes.c_int]
     lib.gptchat_sample_topk.restype = ctypes.c_int
     lib.gptchat_fewrows.argtypes, lib.gptchat_fewrows.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
+    lib.gptchat_set_prefetch.argtypes, lib.gptchat_set_prefetch.restype = [_L], None
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
@@ -406,6 +407,11 @@ def qsgemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                                int(wide())):
         raise MemoryError("int8 kernel: no memory for its panel buffers")
     return y
+
+
+def set_prefetch(bytes_ahead: int) -> None:
+    """How far ahead of the read the int8 products prefetch (step1.Prefetch picks it)."""
+    kernel().gptchat_set_prefetch(bytes_ahead)
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: int,

@@ -16,10 +16,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* bytes ahead of the read. AMD Zen 4 (Genoa, 2 cores, int8 124M products alternating in one process against a
-   plain read of as many bytes): 256 as fast as none and as the read itself (0.996 of it at ~36 GB/s, 0.73 at ~60),
-   512 0.96, 768-2048 0.88-0.91 slow and 0.58-0.61 fast; AMD Milan had measured 2048-8192 alike, none 10% slower */
-#define PREFETCH 256
+/* bytes ahead of the read in the int8 products (groups), chosen per machine by timing (gptchat_set_prefetch;
+   core/model/quant.py). AMD Zen 4 (Genoa, 2 cores, int8 124M products alternating in one process against a plain
+   read of as many bytes): 256 as fast as none and as the read itself (0.996 of it at ~36 GB/s, 0.73 at ~60), 512
+   0.96, 768-2048 0.88-0.91 slow and 0.58-0.61 fast; AMD Milan had measured 2048-8192 alike, none 10% slower. A
+   2-core Xeon with AMX the other way round: batch-1 decode at 0.56-0.59 of the read's ceiling with 256, 0.63 with
+   512, 0.65-0.74 with 1024, 0.73-0.88 with 2048, 0.66-0.67 with 4096 */
+static long prefetch_ahead = 256;
+void gptchat_set_prefetch(long bytes) { prefetch_ahead = bytes; }
 /* an activation row's largest |x| becomes this int16: not 32767, so that gptchat_split16's two bytes of every
    value, 256 h + l, keep h within [-127, 127], and both ways of multiplying an int8 product sum the same integers */
 #define X16_MAX 32639
@@ -93,8 +97,8 @@ static void groups(const int8_t *q, const float *s, const float *b, const int16_
             __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
             for (long c = c0; c < c1; c++) {
                 const int8_t *pc = p + c * 128;
-                _mm_prefetch((const char *)(pc + PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(pc + PREFETCH + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pc + prefetch_ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pc + prefetch_ahead + 64), _MM_HINT_T0);
                 __m256i xl = _mm256_loadu_si256((const __m256i *)(x + c * 32));
                 __m256i xh = _mm256_loadu_si256((const __m256i *)(x + c * 32 + 16));
 /* each half widened straight from memory: loading 32 bytes and extracting the high half cost ~25% of the loop's

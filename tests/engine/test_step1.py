@@ -489,3 +489,46 @@ def test_a_greedy_generation_takes_the_steps_pick(monkeypatch):
     monkeypatch.setenv("GPTCHAT_STEP1", "0")
     ref = [t.token for step in eng.generate([[1, 2, 3]], SamplingParams(greedy=True), 12, ignore_eos=True) for t in step]
     assert got == ref
+
+
+def test_the_int8_prefetch_distance_is_the_one_its_steps_timed_fastest(monkeypatch):
+    set_to = spy(monkeypatch, native, "set_prefetch")
+    tuner = step1.Prefetch((256, 2048), rounds=3)
+    # the warm-up round (slow for either) is not counted; then 2048 is faster in the median, not in every step
+    times = {256: [9.0, 7.0, 6.0, 7.5], 2048: [9.0, 6.5, 6.4, 6.2]}
+    for i in range(4):
+        for d in (256, 2048):
+            assert tuner.trial() == d
+            tuner.record(d, times[d][i])
+    assert tuner.chosen == 2048 and tuner.trial() is None and set_to[-1] == (2048,)
+    assert tuner.times == {256: [7.0, 6.0, 7.5], 2048: [6.5, 6.4, 6.2]}
+
+
+def test_an_int8_step_gives_the_same_logits_at_any_prefetch_distance(monkeypatch):
+    m = quant.quantize_model(_model())
+    ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    tuner = step1.Prefetch()
+    tuner.chosen = 256  # no timing in this test: the distances are set by hand
+    monkeypatch.setattr(step1, "_prefetch", tuner)
+    calls = _spy(monkeypatch)
+    runs = []
+    try:
+        for ahead in (256, 2048, 0):
+            native.set_prefetch(ahead)
+            runs.append(_decode(m, ids, 3, monkeypatch, on=True)[0])
+    finally:
+        native.set_prefetch(256)
+    assert all(calls) and len(calls) == 3 * 9
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_an_int8_engines_first_steps_pick_the_prefetch_distance(tmp_path, monkeypatch):
+    tuner = step1.Prefetch((256, 2048), rounds=2)
+    monkeypatch.setattr(step1, "_prefetch", tuner)
+    eng = Engine.load(str(save(hf_model(seed=6), tmp_path / "m")), device="cpu", quantize="int8")
+    for _ in eng.generate([[5, 6, 7]], SamplingParams(greedy=True), 8, ignore_eos=True):
+        pass
+    try:
+        assert tuner.chosen in (256, 2048) and all(len(t) == 2 for t in tuner.times.values())
+    finally:
+        native.set_prefetch(256)
