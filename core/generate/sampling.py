@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gptchat.core.generate.options import SamplingParams, check
-from gptchat.core.model import native
+from gptchat.core.model import picks
 
 __all__ = ["SamplingParams", "apply_repetition_penalty", "apply_temperature", "top_k_filter", "top_p_filter", "greedy",
            "filter_stages", "filtered_probs", "sample", "make_generator"]
@@ -53,9 +53,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The argmax of each row. 16-bit CPU logits are widened first (exact; the same index): PyTorch's CPU
-    argmax of 16 x 50257 bf16 logits took 1.5 ms against 0.64 ms with the widening, 6% of a bf16 batch-16
-    decode step on a 2-core Zen 4."""
+    """The argmax of each row: of CPU rows of fp32 or bf16 in the C kernel (gptchat_argmax, the same index as
+    torch.argmax: 16 x 50257 fp32 logits 1.2 ms -> ~0.1 on a 2-core Xeon; picks.argmax); other 16-bit CPU logits are widened
+    first (exact; the same index): PyTorch's CPU argmax of 16 x 50257 bf16 logits took 1.5 ms against 0.64 ms
+    with the widening, 6% of a bf16 batch-16 decode step on a 2-core Zen 4."""
+    picked = picks.argmax(logits)
+    if picked is not None:
+        return picked
     if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
     return torch.argmax(logits, dim=-1)
@@ -123,7 +127,7 @@ def sample(
     best = None
     if 0 < params.top_k < logits.shape[-1]:
         penalised = _penalised(logits, params, seen)
-        if native.can_sample_top_k(penalised, params.top_k) and u.device.type == "cpu":
+        if picks.can_sample_top_k(penalised, params.top_k) and u.device.type == "cpu":
             return _native_top_k(penalised, params, u)
         best = _top_k_probs(penalised, params)
     elif params.top_p < 1.0:
@@ -135,10 +139,10 @@ def sample(
 
 
 def _native_top_k(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
-    """Top-k draws in the C kernel (native.sample_top_k): the same walk as ``_top_k_probs`` and ``_draw``, in one
+    """Top-k draws in the C kernel (picks.sample_top_k): the same walk as ``_top_k_probs`` and ``_draw``, in one
     pass over each row (PyTorch's topk alone took ~90 us of the ~175 us a 124M row's draw took, ~15 us here).
     A row it leaves (a tie among its k + 1 best, a NaN or an infinity) is drawn from its whole filtered row."""
-    tok, left = native.sample_top_k(logits, params.top_k, params.temperature, params.top_p, u)
+    tok, left = picks.sample_top_k(logits, params.top_k, params.temperature, params.top_p, u)
     for r in torch.nonzero(tok < 0)[:, 0].tolist() if left else ():
         tok[r] = _draw(filtered_probs(logits[r : r + 1], params), u[r : r + 1])[0]
     return tok

@@ -139,9 +139,6 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_rows.argtypes = [_P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_rows.restype = ctypes.c_int
     lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
-    lib.gptchat_sample_topk.argtypes = [_P, _L, _L, _L, _L, ctypes.c_double, ctypes.c_double, _P, _P,
-                                        ctypes.c_int]
-    lib.gptchat_sample_topk.restype = ctypes.c_int
     lib.gptchat_fewrows.argtypes, lib.gptchat_fewrows.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     lib.gptchat_set_prefetch.argtypes, lib.gptchat_set_prefetch.restype = [_L], None
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
@@ -422,25 +419,3 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, k: i
     kernel().gptchat_dequant(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), n0, n1, k, padded(1, k)[1],
                              torch.get_num_threads())
     return out
-
-
-TOP_K_MAX = 256  # the most tokens gptchat_sample_topk keeps (TOPK_MAX in qkernel.c)
-
-
-def can_sample_top_k(logits: torch.Tensor, k: int) -> bool:
-    """``sample_top_k`` applies: fp32 CPU logits (B, V) with unit stride along V, 1 < k < V, k <= TOP_K_MAX, the
-    kernel built."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-            and logits.stride(1) == 1 and 1 < k <= TOP_K_MAX and k < logits.shape[1] and kernel() is not None)
-
-
-def sample_top_k(logits: torch.Tensor, k: int, temperature: float, top_p: float,
-                 u: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(tokens (B,), rows left): each row's token drawn from its ``k`` best logits after temperature and top-p with
-    its uniform ``u`` (B,) float64, or -1 for a row the caller must draw from its whole row (gptchat_sample_topk)."""
-    B, V = logits.shape
-    u = u.to(torch.float64).contiguous()
-    out = torch.empty(B, dtype=torch.long)
-    left = kernel().gptchat_sample_topk(logits.data_ptr(), B, V, logits.stride(0), k, temperature, top_p,
-                                        u.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out, left

@@ -1018,6 +1018,49 @@ static long topk_draw(float *bv, long *bi, long k, double temperature, double to
     return bi[last];
 }
 
+/* out[b] = the index of row b's largest value (rows of V fp32, or bf16 with bf; ld elements apart), as
+   torch.argmax takes it: the first of equal values, and the first NaN where a row has one. Greedy decoding's one
+   step on the logits: PyTorch's took 1.2 ms for 16 rows of 50257 on a 2-core Xeon (2.5% of a batch-16 fp32 step). */
+static long row_argmax(const void *r, long V, int bf) {
+    const long n8 = V / 8 * 8;
+    long at = -1;
+    float top = 0.f;
+    if (n8) {
+        __m256 best = load8(r, 0, bf), nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+        __m256i where = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = where;
+        const __m256i eight = _mm256_set1_epi32(8);
+        for (long k = 8; k < n8; k += 8) {
+            cur = _mm256_add_epi32(cur, eight);
+            const __m256 v = load8(r, k, bf), gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            best = _mm256_blendv_ps(best, v, gt);
+            where = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(where), _mm256_castsi256_ps(cur), gt));
+        }
+        if (_mm256_movemask_ps(nan)) {
+            for (long k = 0; k < V; k++)
+                if (isnan(ld1(r, k, bf))) return k;
+        }
+        float bv[8];
+        int32_t bi[8];
+        _mm256_storeu_ps(bv, best);
+        _mm256_storeu_si256((__m256i *)bi, where);
+        at = bi[0], top = bv[0];
+        for (int i = 1; i < 8; i++)
+            if (bv[i] > top || (bv[i] == top && bi[i] < at)) at = bi[i], top = bv[i];
+    }
+    for (long k = n8; k < V; k++) {
+        const float v = ld1(r, k, bf);
+        if (isnan(v)) return k;
+        if (at < 0 || v > top) at = k, top = v;
+    }
+    return at;
+}
+
+void gptchat_argmax(const void *x, long B, long V, long ld, int bf, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < B; b++) out[b] = row_argmax((const char *)x + b * ld * (bf ? 2 : 4), V, bf);
+}
+
 /* out[r] = the token drawn for row r of logits [B][ld] (V used) with uniform u[r], rows shared among threads;
    -1: see above. k < V, 1 < k <= TOPK_MAX, temperature > 0, 0 < top_p <= 1 (1: off). Returns how many rows
    got -1. */

@@ -185,12 +185,41 @@ def test_greedy_of_16_bit_logits_is_their_own_argmax_ties_included():
 
 @pytest.mark.skipif(__import__("gptchat.core.model.native", fromlist=["kernel"]).kernel() is None,
                     reason="the C kernels cannot be built here")
+def test_the_c_argmax_is_torchs_ties_nans_and_infinities_included():
+    from gptchat.core.generate.sampling import greedy
+    from gptchat.core.model import picks
+
+    g = torch.Generator().manual_seed(13)
+    for V in (1, 5, 8, 9, 17, 1000, 50257):  # rows shorter than a vector, a tail past the vectors
+        wide = torch.randn(12, V + 3, generator=g) * 3
+        x = wide[:, :V]  # rows apart in memory, as the engine's logits[:, :vocab] are
+        x[1] = float("-inf")  # every value -inf: the first
+        x[2] = 4.0  # every value equal: the first
+        x[3, V // 2 :] = x[3].max() + 1  # the best tied from the middle to the end: the middle
+        x[4, V - 1] = float("nan")  # a NaN in the tail, then one earlier: the first NaN
+        x[5, V // 3] = x[5, V - 1] = float("nan")
+        x[6, V - 1] = float("inf")
+        x[7, 0] = x[7].max() + 1  # at the very start
+        x[8, -1] = x[8].max() + 1  # at the very end
+        x[9, V // 2 :: 8] = x[9].max() + 2  # tied in one vector lane at several places, and in others
+        x[10, :] = -0.0
+        x[10, V // 2] = 0.0  # -0.0 and 0.0 are equal: the first
+        for dt in (torch.float32, torch.bfloat16):
+            lg = x.to(dt)
+            got = picks.argmax(lg)
+            assert got is not None and torch.equal(got, torch.argmax(lg, dim=-1)), (V, dt, got, torch.argmax(lg, -1))
+            assert torch.equal(greedy(lg), got)
+    assert picks.argmax(torch.randn(3, 10).half()) is None and picks.argmax(torch.randn(10, 3).t()) is None
+
+
+@pytest.mark.skipif(__import__("gptchat.core.model.native", fromlist=["kernel"]).kernel() is None,
+                    reason="the C kernels cannot be built here")
 def test_the_c_top_k_draw_picks_the_whole_rows_token():
     """The kernel's top-k draw (one pass over each row) gives, for the same uniform, the token the whole filtered
     row gives; rows it cannot take (ties among the k + 1 best, NaN, infinities) come back -1 and sample() draws
     them from the whole row, leaving the other rows of the batch to the kernel."""
     from gptchat.core.generate import sampling
-    from gptchat.core.model import native
+    from gptchat.core.model import picks
 
     g = torch.Generator().manual_seed(11)
     cases = [(50257, SamplingParams(temperature=0.8, top_k=40)), (3000, SamplingParams(temperature=1.3, top_k=256)),
@@ -201,10 +230,10 @@ def test_the_c_top_k_draw_picks_the_whole_rows_token():
         x = wide[:, :V]  # rows apart in memory, as the engine's logits[:, :vocab] are
         if V - V // 2 > params.top_k + 1:
             x[5, : V // 2] = float("-inf")  # half the row out of reach
-        assert native.can_sample_top_k(x, params.top_k)
+        assert picks.can_sample_top_k(x, params.top_k)
         for _ in range(20):
             u = torch.rand(6, dtype=torch.float64, generator=g)
-            tok, left = native.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
+            tok, left = picks.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
             assert left == 0
             assert torch.equal(tok, sampling._draw(sampling.filtered_probs(x, params), u)), (V, params)
 
@@ -214,7 +243,7 @@ def test_the_c_top_k_draw_picks_the_whole_rows_token():
     x[3, 8] = float("inf")
     params = SamplingParams(temperature=1.0, top_k=5)
     u = torch.rand(4, dtype=torch.float64, generator=g)
-    tok, left = native.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
+    tok, left = picks.sample_top_k(x, params.top_k, params.temperature, params.top_p, u)
     assert left == 3 and tok[1:].tolist() == [-1, -1, -1] and tok[0] >= 0
     # sample(): the tie's row from its whole row, the other by the kernel, each with its own generator's uniform
     u = torch.cat([torch.rand(1, generator=make_generator(s), dtype=torch.float64) for s in (4, 5)])
