@@ -214,7 +214,7 @@ def run(
         report.huge_pages = hugepages.share(streamed_weights(eng.model))  # after use: the pages are in
         cfg = eng.model.config
         report.prefill_gflop = prefill_flops(cfg, prompt_tokens) / 1e9
-        report.prefill_int8 = eng.quantize == "int8" and intmm.wins(prompt_tokens, False)
+        report.prefill_int8 = eng.quantize == "int8" and prompt_tokens > NATIVE_ROWS and intmm.wins(prompt_tokens)
         report.product_gflops = product_rate(cfg, prompt_tokens, eng.dtype, eng.device,
                                              int8=report.prefill_int8) / 1e9
         report.results.append(Result(f"prefill {prompt_tokens} tokens", "s", t, t_ref,

@@ -17,6 +17,7 @@ import torch
 
 from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
+from gptchat.core.model.trial import Trial
 
 BLOCK = 512  # outputs unpacked at a time: [512, K] int8 (384 KB at K 768) and its [2 x CHUNK, 512] int32 sums in L2
 CHUNK = 256  # activation rows a GEMM call: their int32 sums, [512, 512], 1 MB
@@ -70,53 +71,67 @@ def product(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 
 FEW = 16  # fewer rows a call stay on the C kernel: at 8 rows the two were even on a 2-core Xeon with AMX
 
+# (outputs, inputs, rows) -> the way calls of FEW to quant.NATIVE_ROWS rows of that shape go: timed on the calls
+# themselves (a batch's decode steps), as a warm harness misjudged them: at 16 rows one 768 x 3072 product in
+# cache ran 0.56-0.64 ms on the C kernel and 0.62-0.78 here, yet batch-16 decode was 1.06x faster here in the
+# same phase of the same 2-core Xeon (1.31x in a faster one)
+_few: dict[tuple[int, int, int], Trial] = {}
 
-def wins(rows: int, against_kernel: bool) -> bool:
-    """Whether a product of ``rows`` rows goes to ``product``: from FEW rows, where timed faster on this machine
-    than the way that would run it otherwise (``against_kernel``: the C kernel, gptchat_qgemm; else an fp32
-    product on the dequantized weight)."""
-    return rows >= FEW and available() and _beats()[0 if against_kernel else 1]
+
+def few_rows(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+             n: int) -> torch.Tensor:
+    """x (..., K) fp32 contiguous of FEW to quant.NATIVE_ROWS rows times the int8 groups -> (..., n): on the C kernel
+    (native.gemm) or ``product``, whichever the calls of this shape timed faster."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    trial = _few.get((n, k, rows))
+    if trial is None:
+        trial = _few[(n, k, rows)] = Trial(("kernel", "gemm"))
+    way = trial.next()
+    t0 = time.perf_counter()
+    y = (native.gemm(packed, scale, bias, x, n) if way == "kernel"
+         else product(packed, scale, bias, x.view(rows, k), n).view(*x.shape[:-1], n))
+    if trial.timing:
+        trial.record(way, time.perf_counter() - t0)
+    return y
+
+
+def wins(rows: int) -> bool:
+    """Whether a product of more than quant.NATIVE_ROWS ``rows`` rows goes to ``product``: where timed faster
+    on this machine than an fp32 product on the dequantized weight."""
+    return rows >= FEW and available() and _beats()
 
 
 def describe(kernel_rows: int) -> str:
     """Which products go to ``product`` on this machine, in words ("" for none); ``kernel_rows``: the most rows
-    the C kernel would otherwise take (quant.NATIVE_ROWS)."""
+    the C kernel takes (quant.NATIVE_ROWS)."""
     if not available():
         return ""
-    few, many = _beats()
-    if few and many:
-        return f"PyTorch's int8 GEMM from {FEW} rows"
-    if few:
-        return f"PyTorch's int8 GEMM for {FEW}-{kernel_rows} rows"
-    return f"PyTorch's int8 GEMM beyond {kernel_rows} rows" if many else ""
+    few = f"{FEW}-{kernel_rows} rows where timed faster in use"
+    return f"PyTorch's int8 GEMM beyond {kernel_rows} rows, {few}" if _beats() else f"PyTorch's int8 GEMM for {few}"
 
 
 @functools.lru_cache(maxsize=1)
-def _beats() -> tuple[bool, bool]:
-    """Timed once a process (~30 ms): 16 rows through a 768 x 3072 int8 weight against the C kernel, and 1024
-    rows through a 768 x 768 one against the fp32 product on the dequantized weight (PyTorch's GEMM or gptchat's
-    panels, whichever ``native.gemm_beats_panels`` picked), best of three after a warm-up each. Measured on a
-    2-core Xeon with AMX: 16 rows 1.4x the C kernel's speed, 1000 rows 2.5-2.9x PyTorch's fp32 GEMM; without
-    AMX the int8 GEMM may lose (oneDNN's VNNI or AVX2 kernels), hence the timing."""
+def _beats() -> bool:
+    """Timed once a process (~20 ms): 1024 rows through a 768 x 768 int8 weight against the fp32 product on the
+    dequantized weight (PyTorch's GEMM or gptchat's panels, whichever ``native.gemm_beats_panels`` picked), best
+    of three after a warm-up each. Measured on a 2-core Xeon with AMX: 2.5-2.9x PyTorch's fp32 GEMM at 1000
+    rows; without AMX the int8 GEMM may lose (oneDNN's VNNI or AVX2 kernels), hence the timing."""
     gen = torch.Generator().manual_seed(0)
-    found = []
-    for rows, n in ((16, 3072), (1024, 768)):
-        q = torch.randint(-127, 128, (n, 768), dtype=torch.int8, generator=gen)
-        packed, scale, bias = native.pack(q), torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
-        x = torch.randn(rows, 768, generator=gen)
-        if rows == 16:
-            other = functools.partial(native.gemm, packed, scale, bias, x, n)
-        elif native.gemm_beats_panels():
-            other = functools.partial(torch.addmm, bias, x, (q.float() * scale[:, None]).t())
-        else:
-            other = functools.partial(native.qsgemm, packed, scale, bias, x, n)
-        best = [float("inf"), float("inf")]
-        with torch.inference_mode():
-            for rep in range(4):  # the first: a warm-up
-                for i, way in enumerate((functools.partial(product, packed, scale, bias, x, n), other)):
-                    t = time.perf_counter()
-                    way()
-                    if rep:
-                        best[i] = min(best[i], time.perf_counter() - t)
-        found.append(best[0] < best[1])
-    return found[0], found[1]
+    n = 768
+    q = torch.randint(-127, 128, (n, 768), dtype=torch.int8, generator=gen)
+    packed, scale, bias = native.pack(q), torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
+    x = torch.randn(1024, 768, generator=gen)
+    if native.gemm_beats_panels():
+        other = functools.partial(torch.addmm, bias, x, (q.float() * scale[:, None]).t())
+    else:
+        other = functools.partial(native.qsgemm, packed, scale, bias, x, n)
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        for rep in range(4):  # the first: a warm-up
+            for i, way in enumerate((functools.partial(product, packed, scale, bias, x, n), other)):
+                t = time.perf_counter()
+                way()
+                if rep:
+                    best[i] = min(best[i], time.perf_counter() - t)
+    return best[0] < best[1]

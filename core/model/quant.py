@@ -10,8 +10,9 @@ activation row is rounded to int16 with its own scale and multiplied exactly in 
 never depends on the other rows of its call); calls of more than NATIVE_ROWS rows (prefill, eval)
 multiply in fp32 on dequantized weights instead, in gptchat's panel kernel (native.qsgemm) or PyTorch's GEMM,
 whichever ``native.gemm_beats_panels`` timed faster on this machine. From intmm.FEW rows, where timed faster
-still (a 2-core Xeon with AMX: 1.4x the C kernel at 16 rows, 2.5-2.9x MKL's fp32 GEMM at 1000), the same int16
-rows go through PyTorch's int8 GEMM as two byte rows each (core/model/intmm.py): the C kernel's integer sums.
+still (a 2-core Xeon with AMX: batch-16 decode 1.06-1.31x the C kernel's, 2.5-2.9x MKL's fp32 GEMM at 1000
+rows), the same int16 rows go through PyTorch's int8 GEMM as two byte rows each (core/model/intmm.py): the C
+kernel's integer sums.
 Measured on
 this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, `gptchat bench`
 alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling) against fbgemm's
@@ -101,7 +102,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.native and x.dtype == torch.float32 and rows <= NATIVE_ROWS and not intmm.wins(rows, True):
+        if self.native and x.dtype == torch.float32 and rows <= NATIVE_ROWS:
+            if rows >= intmm.FEW and intmm.available():  # the C kernel or the int8 GEMM, as timed in use
+                return intmm.few_rows(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
             return native.gemm(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, in)
@@ -116,11 +119,11 @@ class QuantLinear(nn.Module):
         return y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows (prefill, eval; from intmm.FEW rows where the int8 GEMM won its timing): PyTorch's int8 GEMM
-        (core/model/intmm.py) where it was timed faster than the other ways, else fp32 products on whichever of
-        two ways is faster here (``native.gemm_beats_panels``: on a 2-core Zen 4 the panels 1.06-1.29x, on a
-        2-core Xeon with two 512-bit FMA units the GEMM 1.6-1.8x, 1000 rows through 124M's shapes)."""
-        if intmm.wins(x.shape[0], x.shape[0] <= NATIVE_ROWS):
+        """Many rows (prefill, eval): PyTorch's int8 GEMM (core/model/intmm.py) where it was timed faster than the
+        other ways, else fp32 products on whichever of two ways is faster here (``native.gemm_beats_panels``: on a
+        2-core Zen 4 the panels 1.06-1.29x, on a 2-core Xeon with two 512-bit FMA units the GEMM 1.6-1.8x, 1000
+        rows through 124M's shapes)."""
+        if intmm.wins(x.shape[0]):
             return intmm.product(self.packed, self.scale, self.bias, x.contiguous(), self.out_features)
         return self._through_gemm(x) if native.gemm_beats_panels() else self._through_panels(x)
 

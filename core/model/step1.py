@@ -34,7 +34,6 @@ one). ``GPTCHAT_STEP1=0`` turns it off; ``GPTCHAT_WIDE=0`` keeps bf16 rows in AV
 from __future__ import annotations
 
 import ctypes
-import statistics
 import time
 import weakref
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from torch import nn
 from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.quant import QuantEmbedding, QuantLinear
+from gptchat.core.model.trial import Trial
 
 
 class Plan:
@@ -205,33 +205,10 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Plan
 _held: dict[int, Plan] = {}  # id(model) -> its plan, checked once for a whole generation (``held``)
 
 
-class Prefetch:
-    """How far ahead the int8 products prefetch (qkernel.c's ``prefetch_ahead``), picked from the process's first
-    int8 decode steps: they take the candidate distances in turn, each step timed, and after a warm-up round and
-    ``rounds`` more the one with the lowest median time stays. The best distance is the machine's: on a 2-core AMD
-    Zen 4 256 bytes (2048: 0.6-0.9x), on a 2-core Xeon with AMX 2048 (256: 0.66-0.75x; batch-1 decode 0.56-0.59 ->
-    0.73-0.88 of its ceiling). The results are the same whichever runs."""
-
-    def __init__(self, candidates: tuple[int, ...] = (256, 2048), rounds: int = 4):
-        self.candidates, self.rounds, self.steps = candidates, rounds, 0
-        self.times: dict[int, list[float]] = {c: [] for c in candidates}
-        self.chosen: int | None = None
-
-    def trial(self) -> int | None:
-        """The distance the next int8 step is to be timed with, or None once one was chosen."""
-        return None if self.chosen is not None else self.candidates[self.steps % len(self.candidates)]
-
-    def record(self, distance: int, seconds: float) -> None:
-        self.steps += 1
-        if self.steps <= len(self.candidates):  # the warm-up round
-            return
-        self.times[distance].append(seconds)
-        if all(len(t) >= self.rounds for t in self.times.values()):
-            self.chosen = min(self.candidates, key=lambda c: statistics.median(self.times[c]))
-            native.set_prefetch(self.chosen)
-
-
-_prefetch = Prefetch()
+# How far ahead the int8 products prefetch (qkernel.c's ``prefetch_ahead``), picked from the process's first int8
+# decode steps (trial.Trial): on a 2-core AMD Zen 4 256 bytes (2048: 0.6-0.9x), on a 2-core Xeon with AMX 2048
+# (256: 0.66-0.75x; batch-1 decode 0.56-0.59 -> 0.73-0.88 of its ceiling).
+_prefetch = Trial((256, 2048), on_choice=native.set_prefetch)
 
 
 def plan(model: nn.Module) -> Plan | None:
@@ -308,7 +285,7 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
         lookup = (None, None, None, 0, 0, 0, None)
     wf, bf = p.ln_f
     pick = p.pick.data_ptr() if out is not None and p.pick_below and p.pick_below <= p.vocab else None
-    trial = _prefetch.trial() if p.kind == INT8 else None
+    trial = _prefetch.next() if p.kind == INT8 and _prefetch.timing else None
     if trial is not None:
         native.set_prefetch(trial)
         t0 = time.perf_counter()

@@ -47,33 +47,55 @@ def test_the_int8_gemm_sums_the_same_integers_as_the_c_kernel(monkeypatch):
                 assert torch.allclose(y[:16], by_kernel, rtol=1e-6, atol=1e-6 * by_kernel.abs().max().item())
 
 
+def test_calls_of_a_few_rows_take_the_way_their_own_calls_timed_faster(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    q, scale = quant.quantize_rows(torch.randn(64, 32, generator=gen))
+    lin = quant.QuantLinear(q, scale, torch.randn(64, generator=gen))
+    products = spy(monkeypatch, intmm, "product")
+    kernel = spy(monkeypatch, quant.native, "gemm")
+    monkeypatch.setattr(intmm, "_few", {})
+    x = torch.randn(intmm.FEW, 32, generator=gen)
+    with torch.inference_mode():
+        lin(x[: intmm.FEW - 1])  # too few rows: the C kernel, untimed
+        assert (len(products), len(kernel)) == (0, 1) and not intmm._few
+        ways = []
+        for _ in range(10):  # a warm-up round and four more of the two ways, in turn
+            before = len(products)
+            y = lin(x)
+            ways.append("gemm" if len(products) > before else "kernel")
+        assert ways == ["kernel", "gemm"] * 5
+        trial = intmm._few[(64, 32, intmm.FEW)]
+        assert trial.chosen in ("kernel", "gemm") and all(len(t) == 4 for t in trial.times.values())
+        before = (len(products), len(kernel))
+        assert torch.allclose(lin(x), y, rtol=1e-6, atol=1e-6)  # the same integer sums either way
+        took = "gemm" if len(products) > before[0] else "kernel"
+        assert took == trial.chosen and len(products) + len(kernel) == sum(before) + 1
+        lin(torch.randn(intmm.FEW + 1, 32, generator=gen))  # another number of rows: timed on its own
+        assert (64, 32, intmm.FEW + 1) in intmm._few
+        monkeypatch.setenv("GPTCHAT_INTMM", "0")  # the switch: the C kernel, untimed
+        calls = len(kernel)
+        lin(torch.randn(intmm.FEW + 2, 32, generator=gen))
+        assert len(kernel) == calls + 1 and (64, 32, intmm.FEW + 2) not in intmm._few
+
+
 def test_products_of_many_rows_take_the_int8_gemm_only_where_it_was_timed_faster(monkeypatch):
     gen = torch.Generator().manual_seed(12)
     q, scale = quant.quantize_rows(torch.randn(64, 32, generator=gen))
     lin = quant.QuantLinear(q, scale, torch.randn(64, generator=gen))
-    assert isinstance(intmm._beats()[0], bool) and isinstance(intmm._beats()[1], bool)
-    assert intmm._beats.cache_info().currsize == 1  # timed once a process
+    assert isinstance(intmm._beats(), bool) and intmm._beats.cache_info().currsize == 1  # timed once a process
     products = spy(monkeypatch, intmm, "product")
-    kernel = spy(monkeypatch, quant.native, "gemm")
     fp32 = spy(monkeypatch, quant.QuantLinear, "_through_gemm")
     monkeypatch.setattr(quant.native, "gemm_beats_panels", lambda: True)
     with torch.inference_mode():
-        for beats in ((True, True), (False, False), (True, False), (False, True)):
+        for beats in (True, False):
             monkeypatch.setattr(intmm, "_beats", lambda b=beats: b)
-            for rows, against_kernel in ((intmm.FEW - 1, True), (intmm.FEW, True), (quant.NATIVE_ROWS + 1, False)):
-                before = (len(products), len(kernel), len(fp32))
-                lin(torch.randn(rows, 32, generator=gen))
-                took = [now - was for now, was in zip((len(products), len(kernel), len(fp32)), before)]
-                if rows < intmm.FEW:
-                    assert took == [0, 1, 0], (beats, rows)  # too few rows: always the C kernel
-                elif beats[0 if against_kernel else 1]:
-                    assert took == [1, 0, 0], (beats, rows)
-                else:
-                    assert took == ([0, 1, 0] if against_kernel else [0, 0, 1]), (beats, rows)
-        monkeypatch.setattr(intmm, "_beats", lambda: (True, True))
+            before = (len(products), len(fp32))
+            lin(torch.randn(quant.NATIVE_ROWS + 1, 32, generator=gen))
+            assert (len(products) - before[0], len(fp32) - before[1]) == ((1, 0) if beats else (0, 1))
+        monkeypatch.setattr(intmm, "_beats", lambda: True)
         monkeypatch.setenv("GPTCHAT_INTMM", "0")  # the switch
         lin(torch.randn(quant.NATIVE_ROWS + 1, 32, generator=gen))
-        assert len(products) == 4 and not intmm.wins(1000, False)
+        assert len(products) == 1 and not intmm.wins(1000)
 
 
 def test_the_bench_rates_int8_prefills_at_the_int8_gemms_own_speed():

@@ -14,6 +14,7 @@ from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model import flash, native, quant, step1
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
+from gptchat.core.model.trial import Trial
 from gptchat.core.train.lora import add_lora
 from tests.factory import hf_model, save, spy
 from tests.factory import threads as using
@@ -491,23 +492,25 @@ def test_a_greedy_generation_takes_the_steps_pick(monkeypatch):
     assert got == ref
 
 
-def test_the_int8_prefetch_distance_is_the_one_its_steps_timed_fastest(monkeypatch):
-    set_to = spy(monkeypatch, native, "set_prefetch")
-    tuner = step1.Prefetch((256, 2048), rounds=3)
-    # the warm-up round (slow for either) is not counted; then 2048 is faster in the median, not in every step
+def test_a_trial_keeps_the_candidate_its_calls_timed_fastest_in_the_median():
+    chosen = []
+    tuner = Trial((256, 2048), rounds=3, on_choice=chosen.append)
+    # the warm-up round (slow for either) is not counted; then 2048 is faster in the median, not in every call
     times = {256: [9.0, 7.0, 6.0, 7.5], 2048: [9.0, 6.5, 6.4, 6.2]}
     for i in range(4):
         for d in (256, 2048):
-            assert tuner.trial() == d
+            assert tuner.timing and tuner.next() == d
             tuner.record(d, times[d][i])
-    assert tuner.chosen == 2048 and tuner.trial() is None and set_to[-1] == (2048,)
+    assert tuner.chosen == 2048 and not tuner.timing and tuner.next() == 2048 and chosen == [2048]
     assert tuner.times == {256: [7.0, 6.0, 7.5], 2048: [6.5, 6.4, 6.2]}
+    tuner.record(256, 0.1)  # decided: later calls change nothing
+    assert tuner.chosen == 2048 and chosen == [2048]
 
 
 def test_an_int8_step_gives_the_same_logits_at_any_prefetch_distance(monkeypatch):
     m = quant.quantize_model(_model())
     ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(4)).tolist()
-    tuner = step1.Prefetch()
+    tuner = Trial((256, 2048))
     tuner.chosen = 256  # no timing in this test: the distances are set by hand
     monkeypatch.setattr(step1, "_prefetch", tuner)
     calls = _spy(monkeypatch)
@@ -523,12 +526,14 @@ def test_an_int8_step_gives_the_same_logits_at_any_prefetch_distance(monkeypatch
 
 
 def test_an_int8_engines_first_steps_pick_the_prefetch_distance(tmp_path, monkeypatch):
-    tuner = step1.Prefetch((256, 2048), rounds=2)
+    set_to = spy(monkeypatch, native, "set_prefetch")
+    tuner = Trial((256, 2048), rounds=2, on_choice=native.set_prefetch)
     monkeypatch.setattr(step1, "_prefetch", tuner)
     eng = Engine.load(str(save(hf_model(seed=6), tmp_path / "m")), device="cpu", quantize="int8")
-    for _ in eng.generate([[5, 6, 7]], SamplingParams(greedy=True), 8, ignore_eos=True):
-        pass
     try:
+        for _ in eng.generate([[5, 6, 7]], SamplingParams(greedy=True), 8, ignore_eos=True):
+            pass
         assert tuner.chosen in (256, 2048) and all(len(t) == 2 for t in tuner.times.values())
+        assert [a[0] for a in set_to] == [256, 2048] * 3 + [tuner.chosen]  # each timed step its own, then the pick
     finally:
         native.set_prefetch(256)
