@@ -141,6 +141,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_bgemm.argtypes, lib.gptchat_bgemm.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     lib.gptchat_fewrows.argtypes, lib.gptchat_fewrows.restype = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int], ctypes.c_int
     lib.gptchat_set_prefetch.argtypes, lib.gptchat_set_prefetch.restype = [_L], None
+    lib.gptchat_amx_ok.argtypes, lib.gptchat_amx_ok.restype = [], ctypes.c_int
+    lib.gptchat_amx_bgemm.argtypes, lib.gptchat_amx_bgemm.restype = lib.gptchat_bgemm.argtypes, ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int
@@ -317,8 +319,19 @@ def bpanels(w: torch.Tensor) -> torch.Tensor:
 
 
 def bgemm(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    """x (..., K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (..., n) bf16, sums in fp32."""
-    return _panel_product(kernel().gptchat_bgemm, packed, bias, x, n)
+    """x (..., K) bf16 contiguous times weights from ``bpanels`` (+ bias, bf16) -> (..., n) bf16, sums in fp32: on
+    AMX tiles for up to 64 rows where ``amx`` (K a multiple of 32), else in AVX512-BF16."""
+    k = x.shape[-1]
+    tiles = x.numel() <= 64 * k and k % 32 == 0 and amx()
+    return _panel_product(kernel().gptchat_amx_bgemm if tiles else kernel().gptchat_bgemm, packed, bias, x, n)
+
+
+@functools.lru_cache(maxsize=1)
+def amx() -> bool:
+    """The kernel's AMX products run here: a CPU with AMX-BF16, a compiler that knew its intrinsics, and Linux
+    granting the process the tiles' state; ``GPTCHAT_AMX=0`` says no."""
+    return (not switched_off("GPTCHAT_AMX") and avx512(bf16=True) and "amx_bf16" in cpu_flags()
+            and bool(kernel().gptchat_amx_ok()))
 
 
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:

@@ -49,8 +49,10 @@ def kind(device: torch.device, dtype: torch.dtype) -> str | None:
         return None
     if dtype == torch.float32 and native.kernel() is not None:
         return "panels"
-    if dtype == torch.bfloat16 and native.avx512(bf16=True) and not cpu_amx_bf16():
-        return "bpanels"  # (with AMX, oneDNN's products run on its tiles: batch-16 bf16 decode 1.45x the panels')
+    if dtype == torch.bfloat16 and native.avx512(bf16=True) and (not cpu_amx_bf16() or native.amx()):
+        # with AMX, on its tiles (native.amx): oneDNN's products on them had run batch-16 bf16 decode 1.45x the
+        # AVX512-BF16 panels'
+        return "bpanels"
     if not torch.backends.mkldnn.is_available():
         return None
     if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):

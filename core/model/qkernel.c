@@ -1940,3 +1940,109 @@ int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const f
     return -3;
 }
 #endif
+
+/* ---- bf16 products of up to 64 rows on AMX tiles (batched bf16 decode on CPUs with AMX) ----
+
+   The bf16 panels above ([ceil(N / 16)][K / 2][16][2]) are already the layout AMX multiplies: 32 inputs of a
+   panel, 16 pairs x 16 outputs, are 16 rows of 64 bytes, one B tile. Up to 16 activation rows are an A tile
+   (32 inputs each), their 16 sums a C tile (fp32); each panel's tile is read once for up to four blocks of 16
+   rows. Each thread takes whole panels. K a multiple of 32. On a 2-core Xeon with AMX, a 124M model's 49
+   products at 16 rows: 0.69 of a plain read's speed with no software prefetch, 0.49-0.60 prefetching 1-16 tiles
+   ahead, 0.65 taking two panels a pass; batch-16 bf16 decode 1.1x oneDNN's packed products (1.76-1.80x -> 1.99x
+   transformers'). */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("amx-tile,amx-bf16")))
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t zero[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+/* Linux hands a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA): 1 granted */
+int gptchat_amx_ok(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+/* one C tile's M x 16 sums + bias -> bf16 outputs n0.. of rows r0.. */
+static void amx_out(const float *t, const uint16_t *b, uint16_t *y, long rows, long r0, long n0, long N) {
+    const long nn = N - n0 < 16 ? N - n0 : 16;
+    for (long r = 0; r < rows; r++)
+        for (long j = 0; j < nn; j++) y[(r0 + r) * N + n0 + j] = to_bf16(t[r * 16 + j] + (b ? ld1(b, n0 + j, 1) : 0.f));
+}
+
+static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
+                         long p0, long p1) {
+    const long RB = (M + 15) / 16, last = M - (RB - 1) * 16, chunks = K / 32;
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[0] = 16, c.colsb[0] = 64;   /* A: a block of 16 rows */
+    c.rows[1] = 16, c.colsb[1] = 64;   /* B: 16 pairs of inputs x 16 outputs */
+    c.rows[2] = last, c.colsb[2] = 64; /* A: the last block */
+    for (long t = 0; t < RB; t++) c.rows[4 + t] = t == RB - 1 ? last : 16, c.colsb[4 + t] = 64;
+    _tile_loadconfig(&c);
+    float out[16 * 16];
+    for (long p = p0; p < p1; p++) {
+        const uint16_t *panel = Wp + p * K * 16;
+        switch (RB) { /* tile numbers are immediates */
+        case 4: _tile_zero(7); /* fall through */
+        case 3: _tile_zero(6); /* fall through */
+        case 2: _tile_zero(5); /* fall through */
+        default: _tile_zero(4);
+        }
+        for (long ch = 0; ch < chunks; ch++) {
+            const uint16_t *bt = panel + ch * 512, *a = x + ch * 32;
+            _tile_loadd(1, bt, 64);
+            switch (RB) {
+            case 4:
+                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+                _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
+                _tile_loadd(0, a + 32 * K, K * 2); _tile_dpbf16ps(6, 0, 1);
+                _tile_loadd(2, a + 48 * K, K * 2); _tile_dpbf16ps(7, 2, 1);
+                break;
+            case 3:
+                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+                _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
+                _tile_loadd(2, a + 32 * K, K * 2); _tile_dpbf16ps(6, 2, 1);
+                break;
+            case 2:
+                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+                _tile_loadd(2, a + 16 * K, K * 2); _tile_dpbf16ps(5, 2, 1);
+                break;
+            default:
+                _tile_loadd(2, a, K * 2); _tile_dpbf16ps(4, 2, 1);
+            }
+        }
+        switch (RB) {
+        case 4: _tile_stored(7, out, 64); amx_out(out, b, y, last, 48, p * 16, N); /* fall through */
+        case 3: _tile_stored(6, out, 64); amx_out(out, b, y, RB == 3 ? last : 16, 32, p * 16, N); /* fall through */
+        case 2: _tile_stored(5, out, 64); amx_out(out, b, y, RB == 2 ? last : 16, 16, p * 16, N); /* fall through */
+        default: _tile_stored(4, out, 64); amx_out(out, b, y, RB == 1 ? last : 16, 0, p * 16, N);
+        }
+    }
+    _tile_release();
+}
+
+/* y [M, N] bf16 = x [M, K] bf16 times the bf16 panels (+ b, bf16), M <= 64: 0, or -3 (shapes it does not take) */
+int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
+                      int threads) {
+    if (M < 1 || M > 64 || K % 32) return -3;
+    const long P = (N + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        long p0, p1;
+        my_share(P, &p0, &p1);
+        if (p0 < p1) amx_part(Wp, b, x, y, M, N, K, p0, p1);
+    }
+    return 0;
+}
+#undef AMX
+#else
+int gptchat_amx_ok(void) { return 0; }
+int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
+                      int threads) {
+    return -3;
+}
+#endif

@@ -131,8 +131,13 @@ def _bf16_panels_here():
 @pytest.mark.parametrize("M,K,N", [(1, 8, 5), (3, 64, 16), (4, 768, 2304), (7, 100, 50257), (16, 3072, 768),
                                    (17, 520, 47), (64, 768, 70)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bf16_panels_equal_the_product_to_bf16_rounding(M, K, N, with_bias):
+@pytest.mark.parametrize("tiles", [False, True], ids=["avx512-bf16", "amx"])
+def test_bf16_panels_equal_the_product_to_bf16_rounding(M, K, N, with_bias, tiles, monkeypatch):
     _bf16_panels_here()
+    if tiles and not native.amx():
+        pytest.skip("no AMX here (or Linux did not grant its tiles)")
+    monkeypatch.setattr(native, "amx", lambda: tiles)
+    kernels = spy(monkeypatch, native.kernel(), "gptchat_amx_bgemm")
     g = torch.Generator().manual_seed(M * 1000 + N)
     w, b, x = (torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g).bfloat16(),
                torch.randn(M, K, generator=g).bfloat16())
@@ -141,6 +146,20 @@ def test_bf16_panels_equal_the_product_to_bf16_rounding(M, K, N, with_bias):
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     # fp32 sums of exact bf16 products, rounded once: within half a bf16 unit of the exact result (+ sum rounding)
     assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * K ** 0.5).all()
+    assert len(kernels) == (1 if tiles and K % 32 == 0 else 0)  # AMX takes inputs in tiles of 32
+
+
+def test_the_bf16_panels_go_on_amx_tiles_where_there_are_some(monkeypatch):
+    from gptchat.core.model import packed
+
+    if not native.avx512(bf16=True):
+        pytest.skip("the bf16 panels need AVX512-BF16 and a compiler that knows it")
+    assert isinstance(native.amx.__wrapped__(), bool)  # asks the CPU, the compiler and Linux
+    for amx_cpu, tiles, kinds in ((False, False, {"bpanels"}), (True, True, {"bpanels"}),
+                                  (True, False, {"onednn", None})):  # oneDNN's, where this PyTorch has it
+        monkeypatch.setattr(packed, "cpu_amx_bf16", lambda a=amx_cpu: a)
+        monkeypatch.setattr(native, "amx", lambda t=tiles: t)
+        assert packed.kind("cpu", torch.bfloat16) in kinds, (amx_cpu, tiles)
 
 
 def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
