@@ -12,11 +12,9 @@ multiply in fp32 on dequantized weights instead, in gptchat's panel kernel (nati
 whichever ``native.gemm_beats_panels`` timed faster on this machine. From intmm.FEW rows, where timed faster
 still (a 2-core Xeon with AMX: batch-16 decode 1.06-1.31x the C kernel's, 2.5-2.9x MKL's fp32 GEMM at 1000
 rows), the same int16 rows go through PyTorch's int8 GEMM as two byte rows each (core/model/intmm.py): the C
-kernel's integer sums.
-Measured on
-this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M weights, `gptchat bench`
-alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling) against fbgemm's
-40.1 (26%), batch 16 221.6 against 250.0, batch 32 276.7 against 325.4, prefill of 1000 tokens 2.0 s
+kernel's integer sums. Measured on this project's CPU (AMD EPYC Milan, AVX2, no VNNI, 2 threads), random 124M
+weights, `gptchat bench` alternating the two kernels: batch-1 decode 68.8 tok/s (50% of the bandwidth ceiling)
+against fbgemm's 40.1 (26%), batch 16 221.6 against 250.0, batch 32 276.7 against 325.4, prefill of 1000 tokens 2.0 s
 against 1.6 s; peak RSS of `generate` 447-452 MB against 505 MB; mean |logit - fp32 logit| on the
 trained test model 0.0036 against 0.0101. Elsewhere fbgemm's int8 x int8 product
 (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``), whose activation quantization is one
