@@ -145,6 +145,20 @@ def spy(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def took(monkeypatch, owner, name: str) -> list[bool]:
+    """Wrap ``owner.name``, a fast path that returns None where it does not apply (step1.run, stepn.run), so that
+    each call records whether it ran (True) or left the work to the caller (False); returns the record."""
+    real, calls = getattr(owner, name), []
+
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
 @contextlib.contextmanager
 def threads(n: int):
     """PyTorch's (and the C kernels') thread count set to ``n`` inside, restored after."""
@@ -154,3 +168,18 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def small_gpt(**kw):
+    """An eval-mode gptchat GPT (3 layers, 64 wide, 4 heads, 128 positions, 300 tokens unless ``kw`` says
+    otherwise) whose every weight, norm and bias is moved off its initial value, so that a misplaced one shows."""
+    from gptchat.core.model.config import GPTConfig
+    from gptchat.core.model.gpt import GPT
+
+    m = GPT(GPTConfig(**{**dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=300), **kw}))
+    m.init_weights(seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()

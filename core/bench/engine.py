@@ -26,7 +26,7 @@ from gptchat.core.bench import quality
 from gptchat.core.bench.ceilings import (paired_fraction, prefill_flops, product_rate, read_bandwidth,
                                          streamed_weights, weight_bytes_per_token)
 from gptchat.core.model.config import PRESETS
-from gptchat.core.model import hugepages, intmm, step1
+from gptchat.core.model import hugepages, intmm, step1, stepn
 from gptchat.core.model.quant import NATIVE_ROWS, QuantLinear
 from gptchat.core.generate import sampling
 from gptchat.core.generate.options import DEFAULTS
@@ -86,6 +86,7 @@ class Report:
     compile: dict | None = None  # --compile: warm_up_s, and compiled batch-1 decode against eager (same run)
     int8_kernel: str | None = None  # --quantize int8: "avx2" (core/model/native.py; and intmm.describe()) or "fbgemm"
     decode_step: str = ""  # batch-1 decode: "one C call" (core/model/step1.py) or "modules"
+    batch_step: str = ""  # batched decode: "one C call" (core/model/stepn.py) or "modules"; "" without batches
     huge_pages: float | None = None  # the share of those weights' bytes in 2 MB pages (hugepages.share)
 
 
@@ -225,6 +226,8 @@ def run(
             log(f"decode: batch {bs}, {n_new} new tokens")
             report.results.append(_bench_decode(eng, hf, report, torch.randint(0, vocab, (bs, 16), generator=gen),
                                                 greedy, n_new, repeats))
+        if max(batch_sizes) > 1:
+            report.batch_step = "one C call" if stepn.built(eng.packed_linears(max(batch_sizes))) else "modules"
         log("sampling: the default settings on random logits")
         _bench_sampler(report, vocab, eng.device, repeats)
         if compile:
@@ -373,7 +376,8 @@ def format_report(rep: Report) -> str:
         frac = f"{r.fraction:.0%}" if r.fraction else "-"
         lines.append(f"{r.name:28} {fmt(r.ours):>12} {ref:>14} {ratio:>8} {ceiling:>12} {frac:>10}")
     lines.append("ratio > 1: gptchat is faster; ceiling: read bandwidth / bytes of weights per token (prefill: below)"
-                 + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else ""))
+                 + (f"; batch-1 decode step: {rep.decode_step}" if rep.decode_step else "")
+                 + (f"; batched: {rep.batch_step}" if rep.batch_step else ""))
     pre = next((r for r in rep.results if r.name.startswith("prefill") and r.ceiling), None)
     if pre is not None:
         theirs = f", transformers {pre.reference_fraction:.0%}" if pre.reference_fraction else ""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import flash, fused, native, step1
+from gptchat.core.model import flash, fused, native, step1, stepn
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
@@ -340,6 +340,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if B == 1 and T == 1 and mask is None and pos is None and not self.training and not torch.is_grad_enabled():
             out = step1.run(self, idx, start, kv_len, logits=not return_hidden)  # the whole step in C, where it applies
+            if out is not None:
+                return out
+        elif T == 1 and not return_hidden and not self.training and not torch.is_grad_enabled():
+            out = stepn.run(self, idx, pos, mask, start, kv_len)  # a batch's step in C, on packed fp32 panels
             if out is not None:
                 return out
         if mask is None and start > 0 and T > 1:

@@ -70,6 +70,8 @@ class PackedLinears:
         self._packed: dict[str, tuple[object, torch.Tensor | None]] = {}
         self._stamp: dict[str, tuple] = {}
         self._found: list[tuple[str, nn.Linear, dict, str]] | None = None
+        self.version = 0  # counts the refreshes that packed something (a plan over the packed weights rebuilds)
+        self.plan = None  # such a plan, kept here by its owner (stepn.py)
 
     def _linears(self) -> list[tuple[str, nn.Linear]]:
         """The model's Linears, by name. Walking the module tree took ~0.7 ms, twice a decode step; the walk
@@ -115,12 +117,20 @@ class PackedLinears:
                     packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), self.batch_hint)
                     self._packed[name] = (packed, None if lin.bias is None else lin.bias.detach())
                 self._stamp[name] = stamp
+            self.version += bool(fresh)
+
+    def panels_of(self, lin: nn.Module):
+        """(panels, padded bias or None) of ``lin`` where it is one of the model's Linears packed as "panels", else
+        None."""
+        name = next((n for n, m in self._linears() if m is lin), None)
+        return self._packed.get(name) if self.kind == "panels" and name is not None else None
 
     @contextmanager
     def use(self):
         """Within the block, every Linear of the model computes with its packed weight."""
         self.refresh()
-        patched = []
+        patched, before = [], _in_use.get(id(self.model))
+        _in_use[id(self.model)] = self
         try:
             for name, lin in self._linears():
                 packed, bias = self._packed[name]
@@ -133,8 +143,20 @@ class PackedLinears:
                 patched.append(lin)
             yield
         finally:
+            if before is None:
+                _in_use.pop(id(self.model), None)
+            else:
+                _in_use[id(self.model)] = before
             for lin in patched:
                 del lin.forward  # back to the class's forward
+
+
+_in_use: dict[int, PackedLinears] = {}  # id(model) -> its packed weights, inside their ``use`` block
+
+
+def in_use(model: nn.Module) -> PackedLinears | None:
+    """The packed weights ``model``'s Linears are computing with now (inside ``PackedLinears.use``), or None."""
+    return _in_use.get(id(model))
 
 
 def _panel_floats(lin: nn.Linear) -> int:

@@ -1334,6 +1334,45 @@ static void panel_block(const float *p, const float *x, long K, float *y, long y
 static void panel_block16(const float *p, const float *x, long K, float *y, long ys, long k0, long k1, int R,
                           const float *b, int fetch);
 
+/* Panels [j0, j1) of the product of gemm_panels (below) by the calling thread: pb its [K, 16] buffer for a
+   panel dequantized from int8 groups (Wp NULL), tail its [M, 16] one for a last panel with outputs past N */
+static void panels_run(const float *Wp, const int8_t *q, const float *s, long Kp, const float *b, const float *x,
+                       float *y, long M, long N, long K, long j0, long j1, float *pb, float *tail, int wide) {
+    const long RB = wide ? SG_ROWS16 : 6, full = N / 16;
+    for (long j = j0; j < j1; j++) {
+        const long n0 = j * 16, rows = N - n0 < 16 ? N - n0 : 16;
+        const float *p = Wp ? Wp + j * K * 16 : pb, *bj = Wp && b ? b + n0 : NULL;
+        float bt[16] = {0};
+        if (!Wp) { /* row n0 + r becomes column r of the panel (zeros past N), written in order */
+            const int8_t *g[16];
+            float sc[16];
+            for (long r = 0; r < 16; r++) {
+                const long n = n0 + (r < rows ? r : 0);
+                g[r] = q + (n / 4) * Kp * 4 + (n % 4) * 32;
+                sc[r] = r < rows ? s[n] : 0.f;
+            }
+            for (long k = 0; k < K; k++) {
+                const long off = (k / 32) * 128 + k % 32;
+                for (long r = 0; r < 16; r++) pb[k * 16 + r] = (float)g[r][off] * sc[r];
+            }
+            for (long r = 0; b && r < rows; r++) bt[r] = b[n0 + r];
+            bj = b ? bt : NULL;
+        }
+        const int last = j >= full;
+        float *yj = last ? tail : y + n0;
+        const long ys = last ? 16 : N;
+        for (long k0 = 0; k0 < K; k0 += SG_KC) {
+            const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
+            for (long m = 0; m < M; m += RB) {
+                const int R = M - m < RB ? (int)(M - m) : (int)RB;
+                (wide ? panel_block16 : panel_block)(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, bj, m == 0);
+            }
+        }
+        if (last)
+            for (long m = 0; m < M; m++) memcpy(y + m * N + n0, tail + m * 16, rows * sizeof(float));
+    }
+}
+
 /* The panel loop of gptchat_sgemm and gptchat_qsgemm: y [M, N] = x [M, K] W (+ b), W either fp32 panels Wp (b,
    when given, padded to the panels) or (Wp NULL) int8 groups q of rows of Kp with scales s, each panel of 16
    outputs dequantized into a per-thread [K, 16] buffer first (b unpadded). Each thread takes whole panels; the
@@ -1341,7 +1380,6 @@ static void panel_block16(const float *p, const float *x, long K, float *y, long
    (panel_block16). 0 or -1 (no memory). */
 static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp, const float *b, const float *x,
                        float *y, long M, long N, long K, int threads, int wide) {
-    const long RB = wide ? SG_ROWS16 : 6;
     if (M <= 0 || N <= 0) return 0;
     const long P = (N + 15) / 16, full = N / 16;
     int failed = 0;
@@ -1353,38 +1391,7 @@ static int gemm_panels(const float *Wp, const int8_t *q, const float *s, long Kp
         float *pb = !Wp && j0 < j1 ? aligned_alloc(64, (K * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
         float *tail = part ? aligned_alloc(64, (M * 16 * sizeof(float) + 63) / 64 * 64) : NULL;
         if ((!Wp && j0 < j1 && !pb) || (part && !tail)) failed = 1;
-        for (long j = j0; j < j1 && !failed; j++) {
-            const long n0 = j * 16, rows = N - n0 < 16 ? N - n0 : 16;
-            const float *p = Wp ? Wp + j * K * 16 : pb, *bj = Wp && b ? b + n0 : NULL;
-            float bt[16] = {0};
-            if (!Wp) { /* row n0 + r becomes column r of the panel (zeros past N), written in order */
-                const int8_t *g[16];
-                float sc[16];
-                for (long r = 0; r < 16; r++) {
-                    const long n = n0 + (r < rows ? r : 0);
-                    g[r] = q + (n / 4) * Kp * 4 + (n % 4) * 32;
-                    sc[r] = r < rows ? s[n] : 0.f;
-                }
-                for (long k = 0; k < K; k++) {
-                    const long off = (k / 32) * 128 + k % 32;
-                    for (long r = 0; r < 16; r++) pb[k * 16 + r] = (float)g[r][off] * sc[r];
-                }
-                for (long r = 0; b && r < rows; r++) bt[r] = b[n0 + r];
-                bj = b ? bt : NULL;
-            }
-            const int last = j >= full;
-            float *yj = last ? tail : y + n0;
-            const long ys = last ? 16 : N;
-            for (long k0 = 0; k0 < K; k0 += SG_KC) {
-                const long k1 = k0 + SG_KC < K ? k0 + SG_KC : K;
-                for (long m = 0; m < M; m += RB) {
-                    const int R = M - m < RB ? (int)(M - m) : (int)RB;
-                    (wide ? panel_block16 : panel_block)(p, x + m * K, K, yj + m * ys, ys, k0, k1, R, bj, m == 0);
-                }
-            }
-            if (last)
-                for (long m = 0; m < M; m++) memcpy(y + m * N + n0, tail + m * 16, rows * sizeof(float));
-        }
+        if (!failed) panels_run(Wp, q, s, Kp, b, x, y, M, N, K, j0, j1, pb, tail, wide);
         free(pb);
         free(tail);
     }
@@ -1407,6 +1414,93 @@ int gptchat_sgemm(const float *Wp, const float *b, const float *x, float *y, lon
 int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float *x, float *y, long M, long N, long K,
                    long Kp, int threads, int wide) {
     return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads, wide);
+}
+
+/* ---- One whole decode step of a batch (M rows, one token each) on fp32 panels, in one call --------------
+   gptchat_step1's idea for a batch: the norms, products, cache writes, attention, activation and residuals of
+   every layer, and the head, in one parallel region whose threads meet at barriers, instead of ~15 module calls
+   a layer from Python, each of whose products entered a parallel region of its own. Each thread takes whole
+   panels of each product (as gptchat_sgemm does: the same sums in the same order), then applies the activation
+   or adds the residual on the columns it has just written; norms and embeddings go by rows, attention by
+   (row, head). */
+
+/* y [M, N] = post(x [M, K] Wp + b) for the calling thread's panels (t of nt): stored or activated in y, or (POST_ADD)
+   computed into z and added to y, as the modules compute x + (h W + b) */
+static void step_product(const float *Wp, const float *b, const float *x, float *y, float *z, long M, long N, long K,
+                         long t, long nt, float *tail, int post, int act, int wide) {
+    long j0, j1;
+    rows_share((N + 15) / 16, t, nt, &j0, &j1);
+    float *dst = post == POST_ADD ? z : y;
+    panels_run(Wp, NULL, NULL, 0, b, x, dst, M, N, K, j0, j1, NULL, tail, wide);
+    const long n0 = j0 * 16, n1 = j1 * 16 < N ? j1 * 16 : N;
+    if (post != POST_STORE)
+        for (long m = 0; m < M; m++) finish(y + m * N, dst + m * N, n0, n1, post, act);
+}
+
+/* The logits [M, V] after token tok[m] of each row m at cache slot ``slot`` (every row's; its position pos[m], or
+   the slot with pos NULL). wp: STEP_PTRS pointers a layer as gptchat_step1's, every product fp32 panels
+   (native.panels) with its bias padded to them; head: the tied head's panels (no bias). kv: per layer its key then
+   value cache, [M, nh, > slot, hs] through strides kb, kh, ks (fp32). emb: the fp32 token table read through
+   strides es0, es1 (n_vocab rows); wpe: the positions' [n_pos, C]. vis (NULL: every slot) [M, > slot] bytes at row
+   stride vs: the slots each row sees (a padded batch's). Returns 0, -1 (no scratch memory), -2 (a token not in
+   the table) or -3 (a position past the table). */
+int gptchat_stepn(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
+                  long kh, long ks, long slot, int act, float eps, const float *lnf_w, const float *lnf_b,
+                  const float *head, long V, float *logits, long M, const int64_t *tok, const float *emb,
+                  long n_vocab, long es0, long es1, const float *wpe, long n_pos, const int64_t *pos,
+                  const uint8_t *vis, long vs, int threads, int wide) {
+    for (long m = 0; m < M; m++) {
+        if (tok[m] < 0 || tok[m] >= n_vocab) return -2;
+        if ((pos ? pos[m] : slot) < 0 || (pos ? pos[m] : slot) >= n_pos) return -3;
+    }
+    const long hs = C / nh, N4 = 4 * C, T = threads > 0 ? threads : 1;
+    /* shared: x, ln, att, tmp [M, C], qkv [M, 3C], h [M, 4C]; per thread: a tail [M, 16] and scores [slot + 1],
+       each rounded up to whole cache lines */
+    const long shared = M * (4 * C + 3 * C + N4), per = (M * 16 + slot + 1 + 15) / 16 * 16;
+    float *buf = aligned_alloc(64, ((shared + T * per) * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return -1;
+    float *x = buf, *ln = x + M * C, *att = ln + M * C, *tmp = att + M * C, *qkv = tmp + M * C, *h = qkv + 3 * M * C;
+    float *priv = h + M * N4;
+#pragma omp parallel num_threads(T)
+    {
+        long t, nt, r0, r1, a0, a1;
+        team_of(&t, &nt);
+        float *tail = priv + t * per, *sc = tail + M * 16;
+        rows_share(M, t, nt, &r0, &r1);      /* rows for embeddings and norms */
+        rows_share(M * nh, t, nt, &a0, &a1); /* (row, head) pairs for attention */
+        for (long m = r0; m < r1; m++)
+            embed(tok[m], emb, NULL, es0, es1, 0, wpe + (pos ? pos[m] : slot) * C, x + m * C, C, 0);
+        for (long l = 0; l < L; l++) {
+            const void *const *p = wp + l * STEP_PTRS;
+            for (long m = r0; m < r1; m++) layer_norm(x + m * C, p[0], p[1], ln + m * C, C, eps, 0);
+#pragma omp barrier
+            step_product(p[2], p[4], ln, qkv, NULL, M, 3 * C, C, t, nt, tail, POST_STORE, act, wide);
+#pragma omp barrier
+            for (long bh = a0; bh < a1; bh++) { /* this slot's key and value written, then the row's query */
+                const long m = bh / nh, hh = bh % nh;
+                float *kk = (float *)kv[2 * l] + m * kb + hh * kh, *vv = (float *)kv[2 * l + 1] + m * kb + hh * kh;
+                const float *row = qkv + m * 3 * C;
+                memcpy(kk + slot * ks, row + C + hh * hs, hs * sizeof(float));
+                memcpy(vv + slot * ks, row + 2 * C + hh * hs, hs * sizeof(float));
+                attend_one(row + hh * hs, kk, vv, ks, slot + 1, hs, scales[l], sc, att + m * C + hh * hs, 0,
+                           vis ? vis + m * vs : NULL);
+            }
+#pragma omp barrier
+            step_product(p[5], p[7], att, x, tmp, M, C, C, t, nt, tail, POST_ADD, act, wide);
+#pragma omp barrier
+            for (long m = r0; m < r1; m++) layer_norm(x + m * C, p[8], p[9], ln + m * C, C, eps, 0);
+#pragma omp barrier
+            step_product(p[10], p[12], ln, h, NULL, M, N4, C, t, nt, tail, POST_ACT, act, wide);
+#pragma omp barrier
+            step_product(p[13], p[15], h, x, tmp, M, C, N4, t, nt, tail, POST_ADD, act, wide);
+#pragma omp barrier
+        }
+        for (long m = r0; m < r1; m++) layer_norm(x + m * C, lnf_w, lnf_b, ln + m * C, C, eps, 0);
+#pragma omp barrier
+        step_product(head, NULL, ln, logits, NULL, M, V, C, t, nt, tail, POST_STORE, act, wide);
+    }
+    free(buf);
+    return 0;
 }
 
 /* ---- causal attention from slot 0 (fp32, or bf16 on CPUs with AVX512-BF16): training's forward and backward,

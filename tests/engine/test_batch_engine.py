@@ -42,20 +42,31 @@ def _rows(eng, prompts, params, limits, **kw):
     return got
 
 
-@pytest.mark.parametrize("kind", ["panels", "onednn", None])
+@pytest.mark.parametrize("kind", ["panels", "panels-modules", "onednn", None])
 def test_greedy_rows_equal_transformers_one_at_a_time(pair, monkeypatch, kind):
+    """panels: the decode steps of two rows or more in one C call (stepn.py); panels-modules: that switched off,
+    the modules computing with the panels."""
     from gptchat.core.generate.sampling import SamplingParams
-    from gptchat.core.model import native, packed
+    from gptchat.core.model import native, packed, stepn
 
     hf, eng = pair
-    if kind == "panels" and native.kernel() is None:
+    if kind and kind.startswith("panels") and native.kernel() is None:
         pytest.skip("no C kernel here (no compiler or no AVX2)")
+    kind, modules = (kind or "").split("-")[0] or None, kind == "panels-modules"
     monkeypatch.setattr(eng, "_packed", packed.PackedLinears(eng.model, 16, kind) if kind else None)
     monkeypatch.setenv("GPTCHAT_ONEDNN", "1" if kind else "0")
-    used = []
+    monkeypatch.setenv("GPTCHAT_STEPN", "0" if modules else "1")
+    products, steps = [], []  # the rows of each product on the panels, of each batched step that ran
     if kind == "panels":
-        sgemm = native.sgemm
-        monkeypatch.setattr(native, "sgemm", lambda *a: used.append(a[2].shape[0]) or sgemm(*a))
+        sgemm, run = native.sgemm, stepn.run
+
+        def step(model, idx, *a):
+            out = run(model, idx, *a)
+            steps.extend([idx.shape[0]] if out is not None else [])
+            return out
+
+        monkeypatch.setattr(native, "sgemm", lambda *a: products.append(a[2].shape[0]) or sgemm(*a))
+        monkeypatch.setattr(stepn, "run", step)
     prompts = _prompts(9)
     limits = [1 + (5 * i) % 17 for i in range(9)]  # rows finish at different steps: the batch compacts
     got = _rows(eng, prompts, SamplingParams(greedy=True), limits)
@@ -65,8 +76,8 @@ def test_greedy_rows_equal_transformers_one_at_a_time(pair, monkeypatch, kind):
                               max_new_tokens=limits[i], do_sample=False, pad_token_id=50256, eos_token_id=50256)
         ref = ref[0, len(p):].tolist()
         assert got[i] == ref[: len(got[i])] and len(got[i]) == len(ref), i
-    if kind == "panels":
-        assert max(used) == 9  # the nine rows' decode steps went through the kernel
+    if kind == "panels":  # the nine rows' decode steps went through the batched step, or the modules' products
+        assert (max(products), steps) == (9, []) if modules else (products, max(steps)) == ([], 9)
 
 
 def test_sampled_rows_depend_only_on_their_seed(pair):

@@ -12,25 +12,16 @@ import torch
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model import flash, native, quant, step1
-from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.gpt import GPT
 from gptchat.core.model.trial import Trial
 from gptchat.core.train.lora import add_lora
-from tests.factory import hf_model, save, spy
+from tests.factory import hf_model, save, small_gpt, spy, took
 from tests.factory import threads as using
 
 pytestmark = pytest.mark.skipif(native.kernel() is None, reason="the C kernels cannot be built here")
 
 
-def _model(**kw) -> GPT:
-    cfg = GPTConfig(**{**dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=300), **kw})
-    m = GPT(cfg)
-    m.init_weights(seed=1)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # norms and biases away from 1 and 0, so that a misplaced one shows
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return m.eval()
+_model = small_gpt
 
 
 def _decode(m: GPT, ids: list[int], prompt: int, monkeypatch, on: bool):
@@ -46,19 +37,6 @@ def _decode(m: GPT, ids: list[int], prompt: int, monkeypatch, on: bool):
         caches = [(b.attn.kv_cache.k[:, :, : len(ids)].clone(), b.attn.kv_cache.v[:, :, : len(ids)].clone())
                   for b in m.transformer.h]
     return torch.stack(out), caches
-
-
-def _spy(monkeypatch) -> list[bool]:
-    """step1.run, recording for each call whether the step ran (True) or left it to the modules."""
-    calls, real = [], step1.run
-
-    def run(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(step1, "run", run)
-    return calls
 
 
 SHAPES = [{}, dict(bias=False), dict(activation="relu"), dict(activation="gelu"),
@@ -86,7 +64,7 @@ def test_the_step_equals_the_modules(case, monkeypatch):
     m.kv_dtype = torch.bfloat16 if kv_bf16 else None
     assert step1.plan(m) is not None and step1.plan(m).kind == (step1.INT8 if int8 else step1.FP32)
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    calls = _spy(monkeypatch)
+    calls = took(monkeypatch, step1, "run")
     for prompt in (0, 7):  # slot 0 (a one-token prompt) too
         calls.clear()
         ref, ref_cache = _decode(m, ids, prompt, monkeypatch, on=False)
@@ -236,7 +214,7 @@ def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, wide, monkeypatch):
     assert p.wide == native.wide()  # the rows this test means the step to read
     assert all(lin.weight.is_contiguous() for blk in m16.transformer.h for lin in (blk.attn.c_attn, blk.mlp.c_proj))
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    calls = _spy(monkeypatch)
+    calls = took(monkeypatch, step1, "run")
     for prompt in (0, 7):
         calls.clear()
         mod, _ = _decode(m16, ids, prompt, monkeypatch, on=False)
@@ -260,7 +238,7 @@ def test_the_bf16_step_computes_in_fp32_on_bf16_weights(kw, wide, monkeypatch):
 
 def test_a_bf16_engine_decodes_batch_1_through_the_step_without_packed_copies(monkeypatch):
     m16, m32 = _bf16_pair()
-    calls = _spy(monkeypatch)
+    calls = took(monkeypatch, step1, "run")
     eng = Engine(m16)
     greedy = SamplingParams(greedy=True)
     got = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
@@ -327,7 +305,7 @@ def test_the_engine_decodes_through_the_step(quantize, tmp_path, monkeypatch):
         monkeypatch.setenv("GPTCHAT_STEP1", "1" if on else "0")
         eng = Engine.load(str(folder), device="cpu", dtype="fp32", quantize=quantize)
         assert eng.kv_dtype == (torch.bfloat16 if quantize == "int8" else torch.float32)  # int8: a bf16 cache
-        calls = _spy(monkeypatch)
+        calls = took(monkeypatch, step1, "run")
         runs[on] = [t.token for step in eng.generate([[464, 2068, 7586]], greedy, 24, ignore_eos=True) for t in step]
         assert sum(calls) == (23 if on else 0)  # every decode step after the prefill, when on
         monkeypatch.undo()
@@ -425,7 +403,7 @@ def test_a_generation_checks_its_plan_once_and_a_later_change_is_seen(monkeypatc
     m = _model().to_inference_layout()
     eng = Engine(m)
     greedy = SamplingParams(greedy=True)
-    calls, checks = _spy(monkeypatch), spy(monkeypatch, step1.Plan, "current")
+    calls, checks = took(monkeypatch, step1, "run"), spy(monkeypatch, step1.Plan, "current")
     first = [t.token for step in eng.generate([[1, 2, 3]], greedy, 12, ignore_eos=True) for t in step]
     assert sum(calls) == 11 and len(checks) <= 1  # at most the entry's check (none where the plan is new)
     assert step1._held == {}  # let go once the generation ended
@@ -513,7 +491,7 @@ def test_an_int8_step_gives_the_same_logits_at_any_prefetch_distance(monkeypatch
     tuner = Trial((256, 2048))
     tuner.chosen = 256  # no timing in this test: the distances are set by hand
     monkeypatch.setattr(step1, "_prefetch", tuner)
-    calls = _spy(monkeypatch)
+    calls = took(monkeypatch, step1, "run")
     runs = []
     try:
         for ahead in (256, 2048, 0):
