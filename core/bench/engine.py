@@ -226,7 +226,7 @@ def run(
             log(f"decode: batch {bs}, {n_new} new tokens")
             report.results.append(_bench_decode(eng, hf, report, torch.randint(0, vocab, (bs, 16), generator=gen),
                                                 greedy, n_new, repeats))
-        if max(batch_sizes) > 1:
+        if max(batch_sizes, default=1) > 1:
             report.batch_step = "one C call" if stepn.built(eng.packed_linears(max(batch_sizes))) else "modules"
         log("sampling: the default settings on random logits")
         _bench_sampler(report, vocab, eng.device, repeats)

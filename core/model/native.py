@@ -124,7 +124,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _L]
-    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int, ctypes.c_int]
     lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
@@ -408,7 +408,8 @@ def can_activate(h: torch.Tensor) -> bool:
 def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
     """``h`` through the activation ``kind`` (a key of ACTS), in place (bf16: computed in fp32, stored rounded).
     See ``can_activate``."""
-    kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads(), int(h.dtype == torch.bfloat16))
+    kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads(), int(h.dtype == torch.bfloat16),
+                         int(wide()))
     return h
 
 
