@@ -426,3 +426,20 @@ def test_bench_pairs_each_decode_run_with_the_readings_around_it():
     # 100 tokens a run, 100 MB a token: runs of 1, 2 and 4 s between readings of 10, 30, 10 and 10 GB/s
     assert paired_fraction([1.0, 2.0, 4.0], [10.0, 30.0, 10.0, 10.0], 100, 10**8) == pytest.approx(0.25)
     # (0.5 against 20 GB/s, 0.25 against 20, 0.25 against 10: the median)
+
+
+@pytest.mark.parametrize("int8_rate", [300e9, 50e9])
+def test_an_int8_prefill_ceiling_is_the_faster_of_the_fp32_and_int8_products(int8_rate, monkeypatch):
+    """A prompt of intmm.FEW rows or more may go to PyTorch's int8 GEMM: the bench's prefill ceiling is the
+    better rate of the two kinds of products (here given, as if measured), and says which."""
+    from gptchat.core.bench import engine as bench
+
+    if not intmm.available():
+        pytest.skip("no int8 GEMM in this PyTorch, or no C kernel")
+    monkeypatch.setattr(bench, "read_bandwidth", lambda *a: 20.0)
+    monkeypatch.setattr(bench, "_quality", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "product_rate", lambda *a, int8=False, **k: int8_rate if int8 else 100e9)
+    rep = bench.run(shape="tiny", prompt_tokens=intmm.FEW, new_tokens=2, batch_sizes=(1,), reference=False,
+                    repeats=1, quantize="int8")
+    assert rep.product_gflops == max(int8_rate, 100e9) / 1e9 and rep.prefill_int8 == (int8_rate > 100e9)
+    assert ("int8 products (two byte rows a row)" in bench.format_report(rep)) == rep.prefill_int8
