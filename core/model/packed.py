@@ -120,10 +120,10 @@ class PackedLinears:
             self.version += bool(fresh)
 
     def panels_of(self, lin: nn.Module):
-        """(panels, padded bias or None) of ``lin`` where it is one of the model's Linears packed as "panels", else
-        None."""
+        """(panels, bias or None) of ``lin`` where it is one of the model's Linears packed in panels (fp32 "panels":
+        the bias padded to them; bf16 "bpanels": its own), else None."""
         name = next((n for n, m in self._linears() if m is lin), None)
-        return self._packed.get(name) if self.kind == "panels" and name is not None else None
+        return self._packed.get(name) if self.kind in ("panels", "bpanels") and name is not None else None
 
     @contextmanager
     def use(self):

@@ -2098,15 +2098,19 @@ typedef struct {
 /* Linux hands a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA): 1 granted */
 int gptchat_amx_ok(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-/* one C tile's M x 16 sums + bias -> bf16 outputs n0.. of rows r0.. */
-static void amx_out(const float *t, const uint16_t *b, uint16_t *y, long rows, long r0, long n0, long N) {
+/* one C tile's M x 16 sums + bias -> outputs n0.. of rows r0..: bf16 in y, or fp32 in y32 where given */
+static void amx_out(const float *t, const uint16_t *b, uint16_t *y, float *y32, long rows, long r0, long n0, long N) {
     const long nn = N - n0 < 16 ? N - n0 : 16;
     for (long r = 0; r < rows; r++)
-        for (long j = 0; j < nn; j++) y[(r0 + r) * N + n0 + j] = to_bf16(t[r * 16 + j] + (b ? ld1(b, n0 + j, 1) : 0.f));
+        for (long j = 0; j < nn; j++) {
+            const float v = t[r * 16 + j] + (b ? ld1(b, n0 + j, 1) : 0.f);
+            if (y32) y32[(r0 + r) * N + n0 + j] = v;
+            else y[(r0 + r) * N + n0 + j] = to_bf16(v);
+        }
 }
 
-static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
-                         long p0, long p1) {
+static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, float *y32, long M,
+                         long N, long K, long p0, long p1) {
     const long RB = (M + 15) / 16, last = M - (RB - 1) * 16, chunks = K / 32;
     tile_config c;
     memset(&c, 0, sizeof c);
@@ -2149,10 +2153,10 @@ static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *
             }
         }
         switch (RB) {
-        case 4: _tile_stored(7, out, 64); amx_out(out, b, y, last, 48, p * 16, N); /* fall through */
-        case 3: _tile_stored(6, out, 64); amx_out(out, b, y, RB == 3 ? last : 16, 32, p * 16, N); /* fall through */
-        case 2: _tile_stored(5, out, 64); amx_out(out, b, y, RB == 2 ? last : 16, 16, p * 16, N); /* fall through */
-        default: _tile_stored(4, out, 64); amx_out(out, b, y, RB == 1 ? last : 16, 0, p * 16, N);
+        case 4: _tile_stored(7, out, 64); amx_out(out, b, y, y32, last, 48, p * 16, N); /* fall through */
+        case 3: _tile_stored(6, out, 64); amx_out(out, b, y, y32, RB == 3 ? last : 16, 32, p * 16, N); /* fall through */
+        case 2: _tile_stored(5, out, 64); amx_out(out, b, y, y32, RB == 2 ? last : 16, 16, p * 16, N); /* fall through */
+        default: _tile_stored(4, out, 64); amx_out(out, b, y, y32, RB == 1 ? last : 16, 0, p * 16, N);
         }
     }
     _tile_release();
@@ -2167,8 +2171,102 @@ int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, 
     {
         long p0, p1;
         my_share(P, &p0, &p1);
-        if (p0 < p1) amx_part(Wp, b, x, y, M, N, K, p0, p1);
+        if (p0 < p1) amx_part(Wp, b, x, y, NULL, M, N, K, p0, p1);
     }
+    return 0;
+}
+
+/* y32 [M, N] = post(x16 [M, K] Wp + b) for the calling thread's panels (t of nt), 64 rows an AMX pass: fp32 sums
+   stored or activated in y32, or (POST_ADD) computed into z and added to y32; then, with y16, the thread's columns
+   of y32 rounded to bf16 there (the next product's input) */
+static void stepb_product(const uint16_t *Wp, const uint16_t *b, const uint16_t *x16, float *y32, float *z,
+                          uint16_t *y16, long M, long N, long K, long t, long nt, int post, int act) {
+    long p0, p1;
+    rows_share((N + 15) / 16, t, nt, &p0, &p1);
+    float *dst = post == POST_ADD ? z : y32;
+    for (long m = 0; m < M && p0 < p1; m += 64)
+        amx_part(Wp, b, x16 + m * K, NULL, dst + m * N, M - m < 64 ? M - m : 64, N, K, p0, p1);
+    const long n0 = p0 * 16, n1 = p1 * 16 < N ? p1 * 16 : N;
+    for (long m = 0; m < M; m++) {
+        if (post != POST_STORE) finish(y32 + m * N, dst + m * N, n0, n1, post, act);
+        for (long n = n0; y16 && n < n1; n++) y16[m * N + n] = to_bf16(y32[m * N + n]);
+    }
+}
+
+/* gptchat_stepn for bf16 weights on AMX tiles (packed.py's bpanels; K a multiple of 32): the norms, biases, tables
+   and KV caches bf16, widened as read (the caches written rounded); the activations stay fp32 between products as
+   in gptchat_step1's bf16 step, rounded to bf16 only as a product's input. Returns as gptchat_stepn, or -4 where
+   the shapes do not suit the tiles (C not a multiple of 32, or no AMX in this build). */
+int gptchat_stepb(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
+                  long kh, long ks, long slot, int act, float eps, const uint16_t *lnf_w, const uint16_t *lnf_b,
+                  const uint16_t *head, long V, float *logits, long M, const int64_t *tok, const uint16_t *emb,
+                  long n_vocab, long es0, long es1, const uint16_t *wpe, long n_pos, const int64_t *pos,
+                  const uint8_t *vis, long vs, int threads) {
+    if (C % 32) return -4;
+    for (long m = 0; m < M; m++) {
+        if (tok[m] < 0 || tok[m] >= n_vocab) return -2;
+        if ((pos ? pos[m] : slot) < 0 || (pos ? pos[m] : slot) >= n_pos) return -3;
+    }
+    const long hs = C / nh, N4 = 4 * C, T = threads > 0 ? threads : 1;
+    /* fp32: x, att, tmp [M, C], qkv [M, 3C], h [M, 4C]; bf16: a16 [M, C], h16 [M, 4C] (in floats: half); per
+       thread: a norm's row [C] and scores [slot + 1], rounded up to whole cache lines */
+    const long shared = M * (3 * C + 3 * C + N4) + (M * (C + N4) + 1) / 2, per = (C + slot + 1 + 15) / 16 * 16;
+    float *buf = aligned_alloc(64, ((shared + T * per) * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return -1;
+    float *x = buf, *att = x + M * C, *tmp = att + M * C, *qkv = tmp + M * C, *h = qkv + 3 * M * C;
+    uint16_t *a16 = (uint16_t *)(h + M * N4), *h16 = a16 + M * C;
+    float *priv = (float *)(h16 + M * N4 + (M * (C + N4)) % 2);
+#pragma omp parallel num_threads(T)
+    {
+        long t, nt, r0, r1, a0, a1;
+        team_of(&t, &nt);
+        float *row = priv + t * per, *sc = row + C;
+        rows_share(M, t, nt, &r0, &r1);
+        rows_share(M * nh, t, nt, &a0, &a1);
+        for (long m = r0; m < r1; m++)
+            embed(tok[m], emb, NULL, es0, es1, 0, wpe + (pos ? pos[m] : slot) * C, x + m * C, C, 1);
+        for (long l = 0; l < L; l++) {
+            const void *const *p = wp + l * STEP_PTRS;
+            for (long m = r0; m < r1; m++) { /* the norm in fp32, rounded as the product's input */
+                layer_norm(x + m * C, p[0], p[1], row, C, eps, 1);
+                for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
+            }
+#pragma omp barrier
+            stepb_product(p[2], p[4], a16, qkv, NULL, NULL, M, 3 * C, C, t, nt, POST_STORE, act);
+#pragma omp barrier
+            for (long bh = a0; bh < a1; bh++) {
+                const long m = bh / nh, hh = bh % nh;
+                uint16_t *kk = (uint16_t *)kv[2 * l] + m * kb + hh * kh, *vv = (uint16_t *)kv[2 * l + 1] + m * kb + hh * kh;
+                const float *r = qkv + m * 3 * C;
+                for (long d = 0; d < hs; d++) {
+                    kk[slot * ks + d] = to_bf16(r[C + hh * hs + d]);
+                    vv[slot * ks + d] = to_bf16(r[2 * C + hh * hs + d]);
+                }
+                float *o = att + m * C + hh * hs;
+                attend_one(r + hh * hs, kk, vv, ks, slot + 1, hs, scales[l], sc, o, 1, vis ? vis + m * vs : NULL);
+                for (long d = 0; d < hs; d++) a16[m * C + hh * hs + d] = to_bf16(o[d]);
+            }
+#pragma omp barrier
+            stepb_product(p[5], p[7], a16, x, tmp, NULL, M, C, C, t, nt, POST_ADD, act);
+#pragma omp barrier
+            for (long m = r0; m < r1; m++) {
+                layer_norm(x + m * C, p[8], p[9], row, C, eps, 1);
+                for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
+            }
+#pragma omp barrier
+            stepb_product(p[10], p[12], a16, h, NULL, h16, M, N4, C, t, nt, POST_ACT, act);
+#pragma omp barrier
+            stepb_product(p[13], p[15], h16, x, tmp, NULL, M, C, N4, t, nt, POST_ADD, act);
+#pragma omp barrier
+        }
+        for (long m = r0; m < r1; m++) {
+            layer_norm(x + m * C, lnf_w, lnf_b, row, C, eps, 1);
+            for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
+        }
+#pragma omp barrier
+        stepb_product(head, NULL, a16, logits, NULL, NULL, M, V, C, t, nt, POST_STORE, act);
+    }
+    free(buf);
     return 0;
 }
 #undef AMX
@@ -2177,5 +2275,12 @@ int gptchat_amx_ok(void) { return 0; }
 int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
                       int threads) {
     return -3;
+}
+int gptchat_stepb(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
+                  long kh, long ks, long slot, int act, float eps, const uint16_t *lnf_w, const uint16_t *lnf_b,
+                  const uint16_t *head, long V, float *logits, long M, const int64_t *tok, const uint16_t *emb,
+                  long n_vocab, long es0, long es1, const uint16_t *wpe, long n_pos, const int64_t *pos,
+                  const uint8_t *vis, long vs, int threads) {
+    return -4;
 }
 #endif

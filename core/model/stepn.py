@@ -1,18 +1,23 @@
-"""A whole batched decode step in one C call (qkernel.c's ``gptchat_stepn``): step1.py's one-call step for a
-batch of rows, one token each, on the fp32 panels of packed.py.
+"""A whole batched decode step in one C call: step1.py's one-call step for a batch of rows, one token each, on
+the packed weights of packed.py: fp32 panels (qkernel.c's ``gptchat_stepn``) or bf16 panels on AMX tiles
+(``gptchat_stepb``).
 
 Why: a batch-16 fp32 step of 124M on a 2-core Xeon took ~41 ms, of which the panel products were ~30 and
 attention ~4; the other ~7 went to the work around them run from Python (~15 module calls a layer, layer norms,
 residual adds, cache writes, views) and to the 49 parallel regions the products entered one by one. Here the
 threads stay in one region for the whole step and meet at barriers; each product's panels are shared out as
-gptchat_sgemm shares them, so every sum is the one the modules compute, in the same order.
+gptchat_sgemm shares them, so every fp32 sum is the one the modules compute, in the same order. Measured there,
+`gptchat bench --batch-sizes 16`: fp32 a step 41 -> 35 ms, batch 16 1.84x -> 2.27x transformers'; bf16 a step
+22.2 -> 17.5 ms, 2.04x -> 2.63x transformers' bf16.
 
 Used by ``GPT.forward`` for one token a row of two rows or more, inside the engine's ``PackedLinears.use`` block
-on fp32 panels (batched decode), where step1 can run the model's layers (its plan gives the norms, the token and
-position tables and the attention scales), the head is tied (no bias), and the caches are fp32 [B, nh, cap, hs]
+(batched decode), where step1 can run the model's layers (its plan gives the norms, the token and position tables
+and the attention scales), the head is tied (no bias), and the caches are [B, nh, cap, hs] of the plan's dtype
 with the slot inside them; a padded batch's position ids and mask of visible slots are read as they are.
-Otherwise the modules run. The logits equal the modules' to ~1e-6 (the norms' sums are taken in double, as
-step1's). ``GPTCHAT_STEPN=0`` turns it off.
+Otherwise the modules run. fp32 logits equal the modules' to ~1e-6 (the norms' sums are taken in double, as
+step1's). bf16 (n_embd a multiple of 32, AMX granted): as step1's bf16 step, the norms, biases, tables and cache
+stay bf16 and the activations fp32, rounded to bf16 only as a product's input; the logits, returned in fp32, are
+nearer an fp32 model's on the same weights than the bf16 modules' are. ``GPTCHAT_STEPN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.gptchat_stepn.argtypes = [P, P, P, L, L, L, L, L, L, L, I, F, P, P, P, L, P, L, P, P, L, L, L, P, L, P, P, L,
                                   I, I]
     lib.gptchat_stepn.restype = I
+    lib.gptchat_stepb.argtypes = lib.gptchat_stepn.argtypes[:-1]  # the same, less ``wide``
+    lib.gptchat_stepb.restype = I
     return lib
 
 
@@ -52,7 +59,7 @@ class BatchPlan:
         head_panels = packs.panels_of(head) if head is not None else None
         table, table_s, *_ = source.emb or (None, None)
         if (head_panels is None or head.bias is not None or table is None or table_s is not None
-                or table.dtype != torch.float32):
+                or table.dtype != source.dtype):
             return
         tensors = list(source.tensors)
         for i, (_, _, m) in enumerate(source.products):
@@ -70,9 +77,13 @@ def built(packs: packed.PackedLinears | None) -> bool:
     return packs is not None and packs.plan is not None and packs.plan.ptrs is not None
 
 
+# the packed weights each kind of step reads, with the kind of step1's plan it goes with
+_KINDS = {"panels": step1.FP32, "bpanels": step1.BF16}
+
+
 def _plan(model: nn.Module, packs: packed.PackedLinears) -> BatchPlan | None:
     p = step1.plan(model)
-    if p is None or p.kind != step1.FP32:
+    if p is None or p.kind != _KINDS[packs.kind]:
         return None
     bp = packs.plan
     if bp is None or bp.source is not p or bp.version != packs.version:
@@ -80,9 +91,9 @@ def _plan(model: nn.Module, packs: packed.PackedLinears) -> BatchPlan | None:
     return bp if bp.ptrs is not None else None
 
 
-def _caches(attns, rows: int, slot: int):
-    """(pointer array: each layer's key then value buffer, their strides) of fp32 CPU caches [rows, nh, > slot, hs]
-    alike in every layer, or None."""
+def _caches(attns, rows: int, slot: int, dtype: torch.dtype):
+    """(pointer array: each layer's key then value buffer, their strides) of CPU caches of ``dtype`` [rows, nh,
+    > slot, hs] alike in every layer, or None."""
     ptrs, st = [], None
     for attn in attns:
         c = attn._modules.get("kv_cache")
@@ -90,7 +101,7 @@ def _caches(attns, rows: int, slot: int):
             return None
         k, v = c._buffers["k"], c._buffers["v"]
         st = st or k.stride()
-        if (k.shape[0] != rows or k.shape[2] <= slot or k.dtype != torch.float32 or v.dtype != torch.float32
+        if (k.shape[0] != rows or k.shape[2] <= slot or k.dtype != dtype or v.dtype != dtype
                 or k.device.type != "cpu" or k.stride() != st or v.stride() != st or st[3] != 1):
             return None
         ptrs += [k.data_ptr(), v.data_ptr()]
@@ -103,8 +114,11 @@ def run(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor | None, mask: tor
     the slot) seeing the slots ``mask`` (B, 1, 1, slot + 1) marks (None: all), or None where the batched step does
     not apply (the caller then runs the modules)."""
     packs = packed.in_use(model)
-    if (packs is None or packs.kind != "panels" or kv_len != slot + 1 or idx.dtype != torch.long
+    if (packs is None or packs.kind not in _KINDS or kv_len != slot + 1 or idx.dtype != torch.long
             or idx.device.type != "cpu" or switched_off("GPTCHAT_STEPN")):
+        return None
+    bf16 = packs.kind == "bpanels"
+    if bf16 and (not native.amx() or model.config.n_embd % 32):  # the bf16 step's products are AMX tiles
         return None
     B = idx.shape[0]
     if (pos is not None and (pos.shape != (B, 1) or pos.dtype != torch.long or pos.device.type != "cpu")) or (
@@ -116,7 +130,7 @@ def run(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor | None, mask: tor
     if bp is None or lib is None:
         return None
     p = bp.source
-    kv = _caches(p.attns, B, slot)
+    kv = _caches(p.attns, B, slot, p.dtype)
     if kv is None:
         return None
     ptrs, st = kv
@@ -126,11 +140,11 @@ def run(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor | None, mask: tor
     out = torch.empty(B, 1, bp.vocab)
     wf, bf = p.ln_f
     L, C, nh = p.dims
-    rc = lib.gptchat_stepn(bp.ptrs, ptrs, p.scales, L, C, nh, st[0], st[1], st[2], slot, p.act, p.eps, wf.data_ptr(),
-                           None if bf is None else bf.data_ptr(), bp.head.data_ptr(), bp.vocab, out.data_ptr(), B,
-                           ids.data_ptr(), table.data_ptr(), table.shape[0], es0, es1, p.wpe_ptr, p.n_pos,
-                           None if pos is None else pos.data_ptr(), None if mask is None else mask.data_ptr(),
-                           0 if mask is None else mask.stride(0), torch.get_num_threads(), int(native.wide()))
+    args = (bp.ptrs, ptrs, p.scales, L, C, nh, st[0], st[1], st[2], slot, p.act, p.eps, wf.data_ptr(),
+            None if bf is None else bf.data_ptr(), bp.head.data_ptr(), bp.vocab, out.data_ptr(), B, ids.data_ptr(),
+            table.data_ptr(), table.shape[0], es0, es1, p.wpe_ptr, p.n_pos, None if pos is None else pos.data_ptr(),
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0), torch.get_num_threads())
+    rc = lib.gptchat_stepb(*args) if bf16 else lib.gptchat_stepn(*args, int(native.wide()))
     if rc == -2:
         raise IndexError(f"a token of {ids.tolist()} is not in the table of {table.shape[0]}")
     if rc == -3:

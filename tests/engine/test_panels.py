@@ -163,8 +163,9 @@ def test_the_bf16_panels_go_on_amx_tiles_where_there_are_some(monkeypatch):
 
 
 def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
-    """A bf16 engine's batched steps go through gptchat_bgemm, and decode the tokens oneDNN's packed
-    weights decode (greedy, a tiny trained-shape model: the same tokens)."""
+    """A bf16 engine's batched steps through the modules (GPTCHAT_STEPN=0; the one-call step on AMX is
+    test_stepn's) go through gptchat_bgemm, and decode the tokens oneDNN's packed weights decode (greedy, a tiny
+    trained-shape model: the same tokens)."""
     _bf16_panels_here()
     from gptchat.core.generate.engine import Engine
     from gptchat.core.generate.sampling import SamplingParams
@@ -180,6 +181,7 @@ def test_bf16_batched_decode_runs_on_the_bf16_panels(monkeypatch):
         monkeypatch.undo()  # the previous round's spy and kind
         calls = spy(monkeypatch, native, "bgemm")
         monkeypatch.setattr(packed, "kind", lambda *a, k=kind: k)
+        monkeypatch.setenv("GPTCHAT_STEPN", "0")
         m = GPT(model.config)
         m.load_state_dict(model.state_dict())
         eng = Engine(m.to(torch.bfloat16))

@@ -22,8 +22,13 @@ VOCAB = 300  # 18.75 panels of 16: the head's last panel is a part one
 GREEDY = SamplingParams(greedy=True)
 
 
-def _engine(dtype: str = "fp32", **kw) -> Engine:
+def _engine(dtype: str = "fp32", rounded: bool = False, **kw) -> Engine:
+    """``rounded``: every weight rounded to bf16 first (an fp32 engine on a bf16 engine's weights)."""
     m = small_gpt(vocab_size=VOCAB, **kw)
+    if rounded:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.bfloat16().float())
     return Engine(m.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])), device=torch.device("cpu"))
 
 
@@ -34,14 +39,14 @@ def _prompts(lengths, seed: int = 3) -> list[list[int]]:
 
 def _steps(e: Engine, prompts, n: int, monkeypatch, on: bool):
     """Logits of ``n`` decode steps of a batch of ``prompts`` (greedy tokens fed back) on the engine's packed
-    panels, as its decode loop runs them, and the caches afterwards."""
+    panels (fp32's, or bf16's), as its decode loop runs them, and the caches afterwards."""
     monkeypatch.setenv("GPTCHAT_STEPN", "1" if on else "0")
     out = []
     with torch.inference_mode():
         b = LiveBatch(e, GREEDY, max(map(len, prompts)) + n)
         tok = b.admit([(p, n, 0) for p in prompts], max(map(len, prompts))).argmax(-1)
         fast = e.packed_linears(len(prompts))
-        assert fast is not None and fast.kind == "panels"
+        assert fast is not None and fast.kind == {torch.float32: "panels", torch.bfloat16: "bpanels"}[e.dtype]
         for _ in range(n):
             with fast.use():
                 logits = b.decode(tok)
@@ -126,7 +131,7 @@ def test_where_the_batched_step_does_not_apply(monkeypatch):
         assert packed.in_use(e.model) is None
     assert calls == [False, False, True]
 
-    if native.avx512(bf16=True):  # bf16 panels: their own kernel, the modules' steps
+    if native.avx512(bf16=True) and not native.amx():  # bf16 panels on AVX512-BF16 (no AMX): the modules' steps
         bf = _engine("bf16")
         calls.clear()
         list(bf.generate(prompts, GREEDY, 3, ignore_eos=True))
@@ -172,3 +177,28 @@ def test_the_bench_says_how_its_batches_ran(on, monkeypatch):
     rep = bench.run(shape="tiny", prompt_tokens=8, new_tokens=2, batch_sizes=(1, 3), reference=False, repeats=1)
     assert rep.batch_step == ("one C call" if on else "modules")
     assert f"; batched: {rep.batch_step}" in bench.format_report(rep)
+
+
+@pytest.mark.skipif(not native.amx(), reason="the bf16 batched step multiplies on AMX tiles")
+@pytest.mark.parametrize("lengths", [(6, 6, 6), (9, 2, 5, 9)], ids=["dense", "padded"])
+@pytest.mark.parametrize("kw", [{}, dict(bias=False), dict(n_embd=96, n_head=3)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "gpt2")
+def test_the_bf16_batched_step_computes_in_fp32_on_bf16_weights(kw, lengths, monkeypatch):
+    """bf16 panels on AMX: the norms, biases, tables and cache bf16, the activations fp32 between products (rounded
+    to bf16 as a product's input): the logits near the fp32 engine's on the same rounded weights, nearer than the
+    bf16 modules' (which round every activation), and returned in fp32; the cache it writes is bf16."""
+    bf, ref_engine = _engine("bf16", rounded=True, **kw), _engine("fp32", rounded=True, **kw)
+    prompts = _prompts(lengths)
+    calls = took(monkeypatch, stepn, "run")
+    mod, _ = _steps(bf, prompts, 10, monkeypatch, on=False)
+    ref, ref_cache = _steps(ref_engine, prompts, 10, monkeypatch, on=True)
+    calls.clear()
+    got, cache = _steps(bf, prompts, 10, monkeypatch, on=True)
+    assert calls == [True] * 10 and got.dtype == torch.float32 and cache[0][0].dtype == torch.bfloat16
+    scale = max(1.0, ref.abs().max().item())
+    # measured 0.004-0.005 of the largest logit (the bf16 modules: 0.006-0.008); a misplaced bias moves them ~0.05
+    assert (got - ref).abs().max() <= 1e-2 * scale, (got - ref).abs().max()
+    assert (got - ref).abs().max() < (mod.float() - ref).abs().max()
+    for (k, v), (rk, rv) in zip(cache, ref_cache):
+        for a, b in ((k, rk), (v, rv)):
+            assert (a.float() - b).abs().max() <= 0.02 * b.abs().max()
