@@ -1421,7 +1421,8 @@ int gptchat_qsgemm(const int8_t *q, const float *s, const float *b, const float 
     return gemm_panels(NULL, q, s, Kp, b, x, y, M, N, K, threads, wide);
 }
 
-/* ---- One whole decode step of a batch (M rows, one token each) on fp32 panels, in one call --------------
+/* ---- One whole decode step of a batch (M rows, one token each) on panels, in one call (gptchat_stepn, at the end
+   of this file: its bf16 products are the AMX block's) ----------------------------------------------------------
    gptchat_step1's idea for a batch: the norms, products, cache writes, attention, activation and residuals of
    every layer, and the head, in one parallel region whose threads meet at barriers, instead of ~15 module calls
    a layer from Python, each of whose products entered a parallel region of its own. Each thread takes whole
@@ -1442,71 +1443,6 @@ static void step_product(const float *Wp, const float *b, const float *x, float 
         for (long m = 0; m < M; m++) finish(y + m * N, dst + m * N, n0, n1, post, act);
 }
 
-/* The logits [M, V] after token tok[m] of each row m at cache slot ``slot`` (every row's; its position pos[m], or
-   the slot with pos NULL). wp: STEP_PTRS pointers a layer as gptchat_step1's, every product fp32 panels
-   (native.panels) with its bias padded to them; head: the tied head's panels (no bias). kv: per layer its key then
-   value cache, [M, nh, > slot, hs] through strides kb, kh, ks (fp32). emb: the fp32 token table read through
-   strides es0, es1 (n_vocab rows); wpe: the positions' [n_pos, C]. vis (NULL: every slot) [M, > slot] bytes at row
-   stride vs: the slots each row sees (a padded batch's). Returns 0, -1 (no scratch memory), -2 (a token not in
-   the table) or -3 (a position past the table). */
-int gptchat_stepn(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
-                  long kh, long ks, long slot, int act, float eps, const float *lnf_w, const float *lnf_b,
-                  const float *head, long V, float *logits, long M, const int64_t *tok, const float *emb,
-                  long n_vocab, long es0, long es1, const float *wpe, long n_pos, const int64_t *pos,
-                  const uint8_t *vis, long vs, int threads, int wide) {
-    for (long m = 0; m < M; m++) {
-        if (tok[m] < 0 || tok[m] >= n_vocab) return -2;
-        if ((pos ? pos[m] : slot) < 0 || (pos ? pos[m] : slot) >= n_pos) return -3;
-    }
-    const long hs = C / nh, N4 = 4 * C, T = threads > 0 ? threads : 1;
-    /* shared: x, ln, att, tmp [M, C], qkv [M, 3C], h [M, 4C]; per thread: a tail [M, 16] and scores [slot + 1],
-       each rounded up to whole cache lines */
-    const long shared = M * (4 * C + 3 * C + N4), per = (M * 16 + slot + 1 + 15) / 16 * 16;
-    float *buf = aligned_alloc(64, ((shared + T * per) * sizeof(float) + 63) / 64 * 64);
-    if (!buf) return -1;
-    float *x = buf, *ln = x + M * C, *att = ln + M * C, *tmp = att + M * C, *qkv = tmp + M * C, *h = qkv + 3 * M * C;
-    float *priv = h + M * N4;
-#pragma omp parallel num_threads(T)
-    {
-        long t, nt, r0, r1, a0, a1;
-        team_of(&t, &nt);
-        float *tail = priv + t * per, *sc = tail + M * 16;
-        rows_share(M, t, nt, &r0, &r1);      /* rows for embeddings and norms */
-        rows_share(M * nh, t, nt, &a0, &a1); /* (row, head) pairs for attention */
-        for (long m = r0; m < r1; m++)
-            embed(tok[m], emb, NULL, es0, es1, 0, wpe + (pos ? pos[m] : slot) * C, x + m * C, C, 0);
-        for (long l = 0; l < L; l++) {
-            const void *const *p = wp + l * STEP_PTRS;
-            for (long m = r0; m < r1; m++) layer_norm(x + m * C, p[0], p[1], ln + m * C, C, eps, 0);
-#pragma omp barrier
-            step_product(p[2], p[4], ln, qkv, NULL, M, 3 * C, C, t, nt, tail, POST_STORE, act, wide);
-#pragma omp barrier
-            for (long bh = a0; bh < a1; bh++) { /* this slot's key and value written, then the row's query */
-                const long m = bh / nh, hh = bh % nh;
-                float *kk = (float *)kv[2 * l] + m * kb + hh * kh, *vv = (float *)kv[2 * l + 1] + m * kb + hh * kh;
-                const float *row = qkv + m * 3 * C;
-                memcpy(kk + slot * ks, row + C + hh * hs, hs * sizeof(float));
-                memcpy(vv + slot * ks, row + 2 * C + hh * hs, hs * sizeof(float));
-                attend_one(row + hh * hs, kk, vv, ks, slot + 1, hs, scales[l], sc, att + m * C + hh * hs, 0,
-                           vis ? vis + m * vs : NULL);
-            }
-#pragma omp barrier
-            step_product(p[5], p[7], att, x, tmp, M, C, C, t, nt, tail, POST_ADD, act, wide);
-#pragma omp barrier
-            for (long m = r0; m < r1; m++) layer_norm(x + m * C, p[8], p[9], ln + m * C, C, eps, 0);
-#pragma omp barrier
-            step_product(p[10], p[12], ln, h, NULL, M, N4, C, t, nt, tail, POST_ACT, act, wide);
-#pragma omp barrier
-            step_product(p[13], p[15], h, x, tmp, M, C, N4, t, nt, tail, POST_ADD, act, wide);
-#pragma omp barrier
-        }
-        for (long m = r0; m < r1; m++) layer_norm(x + m * C, lnf_w, lnf_b, ln + m * C, C, eps, 0);
-#pragma omp barrier
-        step_product(head, NULL, ln, logits, NULL, M, V, C, t, nt, tail, POST_STORE, act, wide);
-    }
-    free(buf);
-    return 0;
-}
 
 /* ---- causal attention from slot 0 (fp32, or bf16 on CPUs with AVX512-BF16): training's forward and backward,
    and the forward of prefills and eval windows ----
@@ -2193,94 +2129,109 @@ static void stepb_product(const uint16_t *Wp, const uint16_t *b, const uint16_t 
     }
 }
 
-/* gptchat_stepn for bf16 weights on AMX tiles (packed.py's bpanels; K a multiple of 32): the norms, biases, tables
-   and KV caches bf16, widened as read (the caches written rounded); the activations stay fp32 between products as
-   in gptchat_step1's bf16 step, rounded to bf16 only as a product's input. Returns as gptchat_stepn, or -4 where
-   the shapes do not suit the tiles (C not a multiple of 32, or no AMX in this build). */
-int gptchat_stepb(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
-                  long kh, long ks, long slot, int act, float eps, const uint16_t *lnf_w, const uint16_t *lnf_b,
-                  const uint16_t *head, long V, float *logits, long M, const int64_t *tok, const uint16_t *emb,
-                  long n_vocab, long es0, long es1, const uint16_t *wpe, long n_pos, const int64_t *pos,
-                  const uint8_t *vis, long vs, int threads) {
-    if (C % 32) return -4;
-    for (long m = 0; m < M; m++) {
-        if (tok[m] < 0 || tok[m] >= n_vocab) return -2;
-        if ((pos ? pos[m] : slot) < 0 || (pos ? pos[m] : slot) >= n_pos) return -3;
-    }
-    const long hs = C / nh, N4 = 4 * C, T = threads > 0 ? threads : 1;
-    /* fp32: x, att, tmp [M, C], qkv [M, 3C], h [M, 4C]; bf16: a16 [M, C], h16 [M, 4C] (in floats: half); per
-       thread: a norm's row [C] and scores [slot + 1], rounded up to whole cache lines */
-    const long shared = M * (3 * C + 3 * C + N4) + (M * (C + N4) + 1) / 2, per = (C + slot + 1 + 15) / 16 * 16;
-    float *buf = aligned_alloc(64, ((shared + T * per) * sizeof(float) + 63) / 64 * 64);
-    if (!buf) return -1;
-    float *x = buf, *att = x + M * C, *tmp = att + M * C, *qkv = tmp + M * C, *h = qkv + 3 * M * C;
-    uint16_t *a16 = (uint16_t *)(h + M * N4), *h16 = a16 + M * C;
-    float *priv = (float *)(h16 + M * N4 + (M * (C + N4)) % 2);
-#pragma omp parallel num_threads(T)
-    {
-        long t, nt, r0, r1, a0, a1;
-        team_of(&t, &nt);
-        float *row = priv + t * per, *sc = row + C;
-        rows_share(M, t, nt, &r0, &r1);
-        rows_share(M * nh, t, nt, &a0, &a1);
-        for (long m = r0; m < r1; m++)
-            embed(tok[m], emb, NULL, es0, es1, 0, wpe + (pos ? pos[m] : slot) * C, x + m * C, C, 1);
-        for (long l = 0; l < L; l++) {
-            const void *const *p = wp + l * STEP_PTRS;
-            for (long m = r0; m < r1; m++) { /* the norm in fp32, rounded as the product's input */
-                layer_norm(x + m * C, p[0], p[1], row, C, eps, 1);
-                for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
-            }
-#pragma omp barrier
-            stepb_product(p[2], p[4], a16, qkv, NULL, NULL, M, 3 * C, C, t, nt, POST_STORE, act);
-#pragma omp barrier
-            for (long bh = a0; bh < a1; bh++) {
-                const long m = bh / nh, hh = bh % nh;
-                uint16_t *kk = (uint16_t *)kv[2 * l] + m * kb + hh * kh, *vv = (uint16_t *)kv[2 * l + 1] + m * kb + hh * kh;
-                const float *r = qkv + m * 3 * C;
-                for (long d = 0; d < hs; d++) {
-                    kk[slot * ks + d] = to_bf16(r[C + hh * hs + d]);
-                    vv[slot * ks + d] = to_bf16(r[2 * C + hh * hs + d]);
-                }
-                float *o = att + m * C + hh * hs;
-                attend_one(r + hh * hs, kk, vv, ks, slot + 1, hs, scales[l], sc, o, 1, vis ? vis + m * vs : NULL);
-                for (long d = 0; d < hs; d++) a16[m * C + hh * hs + d] = to_bf16(o[d]);
-            }
-#pragma omp barrier
-            stepb_product(p[5], p[7], a16, x, tmp, NULL, M, C, C, t, nt, POST_ADD, act);
-#pragma omp barrier
-            for (long m = r0; m < r1; m++) {
-                layer_norm(x + m * C, p[8], p[9], row, C, eps, 1);
-                for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
-            }
-#pragma omp barrier
-            stepb_product(p[10], p[12], a16, h, NULL, h16, M, N4, C, t, nt, POST_ACT, act);
-#pragma omp barrier
-            stepb_product(p[13], p[15], h16, x, tmp, NULL, M, C, N4, t, nt, POST_ADD, act);
-#pragma omp barrier
-        }
-        for (long m = r0; m < r1; m++) {
-            layer_norm(x + m * C, lnf_w, lnf_b, row, C, eps, 1);
-            for (long c = 0; c < C; c++) a16[m * C + c] = to_bf16(row[c]);
-        }
-#pragma omp barrier
-        stepb_product(head, NULL, a16, logits, NULL, NULL, M, V, C, t, nt, POST_STORE, act);
-    }
-    free(buf);
-    return 0;
-}
 #undef AMX
+#define STEP_AMX 1
 #else
+#define STEP_AMX 0
 int gptchat_amx_ok(void) { return 0; }
 int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, long M, long N, long K,
                       int threads) {
     return -3;
 }
-int gptchat_stepb(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
-                  long kh, long ks, long slot, int act, float eps, const uint16_t *lnf_w, const uint16_t *lnf_b,
-                  const uint16_t *head, long V, float *logits, long M, const int64_t *tok, const uint16_t *emb,
-                  long n_vocab, long es0, long es1, const uint16_t *wpe, long n_pos, const int64_t *pos,
-                  const uint8_t *vis, long vs, int threads) {
-    return -4;
-}
+static void stepb_product(const uint16_t *Wp, const uint16_t *b, const uint16_t *x16, float *y32, float *z,
+                          uint16_t *y16, long M, long N, long K, long t, long nt, int post, int act) {}
 #endif
+
+/* The logits [M, V] after token tok[m] of each row m at cache slot ``slot`` (every row's; its position pos[m], or
+   the slot with pos NULL), on panels (see the note above gptchat_stepn's first helper, step_product). wp:
+   STEP_PTRS pointers a layer as gptchat_step1's, every product in panels with its bias (fp32 panels: padded to
+   them); head: the tied head's panels (no bias). kv: per layer its key then value cache, [M, nh, > slot, hs]
+   through strides kb, kh, ks. emb: the token table read through strides es0, es1 (n_vocab rows); wpe: the
+   positions' [n_pos, C]. vis (NULL: every slot) [M, > slot] bytes at row stride vs: the slots each row sees (a
+   padded batch's). fp32 (bf 0): everything fp32, products on native.panels (wide: panel_block16). bf16 (bf 1):
+   the weights in bf16 panels on AMX tiles (C a multiple of 32), the norms, biases, tables and caches bf16, widened
+   as read (the caches written rounded); the activations stay fp32 between products, as in gptchat_step1's bf16
+   step, rounded to bf16 only as a product's input. Returns 0, -1 (no scratch memory), -2 (a token not in the
+   table), -3 (a position past the table) or -4 (bf16 where this build has no AMX, or C not a multiple of 32). */
+int gptchat_stepn(const void *const *wp, void *const *kv, const float *scales, long L, long C, long nh, long kb,
+                  long kh, long ks, long slot, int act, float eps, const void *lnf_w, const void *lnf_b,
+                  const void *head, long V, float *logits, long M, const int64_t *tok, const void *emb,
+                  long n_vocab, long es0, long es1, const void *wpe, long n_pos, const int64_t *pos,
+                  const uint8_t *vis, long vs, int threads, int wide, int bf) {
+    if (bf && (!STEP_AMX || C % 32)) return -4;
+    for (long m = 0; m < M; m++) {
+        if (tok[m] < 0 || tok[m] >= n_vocab) return -2;
+        if ((pos ? pos[m] : slot) < 0 || (pos ? pos[m] : slot) >= n_pos) return -3;
+    }
+    const long hs = C / nh, N4 = 4 * C, T = threads > 0 ? threads : 1;
+    /* fp32: x, ln, att, tmp [M, C], qkv [M, 3C], h [M, 4C]; bf16 (products' inputs): a16 [M, C], h16 [M, 4C]; per
+       thread: a norm's row [C], a tail [M, 16], scores [slot + 1], rounded up to whole cache lines */
+    const long half = bf ? (M * (C + N4) + 1) / 2 : 0, shared = M * (4 * C + 3 * C + N4) + half;
+    const long per = (C + M * 16 + slot + 1 + 15) / 16 * 16;
+    float *buf = aligned_alloc(64, ((shared + T * per) * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return -1;
+    float *x = buf, *ln = x + M * C, *att = ln + M * C, *tmp = att + M * C, *qkv = tmp + M * C, *h = qkv + 3 * M * C;
+    uint16_t *a16 = (uint16_t *)(h + M * N4), *h16 = a16 + M * C;
+    float *priv = h + M * N4 + half;
+    const long e = bf ? 2 : 4;
+#pragma omp parallel num_threads(T)
+    {
+        long t, nt, r0, r1, a0, a1;
+        team_of(&t, &nt);
+        float *row = priv + t * per, *tail = row + C, *sc = tail + M * 16;
+        rows_share(M, t, nt, &r0, &r1);      /* rows for embeddings and norms */
+        rows_share(M * nh, t, nt, &a0, &a1); /* (row, head) pairs for attention */
+        for (long m = r0; m < r1; m++)
+            embed(tok[m], emb, NULL, es0, es1, 0, (const char *)wpe + (pos ? pos[m] : slot) * C * e, x + m * C, C, bf);
+        for (long l = 0; l <= L; l++) {
+            const void *const *p = wp + (l < L ? l : 0) * STEP_PTRS;
+            const void *nw = l < L ? p[0] : lnf_w, *nb = l < L ? p[1] : lnf_b;
+            for (long m = r0; m < r1; m++) { /* ln_1 (after the last layer: ln_f); bf16: rounded as the input */
+                layer_norm(x + m * C, nw, nb, bf ? row : ln + m * C, C, eps, bf);
+                for (long c = 0; bf && c < C; c++) a16[m * C + c] = to_bf16(row[c]);
+            }
+#pragma omp barrier
+            if (l == L) { /* the head */
+                if (bf) stepb_product(head, NULL, a16, logits, NULL, NULL, M, V, C, t, nt, POST_STORE, act);
+                else step_product(head, NULL, ln, logits, NULL, M, V, C, t, nt, tail, POST_STORE, act, wide);
+                break;
+            }
+            if (bf) stepb_product(p[2], p[4], a16, qkv, NULL, NULL, M, 3 * C, C, t, nt, POST_STORE, act);
+            else step_product(p[2], p[4], ln, qkv, NULL, M, 3 * C, C, t, nt, tail, POST_STORE, act, wide);
+#pragma omp barrier
+            for (long bh = a0; bh < a1; bh++) { /* this slot's key and value written, then the row's query */
+                const long m = bh / nh, hh = bh % nh, at0 = (m * kb + hh * kh) * e;
+                char *kk = (char *)kv[2 * l] + at0, *vv = (char *)kv[2 * l + 1] + at0;
+                const float *r = qkv + m * 3 * C;
+                float *o = att + m * C + hh * hs;
+                for (long d = 0; bf && d < hs; d++) {
+                    ((uint16_t *)kk)[slot * ks + d] = to_bf16(r[C + hh * hs + d]);
+                    ((uint16_t *)vv)[slot * ks + d] = to_bf16(r[2 * C + hh * hs + d]);
+                }
+                if (!bf) {
+                    memcpy((float *)kk + slot * ks, r + C + hh * hs, hs * sizeof(float));
+                    memcpy((float *)vv + slot * ks, r + 2 * C + hh * hs, hs * sizeof(float));
+                }
+                attend_one(r + hh * hs, kk, vv, ks, slot + 1, hs, scales[l], sc, o, bf, vis ? vis + m * vs : NULL);
+                for (long d = 0; bf && d < hs; d++) a16[m * C + hh * hs + d] = to_bf16(o[d]);
+            }
+#pragma omp barrier
+            if (bf) stepb_product(p[5], p[7], a16, x, tmp, NULL, M, C, C, t, nt, POST_ADD, act);
+            else step_product(p[5], p[7], att, x, tmp, M, C, C, t, nt, tail, POST_ADD, act, wide);
+#pragma omp barrier
+            for (long m = r0; m < r1; m++) {
+                layer_norm(x + m * C, p[8], p[9], bf ? row : ln + m * C, C, eps, bf);
+                for (long c = 0; bf && c < C; c++) a16[m * C + c] = to_bf16(row[c]);
+            }
+#pragma omp barrier
+            if (bf) stepb_product(p[10], p[12], a16, h, NULL, h16, M, N4, C, t, nt, POST_ACT, act);
+            else step_product(p[10], p[12], ln, h, NULL, M, N4, C, t, nt, tail, POST_ACT, act, wide);
+#pragma omp barrier
+            if (bf) stepb_product(p[13], p[15], h16, x, tmp, NULL, M, C, N4, t, nt, POST_ADD, act);
+            else step_product(p[13], p[15], h, x, tmp, M, C, N4, t, nt, tail, POST_ADD, act, wide);
+#pragma omp barrier
+        }
+    }
+    free(buf);
+    return 0;
+}

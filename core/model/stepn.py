@@ -1,6 +1,5 @@
 """A whole batched decode step in one C call: step1.py's one-call step for a batch of rows, one token each, on
-the packed weights of packed.py: fp32 panels (qkernel.c's ``gptchat_stepn``) or bf16 panels on AMX tiles
-(``gptchat_stepb``).
+the packed weights of packed.py (qkernel.c's ``gptchat_stepn``): fp32 panels, or bf16 panels on AMX tiles.
 
 Why: a batch-16 fp32 step of 124M on a 2-core Xeon took ~41 ms, of which the panel products were ~30 and
 attention ~4; the other ~7 went to the work around them run from Python (~15 module calls a layer, layer norms,
@@ -42,10 +41,8 @@ def _lib() -> ctypes.CDLL | None:
         return None
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     lib.gptchat_stepn.argtypes = [P, P, P, L, L, L, L, L, L, L, I, F, P, P, P, L, P, L, P, P, L, L, L, P, L, P, P, L,
-                                  I, I]
+                                  I, I, I]
     lib.gptchat_stepn.restype = I
-    lib.gptchat_stepb.argtypes = lib.gptchat_stepn.argtypes[:-1]  # the same, less ``wide``
-    lib.gptchat_stepb.restype = I
     return lib
 
 
@@ -140,11 +137,13 @@ def run(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor | None, mask: tor
     out = torch.empty(B, 1, bp.vocab)
     wf, bf = p.ln_f
     L, C, nh = p.dims
-    args = (bp.ptrs, ptrs, p.scales, L, C, nh, st[0], st[1], st[2], slot, p.act, p.eps, wf.data_ptr(),
-            None if bf is None else bf.data_ptr(), bp.head.data_ptr(), bp.vocab, out.data_ptr(), B, ids.data_ptr(),
-            table.data_ptr(), table.shape[0], es0, es1, p.wpe_ptr, p.n_pos, None if pos is None else pos.data_ptr(),
-            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0), torch.get_num_threads())
-    rc = lib.gptchat_stepb(*args) if bf16 else lib.gptchat_stepn(*args, int(native.wide()))
+    rc = lib.gptchat_stepn(bp.ptrs, ptrs, p.scales, L, C, nh, st[0], st[1], st[2], slot, p.act, p.eps, wf.data_ptr(),
+                           None if bf is None else bf.data_ptr(), bp.head.data_ptr(), bp.vocab, out.data_ptr(), B,
+                           ids.data_ptr(), table.data_ptr(), table.shape[0], es0, es1, p.wpe_ptr, p.n_pos,
+                           None if pos is None else pos.data_ptr(), None if mask is None else mask.data_ptr(),
+                           0 if mask is None else mask.stride(0), torch.get_num_threads(), int(native.wide()), int(bf16))
+    if rc == -4:  # bf16 where this build of the kernels has no AMX: nothing done, the modules run
+        return None
     if rc == -2:
         raise IndexError(f"a token of {ids.tolist()} is not in the table of {table.shape[0]}")
     if rc == -3:
