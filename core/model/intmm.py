@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import time
 
 import torch
 
@@ -87,13 +86,8 @@ def few_rows(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
     trial = _few.get((n, k, rows))
     if trial is None:
         trial = _few[(n, k, rows)] = Trial(("kernel", "gemm"))
-    way = trial.next()
-    t0 = time.perf_counter()
-    y = (native.gemm(packed, scale, bias, x, n) if way == "kernel"
-         else product(packed, scale, bias, x.view(rows, k), n).view(*x.shape[:-1], n))
-    if trial.timing:
-        trial.record(way, time.perf_counter() - t0)
-    return y
+    return trial.call(lambda way: native.gemm(packed, scale, bias, x, n) if way == "kernel"
+                      else product(packed, scale, bias, x.view(rows, k), n).view(*x.shape[:-1], n))
 
 
 def wins(rows: int) -> bool:

@@ -427,7 +427,7 @@ def qsgemm(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
 
 
 def set_prefetch(bytes_ahead: int) -> None:
-    """How far ahead of the read the int8 products prefetch (step1.Prefetch picks it)."""
+    """How far ahead of the read the int8 products prefetch (step1's ``_prefetch`` trial picks it)."""
     kernel().gptchat_set_prefetch(bytes_ahead)
 
 

@@ -34,7 +34,6 @@ one). ``GPTCHAT_STEP1=0`` turns it off; ``GPTCHAT_WIDE=0`` keeps bf16 rows in AV
 from __future__ import annotations
 
 import ctypes
-import time
 import weakref
 from contextlib import contextmanager
 
@@ -285,19 +284,18 @@ def run(model: nn.Module, idx: torch.Tensor, slot: int, kv_len: int | None, logi
         lookup = (None, None, None, 0, 0, 0, None)
     wf, bf = p.ln_f
     pick = p.pick.data_ptr() if out is not None and p.pick_below and p.pick_below <= p.vocab else None
-    trial = _prefetch.next() if p.kind == INT8 and _prefetch.timing else None
-    if trial is not None:
-        native.set_prefetch(trial)
-        t0 = time.perf_counter()
-    rc = native.kernel().gptchat_step1(p.ptrs, kv_ptrs, p.scales, p.dims[0], p.dims[1], p.dims[2], st[1], st[2], slot,
-                                       p.kind, p.act, p.eps, wf.data_ptr(), None if bf is None else bf.data_ptr(),
-                                       x.data_ptr(), None if head is None else head[0].data_ptr(),
-                                       None if head is None or head[1] is None else head[1].data_ptr(), p.vocab,
-                                       None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup,
-                                       p.head_rows, kv_bf, p.wide,
-                                       pick, p.pick_below or 0)
-    if trial is not None:
-        _prefetch.record(trial, time.perf_counter() - t0)
+    def step() -> int:
+        return native.kernel().gptchat_step1(
+            p.ptrs, kv_ptrs, p.scales, p.dims[0], p.dims[1], p.dims[2], st[1], st[2], slot, p.kind, p.act, p.eps,
+            wf.data_ptr(), None if bf is None else bf.data_ptr(), x.data_ptr(),
+            None if head is None else head[0].data_ptr(), None if head is None or head[1] is None else head[1].data_ptr(),
+            p.vocab, None if out is None else out.data_ptr(), torch.get_num_threads(), *lookup, p.head_rows, kv_bf,
+            p.wide, pick, p.pick_below or 0)
+
+    if p.kind == INT8 and _prefetch.timing:  # this step at the trial's prefetch distance, timed
+        rc = _prefetch.call(lambda ahead: native.set_prefetch(ahead) or step())
+    else:
+        rc = step()
     p.picked_from = out if pick is not None else None
     if rc == -2:
         raise IndexError(f"token {int(idx)} is not in the table of {p.vocab}")

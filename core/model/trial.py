@@ -9,9 +9,11 @@ a warm-up round and ``rounds`` more keeps the one with the lowest median. The ca
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Trial(Generic[T]):
@@ -28,6 +30,16 @@ class Trial(Generic[T]):
     def timing(self) -> bool:
         """Whether calls are still to be timed (and ``record``-ed)."""
         return self.chosen is None
+
+    def call(self, fn: Callable[[T], R]) -> R:
+        """``fn(candidate)`` for the candidate of the moment: timed and recorded while the trial lasts."""
+        way = self.next()
+        if not self.timing:
+            return fn(way)
+        t0 = time.perf_counter()
+        out = fn(way)
+        self.record(way, time.perf_counter() - t0)
+        return out
 
     def record(self, candidate: T, seconds: float) -> None:
         self.calls += 1

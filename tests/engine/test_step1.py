@@ -488,6 +488,19 @@ def test_a_trial_keeps_the_candidate_its_calls_timed_fastest_in_the_median():
     assert tuner.chosen == 2048 and chosen == [2048]
 
 
+def test_a_trial_call_runs_each_candidate_in_turn_timed_then_the_chosen_one_untimed():
+    import statistics
+    import time
+
+    slow = {"a": 0.004, "b": 0.0}
+    tuner, ran = Trial(("a", "b"), rounds=2), []
+    for _ in range(6):  # the warm-up round, then two timed rounds
+        assert tuner.call(lambda way: ran.append(way) or time.sleep(slow[way]) or way.upper()) in ("A", "B")
+    assert ran == ["a", "b"] * 3 and all(t >= 0.004 for t in tuner.times["a"]) and len(tuner.times["b"]) == 2
+    assert tuner.chosen == min("ab", key=lambda w: statistics.median(tuner.times[w]))  # "b" unless under heavy load
+    assert tuner.call(lambda way: way.upper()) == tuner.chosen.upper() and len(tuner.times["b"]) == 2  # untimed now
+
+
 def test_an_int8_step_gives_the_same_logits_at_any_prefetch_distance(monkeypatch):
     m = quant.quantize_model(_model())
     ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(4)).tolist()
