@@ -45,6 +45,7 @@ TARGET_VS_PREFILL = 0.9
 TARGET_VS_HF = 1.5
 RSS_WEIGHTS_FACTOR, RSS_SLACK = 1.5, 10**9  # peak RSS < 1.5 x fp32 weights + 1 GB
 PREFILL_TOKENS = 1000
+PRODUCTS = {"plain": "PyTorch's GEMM", "panels": "gptchat's panel copy", "mkl": "MKL's packed copy (head included)"}
 HELDOUT_TOKENS = 250_000  # about 1 MB of English text in GPT-2 tokens
 
 
@@ -74,6 +75,7 @@ class EvalBench:
     rss_after_load_bytes: int | None = None
     heldout_tokens: int = 0
     arithmetic_bound: float = 0.0  # (a) at equal FLOP rates: prefill arithmetic a token / eval's a window token
+    products: str = "plain"  # what eval multiplies on: "plain" (PyTorch's GEMM), "panels" or "mkl" (packed copies)
 
     @property
     def rss_limit_bytes(self) -> int:
@@ -92,7 +94,7 @@ class EvalBench:
             f"eval bench: {self.shape} (random weights), {self.device} {self.dtype}, {self.threads} threads on "
             f"{self.cores} cores, load {self.load[0]:.1f} -> {self.load[1]:.1f}; {self.rounds} rounds of "
             f"{self.windows_per_round} windows of {self.window} tokens, stride {self.stride}, batches of "
-            f"{self.batch_tokens} tokens",
+            f"{self.batch_tokens} tokens; products on {PRODUCTS[self.products]}",
             f"(a) window tokens/s: eval {self.eval_window_tok_s:.1f}, engine prefill ({PREFILL_TOKENS} tokens) "
             f"{self.prefill_tok_s:.1f}: {self.window_vs_prefill:.2f}x (target >= {TARGET_VS_PREFILL}x: "
             f"{verdict(self.window_vs_prefill >= TARGET_VS_PREFILL)})",
@@ -202,6 +204,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
         fast = packed_for_eval(e, PACK_FROM_TOKENS)  # what a long eval packs at its start: once here
         if fast is not None:
             fast.refresh()
+        products = fast.kind if fast is not None else "plain"
         score_windows(e, ids, chunks[0][:1], batch_tokens=batch_tokens)
         e.prefill(prompt, None, None)
         if hf is not None:
@@ -232,7 +235,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
             prefill_tok_s=med(prompt.shape[1] / s for s in pre),
             window_vs_prefill=med((win / s) / (prompt.shape[1] / p) for s, p in zip(ours, pre)),
             loss=nats / n_scored, weights_bytes=sum(p.numel() * 4 for p in e.model.parameters()),
-            arithmetic_bound=_arithmetic_bound(e.model.config, chunks[0], prompt.shape[1]),
+            arithmetic_bound=_arithmetic_bound(e.model.config, chunks[0], prompt.shape[1]), products=products,
         )
         if ref:
             b.hf_scored_tok_s = med(scored / s for s in ref)

@@ -33,10 +33,12 @@ from torch import nn
 from gptchat.core.errors import ContextOverflow, UsageError
 from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
-from gptchat.core.model import native
+from gptchat.core.model import native, packed
 from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
 
 HEAD_ROWS = 512  # scored positions per head chunk
+MKL_HEAD_BLOCK = 2048  # vocabulary rows per MKL-packed head block (_Head)
+COPY_SLACK = 512 * 2**20  # see _room_for_copy
 PACK_FROM_TOKENS = 8 * 1024  # window tokens from which eval packs the weights (see score_windows)
 CPU_ACTIVATION_BYTES = 16 << 20  # see batch_tokens_for
 GPU_BATCH_TOKENS = 8192
@@ -165,11 +167,14 @@ class _Head:
     1.61 s (medians of 6 alternating runs). Any other head (int8 QuantLinear, bf16) goes through its module, then an fp32
     log-sum-exp (``lse_``), ``HEAD_ROWS`` at a time."""
 
-    def __init__(self, model, vocab: int):
+    def __init__(self, model, vocab: int, fast=None):
         head = model.lm_head
         w = getattr(head, "weight", None)
         plain = isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32
         self.rows = w[:vocab] if plain else None  # (V, C): blocks of rows give blocks of logits
+        # eval's MKL-packed weights (packed_for_eval) pack the blocks too: 512 rows x 50257, 0.17 -> 0.14-0.16 s
+        mkl = plain and fast is not None and fast.kind == "mkl"
+        self.blocks = fast.blocks(self.rows, MKL_HEAD_BLOCK, HEAD_ROWS) if mkl else None
         self.model, self.vocab = model, vocab
         self.buf: torch.Tensor | None = None
 
@@ -184,11 +189,7 @@ class _Head:
         for i in range(0, h.shape[0], HEAD_ROWS):
             x, t = h[i : i + HEAD_ROWS], targets[i : i + HEAD_ROWS]
             if self.rows is not None:
-                parts = []
-                for wb in self.rows.t().split(HEAD_VOCAB_BLOCK, dim=1):
-                    z = torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], h.device))
-                    parts.append(lse_(z))
-                lse = torch.stack(parts, 1).logsumexp(1)  # (n,)
+                lse = torch.stack(self._block_lses(x), 1).logsumexp(1)  # (n,)
                 target = (x * self.rows.index_select(0, t)).sum(1)  # (n,) the target's logit
             else:
                 logits = self.model.lm_head(x)[:, : self.vocab].float()  # (n, V)
@@ -196,6 +197,14 @@ class _Head:
                 lse = lse_(logits)
             total += float((lse - target).double().sum())
         return total
+
+    def _block_lses(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each vocabulary block's log-sum-exp of ``x``'s logits (n,)."""
+        if self.blocks is not None:
+            x = x.contiguous()
+            return [lse_(packed.mkl_product(p, wb, None, x)) for p, wb in self.blocks]
+        return [lse_(torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], x.device)))
+                for wb in self.rows.t().split(HEAD_VOCAB_BLOCK, dim=1)]
 
 
 def lse_(z: torch.Tensor) -> torch.Tensor:
@@ -232,18 +241,31 @@ def batch_tokens_for(engine) -> int:
 
 
 def packed_for_eval(engine, tokens: int):
-    """The engine's panel copy of the weights (packed.py, as batched decode uses them) for an fp32 CPU eval of
-    ``tokens`` window tokens, or None. Its blocks' products took 0.88-0.92x PyTorch's GEMM's time on a 1024-token
-    window (2-core Zen 4); the head stays on PyTorch's (on panels: 266 against 247 ms for 512 rows). Packing 124M
-    takes ~0.36 s and ~0.5 GB and a window gains ~0.1 s: built for PACK_FROM_TOKENS or more, used once built.
-    None where PyTorch's GEMM is the faster at many rows (``native.gemm_beats_panels``: on a 2-core Xeon with
-    AVX-512 eval ran at 0.55x the engine's prefill rate on the panels)."""
+    """A packed copy of the weights for an fp32 CPU eval of ``tokens`` window tokens, or None. Packing 124M takes
+    ~0.2-0.4 s and ~0.5 GB and a window gains ~0.03-0.1 s: built for PACK_FROM_TOKENS or more, used once built.
+
+    Which copy: the engine's panels (packed.py, as batched decode uses them) where gptchat's panel product beats
+    PyTorch's GEMM at many rows (``native.gemm_beats_panels``; its blocks' products took 0.88-0.92x PyTorch's time on
+    a 1024-token window of a 2-core Zen 4), else MKL's packed copy (``engine.mkl_packed``: a 2-core Xeon with
+    AVX-512, where the panels ran eval at 0.55x the prefill's rate: eval scored 1.52x and 1.56x transformers' loop on
+    it against 1.48x and 1.51x on PyTorch's plain GEMM, alternating runs), the head's blocks included (_Head)."""
     fast = engine.packed_linears(engine.n_ctx)
-    if fast is None or fast.kind != "panels" or not (fast.built or tokens >= PACK_FROM_TOKENS):
-        return None
-    if native.gemm_beats_panels():
+    if fast is None or fast.kind != "panels" or native.gemm_beats_panels():
+        fast = engine.mkl_packed()  # None but in fp32 on the CPU
+    if fast is None or not fast.built and (tokens < PACK_FROM_TOKENS or not _room_for_copy(engine)):
         return None
     return fast
+
+
+def _room_for_copy(engine) -> bool:
+    """Whether a second copy of the weights keeps eval within its memory budget (peak RSS under 1.5 x the weights
+    + 1 GB, core/bench/eval.py; eval holds ~0.5 GB beside the weights: COPY_SLACK) and fits the memory free now.
+    124M's copy does (peak 0.86 -> 1.47 GB of a 1.75 GB budget); from 355M on eval multiplies unpacked."""
+    from gptchat.core.train.plan import available_bytes  # (train imports eval's estimate: here, not at the top)
+
+    size = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    free = available_bytes(engine.device)
+    return size <= size // 2 + COPY_SLACK and (free is None or 2 * size <= free)
 
 
 def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[list[int]] | None = None,
@@ -257,9 +279,9 @@ def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[
     batch_tokens = batch_tokens or batch_tokens_for(engine)
     model, prefixes = engine.model, prefixes or [[] for _ in windows]
     lengths = [len(p) + w.end - w.begin for w, p in zip(windows, prefixes)]
-    head = _Head(model, engine.vocab_limit)
-    total = 0.0
     fast = packed_for_eval(engine, sum(lengths))
+    head = _Head(model, engine.vocab_limit, fast)
+    total = 0.0
     with engine._lock, fast.use() if fast is not None else nullcontext():  # the engine's one-model-at-a-time rule; scoring uses no cache
         model.drop_cache()
         for g in _groups(lengths, max(1, batch_tokens // max(lengths))):

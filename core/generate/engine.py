@@ -65,6 +65,7 @@ class Engine:
         self.eos_id = eos_id if eos_id is not None else (GPT2_EOS if model.config.vocab_size > GPT2_EOS else None)
         self._lock = threading.Lock()  # one generation at a time per loaded model
         self._packed = None
+        self._mkl = None  # mkl_packed's copy
         self.compile = compile and not borrowed  # a training run's model changes under it: never compiled
         self._step = None  # the compiled decode step, built on first use
         self.compile_s = 0.0  # seconds spent in warm_up (compiling), 0 before it
@@ -266,6 +267,15 @@ class Engine:
             self._packed = packed.PackedLinears(self.model, batch_hint=1 if self.dtype == torch.bfloat16 else 16,
                                                 kind=kind)
         return self._packed
+
+    def mkl_packed(self):
+        """MKL-packed copies of the fp32 weights for products of many rows (eval's windows; packed.py's "mkl"), or
+        None: not fp32 on the CPU, a borrowed model, or no MKL packing in this PyTorch."""
+        if self.borrowed or self.device.type != "cpu" or self.dtype != torch.float32 or not packed.mkl_packs():
+            return None
+        if self._mkl is None:
+            self._mkl = packed.PackedLinears(self.model, batch_hint=self.n_ctx, kind="mkl")  # a window's rows
+        return self._mkl
 
     def _packed_from(self) -> int:
         """The smallest batch decoded on packed weights: packed.min_batch, but 2 where the one-call step runs

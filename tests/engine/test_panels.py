@@ -47,13 +47,16 @@ def test_leaves_memory_past_the_outputs_alone():
     assert torch.equal(big[3 * 21:], torch.full((64,), 7.0))
 
 
-def test_packed_copies_follow_swapped_and_changed_linears():
+@pytest.mark.parametrize("kind", ["panels", "mkl"])
+def test_packed_copies_follow_swapped_and_changed_linears(kind):
     from torch import nn
 
     from gptchat.core.model import packed
 
+    if kind == "mkl" and not packed.mkl_packs():
+        pytest.skip("this PyTorch has no MKL packing")
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
-    pl = packed.PackedLinears(net, 16, "panels")
+    pl = packed.PackedLinears(net, 16, kind)
     x = torch.randn(3, 8)
 
     def both():
@@ -77,6 +80,66 @@ def test_packed_copies_follow_swapped_and_changed_linears():
     net[2] = nn.Sequential(nn.Linear(32, 5))  # moved one level down: the old name's copy is dropped
     both()
     assert sorted(pl._packed) == ["0", "2.0"]
+
+
+def _mkl_packs() -> bool:
+    from gptchat.core.model import packed
+
+    return packed.mkl_packs()
+
+
+@pytest.mark.skipif(not _mkl_packs(), reason="this PyTorch has no MKL packing")
+@pytest.mark.parametrize("M", [1, 7, 100, 1024, 1500])
+@pytest.mark.parametrize("layout", ["rows", "inference"])
+def test_mkl_packed_weights_equal_the_product_at_any_rows(M, layout):
+    """MKL's pack is made for one row count (the engine's window) and multiplies right at any: 1 row to more than
+    it was made for, on the model's inference layout (weights [in, out] in memory) as on plain rows, a batch
+    dimension kept; PyTorch's GEMM gives the same sums (bit for bit at 100 rows and more, measured)."""
+    from torch import nn
+
+    from gptchat.core.model import packed
+
+    gen = torch.Generator().manual_seed(M)
+    lin = nn.Linear(200, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 200, generator=gen))
+        if layout == "inference":
+            lin.weight.data = lin.weight.data.t().contiguous().t()
+    x = torch.randn(1, M, 200, generator=gen)
+    pl = packed.PackedLinears(nn.Sequential(lin), 1024, "mkl")
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        with pl.use():
+            got = lin(x)
+    assert got.shape == (1, M, 96) and torch.allclose(got, ref, rtol=1e-5, atol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.skipif(not _mkl_packs(), reason="this PyTorch has no MKL packing")
+def test_mkl_packed_weights_leave_the_head_to_its_blocks_and_training_to_the_module():
+    """The "mkl" copy packs every Linear but the head (eval multiplies by it in vocabulary blocks, packed by
+    ``blocks`` and again when the head's weight changes); with autograd on, a Linear computes as its module does."""
+    from torch import nn
+
+    from gptchat.core.model import packed
+
+    net = nn.Module()
+    net.body, net.lm_head = nn.Linear(16, 16), nn.Linear(16, 300, bias=False)
+    pl = packed.PackedLinears(net, 64, "mkl")
+    pl.refresh()
+    assert sorted(pl._packed) == ["body"]
+    x = torch.randn(64, 16)
+    first = pl.blocks(net.lm_head.weight, 128, 64)
+    assert [b.shape[0] for _, b in first] == [128, 128, 44] and pl.blocks(net.lm_head.weight, 128, 64) is first
+    with torch.inference_mode():
+        z = torch.cat([packed.mkl_product(p, b, None, x) for p, b in first], 1)
+    assert torch.allclose(z, x @ net.lm_head.weight.t(), atol=1e-5)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(2)
+    assert pl.blocks(net.lm_head.weight, 128, 64) is not first
+    with pl.use():
+        y = net.body(x.requires_grad_())
+        y.sum().backward()
+    assert x.grad is not None and net.body.weight.grad is not None
 
 
 def test_panels_of_two_mb_or_more_are_packed_into_one_block_of_huge_pages():

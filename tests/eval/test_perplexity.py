@@ -169,7 +169,8 @@ def test_eval_bench_scores_like_transformers_and_prints_every_figure():
     assert b.window_vs_prefill > 0 and b.scored_vs_hf > 0
     assert b.rss_after_load_bytes < b.peak_rss_bytes < 64 * 2**30
     text = b.format()
-    assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x", "the arithmetic alone allows"))
+    assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x", "the arithmetic alone allows",
+                                   f"products on {bench.PRODUCTS[b.products]}"))
     assert 0 < b.arithmetic_bound < 1  # a window's head over its scored tokens: more arithmetic a token
     assert json.loads(json.dumps(b.to_dict()))["rss_limit_bytes"] == b.rss_limit_bytes
 
@@ -187,11 +188,13 @@ def test_log_sum_exp_in_place_over_logits_far_apart():
 
 
 def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
-    """From PACK_FROM_TOKENS window tokens on (lowered here), fp32 eval on the CPU multiplies on the engine's panel
-    copy of the weights: the same loss as transformers'. A short eval builds no copy, and none is used where
-    PyTorch's GEMM beats the panels at many rows (``native.gemm_beats_panels``, timed: both ways here)."""
+    """From PACK_FROM_TOKENS window tokens on (lowered here), fp32 eval on the CPU multiplies on a packed copy of
+    the weights: the engine's panels where they beat PyTorch's GEMM at many rows (``native.gemm_beats_panels``,
+    timed: both ways here), else MKL's packed copy (the head's vocabulary blocks too); either way the loss equals
+    transformers'. A short eval builds no copy, nor one without room for it; with MKL packing switched off, the
+    plain modules score."""
     from gptchat.core.eval import perplexity
-    from gptchat.core.model import native
+    from gptchat.core.model import native, packed
 
     if native.kernel() is None:
         pytest.skip("no C kernels here: no panel copy")
@@ -204,11 +207,26 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
         assert not fast.built
     monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
     monkeypatch.setattr(native, "gemm_beats_panels", lambda: True)
-    calls = spy(monkeypatch, native, "sgemm")
+    mkl = lm.engine.mkl_packed()
+    if mkl is not None and not mkl.built:  # no room for a second copy in eval's memory budget: none is made
+        monkeypatch.setattr(perplexity, "COPY_SLACK", 0)
+        assert perplexity.packed_for_eval(lm.engine, len(ids)) is None and not mkl.built
+        monkeypatch.undo()
+        monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
+        monkeypatch.setattr(native, "gemm_beats_panels", lambda: True)
+    panel_calls, mkl_calls = spy(monkeypatch, native, "sgemm"), spy(monkeypatch, packed, "mkl_product")
+    on_mkl, plan = score_ids(lm.engine, ids, stride=20)
+    assert not panel_calls and bool(mkl_calls) == packed.mkl_packs()
+    if packed.mkl_packs():
+        shapes = {tuple(c[1].shape) for c in mkl_calls}  # the weights multiplied by: the body's and the head's blocks
+        assert (perplexity.MKL_HEAD_BLOCK, lm.engine.model.config.n_embd) in shapes and len(shapes) >= 4
+        monkeypatch.setenv("GPTCHAT_MKL_PACKED", "0")
+    mkl_calls.clear()
     plain, _ = score_ids(lm.engine, ids, stride=20)
-    assert not calls and perplexity.packed_for_eval(lm.engine, len(ids)) is None
+    assert not mkl_calls and perplexity.packed_for_eval(lm.engine, len(ids)) is None
     monkeypatch.setattr(native, "gemm_beats_panels", lambda: False)
-    nats, plan = score_ids(lm.engine, ids, stride=20)
-    assert fast.built and calls
+    nats, _ = score_ids(lm.engine, ids, stride=20)
+    assert fast.built and panel_calls
     ref, n = _reference(hf, ids, plan.windows)
-    assert nats / n == pytest.approx(ref / n, abs=1e-4) and plain / n == pytest.approx(ref / n, abs=1e-4)
+    for got in (nats, on_mkl, plain):
+        assert got / n == pytest.approx(ref / n, abs=1e-4)
