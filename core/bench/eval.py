@@ -75,6 +75,8 @@ class EvalBench:
     rss_after_load_bytes: int | None = None
     heldout_tokens: int = 0
     arithmetic_bound: float = 0.0  # (a) at equal FLOP rates: prefill arithmetic a token / eval's a window token
+    body_vs_prefill: float = 0.0  # window tokens/s through the model's body alone over the prefill's (medians)
+    head_share: float = 0.0  # of eval's time, the head and the loss
     products: str = "plain"  # what eval multiplies on: "plain" (PyTorch's GEMM), "panels" or "mkl" (packed copies)
 
     @property
@@ -100,7 +102,9 @@ class EvalBench:
             f"{verdict(self.window_vs_prefill >= TARGET_VS_PREFILL)})",
             f"    the arithmetic alone allows {self.arithmetic_bound:.2f}x at the prefill's FLOP rate (a window also "
             f"computes the head for each token it scores, the prefill for its last only): eval ran at "
-            f"{self.window_vs_prefill / self.arithmetic_bound:.2f} of the prefill's FLOP rate",
+            f"{self.window_vs_prefill / self.arithmetic_bound:.2f} of the prefill's FLOP rate; the body alone (every "
+            f"window token through the blocks) {self.body_vs_prefill:.2f}x the prefill's tokens/s, the head and the loss "
+            f"{self.head_share:.0%} of eval's time",
         ]
         if self.scored_vs_hf is not None:
             lines += [
@@ -209,9 +213,11 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
         e.prefill(prompt, None, None)
         if hf is not None:
             _hf_loop(hf, ids, chunks[0][:1])
-        ours, pre, ref, nats, hf_nats = [], [], [], 0.0, 0.0
+        ours, pre, ref, nats, hf_nats, split = [], [], [], 0.0, 0.0, []
         for r, ws in enumerate(chunks):
-            s, n = _timed(lambda: score_windows(e, ids, ws, batch_tokens=batch_tokens))
+            spent = [0.0, 0.0]
+            s, n = _timed(lambda: score_windows(e, ids, ws, batch_tokens=batch_tokens, spent=spent))
+            split.append(spent)
             nats += n
             ours.append(s)
             pre.append(_timed(lambda: e.prefill(prompt, None, None))[0])
@@ -234,6 +240,8 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
             eval_window_tok_s=med(win / s for s in ours), eval_scored_tok_s=med(scored / s for s in ours),
             prefill_tok_s=med(prompt.shape[1] / s for s in pre),
             window_vs_prefill=med((win / s) / (prompt.shape[1] / p) for s, p in zip(ours, pre)),
+            body_vs_prefill=med((win / body) / (prompt.shape[1] / p) for (body, _), p in zip(split, pre)),
+            head_share=med(head / s for (_, head), s in zip(split, ours)),
             loss=nats / n_scored, weights_bytes=sum(p.numel() * 4 for p in e.model.parameters()),
             arithmetic_bound=_arithmetic_bound(e.model.config, chunks[0], prompt.shape[1]), products=products,
         )

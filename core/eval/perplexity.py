@@ -216,14 +216,22 @@ def lse_(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _nats(model, head: _Head, batch: Rows, device) -> float:
+def _nats(model, head: _Head, batch: Rows, device, spent: list[float] | None = None) -> float:
+    """-log p summed over the batch's scored tokens; ``spent`` (if given) gains the seconds of the model's body and
+    of the head with the loss."""
     # only the positions that predict a scored token go through the head, and through the last block
     # after its keys and values (GPT.forward's ``tail``): they are the end of each window
+    t0 = time.perf_counter()
     T = batch.ids.shape[1]
     skip = min(c for c, _ in batch.spans)
     hidden = model(batch.ids.to(device), return_hidden=True, tail=T - skip)  # (B, T - skip, C)
     h = torch.cat([hidden[b, c - skip : c - skip + n] for b, (c, n) in enumerate(batch.spans)])  # (N, C)
-    return head.nats(h, batch.targets.to(device))
+    t1 = time.perf_counter()
+    nats = head.nats(h, batch.targets.to(device))
+    if spent is not None:
+        spent[0] += t1 - t0
+        spent[1] += time.perf_counter() - t1
+    return nats
 
 
 def batch_tokens_for(engine) -> int:
@@ -269,8 +277,10 @@ def _room_for_copy(engine) -> bool:
 
 
 def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[list[int]] | None = None,
-                  batch_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> float:
+                  batch_tokens: int | None = None, progress: Callable[[int, int], None] | None = None,
+                  spent: list[float] | None = None) -> float:
     """Sum of -log p over the scored tokens of ``windows`` of ``ids``, each after its prefix (default none).
+    ``spent``: [body seconds, head seconds], added to (core/bench/eval.py's split).
 
     Windows go through the model in batches of about ``batch_tokens`` tokens (default: batch_tokens_for).
     """
@@ -286,7 +296,7 @@ def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[
         model.drop_cache()
         for g in _groups(lengths, max(1, batch_tokens // max(lengths))):
             batch = _batch(ids, windows[g.start : g.stop], prefixes[g.start : g.stop])
-            total += _nats(model, head, batch, engine.device)
+            total += _nats(model, head, batch, engine.device, spent)
             if progress:
                 progress(g.stop, len(windows))
     return total

@@ -172,6 +172,7 @@ def test_eval_bench_scores_like_transformers_and_prints_every_figure():
     assert all(s in text for s in ("(a)", "(b)", "(c)", f"{b.scored_vs_hf:.2f}x", "the arithmetic alone allows",
                                    f"products on {bench.PRODUCTS[b.products]}"))
     assert 0 < b.arithmetic_bound < 1  # a window's head over its scored tokens: more arithmetic a token
+    assert b.body_vs_prefill > b.window_vs_prefill and 0 < b.head_share < 1 and "the body alone" in text
     assert json.loads(json.dumps(b.to_dict()))["rss_limit_bytes"] == b.rss_limit_bytes
 
 
