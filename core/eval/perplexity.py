@@ -39,7 +39,7 @@ from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
 HEAD_ROWS = 512  # scored positions per head chunk
 MKL_HEAD_BLOCK = 2048  # vocabulary rows per MKL-packed head block (_Head)
 COPY_SLACK = 512 * 2**20  # see _room_for_copy
-PACK_FROM_TOKENS = 8 * 1024  # window tokens from which eval packs the weights (see score_windows)
+PACK_FROM_TOKENS = 16 * 1024  # window tokens from which eval packs the weights (see score_windows)
 CPU_ACTIVATION_BYTES = 16 << 20  # see batch_tokens_for
 GPU_BATCH_TOKENS = 8192
 
@@ -250,7 +250,8 @@ def batch_tokens_for(engine) -> int:
 
 def packed_for_eval(engine, tokens: int):
     """A packed copy of the weights for an fp32 CPU eval of ``tokens`` window tokens, or None. Packing 124M takes
-    ~0.2-0.4 s and ~0.5 GB and a window gains ~0.03-0.1 s: built for PACK_FROM_TOKENS or more, used once built.
+    0.3-0.5 s and ~0.5 GB and a 1024-token window gains 0.03-0.05 s (MKL's copy on a 2-core Xeon) to ~0.1 s (the
+    panels on a 2-core Zen 4): built for PACK_FROM_TOKENS or more, used once built (kept by the engine).
 
     Which copy: the engine's panels (packed.py, as batched decode uses them) where gptchat's panel product beats
     PyTorch's GEMM at many rows (``native.gemm_beats_panels``; its blocks' products took 0.88-0.92x PyTorch's time on
