@@ -319,3 +319,21 @@ def test_fresh_run_keeps_the_old_output_until_done_and_resume_ignores_lock_files
     assert code == 0, err
     assert json.loads(stdout)["resumed"] == 2 and out.read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl.")) == ["out.jsonl.part-1-of-2.lock"]
+
+
+def test_at_a_terminal_the_rows_count_up_on_one_stderr_line(tmp_path, tiny, capfd, monkeypatch):
+    """Progress (rows done, rows/s, tok/s, the model) is redrawn in place on stderr and ended before the summary;
+    stdout keeps the records alone."""
+    import gptchat.tui.cli.batch as batch_cli
+
+    class Terminal(batch_cli.Bar):
+        def __init__(self, enabled: bool):
+            super().__init__(True)
+
+    monkeypatch.setattr(batch_cli, "Bar", Terminal)
+    src = tmp_path / "prompts.txt"
+    src.write_text("one\ntwo\nthree\n")
+    code, out, err = cli(capfd, "batch", src, "--model", tiny, "--greedy", "-n", "3", "--batch-size", "2")
+    assert code == 0, err
+    assert "\r[" in err and "] 3/3 rows  " in err and "tok/s" in err and str(tiny) in err
+    assert "  \nbatch: 3 results" in err and "\r" not in out and len(records(out)) == 3

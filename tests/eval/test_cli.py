@@ -101,3 +101,32 @@ def test_a_panes_score_is_its_completions_mean_log_prob_in_transformers(model):
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
         want = logp[torch.arange(len(prompt) - 1, len(ids) - 1), torch.tensor(ids[len(prompt):])].mean().item()
         assert ev.info["mean_logprob"] == pytest.approx(want, abs=1e-4)
+
+
+def test_eval_on_a_terminal_draws_its_progress_on_stderr(model, tmp_path, capsys, monkeypatch):
+    """At a terminal, each row's windows count up on one redrawn stderr line (rate, time left, the row's name),
+    closed before the row's summary line; stdout holds the table alone."""
+    import gptchat.tui.cli.eval as cli
+
+    draws: list[tuple[int, int, str]] = []
+
+    class Terminal(cli.Bar):
+        def __init__(self, enabled: bool):
+            super().__init__(True)
+
+        def draw(self, done: int, total: int, text: str) -> None:
+            draws.append((done, total, text))
+            super().draw(done, total, text)
+
+    monkeypatch.setattr(cli, "Bar", Terminal)
+    (tmp_path / "h.txt").write_text("the cat sat on the mat. " * 30)
+    (tmp_path / "ex.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    code, out, err = _run(capsys, "eval", tmp_path / "h.txt", "-m", model, "--stride", "16", "--shots", "0",
+                          "--shots", "1", "--examples", tmp_path / "ex.jsonl", "--device", "cpu")
+    assert code == 0, err
+    total = draws[0][1]
+    assert total > 1 and [d for d, t, _ in draws if t == total][-1] == total
+    assert any("+1 shots" in text for _, _, text in draws) and all("windows/s" in text for _, _, text in draws)
+    assert f"\r[{'#' * cli.Bar.WIDTH}] {total}/{total} windows" in err
+    assert sum(line.startswith(f"{model}: ") for line in err.split("\n")) == 2  # each row's summary on its own line
+    assert "\r" not in out and "bits/byte" in out.splitlines()[0]

@@ -12,8 +12,8 @@ from gptchat.core.errors import UsageError
 from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
 from gptchat.core.outputs import check_target
 from gptchat.tui.cli.common import (
-    DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, QuantizeOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt, TopPOpt,
-    err, print_json, sampling_given,
+    Bar, DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, QuantizeOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
+    TopPOpt, err, print_json, sampling_given,
 )
 
 EXAMPLES = """
@@ -95,11 +95,12 @@ def batch(
     settings = Settings(given=given, greedy=greedy, stop=stops, seed=seed, variables=variables, examples=examples,
                         skip_bad=skip_bad)
     quiet = dist.rank != 0
-    bar = _Bar(enabled=sys.stderr.isatty() and not quiet)
+    bar = Bar(enabled=sys.stderr.isatty() and not quiet)
     summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
                   settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
                   resume=resume, batch_size=batch_size, device=device, dtype=dtype, quantize=quantize,
-                  skipped=skipped, progress=bar.update, log=(lambda s: None) if quiet else err, dist=dist)
+                  skipped=skipped, progress=lambda p: bar.draw(p.rows_done, p.rows_total, _rates(p)),
+                  log=(lambda s: None) if quiet else err, dist=dist)
     bar.close()
     if quiet:
         return  # rank 0 reports for every rank
@@ -116,28 +117,8 @@ def batch(
             f"finish: {reasons}")
 
 
-class _Bar:
-    """A one-line progress bar on stderr, redrawn in place (only on a terminal)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.drawn = False
-
-    def update(self, p) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        frac = p.rows_done / p.rows_total if p.rows_total else 1.0
-        fill = "#" * int(frac * width)
-        sys.stderr.write(f"\r[{fill:<{width}}] {p.rows_done}/{p.rows_total} rows  {p.rows_per_s:.2f} rows/s  "
-                         f"{p.tokens_per_s:.1f} tok/s  {p.model}  ")
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def _rates(p) -> str:
+    return f"rows  {p.rows_per_s:.2f} rows/s  {p.tokens_per_s:.1f} tok/s  {p.model}"
 
 
 def _stops(stop: list[str] | None) -> tuple[str, ...]:

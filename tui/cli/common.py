@@ -83,6 +83,31 @@ def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class Bar:
+    """A one-line progress bar on stderr, redrawn in place; drawn only where ``enabled`` (a terminal)."""
+
+    WIDTH = 24
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.drawn = False
+
+    def draw(self, done: int, total: int, text: str) -> None:
+        if not self.enabled:
+            return
+        fill = "#" * int((done / total if total else 1.0) * self.WIDTH)
+        sys.stderr.write(f"\r[{fill:<{self.WIDTH}}] {done}/{total} {text}  ")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        """End the bar's line (if one was drawn): what is printed next starts on its own."""
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.drawn = False
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
