@@ -96,12 +96,14 @@ def batch(
                         skip_bad=skip_bad)
     quiet = dist.rank != 0
     bar = Bar(enabled=sys.stderr.isatty() and not quiet)
-    summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
-                  settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
-                  resume=resume, batch_size=batch_size, device=device, dtype=dtype, quantize=quantize,
-                  skipped=skipped, progress=lambda p: bar.draw(p.rows_done, p.rows_total, _rates(p)),
-                  log=(lambda s: None) if quiet else err, dist=dist)
-    bar.close()
+    try:
+        summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
+                      settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
+                      resume=resume, batch_size=batch_size, device=device, dtype=dtype, quantize=quantize,
+                      skipped=skipped, progress=lambda p: bar.draw(p.rows_done, p.rows_total, _rates(p)),
+                      log=(lambda s: None) if quiet else err, dist=dist)
+    finally:  # an error or Ctrl+C mid-way: its line starts on a line of its own
+        bar.close()
     if quiet:
         return  # rank 0 reports for every rank
     for reason in summary.bad:

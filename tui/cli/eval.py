@@ -57,9 +57,11 @@ def eval_cmd(
         for k in ks:
             ctx = in_context(k, examples, lm.tokenizer, template, seed)
             bar = Bar(enabled=sys.stderr.isatty())
-            s = evaluate(lm, text, stride=stride, window=window, shots=ctx,
-                         progress=_ticker(bar, lm.name + (f" +{k} shots" if k else "")))
-            bar.close()
+            try:
+                s = evaluate(lm, text, stride=stride, window=window, shots=ctx,
+                             progress=_ticker(bar, lm.name + (f" +{k} shots" if k else "")))
+            finally:  # an error or Ctrl+C mid-way: its line starts on a line of its own
+                bar.close()
             err(describe(s))
             scores.append(s)
     if json_out:
