@@ -110,11 +110,14 @@ class Context:
     train_docs: list[str]
     log: Callable[[str], None]
     ranks: "Ranks"
+    progress: Callable[[str, int, int], None] | None = None  # (row label, windows done, windows) while a row scores
 
 
-def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, dict] | None:
+def run(spec: Spec, log: Callable[[str], None] = lambda s: None,
+        progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict] | None:
     """Compute every missing cell; returns all cells by row id (None on a torchrun rank other than 0,
-    which only takes part in the finetunes). Raises Stopped after SIGTERM or Ctrl+C."""
+    which only takes part in the finetunes). Raises Stopped after SIGTERM or Ctrl+C. ``progress(row label,
+    windows done, windows)`` after each batch of a row's scoring."""
     ranks = Ranks(Dist.from_env(), spec.device)
     if not ranks.dist.main:
         ranks.follow()
@@ -123,7 +126,7 @@ def run(spec: Spec, log: Callable[[str], None] = lambda s: None) -> dict[str, di
     old = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         set_state(root, "running")
-        _run_rows(spec, root, ranks, log)
+        _run_rows(spec, root, ranks, log, progress)
         ranks.order(None)
         set_state(root, "finished")
     except (Stopped, KeyboardInterrupt):
@@ -146,10 +149,11 @@ def _stop(signum, frame) -> None:
     raise Stopped("stopped")
 
 
-def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None]) -> None:
+def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None],
+              progress: Callable[[str, int, int], None] | None = None) -> None:
     held = HeldOut([d for d in (root / "heldout.txt").read_text().split(EOT) if d.strip()], "heldout.txt")
     train_docs = [d for d in (root / "train.txt").read_text().split(EOT) if d.strip()]
-    ctx = Context(spec, root, held, train_docs, log, ranks)
+    ctx = Context(spec, root, held, train_docs, log, ranks, progress)
     log(f"split: {split_rule(spec)} -> {len(train_docs)} training, {len(held.docs)} held-out documents")
     loaded: tuple[str, LoadedModel] | None = None
     for row in rows(spec):
@@ -233,7 +237,8 @@ def _cell(ctx: Context, row: Row, lm: LoadedModel | None) -> dict:
     shots = InContext(row.shots, [{"text": d} for d in ctx.train_docs], lm.tokenizer, seed=ctx.spec.seed) \
         if row.shots else None
     ctx.log(f"{row.label}: scoring {len(ctx.heldout.docs)} held-out documents")
-    s = evaluate(lm, ctx.heldout, shots=shots)
+    tick = ctx.progress
+    s = evaluate(lm, ctx.heldout, shots=shots, progress=(lambda d, n: tick(row.label, d, n)) if tick else None)
     return {
         "row": row.id, "label": row.label, "kind": row.kind, "model": row.model, "shots": row.shots,
         "run": run_name, "world": world, "loss": s.loss, "ppl": s.ppl, "bits_per_byte": s.bits_per_byte,

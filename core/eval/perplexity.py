@@ -295,6 +295,8 @@ def score_windows(engine, ids: list[int], windows: list[Window], prefixes: list[
     total = 0.0
     with engine._lock, fast.use() if fast is not None else nullcontext():  # the engine's one-model-at-a-time rule; scoring uses no cache
         model.drop_cache()
+        if progress:
+            progress(0, len(windows))  # the start: a progress display can time from here
         for g in _groups(lengths, max(1, batch_tokens // max(lengths))):
             batch = _batch(ids, windows[g.start : g.stop], prefixes[g.start : g.stop])
             total += _nats(model, head, batch, engine.device, spent)
@@ -319,7 +321,7 @@ def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int 
     With ``shots``, window i starts with ``shots.prefix(i)`` (context only, never scored), at most
     ``shots.room`` tokens: the held-out part of every window is ``window - shots.room`` tokens, so
     every window fits whatever examples it draws. ``batch_tokens``: tokens per forward (whole
-    windows; default batch_tokens_for). ``progress(done, total)`` after each batch.
+    windows; default batch_tokens_for). ``progress(done, total)`` at the start (0) and after each batch.
     """
     window = min(window or engine.n_ctx, engine.n_ctx)
     room = window - (shots.room if shots else 0)

@@ -96,6 +96,30 @@ def test_experiment_resumes_after_sigkill_and_finetuning_lowers_the_loss(corpus,
     assert {"study-finetuned-a", "study-finetuned-b"} <= {r["name"] for r in list_runs()}  # ordinary runs
 
 
+def test_at_a_terminal_each_rows_scoring_counts_up_its_windows(corpus, tmp_path, capsys, monkeypatch):
+    """In process, stderr a terminal: while a row scores, its windows count up on one redrawn line named after the
+    row; every log line of the study starts on a line of its own."""
+    import gptchat.tui.cli.experiment as cli
+
+    class Terminal(cli.Bar):
+        def __init__(self, enabled: bool):
+            super().__init__(True)
+
+    monkeypatch.setattr(cli, "Bar", Terminal)
+    a = save(hf_model(n_layer=1, n_embd=32, n_positions=64, seed=1), tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", str(corpus), "--name", "bars", "--models", str(a), "--device", "cpu"])
+    assert e.value.code in (0, None)
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    drawn = [ln for ln in lines if "\r[" in ln]
+    assert len(drawn) == 1 and drawn[0].rstrip().endswith(f" s left  {a}")  # one row: one bar line, redrawn
+    assert "] 0/" in drawn[0]  # drawn from the row's start
+    total = drawn[0].rsplit("\r[", 1)[1].split("] ", 1)[1].split("/")[0]
+    assert f"] {total}/{total} windows" in drawn[0]
+    assert all(ln.startswith("experiment: ") for ln in lines if ln and "\r[" not in ln), err
+
+
 @pytest.mark.slow
 def test_under_torchrun_the_finetunes_use_ddp_and_rank_0_alone_scores_and_reports(corpus, tmp_path):
     """Two gloo processes: every finetune runs on both (each in a process group of its own: torchrun's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from functools import lru_cache
 from typing import Annotated, Optional
 
@@ -106,6 +107,21 @@ class Bar:
             sys.stderr.write("\n")
             sys.stderr.flush()
             self.drawn = False
+
+
+def window_ticker(bar: Bar, name: str):
+    """``progress(done, total)`` for an eval's windows: done, their rate and the time left, on ``bar``; timed from
+    its making or from a call with 0 done (the eval's start)."""
+    t0 = [time.perf_counter()]
+
+    def tick(done: int, total: int) -> None:
+        if done == 0:
+            t0[0] = time.perf_counter()
+        spent = time.perf_counter() - t0[0]
+        left = spent / done * (total - done) if done else 0.0
+        bar.draw(done, total, f"windows  {done / spent if spent else 0.0:.2f} windows/s  {left:.0f} s left  {name}")
+
+    return tick
 
 
 def print_json(obj) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import Bar, DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json
+from gptchat.tui.cli.common import Bar, DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json, window_ticker
 from gptchat.tui.cli.table import print_table
 
 EXAMPLES = """
@@ -59,7 +58,7 @@ def eval_cmd(
             bar = Bar(enabled=sys.stderr.isatty())
             try:
                 s = evaluate(lm, text, stride=stride, window=window, shots=ctx,
-                             progress=_ticker(bar, lm.name + (f" +{k} shots" if k else "")))
+                             progress=window_ticker(bar, lm.name + (f" +{k} shots" if k else "")))
             finally:  # an error or Ctrl+C mid-way: its line starts on a line of its own
                 bar.close()
             err(describe(s))
@@ -72,18 +71,6 @@ def eval_cmd(
 
 
 eval_cmd.__doc__ += "\n" + EXAMPLES
-
-
-def _ticker(bar: Bar, name: str):
-    """``progress(done, total)`` for evaluate: windows done, their rate and the time left, on ``bar``."""
-    t0 = time.perf_counter()
-
-    def tick(done: int, total: int) -> None:
-        spent = time.perf_counter() - t0
-        left = spent / done * (total - done) if done else 0.0
-        bar.draw(done, total, f"windows  {done / spent if spent else 0.0:.2f} windows/s  {left:.0f} s left  {name}")
-
-    return tick
 
 
 def describe(s) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from gptchat.tui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, err, print_json
+from gptchat.tui.cli.common import Bar, DeviceOpt, DtypeOpt, JsonOpt, err, print_json, window_ticker
 from gptchat.tui.cli.table import print_table
 
 EXAMPLES = """
@@ -62,9 +63,19 @@ def experiment(
         spec = spec_from(locals())
         from gptchat.core.eval import experiment as X  # torch: loaded inside the command (`--help` stays fast)
 
+        bar, ticks = Bar(enabled=sys.stderr.isatty()), {}
+
+        def log(line: str) -> None:
+            bar.close()  # a row's scoring progress ends before the next line
+            err(f"experiment: {line}")
+
+        def progress(label: str, done: int, total: int) -> None:
+            ticks.setdefault(label, window_ticker(bar, label))(done, total)
+
         try:
-            cells = X.run(spec, log=lambda s: err(f"experiment: {s}"))
+            cells = X.run(spec, log=log, progress=progress)
         except X.Stopped as e:
+            bar.close()
             err(f"experiment: {e}")
             raise typer.Exit(143) from None  # 128 + SIGTERM, as a shell reports a terminated command
         if cells is None:  # a torchrun rank other than 0: it took part in the finetunes; rank 0 reports
