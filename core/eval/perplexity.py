@@ -270,9 +270,10 @@ def _room_for_copy(engine) -> bool:
     """Whether a second copy of the weights keeps eval within its memory budget (peak RSS under 1.5 x the weights
     + 1 GB, core/bench/eval.py; eval holds ~0.5 GB beside the weights: COPY_SLACK) and fits the memory free now.
     124M's copy does (peak 0.86 -> 1.47 GB of a 1.75 GB budget); from 355M on eval multiplies unpacked."""
+    from gptchat.core.session.pool import weight_bytes
     from gptchat.core.train.plan import available_bytes  # (train imports eval's estimate: here, not at the top)
 
-    size = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    size = weight_bytes(engine.model)
     free = available_bytes(engine.device)
     return size <= size // 2 + COPY_SLACK and (free is None or 2 * size <= free)
 

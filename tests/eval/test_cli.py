@@ -125,6 +125,7 @@ def test_eval_on_a_terminal_draws_its_progress_on_stderr(model, tmp_path, capsys
                           "--shots", "1", "--examples", tmp_path / "ex.jsonl", "--device", "cpu")
     assert code == 0, err
     total = draws[0][1]
+    assert draws[0][0] == 0  # drawn (and timed) from the row's start
     assert total > 1 and [d for d, t, _ in draws if t == total][-1] == total
     assert any("+1 shots" in text for _, _, text in draws) and all("windows/s" in text for _, _, text in draws)
     assert f"\r[{'#' * cli.Bar.WIDTH}] {total}/{total} windows" in err

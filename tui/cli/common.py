@@ -110,14 +110,15 @@ class Bar:
 
 
 def window_ticker(bar: Bar, name: str):
-    """``progress(done, total)`` for an eval's windows: done, their rate and the time left, on ``bar``; timed from
-    its making or from a call with 0 done (the eval's start)."""
-    t0 = [time.perf_counter()]
+    """``progress(done, total)`` for an eval's windows: done, their rate and the time left, on ``bar``, timed from
+    the call with 0 done (evaluate makes it as it starts)."""
+    t0 = time.perf_counter()
 
     def tick(done: int, total: int) -> None:
+        nonlocal t0
         if done == 0:
-            t0[0] = time.perf_counter()
-        spent = time.perf_counter() - t0[0]
+            t0 = time.perf_counter()
+        spent = time.perf_counter() - t0
         left = spent / done * (total - done) if done else 0.0
         bar.draw(done, total, f"windows  {done / spent if spent else 0.0:.2f} windows/s  {left:.0f} s left  {name}")
 
