@@ -1575,6 +1575,14 @@ AI void mk(const void *const *A, const void *B, long ps, long k, float *C, long 
 AI void rows_of(const void *const *A, const void *B, long ps, long k, float *C, long ldc, long n, int acc, const int bf) {
     long u = 0;
     for (; u + 64 <= n; u += 64) mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 4, acc, bf);
+    /* the last 16-48 in one call: one panel a call kept four sums in flight, half the FMAs' rate */
+    if (n - u >= 48) {
+        mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 3, acc, bf);
+        u += 48;
+    } else if (n - u >= 32) {
+        mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 2, acc, bf);
+        u += 32;
+    }
     for (; u < n; u += 16) mk(A, at(B, u / 16 * ps, bf), ps, k, C + u, ldc, 1, acc, bf);
 }
 static TGT void mk_rows(const void *const *A, const void *B, long ps, long k, float *C, long ldc, long n, int acc,
@@ -1727,6 +1735,7 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
     for (long i0 = T - tail; i0 < T; i0 += FQ) {
         const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
         const void *A[4];
+        float inv[FQ];
         for (long u = 0; u < n16; u += FK) /* a block of keys at a time, in L1 for every row of the block */
             for (long r0 = 0; r0 < rows; r0 += 4) {
                 const long n = seen(i0, r0, n16);
@@ -1734,36 +1743,26 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
                 rows4(A, q0, ld3, i0 + r0, T - 1, bf);
                 mk_rows(A, at(kp, u * hs, bf), hs * 16, hs, S + r0 * Tp + u, Tp, n - u < FK ? n - u : FK, 0, bf);
             }
-        for (long r = 0; r < rows; r++) {
+        for (long r = 0; r < rows; r++) { /* P = e^(s - max) as it comes, zero past the row's last key up to n16;
+                                             the 1 / sum goes into O's row when it is stored */
             const long i = i0 + r, len = i + 1;
-            float *s = S + r * Tp, sum = 0.f;
+            const float *s = S + r * Tp;
             const float ms = rowmax(s, len) * scale;
-            long j = 0;
             __m512 acc = _mm512_setzero_ps();
-            for (; j + 16 <= len; j += 16) {
-                const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale), _mm512_set1_ps(ms)));
-                _mm512_storeu_ps(s + j, e);
-                acc = _mm512_add_ps(acc, e);
-            }
-            if (j < len) { /* the last keys, fewer than 16, in a masked vector (an expf a key: 200 tokens 1.06-1.15x) */
-                const __mmask16 m = (__mmask16)((1u << (len - j)) - 1);
-                const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(scale), _mm512_set1_ps(ms));
-                const __m512 e = _mm512_maskz_mov_ps(m, exp16(x));
-                _mm512_mask_storeu_ps(s + j, m, e);
-                acc = _mm512_add_ps(acc, e);
-            }
-            sum = _mm512_reduce_add_ps(acc);
-            lse[bh * T + i] = ms + logf(sum);
-            const __m512 inv = _mm512_set1_ps(1.f / sum);
-            for (j = 0; j < n16; j += 16) { /* normalised as stored, the keys past the row's last zero */
+            for (long j = 0; j < n16; j += 16) {
                 const long left = len - j;
                 const __mmask16 m = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-                const __m512 p = _mm512_maskz_mul_ps(m, _mm512_loadu_ps(s + j), inv);
+                const __m512 e = _mm512_maskz_mov_ps(
+                    m, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(scale), _mm512_set1_ps(ms))));
+                acc = _mm512_add_ps(acc, e);
                 if (bf)
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)P + r * Tp + j), (__m256i)_mm512_cvtneps_pbh(p));
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)P + r * Tp + j), (__m256i)_mm512_cvtneps_pbh(e));
                 else
-                    _mm512_storeu_ps((float *)P + r * Tp + j, p);
+                    _mm512_storeu_ps((float *)P + r * Tp + j, e);
             }
+            const float sum = _mm512_reduce_add_ps(acc);
+            lse[bh * T + i] = ms + logf(sum);
+            inv[r] = 1.f / sum;
         }
         for (long u = 0; u < n16; u += FK) /* the values a block of keys at a time, summed into O */
             for (long r0 = 0; r0 < rows; r0 += 4) {
@@ -1772,8 +1771,11 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
                 rows4(A, at(P, u, bf), Tp, r0, rows - 1, bf);
                 mk_rows(A, at(vp, u * 16, bf), Tp * 16, n - u < FK ? n - u : FK, O + r0 * hs, hs, hs, u > 0, bf);
             }
-        for (long r = 0; r < rows; r++)
-            store16s((void *)at(out, (b * tail + i0 + r - (T - tail)) * C + h * hs, bf), O + r * hs, hs, bf);
+        for (long r = 0; r < rows; r++) {
+            float *o = O + r * hs;
+            for (long d = 0; d < hs; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(inv[r])));
+            store16s((void *)at(out, (b * tail + i0 + r - (T - tail)) * C + h * hs, bf), o, hs, bf);
+        }
     }
 }
 static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long T, long tail, long C, long nh, long hs,
