@@ -1729,6 +1729,7 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
     const long Tp = (T + FQ - 1) / FQ * FQ, ld3 = 3 * C, b = bh / nh, h = bh % nh;
     void *kp = scratch, *vp = (void *)at(kp, Tp * hs, bf), *P = (void *)at(vp, Tp * hs, bf);
     float *S = (float *)at(P, FQ * Tp, bf), *O = S + FQ * Tp;
+    void *Qb = O + FQ * hs;
     const void *q0 = at(qkv, b * T * ld3 + h * hs, bf), *k0 = at(q0, C, bf), *v0 = at(q0, 2 * C, bf);
     pack_nk(k0, ld3, T, Tp, hs, kp, bf);
     pack_kn(v0, ld3, T, Tp, hs, vp, bf);
@@ -1736,11 +1737,17 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
         const long rows = T - i0 < FQ ? T - i0 : FQ, n16 = (i0 + rows + 15) / 16 * 16;
         const void *A[4];
         float inv[FQ];
+        for (long r = 0; r < rows; r++) { /* the block's queries side by side: their rows in qkv are 3C apart */
+            const char *src = at(q0, (i0 + r) * ld3, bf);
+            for (long c = 0; r + PACK_AHEAD < rows && c < hs * (bf ? 2 : 4); c += 64)
+                _mm_prefetch(src + PACK_AHEAD * ld3 * (bf ? 2 : 4) + c, _MM_HINT_T0);
+            memcpy((char *)Qb + r * hs * (bf ? 2 : 4), src, hs * (bf ? 2 : 4));
+        }
         for (long u = 0; u < n16; u += FK) /* a block of keys at a time, in L1 for every row of the block */
             for (long r0 = 0; r0 < rows; r0 += 4) {
                 const long n = seen(i0, r0, n16);
                 if (u >= n) continue;
-                rows4(A, q0, ld3, i0 + r0, T - 1, bf);
+                rows4(A, Qb, hs, r0, rows - 1, bf);
                 mk_rows(A, at(kp, u * hs, bf), hs * 16, hs, S + r0 * Tp + u, Tp, n - u < FK ? n - u : FK, 0, bf);
             }
         for (long r = 0; r < rows; r++) { /* P = e^(s - max) as it comes, zero past the row's last key up to n16;
@@ -1902,7 +1909,7 @@ static int each_head(int bwd, const void *qkv, const void *out, const void *dout
        and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each); fp32 dK^T, dV^T (hs Tp),
        S, dP (FQ Tp), dQ (FQ hs) */
     const long bytes = bwd ? (5 * Tp * hs + 3 * FQ * Tp) * e + (2 * Tp * hs + 2 * FQ * Tp + FQ * hs) * 4
-                           : (2 * Tp * hs + FQ * Tp) * e + (FQ * Tp + FQ * hs) * 4;
+                           : (2 * Tp * hs + FQ * Tp + FQ * hs) * e + (FQ * Tp + FQ * hs) * 4;
     const long per = (bytes + 63) / 64 * 64;
     char *buf = aligned_alloc(64, threads * per);
     if (!buf) return -1;
