@@ -37,15 +37,17 @@ import torch
 
 from gptchat.core.bench.ceilings import prefill_flops
 from gptchat.core.bench.engine import random_checkpoint
-from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, packed_for_eval, plan_windows,
-                                          score_windows)
+from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, head_products, packed_for_eval,
+                                          plan_windows, score_windows)
 from gptchat.core.generate.loaded import open_model
 
 TARGET_VS_PREFILL = 0.9
 TARGET_VS_HF = 1.5
 RSS_WEIGHTS_FACTOR, RSS_SLACK = 1.5, 10**9  # peak RSS < 1.5 x fp32 weights + 1 GB
 PREFILL_TOKENS = 1000
-PRODUCTS = {"plain": "PyTorch's GEMM", "panels": "gptchat's panel copy", "mkl": "MKL's packed copy (head included)"}
+PRODUCTS = {"plain": "PyTorch's GEMM", "panels": "gptchat's panel copy", "mkl": "MKL's packed copy"}
+HEADS = {"plain": "in blocks of the plain weight", "mkl": "in MKL-packed blocks",
+         "bf16x3": "in blocks of three bf16 products on AMX tiles"}
 HELDOUT_TOKENS = 250_000  # about 1 MB of English text in GPT-2 tokens
 
 
@@ -78,6 +80,7 @@ class EvalBench:
     body_vs_prefill: float = 0.0  # window tokens/s through the model's body alone over the prefill's (medians)
     head_share: float = 0.0  # of eval's time, the head and the loss
     products: str = "plain"  # what eval multiplies on: "plain" (PyTorch's GEMM), "panels" or "mkl" (packed copies)
+    head: str = "plain"  # and its head: "plain", "mkl" (packed blocks) or "bf16x3" (three bf16 products on AMX)
 
     @property
     def rss_limit_bytes(self) -> int:
@@ -96,7 +99,7 @@ class EvalBench:
             f"eval bench: {self.shape} (random weights), {self.device} {self.dtype}, {self.threads} threads on "
             f"{self.cores} cores, load {self.load[0]:.1f} -> {self.load[1]:.1f}; {self.rounds} rounds of "
             f"{self.windows_per_round} windows of {self.window} tokens, stride {self.stride}, batches of "
-            f"{self.batch_tokens} tokens; products on {PRODUCTS[self.products]}",
+            f"{self.batch_tokens} tokens; products on {PRODUCTS[self.products]}, the head {HEADS[self.head]}",
             f"(a) window tokens/s: eval {self.eval_window_tok_s:.1f}, engine prefill ({PREFILL_TOKENS} tokens) "
             f"{self.prefill_tok_s:.1f}: {self.window_vs_prefill:.2f}x (target >= {TARGET_VS_PREFILL}x: "
             f"{verdict(self.window_vs_prefill >= TARGET_VS_PREFILL)})",
@@ -209,6 +212,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
         if fast is not None:
             fast.refresh()
         products = fast.kind if fast is not None else "plain"
+        head = head_products(e.model, fast) or "plain"
         score_windows(e, ids, chunks[0][:1], batch_tokens=batch_tokens)
         e.prefill(prompt, None, None)
         if hf is not None:
@@ -244,6 +248,7 @@ def run(shape: str = "gpt2", rounds: int = 3, windows: int = 4, stride: int | No
             head_share=med(head / s for (_, head), s in zip(split, ours)),
             loss=nats / n_scored, weights_bytes=sum(p.numel() * 4 for p in e.model.parameters()),
             arithmetic_bound=_arithmetic_bound(e.model.config, chunks[0], prompt.shape[1]), products=products,
+            head=head,
         )
         if ref:
             b.hf_scored_tok_s = med(scored / s for s in ref)

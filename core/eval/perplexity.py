@@ -12,7 +12,9 @@ position and the rest for those rows alone (GPT.forward's ``tail``).
 Where the time goes (GPT-2 124M, window 1024, stride 512, fp32 on a 2-core AVX2 CPU, one window per
 forward): the body 1.88 s a window, the head and the loss on its 512 scored rows 0.38 s (77 MFLOP a
 row against the body's ~190 MFLOP a token). So window tokens cost ~1.2x a prefill's at the same
-FLOP rate: the head alone keeps eval under 0.9x of the engine's prefill rate.
+FLOP rate: at fp32's rate the head alone keeps eval under 0.9x of the engine's prefill rate. Where AMX tiles
+are there (Xeons from Sapphire Rapids on) a long eval's head runs as three bf16 products (split3, ~2^-16 of
+each term; a loss moved by 3e-7 nats); on a 2-core Xeon eval's window tokens/s went 0.86x -> 0.94x the prefill's.
 
 With a ``prefix`` (in-context examples, see shots.py) each window starts with those tokens: they are
 context only, never scored, and the held-out context shrinks to make room, so the scored tokens are
@@ -33,11 +35,11 @@ from torch import nn
 from gptchat.core.errors import ContextOverflow, UsageError
 from gptchat.core.eval.heldout import HeldOut
 from gptchat.core.eval.shots import InContext
-from gptchat.core.model import native, packed
+from gptchat.core.model import native, packed, split3
 from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
 
 HEAD_ROWS = 512  # scored positions per head chunk
-MKL_HEAD_BLOCK = 2048  # vocabulary rows per MKL-packed head block (_Head)
+HEAD_BLOCK = 2048  # vocabulary rows per packed head block (_Head)
 COPY_SLACK = 512 * 2**20  # see _room_for_copy
 PACK_FROM_TOKENS = 16 * 1024  # window tokens from which eval packs the weights (see score_windows)
 CPU_ACTIVATION_BYTES = 16 << 20  # see batch_tokens_for
@@ -172,11 +174,13 @@ class _Head:
         w = getattr(head, "weight", None)
         plain = isinstance(head, nn.Linear) and head.bias is None and w.dtype == torch.float32
         self.rows = w[:vocab] if plain else None  # (V, C): blocks of rows give blocks of logits
-        # eval's MKL-packed weights (packed_for_eval) pack the blocks too: 512 rows x 50257, 0.17 -> 0.14-0.16 s
-        mkl = plain and fast is not None and fast.kind == "mkl"
-        self.blocks = fast.blocks(self.rows, MKL_HEAD_BLOCK, HEAD_ROWS) if mkl else None
+        # where eval packs the weights (packed_for_eval) it packs the head's blocks too: as three bf16 products on
+        # AMX tiles (split3; 512 rows x 50257 0.134 -> 0.089 s), else MKL's (0.17 -> 0.14-0.16 s)
+        self.how = head_products(model, fast) if plain else None
+        self.blocks = fast.blocks(self.rows, HEAD_BLOCK, HEAD_ROWS, self.how) if self.how else None
         self.model, self.vocab = model, vocab
         self.buf: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None
 
     def _buffer(self, rows: int, cols: int, device) -> torch.Tensor:
         if self.buf is None or self.buf.shape[0] < rows or self.buf.shape[1] < cols:
@@ -200,11 +204,26 @@ class _Head:
 
     def _block_lses(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each vocabulary block's log-sum-exp of ``x``'s logits (n,)."""
+        if self.how == "bf16x3":
+            if self.flat is None or self.flat.numel() < x.shape[0] * HEAD_BLOCK:  # a block's logits, reused
+                self.flat = torch.empty(x.shape[0] * HEAD_BLOCK)
+            x3 = split3.inputs(x)
+            return [lse_(split3.product(p, x3, wb.shape[0], self.flat)) for p, wb in self.blocks]
         if self.blocks is not None:
             x = x.contiguous()
             return [lse_(packed.mkl_product(p, wb, None, x)) for p, wb in self.blocks]
         return [lse_(torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], x.device)))
                 for wb in self.rows.t().split(HEAD_VOCAB_BLOCK, dim=1)]
+
+
+def head_products(model, fast) -> str | None:
+    """How eval multiplies by ``model``'s plain fp32 CPU head given the packed weights ``fast`` (packed_for_eval):
+    "bf16x3" (split3, where AMX is there), "mkl" (MKL's packed blocks, with MKL's packed body), or None (by
+    HEAD_VOCAB_BLOCK blocks of the plain weight)."""
+    w = model.lm_head.weight
+    if fast is None or w.device.type != "cpu":
+        return None
+    return "bf16x3" if w.shape[1] % 32 == 0 and split3.usable() else "mkl" if fast.kind == "mkl" else None
 
 
 def lse_(z: torch.Tensor) -> torch.Tensor:
@@ -269,7 +288,8 @@ def packed_for_eval(engine, tokens: int):
 def _room_for_copy(engine) -> bool:
     """Whether a second copy of the weights keeps eval within its memory budget (peak RSS under 1.5 x the weights
     + 1 GB, core/bench/eval.py; eval holds ~0.5 GB beside the weights: COPY_SLACK) and fits the memory free now.
-    124M's copy does (peak 0.86 -> 1.47 GB of a 1.75 GB budget); from 355M on eval multiplies unpacked."""
+    124M's copy does (peak 0.86 -> 1.47 GB of a 1.75 GB budget; 1.57 GB with split3's head blocks, 231 MB against
+    MKL's 154); from 355M on eval multiplies unpacked."""
     from gptchat.core.session.pool import weight_bytes
     from gptchat.core.train.plan import available_bytes  # (train imports eval's estimate: here, not at the top)
 

@@ -143,6 +143,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_set_prefetch.argtypes, lib.gptchat_set_prefetch.restype = [_L], None
     lib.gptchat_amx_ok.argtypes, lib.gptchat_amx_ok.restype = [], ctypes.c_int
     lib.gptchat_amx_bgemm.argtypes, lib.gptchat_amx_bgemm.restype = lib.gptchat_bgemm.argtypes, ctypes.c_int
+    lib.gptchat_amx_gemm32.argtypes = [_P, _P, _P, _L, _L, _L, ctypes.c_int]
+    lib.gptchat_amx_gemm32.restype = ctypes.c_int
     for f in (lib.gptchat_dequant, lib.gptchat_pack, lib.gptchat_attend1, lib.gptchat_act):
         f.restype = None
     lib.gptchat_qgemm.restype = lib.gptchat_step1.restype = lib.gptchat_sgemm.restype = ctypes.c_int

@@ -35,7 +35,8 @@ and more, measured); 1000 rows x the four 124M shapes on a 2-core Xeon with AVX-
 286-299 GFLOP/s. Its pack is the size of the weight once resident (MKL asks for ~2.2-2.6x in address space, never
 touched), so it is kept where memory is budgeted for it (eval), not for generation: a 1000-token 124M prefill
 took 0.696 s on it against 0.731 s (medians of 9, alternating), but generate's peak RSS (757 MB) would gain the
-~340 MB of the blocks' weights, past its 1.2 x weights + 300 MB (898 MB).
+~340 MB of the blocks' weights, past its 1.2 x weights + 300 MB (898 MB). Eval's head is packed by vocabulary
+blocks (``blocks``): MKL's, or where AMX is there split3's bf16x3 panels.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from gptchat.core.model import hugepages, native
+from gptchat.core.model import hugepages, native, split3
 from gptchat.core.model.device import cpu_amx_bf16, switched_off
 
 
@@ -94,7 +95,7 @@ class PackedLinears:
         self._found: list[tuple[str, nn.Linear, dict, str]] | None = None
         self.version = 0  # counts the refreshes that packed something (a plan over the packed weights rebuilds)
         self.plan = None  # such a plan, kept here by its owner (stepn.py)
-        self._blocks: tuple[tuple, list] | None = None  # ("mkl") the head's vocabulary blocks, by their stamp
+        self._blocks: tuple[tuple, list] | None = None  # the head's packed vocabulary blocks (eval), by their stamp
 
     def _linears(self) -> list[tuple[str, nn.Linear]]:
         """The model's Linears, by name. Walking the module tree took ~0.7 ms, twice a decode step; the walk
@@ -152,13 +153,16 @@ class PackedLinears:
         name = next((n for n, m in self._linears() if m is lin), None)
         return self._packed.get(name) if self.kind in ("panels", "bpanels") and name is not None else None
 
-    def blocks(self, rows: torch.Tensor, size: int, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """("mkl") MKL-packed copies of ``rows`` (V, C) by blocks of ``size`` rows, each with its block (a view), for
-        products of ``m`` rows: eval's head by vocabulary blocks (perplexity._Head). Kept until ``rows`` changes."""
-        stamp = (rows.data_ptr(), rows._version, tuple(rows.shape), size, m)
+    def blocks(self, rows: torch.Tensor, size: int, m: int, how: str = "mkl") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Packed copies of ``rows`` (V, C) by blocks of ``size`` rows, each with its block (a view): MKL's for
+        products of ``m`` rows (``how`` "mkl"), or split3's bf16x3 panels ("bf16x3"). Eval's head by vocabulary
+        blocks (perplexity._Head); kept until ``rows`` changes or other blocks are asked for."""
+        stamp = (rows.data_ptr(), rows._version, tuple(rows.shape), size, m, how)
         if self._blocks is None or self._blocks[0] != stamp:
+            self._blocks = None  # the old copy goes before the new one is made
             with torch.inference_mode():
-                self._blocks = (stamp, [(_mkl_pack(b, m), b) for b in rows.detach().split(size)])
+                pack = split3.pack if how == "bf16x3" else lambda b: _mkl_pack(b, m)
+                self._blocks = (stamp, [(pack(b), b) for b in rows.detach().split(size)])
         return self._blocks[1]
 
     @contextmanager

@@ -195,7 +195,7 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
     transformers'. A short eval builds no copy, nor one without room for it; with MKL packing switched off, the
     plain modules score."""
     from gptchat.core.eval import perplexity
-    from gptchat.core.model import native, packed
+    from gptchat.core.model import native, packed, split3
 
     if native.kernel() is None:
         pytest.skip("no C kernels here: no panel copy")
@@ -216,18 +216,28 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
         monkeypatch.setattr(perplexity, "PACK_FROM_TOKENS", 1)
         monkeypatch.setattr(native, "gemm_beats_panels", lambda: True)
     panel_calls, mkl_calls = spy(monkeypatch, native, "sgemm"), spy(monkeypatch, packed, "mkl_product")
+    x3_calls = spy(monkeypatch, split3, "product")
+    on_x3 = None
+    if split3.usable():  # with AMX, the head's blocks as three bf16 products (split3); then switched off
+        on_x3, _ = score_ids(lm.engine, ids, stride=20)
+        V, size = lm.engine.vocab_limit, perplexity.HEAD_BLOCK
+        assert x3_calls and {c[2] for c in x3_calls} == {min(size, V - i) for i in range(0, V, size)}
+        monkeypatch.setenv("GPTCHAT_BF16X3", "0")
+        mkl_calls.clear()
     on_mkl, plan = score_ids(lm.engine, ids, stride=20)
     assert not panel_calls and bool(mkl_calls) == packed.mkl_packs()
     if packed.mkl_packs():
         shapes = {tuple(c[1].shape) for c in mkl_calls}  # the weights multiplied by: the body's and the head's blocks
-        assert (perplexity.MKL_HEAD_BLOCK, lm.engine.model.config.n_embd) in shapes and len(shapes) >= 4
+        assert (perplexity.HEAD_BLOCK, lm.engine.model.config.n_embd) in shapes and len(shapes) >= 4
         monkeypatch.setenv("GPTCHAT_MKL_PACKED", "0")
     mkl_calls.clear()
+    x3_calls.clear()
     plain, _ = score_ids(lm.engine, ids, stride=20)
+    assert not x3_calls
     assert not mkl_calls and perplexity.packed_for_eval(lm.engine, len(ids)) is None
     monkeypatch.setattr(native, "gemm_beats_panels", lambda: False)
     nats, _ = score_ids(lm.engine, ids, stride=20)
     assert fast.built and panel_calls
     ref, n = _reference(hf, ids, plan.windows)
-    for got in (nats, on_mkl, plain):
+    for got in (nats, on_mkl, plain) + ((on_x3,) if on_x3 is not None else ()):
         assert got / n == pytest.approx(ref / n, abs=1e-4)
