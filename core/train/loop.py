@@ -366,7 +366,7 @@ def _evaluate(run: Run, t: Trainee, p: Progress, result: Result) -> tuple[float,
     s, r, tok = run.s, run.r, run.tok
     net = t.net if s.fsdp else t.raw
     val, n_scored = val_loss(net, run.ds, run.sp.val, r.block_size, r.batch_size, s.eval_batches, run.device,
-                             run.amp, run.dist)
+                             run.amp, run.dist, chunked=not (s.fsdp and run.dist.enabled))
     improved = p.best_val_loss is None or val < p.best_val_loss
     if improved:
         p.best_val_loss, p.bad_evals = val, 0

@@ -150,3 +150,28 @@ def test_head_loss_under_bf16_autocast_equals_autocasts_full_cross_entropy():
     assert chunked.item() == pytest.approx(full.item(), abs=1e-5)
     for a, b in ((ch, gh), (cw, gw)):
         torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=2e-2)
+
+
+def test_validation_scores_through_the_chunked_head_with_the_full_cross_entropys_loss(monkeypatch, tmp_path):
+    """val_loss goes through the final hidden states and head_loss's chunks (the batch's logits never exist) and
+    gives the full-logits loss; chunked=False (FSDP's way) computes the logits in the forward."""
+    from contextlib import nullcontext
+
+    import numpy as np
+
+    from gptchat.core.train import evaluate
+    from gptchat.core.train.data import Dataset
+    from gptchat.core.train.dist import Dist
+    from tests.factory import spy
+
+    gen = np.random.default_rng(0)
+    tokens = gen.integers(0, 50257, 400).astype(np.uint16)
+    mask = (gen.random(400) > 0.3).astype(np.uint8)  # some targets masked (-1), as instruction data has
+    ds = Dataset("k", tmp_path, tokens, mask, {})
+    model = _model().eval()
+    calls = spy(monkeypatch, evaluate, "head_loss")
+    args = (ds, (0, 400), 37, 3, 2, "cpu", nullcontext, Dist())
+    chunked, n = evaluate.val_loss(model, *args)
+    assert len(calls) == 2 and n == sum(int((evaluate.windows(ds, [s], 37)[1] != -1).sum()) for s in range(0, 222, 37))
+    full, n_full = evaluate.val_loss(model, *args, chunked=False)
+    assert len(calls) == 2 and n_full == n and abs(chunked - full) < 1e-5
