@@ -37,7 +37,7 @@ import torch.distributed as tdist
 from gptchat.core.errors import DataError, GptchatError, TrainError, UsageError
 from gptchat.core.eval.heldout import HeldOut, documents
 from gptchat.core.eval.perplexity import evaluate
-from gptchat.core.eval.shots import InContext
+from gptchat.core.eval.shots import InContext, text_cut
 from gptchat.core.eval.study import Row, Spec, folder, load_cells, rows, set_state, split_rule, write
 from gptchat.core.generate.loaded import LoadedModel, open_model
 from gptchat.core.generate.sampling import SamplingParams
@@ -234,8 +234,11 @@ def _cell(ctx: Context, row: Row, lm: LoadedModel | None) -> dict:
         prepare_s = time.perf_counter() - t0
         curve, world = _run_facts(run_name)
         lm = open_model(run_name, device=ctx.spec.device, dtype=ctx.spec.dtype)
-    shots = InContext(row.shots, [{"text": d} for d in ctx.train_docs], lm.tokenizer, seed=ctx.spec.seed) \
-        if row.shots else None
+    shots = InContext(row.shots, [{"text": d} for d in ctx.train_docs], lm.tokenizer, seed=ctx.spec.seed,
+                      cut=text_cut(lm.engine.n_ctx, row.shots)) if row.shots else None
+    if shots is not None and shots.excerpts:
+        ctx.log(f"{row.label}: {shots.excerpts} of {len(shots.pool)} training documents as examples cut to their first "
+                f"{shots.cut} tokens (the examples take at most half the window)")
     ctx.log(f"{row.label}: scoring {len(ctx.heldout.docs)} held-out documents")
     tick = ctx.progress
     s = evaluate(lm, ctx.heldout, shots=shots, progress=(lambda d, n: tick(row.label, d, n)) if tick else None)

@@ -9,6 +9,11 @@ template's "Write the opposite of each word." says nothing about the user's exam
 
 Each example is encoded on its own and the ids are concatenated, so a prefix's length is the sum of
 its examples' lengths and ``room`` (the most any window can draw) is exact.
+
+Plain-text documents (a text file without a template, or the training documents of an experiment) are often far
+longer than a window: each is cut to its first ``window // (TEXT_SHARE * K)`` tokens (at a line's end where one
+falls in the second half of that), so that K of them take at most half the window and the held-out text the rest.
+Examples with fields (JSONL, TSV, or rendered by a template) are never cut: one too long is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from gptchat.core.prompting.examples import TSV_SUFFIXES, load_examples, row_tex
 from gptchat.core.prompting.templates import Template, get_template, substitute
 
 RAW_SEPARATOR = "\n\n"
+TEXT_SHARE = 2  # plain-text examples take at most 1 / TEXT_SHARE of the window together (see the module docstring)
 
 
 def load_pool(path: str | Path, template: Template | None) -> list[dict[str, str]]:
@@ -59,6 +65,8 @@ class InContext:
     tokenizer: object
     template: Template | None = None
     seed: int = 0
+    cut: int | None = None  # the most tokens of an example (plain text only; see the module docstring)
+    excerpts: int = 0  # how many examples were cut
     _encoded: list[list[int]] = field(default_factory=list, repr=False)
     _head: list[int] = field(default_factory=list, repr=False)
 
@@ -66,9 +74,15 @@ class InContext:
         if self.k < 1:
             raise UsageError(f"--shots is {self.k}; in-context scoring needs at least 1 (0 is plain eval)")
         if self.k > len(self.pool):
-            raise UsageError(f"--shots is {self.k} but the examples file has {len(self.pool)} examples")
+            n = len(self.pool)
+            raise UsageError(f"--shots is {self.k} but the examples file has {n} example{'s' if n != 1 else ''}")
         texts = [self._text(row) for row in self.pool]
         self._encoded = self.tokenizer.encode_batch(texts)
+        if self.cut is not None and self.template is None:
+            long = [i for i, ids in enumerate(self._encoded) if len(ids) > self.cut]
+            for i in long:
+                self._encoded[i] = self._excerpt(row_text(self.pool[i]))
+            self.excerpts = len(long)
         head = _instruction(self.template)
         self._head = self.tokenizer.encode(head) if head else []
 
@@ -77,6 +91,16 @@ class InContext:
         if tpl is None:
             return row_text(row) + RAW_SEPARATOR
         return substitute(tpl.example_format, row, "example") + tpl.separators["example"]
+
+    def _excerpt(self, text: str) -> list[int]:
+        """The first ``cut`` tokens of an example and its separator, ended at a line's end in their second half."""
+        sep = self.tokenizer.encode(RAW_SEPARATOR)
+        n = max(1, self.cut - len(sep))
+        head = self.tokenizer.decode(self.tokenizer.encode(text)[:n]).rstrip("\ufffd")  # no half a character
+        end = head.rfind("\n")
+        if end >= len(head) // 2:
+            head = head[:end]
+        return (self.tokenizer.encode(head.rstrip("\n"))[:n] + sep)[: self.cut]
 
     @property
     def room(self) -> int:
@@ -96,11 +120,20 @@ def _instruction(tpl: Template | None) -> str:
     return substitute(tpl.instruction, {}, f"template {tpl.name!r}: instruction") + tpl.separators["instruction"]
 
 
-def in_context(shots: int, examples: str | None, tokenizer, template: str | None = None, seed: int = 0) -> InContext | None:
-    """The --shots/--examples/--template options as an InContext (None for zero-shot)."""
+def in_context(shots: int, examples: str | None, tokenizer, template: str | None = None, seed: int = 0,
+               window: int | None = None) -> InContext | None:
+    """The --shots/--examples/--template options as an InContext (None for zero-shot); plain-text examples are cut
+    to fit ``window`` (see the module docstring)."""
     if not shots:
         return None
     if not examples:
         raise UsageError(f"--shots {shots} needs --examples FILE (a JSONL, TSV or text file of examples)")
     tpl = get_template(template) if template else None
-    return InContext(shots, load_pool(examples, tpl), tokenizer, tpl, seed)
+    text = tpl is None and Path(examples).suffix.lower() not in JSONL_SUFFIXES + TSV_SUFFIXES
+    cut = text_cut(window, shots) if text else None
+    return InContext(shots, load_pool(examples, tpl), tokenizer, tpl, seed, cut=cut)
+
+
+def text_cut(window: int | None, shots: int) -> int | None:
+    """The most tokens of each of ``shots`` plain-text examples in a ``window``-token window (None: no window)."""
+    return max(1, window // (TEXT_SHARE * shots)) if window else None

@@ -135,6 +135,29 @@ def test_bad_input_is_one_clear_error(models, tmp_path):
         evaluate(lm, HeldOut([_text(50)], "t"), stride=N_CTX)
 
 
+def test_long_text_examples_are_cut_to_fit_and_examples_with_fields_never_are(models, tmp_path):
+    """Plain-text examples longer than window // (2K) tokens are cut to their opening lines, so K of them fit in
+    half the window and eval scores as usual; a JSONL example is never cut (one too long stays an error)."""
+    from gptchat.core.eval.shots import RAW_SEPARATOR
+
+    _, lm = models
+    tok = lm.tokenizer
+    lines = [_text(6, seed) for seed in range(40)]  # ~40 lines, far over the window's 64 tokens
+    (tmp_path / "docs.txt").write_text("\n".join(lines) + "\n<|endoftext|>\n" + _text(3, 99) + "\n")
+    ctx = in_context(2, str(tmp_path / "docs.txt"), tok, window=N_CTX)
+    assert ctx.cut == N_CTX // 4 and ctx.excerpts == 1 and ctx.room <= N_CTX // 2
+    long = max(ctx._encoded, key=len)
+    text = tok.decode(long)
+    assert len(long) <= ctx.cut and text.endswith(RAW_SEPARATOR)
+    kept = text[: -len(RAW_SEPARATOR)]
+    assert ("\n".join(lines)).startswith(kept) and kept.count("\n") >= 1  # whole opening lines
+    s = evaluate(lm, HeldOut([_text(120)], "t"), shots=ctx)
+    assert s.tokens > 0 and max(s.context_tokens) <= N_CTX // 2
+    assert in_context(2, str(tmp_path / "docs.txt"), tok).excerpts == 0  # no window given: nothing cut
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": _text(80), "completion": "x"}) + "\n" * 2)
+    assert in_context(1, str(tmp_path / "long.jsonl"), tok, window=N_CTX).cut is None
+
+
 def test_head_chunks_and_batch_size_do_not_change_the_loss(models, monkeypatch):
     """Scored rows cross head chunks and windows cross batches (and the short last window gets its own)."""
     from gptchat.core.eval import perplexity

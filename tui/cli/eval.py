@@ -54,7 +54,10 @@ def eval_cmd(
     for spec in model or ["gpt2"]:
         lm = open_model(spec, device=device, dtype=dtype, quantize=quantize)
         for k in ks:
-            ctx = in_context(k, examples, lm.tokenizer, template, seed)
+            ctx = in_context(k, examples, lm.tokenizer, template, seed, min(window or lm.engine.n_ctx, lm.engine.n_ctx))
+            if ctx is not None and ctx.excerpts:
+                err(f"{lm.name} +{k} shots: {ctx.excerpts} of {len(ctx.pool)} text examples cut to their first "
+                    f"{ctx.cut} tokens (the examples take at most half the window)")
             bar = Bar(enabled=sys.stderr.isatty())
             try:
                 s = evaluate(lm, text, stride=stride, window=window, shots=ctx,
