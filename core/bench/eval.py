@@ -40,6 +40,7 @@ from gptchat.core.bench.engine import random_checkpoint
 from gptchat.core.eval.perplexity import (PACK_FROM_TOKENS, batch_tokens_for, head_products, packed_for_eval,
                                           plan_windows, score_windows)
 from gptchat.core.generate.loaded import open_model
+from gptchat.core.session.pool import peak_rss as process_peak_rss, process_rss
 
 TARGET_VS_PREFILL = 0.9
 TARGET_VS_HF = 1.5
@@ -126,26 +127,16 @@ class EvalBench:
         return "\n".join(lines)
 
 
-def _status_bytes(key: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: a spawned child's ru_maxrss starts from
-    its parent's RSS at the fork, kept by Linux across the exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def _peak_child(folder: str, heldout_tokens: int, n_windows: int, stride: int | None, batch_tokens: int, out) -> None:
     """In a fresh process: open the model, hold a held-out text's ids, score ``n_windows`` windows of it."""
     lm = open_model(folder, device="cpu", dtype="fp32")
-    after_load = _status_bytes("VmRSS")
+    after_load = process_rss()
     e = lm.engine
     ids = torch.randint(0, 50000, (heldout_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     ws = plan_windows(len(ids), e.n_ctx, stride or e.n_ctx // 2)
     n_windows = max(n_windows, -(-PACK_FROM_TOKENS // e.n_ctx))  # enough that eval packs its weights, as a long one does
     score_windows(e, ids, ws[1 : 1 + n_windows], batch_tokens=batch_tokens)
-    out.put((after_load, _status_bytes("VmHWM")))
+    out.put((after_load, process_peak_rss()))
 
 
 def peak_rss(folder: Path, heldout_tokens: int, n_windows: int, stride: int | None, batch_tokens: int) -> tuple[int, int]:

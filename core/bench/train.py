@@ -179,9 +179,9 @@ def _child(a, amp) -> None:
     for x, y in _batches(a.shape, a.batch, a.block, 2, a.seed):
         with amp():
             _step(a.peak_of, model, fwd, opt, x, y)
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mb": kb / 1024}))
+    from gptchat.core.session.pool import peak_rss
+
+    print(json.dumps({"peak_rss_mb": peak_rss() / 2**20}))
 
 
 def _peaks(argv: list[str]) -> dict[str, float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import signal
 import threading
 import time
@@ -44,6 +43,7 @@ from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.generate.text import GenOptions, complete
 from gptchat.core.model.device import pick_device
 from gptchat.core.paths import private_dir
+from gptchat.core.session.pool import peak_rss, reset_peak_rss
 from gptchat.core.text.tokenizer import EOT
 from gptchat.core.train import Settings, train
 from gptchat.core.train.data import collect_files
@@ -319,10 +319,12 @@ def samples(lm: LoadedModel, prompts: list[str], shots: InContext | None) -> lis
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()  # each row's own peak (a 3M model's row had shown the finetune's before it)
 
 
 def _peak(lm: LoadedModel) -> int:
-    """Peak bytes: the accelerator's since the row started, else the process's peak RSS so far."""
+    """Peak bytes since the row started: the accelerator's, else the process's resident memory (where Linux can
+    reset it; elsewhere the process's peak so far)."""
     if lm.engine.device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(lm.engine.device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss()

@@ -95,6 +95,30 @@ def process_rss() -> int:
         return r if sys.platform == "darwin" else r * 1024
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: Linux's VmHWM (since the start or reset_peak_rss), elsewhere
+    getrusage's. Not getrusage first: a spawned child's ru_maxrss starts from its parent's RSS at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start peak_rss over from the resident memory now (Linux 4.0 on: /proc/self/clear_refs); False where the
+    peak cannot be reset (it then stays the process's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def checkpoint_hash(ck, sample: int = 1 << 22) -> str:
     """A sha256 over the config and weight files: whole files up to 64 MB, else size + head + tail."""
     h = hashlib.sha256()

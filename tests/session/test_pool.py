@@ -42,3 +42,22 @@ def test_fp32_and_int8_loads_are_distinct_pool_entries(tmp_path):
     assert low.bytes >= params + 50257 * (32 + 4)  # the packed int8 weights count: the head's alone is V x (C + 4)
     pool.unload(spec)
     assert pool.loaded() == []
+
+
+def test_peak_rss_counts_from_its_reset():
+    """peak_rss is the process's high-water mark; reset_peak_rss (Linux) starts it over from the RSS now: an
+    experiment's row reports its own peak, not an earlier row's."""
+    from gptchat.core.session.pool import peak_rss, process_rss, reset_peak_rss
+
+    import mmap
+
+    big = mmap.mmap(-1, 256 * 2**20)  # its own mapping, every page touched: unmapped again on close
+    for i in range(0, len(big), mmap.PAGESIZE):
+        big[i] = 1
+    high = peak_rss()
+    assert high >= len(big) and high >= process_rss() - 16 * 2**20  # (other threads may grow the RSS meanwhile)
+    big.close()
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS")
+    low = peak_rss()
+    assert low < high - 200 * 2**20 and low >= process_rss() - 16 * 2**20
