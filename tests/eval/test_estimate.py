@@ -156,6 +156,13 @@ def test_cli_json():
     assert r.returncode == 0, r.stderr
     t = json.loads(r.stdout)["training"]
     assert t["precision"] == "bf16" and t["trainable"] < t["params"] / 100
+    r = subprocess.run([sys.executable, "-m", "gptchat.tui", "estimate", "-m", "gpt2-xl", "--json", "--no-measure"],
+                       capture_output=True, text=True, timeout=120)  # -m as eval, generate and batch take it
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["n_layer"] == 48
+    r = subprocess.run([sys.executable, "-m", "gptchat.tui", "estimate", "gpt2", "-m", "gpt2-xl", "--no-measure"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "two models given" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_plan_refuses_with_the_change_that_fits(monkeypatch):

@@ -23,6 +23,7 @@ TOKENIZE_LIMIT = 64 << 20  # above this many bytes of data, estimate tokens as b
 
 def estimate(
     model: Annotated[Optional[str], typer.Argument(help="A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), a preset (tiny, mini, nano), a checkpoint folder or a run name.", show_default=False)] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, given as eval, generate and batch take it (the same as the argument).", show_default=False)] = None,
     params: Annotated[Optional[float], typer.Option("--params", help="A bare parameter count (7e9) instead of a model; no activations or KV cache then.")] = None,
     tokens: Annotated[Optional[float], typer.Option("--tokens", help="Training tokens for the compute estimate (2e12). Default: the --data's tokens, else the compute-optimal 20 per parameter.")] = None,
     train: Annotated[bool, typer.Option("--train", help="Show training memory: weights, gradients, Adam, activations.")] = False,
@@ -45,6 +46,9 @@ def estimate(
     # the estimate module imports no torch; the CPU probe imports it only when it runs
     from gptchat.core.eval import estimate as est
 
+    if model is not None and model_opt is not None and model != model_opt:
+        raise UsageError(f"two models given ({model!r} and --model {model_opt!r}); give one")
+    model = model if model is not None else model_opt
     if model is not None and params is not None:
         raise UsageError("give a model or --params, not both")
     if params is None:
