@@ -2032,6 +2032,7 @@ int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const f
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX __attribute__((target("amx-tile,amx-bf16")))
+#define AMXI static inline __attribute__((always_inline, target("amx-tile,amx-bf16")))
 
 typedef struct {
     uint8_t palette, start;
@@ -2054,9 +2055,8 @@ static void amx_out(const float *t, const uint16_t *b, uint16_t *y, float *y32, 
         }
 }
 
-static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, float *y32, long M,
-                         long N, long K, long p0, long p1) {
-    const long RB = (M + 15) / 16, last = M - (RB - 1) * 16, chunks = K / 32;
+/* The tiles for RB blocks of rows (the last of ``last`` rows): A 0 (16 rows) and 2 (the last block), B 1, C 4.. */
+AMXI void amx_config(long RB, long last) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -2065,6 +2065,36 @@ static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *
     c.rows[2] = last, c.colsb[2] = 64; /* A: the last block */
     for (long t = 0; t < RB; t++) c.rows[4 + t] = t == RB - 1 ? last : 16, c.colsb[4 + t] = 64;
     _tile_loadconfig(&c);
+}
+
+/* One chunk of 32 inputs through the B tile (1), loaded: the RB blocks of 16 rows whose chunk starts at a (rows K
+   apart; the last block through A tile 2, configured to its rows) summed into C tiles 4 to 3 + RB */
+AMXI void amx_chunk(const uint16_t *a, long K, long RB) {
+    switch (RB) { /* tile numbers are immediates */
+    case 4:
+        _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
+        _tile_loadd(0, a + 32 * K, K * 2); _tile_dpbf16ps(6, 0, 1);
+        _tile_loadd(2, a + 48 * K, K * 2); _tile_dpbf16ps(7, 2, 1);
+        break;
+    case 3:
+        _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
+        _tile_loadd(2, a + 32 * K, K * 2); _tile_dpbf16ps(6, 2, 1);
+        break;
+    case 2:
+        _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(2, a + 16 * K, K * 2); _tile_dpbf16ps(5, 2, 1);
+        break;
+    default:
+        _tile_loadd(2, a, K * 2); _tile_dpbf16ps(4, 2, 1);
+    }
+}
+
+static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint16_t *y, float *y32, long M,
+                         long N, long K, long p0, long p1) {
+    const long RB = (M + 15) / 16, last = M - (RB - 1) * 16, chunks = K / 32;
+    amx_config(RB, last);
     float out[16 * 16];
     for (long p = p0; p < p1; p++) {
         const uint16_t *panel = Wp + p * K * 16;
@@ -2077,25 +2107,7 @@ static AMX void amx_part(const uint16_t *Wp, const uint16_t *b, const uint16_t *
         for (long ch = 0; ch < chunks; ch++) {
             const uint16_t *bt = panel + ch * 512, *a = x + ch * 32;
             _tile_loadd(1, bt, 64);
-            switch (RB) {
-            case 4:
-                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
-                _tile_loadd(0, a + 32 * K, K * 2); _tile_dpbf16ps(6, 0, 1);
-                _tile_loadd(2, a + 48 * K, K * 2); _tile_dpbf16ps(7, 2, 1);
-                break;
-            case 3:
-                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
-                _tile_loadd(2, a + 32 * K, K * 2); _tile_dpbf16ps(6, 2, 1);
-                break;
-            case 2:
-                _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                _tile_loadd(2, a + 16 * K, K * 2); _tile_dpbf16ps(5, 2, 1);
-                break;
-            default:
-                _tile_loadd(2, a, K * 2); _tile_dpbf16ps(4, 2, 1);
-            }
+            amx_chunk(a, K, RB);
         }
         switch (RB) {
         case 4: _tile_stored(7, out, 64); amx_out(out, b, y, y32, last, 48, p * 16, N); /* fall through */
@@ -2129,14 +2141,7 @@ int gptchat_amx_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, 
 static AMX void amx_block32(const uint16_t *Wp, const uint16_t *x, float *y, long M, long ldy, long K, long p0,
                             long p1) {
     const long RB = (M + 15) / 16, last = M - (RB - 1) * 16;
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    c.rows[0] = 16, c.colsb[0] = 64;   /* A: a block of 16 rows */
-    c.rows[1] = 16, c.colsb[1] = 64;   /* B: 16 pairs of inputs x 16 outputs */
-    c.rows[2] = last, c.colsb[2] = 64; /* A: the last block */
-    for (long t = 0; t < RB; t++) c.rows[4 + t] = t == RB - 1 ? last : 16, c.colsb[4 + t] = 64;
-    _tile_loadconfig(&c);
+    amx_config(RB, last);
     const long ys = ldy * 4;
     for (long k0 = 0; k0 < K; k0 += AMX_KC) {
         const long c0 = k0 / 32, c1 = (k0 + AMX_KC < K ? k0 + AMX_KC : K) / 32;
@@ -2161,25 +2166,7 @@ static AMX void amx_block32(const uint16_t *Wp, const uint16_t *x, float *y, lon
             for (long ch = c0; ch < c1; ch++) {
                 const uint16_t *bt = panel + ch * 512, *a = x + ch * 32;
                 _tile_loadd(1, bt, 64);
-                switch (RB) {
-                case 4:
-                    _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                    _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
-                    _tile_loadd(0, a + 32 * K, K * 2); _tile_dpbf16ps(6, 0, 1);
-                    _tile_loadd(2, a + 48 * K, K * 2); _tile_dpbf16ps(7, 2, 1);
-                    break;
-                case 3:
-                    _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                    _tile_loadd(0, a + 16 * K, K * 2); _tile_dpbf16ps(5, 0, 1);
-                    _tile_loadd(2, a + 32 * K, K * 2); _tile_dpbf16ps(6, 2, 1);
-                    break;
-                case 2:
-                    _tile_loadd(0, a, K * 2); _tile_dpbf16ps(4, 0, 1);
-                    _tile_loadd(2, a + 16 * K, K * 2); _tile_dpbf16ps(5, 2, 1);
-                    break;
-                default:
-                    _tile_loadd(2, a, K * 2); _tile_dpbf16ps(4, 2, 1);
-                }
+                amx_chunk(a, K, RB);
             }
             switch (RB) {
             case 4: _tile_stored(7, yp + 48 * ldy, ys); /* fall through */
@@ -2273,6 +2260,7 @@ static void stepb_product(const uint16_t *Wp, const uint16_t *b, const uint16_t 
 }
 
 #undef AMX
+#undef AMXI
 #define STEP_AMX 1
 #else
 #define STEP_AMX 0
