@@ -344,13 +344,17 @@ def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int 
     every window fits whatever examples it draws. ``batch_tokens``: tokens per forward (whole
     windows; default batch_tokens_for). ``progress(done, total)`` at the start (0) and after each batch.
     """
-    window = min(window or engine.n_ctx, engine.n_ctx)
+    if window is not None and not 2 <= window <= engine.n_ctx:
+        raise UsageError(f"--window is {window}; it must be 2 to {engine.n_ctx} tokens (the model's context)")
+    window = window or engine.n_ctx
     room = window - (shots.room if shots else 0)
     if room < 2:
         raise ContextOverflow(
             f"the examples alone take up to {shots.room} tokens of the {window}-token window, leaving no room "
             f"for held-out text; use fewer --shots or shorter examples"
         )
+    if stride is not None and stride < 1:
+        raise UsageError(f"--stride is {stride}; it must be at least 1")
     if stride is not None and stride >= room:
         raise UsageError(f"--stride is {stride}; it must be less than the {room} held-out tokens of each window")
     plan = Plan(plan_windows(len(ids), room, stride or max(room // 2, 1)), window, stride or max(room // 2, 1))

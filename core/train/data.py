@@ -83,7 +83,7 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path} is empty")
     nul = raw.find(b"\x00", 0, 1 << 20)
     if nul >= 0:
-        raise DataError(f"{path} looks like a binary file (a NUL byte at offset {nul}); training needs UTF-8 text")
+        raise DataError(f"{path} looks like a binary file (a NUL byte at offset {nul}); give UTF-8 text")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

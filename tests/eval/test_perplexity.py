@@ -133,6 +133,11 @@ def test_bad_input_is_one_clear_error(models, tmp_path):
         evaluate(lm, HeldOut([_text(50)], "t"), shots=ctx)
     with pytest.raises(UsageError, match="stride"):
         evaluate(lm, HeldOut([_text(50)], "t"), stride=N_CTX)
+    with pytest.raises(UsageError, match="--stride is 0; it must be at least 1"):  # not quietly the default
+        evaluate(lm, HeldOut([_text(50)], "t"), stride=0)
+    for window in (0, 1, -5, N_CTX + 1):  # 0 was the default, 1 and -5 a traceback, past the context clipped
+        with pytest.raises(UsageError, match=f"--window is {window}; it must be 2 to {N_CTX} tokens"):
+            evaluate(lm, HeldOut([_text(50)], "t"), window=window)
 
 
 def test_long_text_examples_are_cut_to_fit_and_examples_with_fields_never_are(models, tmp_path):
