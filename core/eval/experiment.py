@@ -67,8 +67,7 @@ class Stopped(GptchatError):
 def open_experiment(spec: Spec) -> Path:
     """The experiment's folder with its spec and split; a rerun must ask for the same study."""
     spec.check()
-    root = private_dir(folder(spec.name))
-    private_dir(root / "cells")
+    root = folder(spec.name)
     saved = root / "spec.json"
     if saved.exists():
         old = json.loads(saved.read_text())
@@ -76,10 +75,12 @@ def open_experiment(spec: Spec) -> Path:
             raise UsageError(f"experiment {spec.name!r} exists with other settings; use another --name, or "
                              f"`gptchat experiment --show {spec.name}`")
     else:
-        train, held = split(spec)
+        train, held = split(spec)  # bad data fails here, before the study's folder exists
+        private_dir(root)
         write(root / "train.txt", EOT.join(train))
         write(root / "heldout.txt", EOT.join(held))
         write(saved, json.dumps(asdict(spec), indent=2))
+    private_dir(root / "cells")
     return root
 
 

@@ -17,7 +17,7 @@ from gptchat.core.errors import UsageError
 from gptchat.core.model.config import PRESETS
 from gptchat.core.outputs import replace_atomic
 from gptchat.core.paths import get_paths
-from gptchat.core.train.settings import NAME_RE
+from gptchat.core.train.settings import NAME_RE, Settings
 
 STATES = ("running", "finished", "stopped", "failed", "killed")
 
@@ -51,6 +51,8 @@ class Spec:
             raise UsageError("--from-scratch needs --finetune-steps N (the steps to train it for)")
         if not 0 < self.heldout_fraction < 1:
             raise UsageError(f"--heldout-fraction must be between 0 and 1, not {self.heldout_fraction}")
+        if self.train:  # the finetunes' settings, checked as `gptchat finetune` would before any folder is made
+            Settings(data=["train.txt"], steps=max(self.finetune_steps, 1), **self.train).check()
 
 
 @dataclass(frozen=True)

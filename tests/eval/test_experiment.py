@@ -144,3 +144,21 @@ def test_under_torchrun_the_finetunes_use_ddp_and_rank_0_alone_scores_and_report
         assert [e["world"] for e in events if e["type"] == "start"] == [2]
         assert max(e["step"] for e in events if e["type"] == "step") == 4
     assert r.stderr.count(": scoring ") == 4  # each row scored once, by rank 0
+
+
+def test_bad_input_is_one_line_and_leaves_no_study_folder(corpus, tmp_path, capsys):
+    """A missing --heldout file or finetune settings `gptchat finetune` would refuse stop the study before its
+    folder exists (they had left a folder whose spec then blocked the corrected command: 'exists with other
+    settings')."""
+    from gptchat.core.eval.study import folder
+
+    cases = [(["--heldout", tmp_path / "nope.txt"], "nope.txt does not exist"),
+             (["--finetune-steps", "2", "--lr", "-1"], "--lr must be > 0"),
+             (["--finetune-steps", "2", "--batch-size", "0"], "--batch-size must be > 0"),
+             (["--finetune-steps", "2", "--block-size", "4096"], "--block-size 4096 is over")]
+    for i, (args, message) in enumerate(cases):
+        with pytest.raises(SystemExit) as e:
+            main(["experiment", str(corpus), "--name", f"bad{i}", "--models", "gpt2", *map(str, args)])
+        err = capsys.readouterr().err
+        assert e.value.code != 0 and message in err and "Traceback" not in err, err
+        assert not folder(f"bad{i}").exists()
