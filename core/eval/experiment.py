@@ -238,8 +238,7 @@ def _cell(ctx: Context, row: Row, lm: LoadedModel | None) -> dict:
     shots = InContext(row.shots, [{"text": d} for d in ctx.train_docs], lm.tokenizer, seed=ctx.spec.seed,
                       cut=text_cut(lm.engine.n_ctx, row.shots)) if row.shots else None
     if shots is not None and shots.excerpts:
-        ctx.log(f"{row.label}: {shots.excerpts} of {len(shots.pool)} training documents as examples cut to their first "
-                f"{shots.cut} tokens (the examples take at most half the window)")
+        ctx.log(f"{row.label}: {shots.excerpt_note('training documents as examples')}")
     ctx.log(f"{row.label}: scoring {len(ctx.heldout.docs)} held-out documents")
     tick = ctx.progress
     s = evaluate(lm, ctx.heldout, shots=shots, progress=(lambda d, n: tick(row.label, d, n)) if tick else None)

@@ -179,13 +179,12 @@ class _Head:
         self.how = head_products(model, fast) if plain else None
         self.blocks = fast.blocks(self.rows, HEAD_BLOCK, HEAD_ROWS, self.how) if self.how else None
         self.model, self.vocab = model, vocab
-        self.buf: torch.Tensor | None = None
-        self.flat: torch.Tensor | None = None
+        self.room: torch.Tensor | None = None  # fp32, flat: each block's logits in turn
 
-    def _buffer(self, rows: int, cols: int, device) -> torch.Tensor:
-        if self.buf is None or self.buf.shape[0] < rows or self.buf.shape[1] < cols:
-            self.buf = torch.empty(rows, cols, device=device)
-        return self.buf[:rows, :cols]
+    def _room(self, n: int, device) -> torch.Tensor:
+        if self.room is None or self.room.numel() < n or self.room.device != torch.device(device):
+            self.room = torch.empty(n, device=device)
+        return self.room
 
     def nats(self, h: torch.Tensor, targets: torch.Tensor) -> float:
         """Sum of -log p(target) over the rows of ``h`` (N, C), the final hidden states."""
@@ -204,15 +203,15 @@ class _Head:
 
     def _block_lses(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each vocabulary block's log-sum-exp of ``x``'s logits (n,)."""
+        n = x.shape[0]
         if self.how == "bf16x3":
-            if self.flat is None or self.flat.numel() < x.shape[0] * HEAD_BLOCK:  # a block's logits, reused
-                self.flat = torch.empty(x.shape[0] * HEAD_BLOCK)
-            x3 = split3.inputs(x)
-            return [lse_(split3.product(p, x3, wb.shape[0], self.flat)) for p, wb in self.blocks]
+            x3, room = split3.inputs(x), self._room(n * HEAD_BLOCK, x.device)
+            return [lse_(split3.product(p, x3, wb.shape[0], room)) for p, wb in self.blocks]
         if self.blocks is not None:
             x = x.contiguous()
             return [lse_(packed.mkl_product(p, wb, None, x)) for p, wb in self.blocks]
-        return [lse_(torch.mm(x, wb, out=self._buffer(x.shape[0], wb.shape[1], x.device)))
+        room = self._room(n * HEAD_VOCAB_BLOCK, x.device)
+        return [lse_(torch.mm(x, wb, out=room[: n * wb.shape[1]].view(n, -1)))
                 for wb in self.rows.t().split(HEAD_VOCAB_BLOCK, dim=1)]
 
 
@@ -223,7 +222,7 @@ def head_products(model, fast) -> str | None:
     w = model.lm_head.weight
     if fast is None or w.device.type != "cpu":
         return None
-    return "bf16x3" if w.shape[1] % 32 == 0 and split3.usable() else "mkl" if fast.kind == "mkl" else None
+    return "bf16x3" if split3.usable(w.shape[1]) else "mkl" if fast.kind == "mkl" else None
 
 
 def lse_(z: torch.Tensor) -> torch.Tensor:
@@ -333,6 +332,13 @@ class Plan:
     stride: int
 
 
+def resolve_window(engine, window: int | None) -> int:
+    """--window as eval uses it: the model's context where not given, else checked to be 2 to that context."""
+    if window is not None and not 2 <= window <= engine.n_ctx:
+        raise UsageError(f"--window is {window}; it must be 2 to {engine.n_ctx} tokens (the model's context)")
+    return window or engine.n_ctx
+
+
 def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int | None = None,
               shots: InContext | None = None, batch_tokens: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[float, Plan]:
@@ -344,9 +350,7 @@ def score_ids(engine, ids: list[int], *, stride: int | None = None, window: int 
     every window fits whatever examples it draws. ``batch_tokens``: tokens per forward (whole
     windows; default batch_tokens_for). ``progress(done, total)`` at the start (0) and after each batch.
     """
-    if window is not None and not 2 <= window <= engine.n_ctx:
-        raise UsageError(f"--window is {window}; it must be 2 to {engine.n_ctx} tokens (the model's context)")
-    window = window or engine.n_ctx
+    window = resolve_window(engine, window)
     room = window - (shots.room if shots else 0)
     if room < 2:
         raise ContextOverflow(

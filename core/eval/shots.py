@@ -102,6 +102,13 @@ class InContext:
             head = head[:end]
         return (self.tokenizer.encode(head.rstrip("\n"))[:n] + sep)[: self.cut]
 
+    def excerpt_note(self, what: str) -> str | None:
+        """One line on the examples cut to fit (None: none was), ``what`` naming them ("text examples")."""
+        if not self.excerpts:
+            return None
+        return (f"{self.excerpts} of {len(self.pool)} {what} cut to their first {self.cut} tokens (the examples take "
+                f"at most half the window)")
+
     @property
     def room(self) -> int:
         """The most tokens any window's examples can take: the instruction and the K longest."""

@@ -25,9 +25,11 @@ from gptchat.core.model import native
 from gptchat.core.model.device import switched_off
 
 
-def usable() -> bool:
-    """AMX tiles are there (native.amx) and the products are not switched off (``GPTCHAT_BF16X3=0``)."""
-    return not switched_off("GPTCHAT_BF16X3") and native.kernel() is not None and native.amx()
+def usable(width: int) -> bool:
+    """Products over ``width`` inputs can go this way: AMX tiles are there (native.amx), the products are not
+    switched off (``GPTCHAT_BF16X3=0``), and 3 x width is whole chunks of 32 (the tiles')."""
+    return (width % 32 == 0 and not switched_off("GPTCHAT_BF16X3") and native.kernel() is not None
+            and native.amx())
 
 
 def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from gptchat.core.model import split3
 
-pytestmark = pytest.mark.skipif(not split3.usable(), reason="no AMX tiles here (or GPTCHAT_BF16X3=0)")
+pytestmark = pytest.mark.skipif(not split3.usable(32), reason="no AMX tiles here (or GPTCHAT_BF16X3=0)")
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 16, 32), (5, 17, 64), (16, 48, 96), (33, 100, 128), (64, 2048, 768),
@@ -29,6 +29,7 @@ def test_the_product_is_within_fp32s_reach(M, N, K):
 
 
 def test_inputs_not_a_multiple_of_32_wide_are_refused():
+    assert not split3.usable(40) and split3.usable(768)
     x, w = torch.randn(3, 40), torch.randn(20, 40)
     with pytest.raises(ValueError, match="multiple of 32"):
         split3.product(split3.pack(w), split3.inputs(x), 20)

@@ -246,7 +246,7 @@ def test_a_long_eval_scores_on_the_engines_packed_weights(models, monkeypatch):
     panel_calls, mkl_calls = spy(monkeypatch, native, "sgemm"), spy(monkeypatch, packed, "mkl_product")
     x3_calls = spy(monkeypatch, split3, "product")
     on_x3 = None
-    if split3.usable():  # with AMX, the head's blocks as three bf16 products (split3); then switched off
+    if split3.usable(lm.engine.model.config.n_embd):  # with AMX, the head's blocks as three bf16 products (split3); then switched off
         on_x3, _ = score_ids(lm.engine, ids, stride=20)
         V, size = lm.engine.vocab_limit, perplexity.HEAD_BLOCK
         assert x3_calls and {c[2] for c in x3_calls} == {min(size, V - i) for i in range(0, V, size)}

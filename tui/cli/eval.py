@@ -45,7 +45,7 @@ def eval_cmd(
         raise UsageError(f"--shots {max(ks)} needs --examples FILE (a JSONL, TSV or text file of examples)")
     # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
     from gptchat.core.eval.heldout import load_heldout
-    from gptchat.core.eval.perplexity import evaluate
+    from gptchat.core.eval.perplexity import evaluate, resolve_window
     from gptchat.core.eval.shots import in_context
     from gptchat.core.generate.loaded import open_model
 
@@ -54,10 +54,9 @@ def eval_cmd(
     for spec in model or ["gpt2"]:
         lm = open_model(spec, device=device, dtype=dtype, quantize=quantize)
         for k in ks:
-            ctx = in_context(k, examples, lm.tokenizer, template, seed, min(window or lm.engine.n_ctx, lm.engine.n_ctx))
+            ctx = in_context(k, examples, lm.tokenizer, template, seed, resolve_window(lm.engine, window))
             if ctx is not None and ctx.excerpts:
-                err(f"{lm.name} +{k} shots: {ctx.excerpts} of {len(ctx.pool)} text examples cut to their first "
-                    f"{ctx.cut} tokens (the examples take at most half the window)")
+                err(f"{lm.name} +{k} shots: {ctx.excerpt_note('text examples')}")
             bar = Bar(enabled=sys.stderr.isatty())
             try:
                 s = evaluate(lm, text, stride=stride, window=window, shots=ctx,
