@@ -89,10 +89,7 @@ def process_rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource  # POSIX only: imported here so the pool still works on Windows
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
+        return _rusage_peak()
 
 
 def peak_rss() -> int:
@@ -102,10 +99,15 @@ def peak_rss() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, ValueError, IndexError, StopIteration):
-        import resource
+        return _rusage_peak()
 
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
+
+def _rusage_peak() -> int:
+    """getrusage's peak RSS in bytes (it reports KB, bytes on macOS)."""
+    import resource  # POSIX only: imported here so the pool still works on Windows
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
 
 
 def reset_peak_rss() -> bool:
