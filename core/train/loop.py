@@ -356,9 +356,15 @@ def _loss(run: Run, t: Trainee, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     and cross-entropy fused in chunks (evaluate.head_loss), so the (B*T, V) fp32 logits and their
     gradient never exist. FSDP computes the full logits inside the forward: outside it the tied head
     is a shard, which the chunked loss cannot use."""
-    if run.s.fsdp and run.dist.enabled:
+    if not _chunked_head(run):
         return loss_fn(t.fwd(x), y)
     return head_loss(t.fwd(x, return_hidden=True), t.raw.lm_head.weight, y)
+
+
+def _chunked_head(run: Run) -> bool:
+    """The loss goes through the tied head in head_loss's chunks (steps and validation alike): everywhere but under
+    FSDP over several processes, where the head outside the forward is a shard."""
+    return not (run.s.fsdp and run.dist.enabled)
 
 
 def _evaluate(run: Run, t: Trainee, p: Progress, result: Result) -> tuple[float, bool]:
@@ -366,7 +372,7 @@ def _evaluate(run: Run, t: Trainee, p: Progress, result: Result) -> tuple[float,
     s, r, tok = run.s, run.r, run.tok
     net = t.net if s.fsdp else t.raw
     val, n_scored = val_loss(net, run.ds, run.sp.val, r.block_size, r.batch_size, s.eval_batches, run.device,
-                             run.amp, run.dist, chunked=not (s.fsdp and run.dist.enabled))
+                             run.amp, run.dist, chunked=_chunked_head(run))
     improved = p.best_val_loss is None or val < p.best_val_loss
     if improved:
         p.best_val_loss, p.bad_evals = val, 0
