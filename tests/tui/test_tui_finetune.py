@@ -237,3 +237,39 @@ def test_slash_finetune_opens_the_form_prefilled(tiny_model, tmp_path):
 
     got = run(go())
     assert got == {"data": str(data), "steps": "5", "lr": "1e-4", "model": tiny_model}
+
+
+def test_start_refuses_what_the_trainer_would_refuse_and_keeps_the_form(corpus, tmp_path):
+    """Start checks the settings and the run name as `gptchat finetune` does before it starts a process: a
+    learning rate of 5 or a name a run has already are one notification each, the form stays filled in and no
+    trainer or log is started (it used to start one, which failed ~20 s later on a live view that had replaced
+    the form, saying "error: error: ...")."""
+    from gptchat.tui.app.finetune_launch import log_tail
+    from gptchat.tui.app.screens.finetune import FinetuneScreen, open_finetune
+
+    (runs_dir() / "taken").mkdir(parents=True)
+    (runs_dir() / "taken" / "run.json").write_text("{}")
+    app = make_app(None, None)
+    app.autoload = False
+
+    async def go():
+        async with app.run_test(size=(140, 45)) as pilot:
+            seen = []
+            for flags, why in [("--lr 5 --name fresh", "--lr 5.0 is far too large"),
+                               ("--name taken", "a run named 'taken' exists already")]:
+                open_finetune(app, f"{corpus} --steps 6 {flags} {' '.join(FAST)}")
+                await wait_for(pilot, lambda: isinstance(app.screen, FinetuneScreen) and app.screen.query("#ft-name")
+                               and app.screen.query_one("#ft-name").value, what="the prefilled form")
+                scr = finetune_screen(app)
+                await pilot.press("ctrl+s")
+                await wait_for(pilot, lambda: any(why in n for n in notifications(app)), 10, why)
+                seen.append((scr.run_name, scr.proc, scr.query_one("#ft-steps").value, scr.is_mounted))
+                await pilot.press("escape")
+                await wait_for(pilot, lambda: not isinstance(app.screen, FinetuneScreen), what="the form closed")
+            return seen
+
+    assert run(go()) == [(None, None, "6", True)] * 2
+    assert not (runs_dir() / "fresh").exists() and not (runs_dir() / "fresh.log").exists()
+    log = tmp_path / "t.log"
+    log.write_text("loading...\nerror: --lr 5.0 is far too large; typical values are 1e-5 to 1e-3\n")
+    assert log_tail(log) == "--lr 5.0 is far too large; typical values are 1e-5 to 1e-3"  # the screen adds "error:"

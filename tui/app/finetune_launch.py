@@ -131,4 +131,5 @@ def log_tail(path: Path | None) -> str:
         lines = path.read_text(errors="replace").strip().splitlines()
     except (OSError, AttributeError):
         return "the trainer exited"
-    return lines[-1] if lines else "the trainer exited"
+    last = lines[-1] if lines else "the trainer exited"
+    return last.removeprefix("error: ")  # the screen says "error:" itself

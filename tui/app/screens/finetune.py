@@ -23,7 +23,7 @@ from textual.widgets.option_list import Option
 from gptchat.core.errors import GptchatError, UsageError
 from gptchat.core.paths import get_paths
 from gptchat.core.train.plan import preview
-from gptchat.core.train.runs import default_name, list_runs, run_info
+from gptchat.core.train.runs import check_free, default_name, list_runs, run_info
 from gptchat.tui.app import finetune_launch as launch
 from gptchat.tui.app.event_tail import EventTail
 from gptchat.tui.app.finetune_launch import FIELDS
@@ -170,9 +170,11 @@ class FinetuneScreen(Screen):
                 args += [launch.flag_of(param), v[fid]]
         return args + self.extra, v["name"] or default_name(data)
 
-    def form_settings(self):
-        """The form as the trainer's Settings: parsed by the finetune command itself (same checks as the CLI)."""
-        args, name = self.form_args()
+    def form_settings(self, args: list[str] | None = None, name: str | None = None):
+        """The form (or its ``args`` and ``name`` from form_args) as the trainer's Settings: parsed by the finetune
+        command itself (same checks as the CLI)."""
+        if args is None:
+            args, name = self.form_args()
         return settings_from(launch.command_params(args + ["--name", name]))
 
     @on(Input.Changed)
@@ -224,6 +226,11 @@ class FinetuneScreen(Screen):
             return
         try:
             args, name = self.form_args()
+            # what `gptchat finetune` refuses before it makes a folder is refused here, the form still filled in
+            settings = self.form_settings(args, name)
+            if settings is not None:
+                settings.check()
+            check_free(name)
         except GptchatError as e:
             self.notify(str(e), severity="error")
             return
