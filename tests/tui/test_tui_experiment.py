@@ -128,6 +128,17 @@ def test_form_builds_every_contender_with_the_commands_own_parser(tmp_path):
     assert [r.kind for r in X.rows(spec)] == ["base", "shots", "finetuned"] * 2 + ["scratch"]
 
 
+def test_models_come_from_models_and_repeated_m_as_the_other_commands_take_them():
+    """`-m` (repeatable, as generate, batch, eval and compare take it) joins --models; each model once, in order;
+    gpt2 only where neither is given, and `--models ''` (with --from-scratch) asks for no pretrained rows."""
+    def models(*words):
+        return spec_from(command().make_context("experiment", ["d.txt", "--name", "n", *words]).params).models
+
+    assert models("-m", "a", "--model", "b") == ["a", "b"]
+    assert models("--models", "a,b", "-m", "b", "-m", "c") == ["a", "b", "c"]
+    assert models() == ["gpt2"] and models("--models", "", "--from-scratch", "nano") == []
+
+
 def test_form_shows_bad_values_as_one_line(tiny_model, tmp_path):
     data = corpus(tmp_path)
     bad = [({"x-steps": "many"}, "'--finetune-steps'"), ({"x-scratch": "huge"}, "not an architecture"),

@@ -15,7 +15,7 @@ EXAMPLES = """
 \b
 Examples:
   gptchat experiment docs/ --name azure
-  gptchat experiment docs/ --name azure --models gpt2,gpt2-medium --shots 0,1,3 --finetune-steps 300 --from-scratch tiny
+  gptchat experiment docs/ --name azure -m gpt2 -m gpt2-medium --shots 0,1,3 --finetune-steps 300 --from-scratch tiny
   gptchat experiment --show azure --markdown report.md
 """
 
@@ -32,7 +32,8 @@ def _ints(text: str, flag: str) -> list[int]:
 def experiment(
     data: Annotated[Optional[list[str]], typer.Argument(help="Text files or folders (.txt/.md/.jsonl) to split into training and held-out text.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="The experiment's name (its folder under the data dir); a rerun with the same name resumes it.")] = None,
-    models: Annotated[str, typer.Option(help="Comma-separated models to compare, each as it is (checkpoints, run names or hub names).")] = "gpt2",
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated models to compare, each as it is (checkpoints, run names or hub names). Default: gpt2, where no -m is given either.", show_default=False)] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="A model to compare, as the other commands take it; repeatable, and joins --models.", show_default=False)] = None,
     shots: Annotated[str, typer.Option(help="Comma-separated example counts: each K > 0 adds a row per model with K training documents before each window.")] = "0",
     finetune_steps: Annotated[int, typer.Option(help="Finetune each model for this many steps on the training split (0: no finetuned rows); also the steps of --from-scratch.")] = 0,
     lora: Annotated[bool, typer.Option("--lora", help="Finetune LoRA adapters instead of all weights.")] = False,
@@ -90,11 +91,20 @@ def spec_from(params: dict):
 
     train = {k: params[k] for k in ("lr", "batch_size", "block_size") if params.get(k) is not None}
     return Spec(name=params["name"], data=list(params["data"] or []),
-                  models=[m.strip() for m in params["models"].split(",") if m.strip()],
+                  models=_models(params.get("models"), params.get("model")),
                   shots=_ints(params["shots"], "--shots"), finetune_steps=params["finetune_steps"], lora=params["lora"],
                   from_scratch=params["from_scratch"], heldout=params["heldout"],
                   heldout_fraction=params["heldout_fraction"], seed=params["seed"], train=train,
                   device=params["device"], dtype=params["dtype"])
+
+
+def _models(models: str | None, model: list[str] | None) -> list[str]:
+    """--models' comma list, then each -m, each model once in the order given; gpt2 where neither is given
+    (``--models ''`` with --from-scratch: no pretrained rows)."""
+    if models is None and not model:
+        return ["gpt2"]
+    given = [m.strip() for m in (models or "").split(",")] + [m.strip() for m in model or []]
+    return list(dict.fromkeys(m for m in given if m))
 
 
 experiment.__doc__ += "\n" + EXAMPLES
