@@ -89,9 +89,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def download(name: str) -> Path:
-    """Fetch a hub model into the HF cache (with huggingface_hub's progress bars on stderr)."""
-    how = f"copy a checkpoint folder here and pass --model PATH, or run `gptchat pull {name}` when online"
+def download(name: str, how: str | None = None) -> Path:
+    """Fetch a hub model into the HF cache (with huggingface_hub's progress bars on stderr); ``how``: what to do
+    when there is no network (default: for a command that wanted the model to run)."""
+    how = how or f"copy a checkpoint folder here and pass --model PATH, or run `gptchat pull {name}` when online"
     if offline():
         raise ModelNotFound(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {how}")
     if not hub_reachable():

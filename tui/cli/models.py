@@ -50,6 +50,6 @@ def pull(
     if snap is not None:
         err(f"{name} is already in the Hugging Face cache: {snap}")
         return
-    snap = hub.download(name)
+    snap = hub.download(name, how="run this again with the network up and HF_HUB_OFFLINE unset")
     ck = sniff(snap, name=name)  # refuse what is not GPT-2 now rather than at first use
     err(f"{name}: {human_count(ck.config.n_params())} parameters, {human_bytes(ck.size_bytes)} at {snap}")
