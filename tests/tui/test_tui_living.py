@@ -311,6 +311,11 @@ def test_first_run_offers_open_download_and_train(tiny_model, tmp_path, monkeypa
             await wait_for(pilot, lambda: len(app.screen_stack) > 1
                            and not chat_screen(app).query_one("#no-model").has_class("hidden"), what="the no-model panel")
             scr = chat_screen(app)
+            await send(pilot, app, "hello")  # nothing is loading: the note says what to do, not "wait for it"
+            await wait_for(pilot, lambda: any("no model is loaded: pick one" in n for n in notifications(app)), 10,
+                           "the no-model note")
+            assert scr.query_one("#input").text == "hello"  # the message is kept
+            scr.query_one("#input").text = ""
             await pilot.click("#get-open")
             await wait_for(pilot, lambda: isinstance(app.screen, ModelPicker), what="the picker")
             await pilot.press("escape")

@@ -164,7 +164,12 @@ class ChatScreen(MessageEdits, Screen):
             self.notify("a reply is still streaming: press Escape to stop it first", severity="warning")
             return
         if self.loaded is None:
-            self.notify("no model is loaded yet: wait for it, or pick one with Ctrl+O", severity="warning")
+            if self.query_one(StatusLine).state in ("starting", "loading"):
+                self.notify("the model is still loading: send again once it is ready (or pick another with Ctrl+O)",
+                            severity="warning")
+            else:  # none found, or the last load failed: nothing is on its way
+                self.notify("no model is loaded: pick one with Ctrl+O or /model PATH (your message is kept)",
+                            severity="warning")
             return
         if text.startswith("//"):
             text = text[1:]
