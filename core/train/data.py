@@ -73,6 +73,19 @@ def collect_files(paths: list[str | os.PathLike], fmt: str = "text") -> list[Pat
     return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
+def guess_format(paths: list[str | os.PathLike]) -> str:
+    """``--format`` where none is given: "jsonl" when every path is a .jsonl file or a folder holding .jsonl files
+    and no text files, else "text" (a file of prompt/completion lines trained as plain text was a silent mistake)."""
+    def kind(p: Path) -> str:
+        if p.is_dir():
+            suffixes = {f.suffix.lower() for f in p.rglob("*") if f.is_file()}
+            return "jsonl" if suffixes & set(JSONL_EXTS) and not suffixes & set(TEXT_EXTS) else "text"
+        return "jsonl" if p.suffix.lower() in JSONL_EXTS else "text"
+
+    kinds = {kind(Path(p).expanduser()) for p in paths}
+    return "jsonl" if kinds == {"jsonl"} else "text"
+
+
 def read_text(path: Path) -> str:
     """A file's text, or a DataError saying why it is not usable text."""
     try:

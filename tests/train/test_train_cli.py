@@ -107,6 +107,32 @@ def test_runs_lists_nothing_then_a_finished_run_that_chat_and_generate_can_use(c
     assert json.loads(r.stdout)["model"] == "tiny-run"
 
 
+def test_a_jsonl_file_trains_as_prompt_completion_pairs_without_format(tmp_path):
+    """--format defaults from the data: .jsonl files (or a folder of only them) are prompt/completion pairs, loss
+    on the completions (they were trained as plain text, braces and keys included, unless --format jsonl was
+    given); anything else is text, and --format text still trains a .jsonl file's lines as text."""
+    from gptchat.core.train.data import guess_format
+
+    pairs = tmp_path / "qa.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}"}) + "\n"
+                             for i in range(300)))
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.jsonl").write_text(pairs.read_text())
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text(pairs.read_text())
+    (tmp_path / "mixed" / "b.txt").write_text("text\n")
+    assert [guess_format([p]) for p in (pairs, tmp_path / "only", tmp_path / "mixed", tmp_path / "mixed" / "b.txt")] \
+        == ["jsonl", "jsonl", "text", "text"]
+    assert guess_format([pairs, tmp_path / "mixed" / "b.txt"]) == "text"
+    for args, fmt in [((), "jsonl"), (("--format", "text"), "text")]:
+        name = f"qa-{fmt}"
+        r = cli("finetune", str(pairs), *FAST_ARGS, "--steps", "1", "--name", name, *args)
+        assert r.returncode == 0, r.stderr
+        start = next(e for e in read_events(runs_dir() / name / "events.jsonl") if e["type"] == "start")
+        assert start["settings"]["format"] == fmt
+        assert ("(prompt/completion pairs, loss on the completions)" in r.stderr) == (fmt == "jsonl"), r.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(corpus):
     proc = subprocess.Popen([sys.executable, "-m", "gptchat.tui", "finetune", str(corpus), *FAST_ARGS, "--steps", "400",

@@ -45,7 +45,7 @@ def finetune(
     patience: Annotated[Optional[int], typer.Option(help="Stop early after this many evaluations without a better validation loss. Default: never.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="The run's name (its folder, and what --model and --resume take). Default: from the data file name.", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run of this name exactly where it stopped (its settings are reused).", show_default=False)] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text: plain documents. jsonl: prompt/completion pairs, loss on the completion only.")] = "text",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="text: plain documents. jsonl: prompt/completion pairs, loss on the completion only. Default: jsonl for .jsonl files (or folders of them), else text.", show_default=False)] = None,
     template: Annotated[Optional[str], typer.Option("--template", "-t", help="With --format jsonl: render each prompt through this template (`gptchat templates list`). Default: prompt + completion as they are.", show_default=False)] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Train low-rank adapters instead of all weights (merged into the weights on export).")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 8,
@@ -99,6 +99,10 @@ def settings_from(params: dict) -> Settings | None:
             raise UsageError(f"--resume reuses the run's settings; drop {', '.join(extra)} (only --steps and --device may change)")
         return Settings(device=params["device"]) if params.get("device") else None
     kw = {("format" if k == "fmt" else k): v for k, v in params.items() if k not in NOT_SETTINGS}
+    if kw.get("format") is None:
+        from gptchat.core.train.data import guess_format  # (cheap: no torch)
+
+        kw["format"] = guess_format(list(data))
     if kw.get("save_minutes") is None:
         kw.pop("save_minutes", None)  # the Settings default
     return Settings(**{**kw, "data": list(data)})
@@ -163,7 +167,8 @@ class TrainProgress:
             self.line(text)
         r, d = ev["resolved"], ev["data"]
         self.line(
-            f"run {ev['run']}: {d['train_tokens']:,} training / {d['val_tokens']:,} validation tokens, "
+            f"run {ev['run']}: {d['train_tokens']:,} training / {d['val_tokens']:,} validation tokens"
+            f"{' (prompt/completion pairs, loss on the completions)' if ev['settings'].get('format') == 'jsonl' else ''}, "
             f"{r['steps']} steps x {r['tokens_per_step']:,} tokens (batch {r['batch_size']} x accum {r['grad_accum']} "
             f"x {ev['world']} proc x {r['block_size']}), lr {r['lr']:.2g}{' (resumed)' if ev['resumed'] else ''}"
         )
