@@ -13,6 +13,7 @@ is only checked to be a table here: its keys and values are generation settings,
 
 from __future__ import annotations
 
+import glob
 import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -313,6 +314,10 @@ def load_template(name: str, user_dir: Path | None = None) -> Template:
         return _read(name, user[name], "user", name in bundled)
     if name in bundled:
         return _read(name, bundled[name], "bundled", False)
+    near = sorted(p for p in Path(user_dir).glob(f"{glob.escape(name)}.*") if p.is_file()) if user_dir else []
+    if near:  # mine.yaml, mine.TOML, mine.toml.txt: a template the user wrote, which is never read
+        raise TemplateFileError(f"no template named {name!r}: {near[0]} is not read, templates are .toml files; "
+                                f"rename it to {name}.toml (`gptchat templates show raw` shows the format)")
     raise TemplateFileError(
         f"no template named {name!r}; available: {', '.join(template_names(user_dir))} "
         f"(see `gptchat templates list`)"
@@ -328,4 +333,8 @@ def scan_templates(user_dir: Path | None = None) -> tuple[list[Template], list[s
             found.append(load_template(name, user_dir))
         except TemplateFileError as e:
             errors.append(str(e))
+    if user_dir is not None and Path(user_dir).is_dir():
+        errors += [f"{p}: templates are .toml files; rename it to {p.name.split('.')[0]}.toml"
+                   for p in sorted(Path(user_dir).iterdir())
+                   if p.is_file() and p.suffix != ".toml" and not p.name.startswith(".") and not p.name.endswith("~")]
     return found, errors

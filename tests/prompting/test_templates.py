@@ -271,6 +271,19 @@ def test_unknown_template_lists_the_names():
         get_template("nope")
 
 
+def test_a_template_written_with_another_suffix_is_named_not_ignored():
+    """mine.yaml (or mine.TOML) in the templates folder is never read: asking for 'mine' says so and how to fix
+    it, instead of listing the other names as if the file were not there."""
+    folder = _write_user("other", 'description = "d"\nkind = "raw"\n').parent
+    (folder / "mine.yaml").write_text('description = "d"\nkind = "raw"\n')
+    with pytest.raises(TemplateError, match=r"mine\.yaml is not read, templates are \.toml files; rename it to "
+                                            r"mine\.toml"):
+        get_template("mine")
+    assert any("mine.yaml: templates are .toml files; rename it to mine.toml" in e for e in list_templates()[1])  # listing says so
+    (folder / "mine.yaml").rename(folder / "mine.toml")
+    assert get_template("mine").name == "mine" and list_templates()[1] == []
+
+
 # -- budget fitting -----------------------------------------------------------------------------
 
 
