@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from gptchat.core.batch.io import Row, Skipped
+from gptchat.core.config import sampling_defaults
 from gptchat.core.errors import BatchInputError, ContextOverflow, TemplateError, UsageError
 from gptchat.core.generate.options import NAMES as OPTION_NAMES
 from gptchat.core.generate.options import resolve, sampling_params
@@ -122,7 +123,7 @@ def _job(row, cell, cell_index, tpl, pool, tokenizer, n_ctx, settings) -> Job:
 
     # the row's own value > the command line's > the template's > the default
     mine = {k: v for k, v in row.overrides.items() if k in OPTION_NAMES}
-    o = resolve({**settings.given, **mine}, tpl.options if tpl else None)
+    o = resolve({**settings.given, **mine}, tpl.options if tpl else None, sampling_defaults())
     params, max_new = sampling_params(o, greedy=row.overrides.get("greedy", settings.greedy))
     seed = row.overrides.get("seed", row_seed(settings.seed, row.id))
     stop = tuple(settings.stop) + tuple(row.overrides.get("stop", ()))

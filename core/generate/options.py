@@ -164,10 +164,11 @@ def check_options(options: dict) -> dict:
     return out
 
 
-def resolve(given: dict, template_options: dict | None = None) -> dict:
-    """Each templated setting from the first place that sets it (value not None): given, template, default."""
+def resolve(given: dict, template_options: dict | None, defaults: dict) -> dict:
+    """Each templated setting from the first place that sets it (value not None): given, template, ``defaults``
+    (core/config.py's sampling_defaults: config.toml's [sampling] over DEFAULTS)."""
     tpl = template_options or {}
-    return {k: given[k] if given.get(k) is not None else tpl.get(k, DEFAULTS[k]) for k in NAMES}
+    return {k: given[k] if given.get(k) is not None else tpl.get(k, defaults[k]) for k in NAMES}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,19 @@ def switched_off(variable: str) -> bool:
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def _configured(spec: str | None, key: str) -> tuple[str | None, str]:
+    """(``spec``, or config.toml's value where none is given; how an error names it)."""
+    if spec is None:
+        from gptchat.core import config
+
+        got = getattr(config.load(), key)
+        if got is not None:
+            return got, f"{config.source(key)} = {got!r}"
+    return spec, f"--{key} {(spec or 'auto').strip().lower()}"
+
+
 def pick_device(spec: str | None = None) -> torch.device:
+    spec, said = _configured(spec, "device")  # no --device: config.toml's, else auto
     kind, index = device_word(spec)  # DeviceError for a word that names no device
     spec = (spec or "auto").strip().lower()
     if kind == "auto":
@@ -31,12 +43,12 @@ def pick_device(spec: str | None = None) -> torch.device:
         return torch.device("cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: CUDA is not available on this machine (try --device cpu)")
+            raise DeviceError(f"{said}: CUDA is not available on this machine (try --device cpu)")
         if index is not None and index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise DeviceError(f"{said}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif kind == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError(f"--device {spec}: Apple MPS is not available on this machine (try --device cpu)")
+            raise DeviceError(f"{said}: Apple MPS is not available on this machine (try --device cpu)")
     return torch.device(kind if index is None else f"{kind}:{index}")
 
 
@@ -87,6 +99,7 @@ _said = False
 
 
 def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
+    spec, said = _configured(spec, "dtype")  # no --dtype: config.toml's, else auto
     spec = dtype_word(spec)  # DeviceError for a word that names no dtype
     if spec == "auto":
         if device.type == "cuda":
@@ -96,13 +109,13 @@ def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
         return torch.float32  # CPU half-precision matmuls are slow or missing on most CPUs
     dtype = DTYPES[spec]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("--dtype bf16: this GPU does not support bfloat16; use fp16")
+        raise DeviceError(f"{said}: this GPU does not support bfloat16; use fp16")
     if dtype is torch.bfloat16 and device.type == "cpu" and not cpu_native_bf16():
         global _said
         if not _said:  # said once per process, however many models load
             logging.getLogger("gptchat").warning(
-                "--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs slower "
-                "than fp32; using fp32")
+                "%s: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs slower than fp32; "
+                "using fp32", said)
             _said = True
         return torch.float32
     return dtype

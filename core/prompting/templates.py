@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from gptchat import prompts
 from gptchat.prompts import Template, TemplateFileError
 
+from gptchat.core.config import sampling_defaults
 from gptchat.core.errors import ContextOverflow, TemplateError
 from gptchat.core.generate import options as gen_options
 from gptchat.core.prompting import fit as fit_
@@ -27,9 +28,6 @@ __all__ = [
     "Budget", "Part", "Rendered", "Template", "check_template_options", "get_template", "list_templates", "load_examples",
     "substitute", "render", "format_explain",
 ]
-
-DEFAULT_RESERVE = gen_options.DEFAULTS["max_new_tokens"]  # reply tokens when neither the caller nor the template says
-
 
 # -- templates by name, with the user's folder -------------------------------------------------
 
@@ -143,7 +141,8 @@ def render(
 def _reserve(tpl: Template, budget: Budget) -> int:
     reserve = budget.reserve
     if reserve is None:
-        reserve = int(tpl.options.get("max_new_tokens", DEFAULT_RESERVE))
+        # neither the caller nor the template says: config.toml's, else the default
+        reserve = int(tpl.options.get("max_new_tokens", sampling_defaults()["max_new_tokens"]))
     if reserve < 0 or reserve >= budget.n_ctx:
         raise ContextOverflow(
             f"{reserve} tokens reserved for the reply leave no room for a prompt in a {budget.n_ctx}-token "

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gptchat.core.config import default_model
+
 if TYPE_CHECKING:  # torch comes with them: imported by the first load, after the chat app's first paint
     from gptchat.core.generate.loaded import LoadedModel
 
@@ -38,7 +40,7 @@ class ModelPool:
     def get(self, spec: str | None, device: str | None = None, dtype: str | None = None,
             quantize: str | None = None) -> Loaded | None:
         """The loaded copy matching; device/dtype None or "auto" match any, quantize None means "none"."""
-        spec, quantize = spec or "gpt2", quantize or "none"
+        spec, quantize = spec or default_model(), quantize or "none"
         with self._lock:
             for (s, dev, dt, q), m in self._models.items():
                 if (s == spec and q == quantize and (device in (None, "auto") or dev.startswith(device))
@@ -48,7 +50,7 @@ class ModelPool:
 
     def load(self, spec: str | None, device: str | None = None, dtype: str | None = None,
              quantize: str | None = None) -> Loaded:
-        spec = spec or "gpt2"
+        spec = spec or default_model()
         got = self.get(spec, device, dtype, quantize)
         if got is not None:
             return got

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from gptchat.core.config import sampling_defaults
 from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.core.generate.text import GenOptions
@@ -35,7 +36,7 @@ class ChatSettings:
 
     def resolved(self, template_options: dict) -> dict:
         """Concrete generation values: the setting, else the template's option, else gptchat's default."""
-        return options.resolve({k: getattr(self, k) for k in options.NAMES}, template_options)
+        return options.resolve({k: getattr(self, k) for k in options.NAMES}, template_options, sampling_defaults())
 
     def gen_options(self, template_options: dict, stop=(), seed: int | None = None) -> GenOptions:
         try:

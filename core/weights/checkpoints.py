@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptchat.core.config import default_model
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.errors import CheckpointError, ModelNotFound
 from gptchat.core.weights.readers import (
@@ -54,7 +55,7 @@ def resolve(spec: str | os.PathLike | None, *, download: bool = True) -> Checkpo
     from gptchat.core.weights import hub
     from gptchat.core.paths import get_paths
 
-    spec = str(spec or "gpt2")
+    spec = str(spec or default_model())  # no model named: config.toml's, else gpt2
     p = Path(spec).expanduser()
     if p.exists():
         return sniff(p, name=spec)

@@ -106,10 +106,13 @@ def test_default_and_off_words():
 
 
 def test_resolve_and_sampling_params():
-    o = options.resolve({"top_p": 0.5, "top_k": None}, {"top_k": 7, "temperature": 0.1})
+    o = options.resolve({"top_p": 0.5, "top_k": None}, {"top_k": 7, "temperature": 0.1}, options.DEFAULTS)
     assert o == {"temperature": 0.1, "top_k": 7, "top_p": 0.5, "repetition_penalty": 1.0, "max_new_tokens": 128}
     params, n = options.sampling_params(o, greedy=True)
     assert (params.top_p, params.top_k, params.temperature, params.greedy, n) == (0.5, 7, 0.1, True, 128)
+    # the defaults are the bottom layer: config.toml's [sampling] over DEFAULTS (core/config.py)
+    o = options.resolve({}, {"top_k": 7}, {**options.DEFAULTS, "top_k": 3, "top_p": 0.8})
+    assert (o["top_k"], o["top_p"]) == (7, 0.8)  # the template's own value above the default, the default below
     with pytest.raises(ValueError, match="top_p must be between 0 and 1"):
         options.sampling_params({**o, "top_p": 1.5})
 

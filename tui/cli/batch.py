@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import sampling_defaults
 from gptchat.core.errors import UsageError
 from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
 from gptchat.core.outputs import check_target
@@ -73,7 +74,7 @@ def batch(
         raise UsageError("--examples and --var need a --template (see `gptchat templates list`)")
     given = sampling_given(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     try:
-        sampling_params(resolve(given), greedy)  # bad flag values fail now, before anything loads
+        sampling_params(resolve(given, None, sampling_defaults()), greedy)  # bad values fail now, before a load
         variables = parse_vars(var)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import default_model
 from gptchat.tui.cli.common import (
     DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, QuantizeOpt, TemperatureOpt, TopKOpt, TopPOpt, print_json,
 )
@@ -46,7 +47,7 @@ def compare(
     from gptchat.core.session.pool import ModelPool
     from gptchat.core.session.settings import ChatSettings
 
-    panes = [Pane(m, t, k) for m, t, k in product(model or ["gpt2"], template or ["raw"], shots or [None])]
+    panes = [Pane(m, t, k) for m, t, k in product(model or [default_model()], template or ["raw"], shots or [None])]
     settings = ChatSettings(examples=examples, seed=seed if seed is not None else new_seed(), device=device,
                             dtype=dtype, quantize=quantize, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p)
@@ -65,7 +66,7 @@ compare.__doc__ += "\n" + EXAMPLES
 
 
 def _pane(p, ev) -> dict:
-    return {"label": p.label(), "model": p.model or "gpt2", "template": p.template, "shots": p.shots,
+    return {"label": p.label(), "model": p.model or default_model(), "template": p.template, "shots": p.shots,
             "completion": ev.completion.text, "tokens": ev.completion.completion_tokens,
             "finish": ev.completion.finish_reason, "mean_logprob": ev.info.get("mean_logprob")}
 

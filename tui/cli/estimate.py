@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import default_model
 from gptchat.core.errors import UsageError
 from gptchat.tui.cli.common import JsonOpt, err, print_json
 from gptchat.tui.cli.table import print_table
@@ -52,7 +53,7 @@ def estimate(
     if model is not None and params is not None:
         raise UsageError("give a model or --params, not both")
     if params is None:
-        model = model or "gpt2"
+        model = model or default_model()
     elif params < 1:
         raise UsageError(f"--params must be a positive count, got {params:g}")
     if device is not None and device != "cpu" and device not in est.DEVICES:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import default_model
 from gptchat.tui.cli.common import Bar, DeviceOpt, DtypeOpt, JsonOpt, QuantizeOpt, err, print_json, window_ticker
 from gptchat.tui.cli.table import print_table
 
@@ -51,7 +52,7 @@ def eval_cmd(
 
     text = load_heldout(files)
     scores = []
-    for spec in model or ["gpt2"]:
+    for spec in model or [default_model()]:
         lm = open_model(spec, device=device, dtype=dtype, quantize=quantize)
         for k in ks:
             ctx = in_context(k, examples, lm.tokenizer, template, seed, resolve_window(lm.engine, window))

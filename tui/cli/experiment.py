@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import default_model
 from gptchat.tui.cli.common import Bar, DeviceOpt, DtypeOpt, JsonOpt, err, print_json, window_ticker
 from gptchat.tui.cli.table import print_table
 
@@ -102,7 +103,7 @@ def _models(models: str | None, model: list[str] | None) -> list[str]:
     """--models' comma list, then each -m, each model once in the order given; gpt2 where neither is given
     (``--models ''`` with --from-scratch: no pretrained rows)."""
     if models is None and not model:
-        return ["gpt2"]
+        return [default_model()]
     given = [m.strip() for m in (models or "").split(",")] + [m.strip() for m in model or []]
     return list(dict.fromkeys(m for m in given if m))
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gptchat.core.config import default_model, sampling_defaults
 from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.core.prompting.templates import Budget, format_explain, get_template, load_examples, render
@@ -70,7 +71,7 @@ def generate(
 
     tty = sys.stderr.isatty()
     if tty and not json_out:
-        err(f"loading {model or 'gpt2'} ...")
+        err(f"loading {model or default_model()} ...")
     lm = open_model(model, device=device, dtype=dtype, quantize=quantize, compile=compile)
     rendered = None
     if tpl is not None:
@@ -118,7 +119,7 @@ def _options(given: dict, tpl, greedy: bool, seed: int | None, stops: tuple, var
 
     try:
         variables = options.parse_vars(var)
-        params, n_new = options.sampling_params(options.resolve(given, tpl.options if tpl else None), greedy)
+        params, n_new = options.sampling_params(options.resolve(given, tpl.options if tpl else None, sampling_defaults()), greedy)
         return variables, GenOptions(params=params, max_new_tokens=n_new, seed=seed, stop=stops)
     except ValueError as e:
         raise UsageError(str(e)) from None

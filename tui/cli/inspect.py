@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gptchat.core.config import default_model, sampling_defaults
 from gptchat.core.errors import UsageError
 from gptchat.core.generate import options
 from gptchat.tui.cli.common import (
@@ -44,7 +45,7 @@ def inspect(
     """Show each token's probability and what the sampler would do next."""
     body = _read(prompt, text)
     try:
-        params, _ = options.sampling_params(options.resolve(sampling_given(temperature, top_k, top_p, repetition_penalty, None)), greedy)
+        params, _ = options.sampling_params(options.resolve(sampling_given(temperature, top_k, top_p, repetition_penalty, None), None, sampling_defaults()), greedy)
     except ValueError as e:
         raise UsageError(str(e)) from None
     # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
@@ -52,7 +53,7 @@ def inspect(
     from gptchat.core.generate.loaded import open_model
 
     results = []
-    for spec in model or ["gpt2"]:
+    for spec in model or [default_model()]:
         lm = open_model(spec, device=device, dtype=dtype)
         results.append(inspect_model(lm, lm.tokenizer.encode(body), params, top))
     if json_out:

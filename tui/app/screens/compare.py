@@ -13,6 +13,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label
 from textual.worker import WorkerState
 
+from gptchat.core.config import default_model
 from gptchat.core.errors import GptchatError
 
 from gptchat.tui.app import engine_thread
@@ -64,7 +65,7 @@ class CompareScreen(Screen):
 
     def default_spec(self) -> str:
         s = self.app.session.settings
-        m = s.model or "gpt2"
+        m = s.model or default_model()
         return f"{m}:{s.template}, {m}:few-shot:3"
 
     def compose(self) -> ComposeResult:

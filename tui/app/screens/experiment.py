@@ -27,6 +27,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
+from gptchat.core.config import default_model
 from gptchat.core.errors import GptchatError, UsageError
 from gptchat.core.eval import study as X
 from gptchat.core.eval.report import HEADERS, table_rows
@@ -41,7 +42,7 @@ REFRESH_S = 1.0
 FIELDS = [
     ("x-data", "data", "Data (files or folders, space-separated)", ""),
     ("x-name", "name", "Name", ""),
-    ("x-models", "models", "Models (comma-separated)", "gpt2"),
+    ("x-models", "models", "Models (comma-separated)", ""),  # filled with core.config.default_model()
     ("x-shots", "shots", "Shots (comma-separated, e.g. 0,1,3)", "0"),
     ("x-steps", "finetune_steps", "Finetune steps (0: no finetuned rows)", "0"),
     ("x-scratch", "from_scratch", "From scratch: architecture (empty: none)", ""),
@@ -156,7 +157,7 @@ class ExperimentScreen(Screen):
                 with VerticalScroll(id="x-form"):
                     for fid, _param, label, default in FIELDS:
                         yield Label(label)
-                        yield Input(default, id=fid)
+                        yield Input(default_model() if fid == "x-models" else default, id=fid)  # config.toml's
                     yield Checkbox("LoRA finetunes (adapters, not all weights)", id="x-lora")
                     yield Label("", id="x-error")
                     with Horizontal(id="x-buttons"):

@@ -20,6 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from gptchat.core.config import default_model
 from gptchat.core.errors import GptchatError, UsageError
 from gptchat.core.paths import get_paths
 from gptchat.core.train.plan import preview
@@ -130,7 +131,7 @@ class FinetuneScreen(Screen):
 
     def chat_model(self) -> str:
         session = getattr(self.app, "session", None)
-        return (session.settings.model if session is not None else None) or "gpt2"
+        return (session.settings.model if session is not None else None) or default_model()
 
     def fill_runs(self) -> None:
         runs = self.query_one("#ft-runs", OptionList)
