@@ -43,9 +43,11 @@ class Config:
     device: str | None = None
     dtype: str | None = None
     sampling: dict = field(default_factory=dict)
+    error: str | None = None  # why the file is not used (only where tolerated: see tolerate)
 
 
 _cache: dict[tuple, Config] = {}
+_tolerant: set[str] = set()  # config files a running chat app reads leniently (tolerate)
 
 
 def config_path() -> Path:
@@ -63,9 +65,24 @@ def load() -> Config:
         return Config()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _cache:
+        try:
+            got = _parse(path)
+        except ConfigError as e:
+            if str(path) not in _tolerant:
+                raise
+            got = Config(path, error=str(e))
         _cache.clear()
-        _cache[key] = _parse(path)
+        _cache[key] = got
     return _cache[key]
+
+
+def tolerate() -> str | None:
+    """For the chat app, which must keep running: from now on this process reads the config file leniently (one
+    that cannot be used counts as empty: the built-in defaults apply). Returns why the file is not used, if it is
+    not. The commands read it strictly: a bad file stops them (the chat command checks it before the app opens)."""
+    path = config_path()
+    _tolerant.add(str(path))
+    return load().error
 
 
 def _parse(path: Path) -> Config:

@@ -85,6 +85,8 @@ def test_a_bad_config_is_one_line_naming_the_file_and_the_key(text, message, two
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], err
     assert out == ""
     assert cli("paths")[0] == 0  # where the file is can still be asked
+    code, _, err = cli("chat")  # refused before the app opens (inside the app it is said, then ignored)
+    assert code == 2 and err.strip().splitlines() == lines, err
 
 
 def test_a_config_device_the_machine_lacks_is_named_as_the_configs(two):

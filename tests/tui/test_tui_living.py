@@ -347,6 +347,30 @@ def test_first_run_offers_open_download_and_train(tiny_model, tmp_path, monkeypa
     assert panel_hidden
 
 
+def test_the_config_model_opens_when_none_is_remembered_and_a_bad_config_says_why(tiny_model):
+    """config.toml's model is what the app opens with no model given or remembered (it showed "no GPT-2
+    checkpoint was found" with one configured); a config it cannot use is one notification naming the file and
+    the key, and the app goes on with the built-in defaults (`gptchat chat` refuses it before the app opens)."""
+    from gptchat.core.paths import get_paths
+
+    path = get_paths().config_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'model = "{tiny_model}"\n')
+
+    async def go(app, ready):
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1 and ready(chat_screen(app)), 60, "the start")
+            return chat_screen(app)
+
+    scr = run(go(make_app(None, None), lambda s: s.loaded is not None))
+    assert scr.loaded.spec == tiny_model
+    path.write_text(f'model = "{tiny_model}"\ndevice = "gpu"\n')  # the whole file is ignored, never half applied
+    app = make_app(None, None)
+    scr = run(go(app, lambda s: not s.query_one("#no-model").has_class("hidden")))
+    assert scr.loaded is None and any(f"{path}: device = 'gpu': use auto, cpu" in n and "built-in defaults apply" in n
+                                      for n in notifications(app))
+
+
 # -- charts and compare speeds ----------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.worker import WorkerState
 
+from gptchat.core import config
 from gptchat.core.session.chat import ChatSession
 from gptchat.core.session.pool import ModelPool
 from gptchat.core.session.settings import ChatSettings
@@ -38,7 +39,10 @@ class GptchatApp(App):
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def on_mount(self) -> None:
+        bad_config = config.tolerate()  # a config.toml edited wrong never stops the app: said, then ignored
         self.push_screen(ChatScreen())
+        if bad_config:
+            self.notify(f"{bad_config}; the built-in defaults apply until it is fixed", severity="error", timeout=10)
         if self.store_error:
             self.notify(self.store_error + "; history is off for this session", severity="error", timeout=8)
 

@@ -16,6 +16,7 @@ from functools import partial
 
 from textual.message import Message
 
+from gptchat.core import config
 from gptchat.core.errors import GptchatError, UsageError
 from gptchat.core.session import prefs
 from gptchat.core.session.chat import ChatSession, ReplyDelta, ReplyDone, ReplyStarted, Turn, render_prompt
@@ -241,7 +242,11 @@ class ChatController:
         post(ModelLoading(spec or "a local model"))
         local: list[str] = []
         if spec is None:
-            spec, local = default_model()
+            try:
+                spec, local = startup_model()
+            except GptchatError as e:  # a bad config.toml: its one line, where the model's name would be
+                post(ModelMissing(str(e), []))
+                return
             if spec is None:
                 post(ModelMissing("no GPT-2 checkpoint was found on this machine", local))
                 return
@@ -337,8 +342,12 @@ def _scan():
         return []
 
 
-def default_model() -> tuple[str | None, list[str]]:
-    """gpt2 from the Hugging Face cache if it is there, else the first checkpoint found on this machine."""
+def startup_model() -> tuple[str | None, list[str]]:
+    """The model to open when none is given or remembered: config.toml's, else gpt2 from the Hugging Face cache if it
+    is there, else the first checkpoint found on this machine (and the names found)."""
+    configured = config.load().model
+    if configured is not None:
+        return configured, []
     names = [m.name for m in _scan()]
     if "gpt2" in names:
         return "gpt2", names

@@ -66,6 +66,9 @@ def _check_start(model: str | None, device: str | None, dtype: str | None) -> No
     from gptchat.core.weights.checkpoints import resolve
     from gptchat.core.weights.hub import looks_like_repo_id
 
+    from gptchat.core import config
+
+    config.load()  # a bad config.toml: its one line and exit 2 here (inside the app it is said, then ignored)
     try:
         kind, _ = device_word(device)
         dtype_word(dtype)
