@@ -156,6 +156,7 @@ class CompareScreen(Screen):
         self.views[msg.pane].finish(msg.text, msg.status, msg.info)
 
     def on_worker_state_changed(self, event) -> None:
+        self.app.report_worker_error(event)  # why it failed (a pane's model not found): the panes only say "error"
         if event.worker.group != "compare" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
             return
         self.running = False
