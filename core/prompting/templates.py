@@ -234,8 +234,8 @@ def _pick_examples(tpl: Template, examples, shots, seed) -> tuple[list[dict[str,
     if not tpl.takes_examples:
         if examples is not None or shots:
             raise TemplateError(
-                f"template {tpl.name!r} is kind {tpl.kind!r} and shows no examples; use a one-shot "
-                f"or few-shot template (e.g. few-shot) with --examples / --shots"
+                f"template {tpl.name!r} is kind {tpl.kind!r} and shows no examples; for examples use a one-shot "
+                f"or few-shot template (e.g. few-shot), or leave examples and shots unset"
             )
         return [], []
     if examples is None:

@@ -271,3 +271,33 @@ def test_a_streaming_reply_is_saved_while_it_grows_by_another_thread(tiny_model,
     done = [ev for ev in events if isinstance(ev, ReplyDone)]
     row = store.messages(session.conv_id)[-1]
     assert len(done) == 1 and row.content == done[0].turn.text and row.status == "done"
+
+
+def test_a_message_whose_prompt_cannot_be_built_goes_back_to_the_input(tiny_model, tmp_path):
+    """Shots on a template that shows no examples: the prompt cannot be built, so the message never reached the
+    model. It leaves the conversation (stored row marked replaced) and returns to the input with the reason shown;
+    with the setting fixed, Enter sends it (it stayed on screen with an empty reply, the text gone from the box)."""
+    store = Store(tmp_path / "h.sqlite3")
+    app = make_app(tiny_model, store, max_new_tokens=4, shots=2)  # the chat template shows no examples
+
+    async def go():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_ready(pilot, app)
+            scr = chat_screen(app)
+            await send(pilot, app, "hello there")
+            await wait_for(pilot, lambda: any("shows no examples" in n for n in notifications(app)), 30, "the reason")
+            await wait_for(pilot, lambda: not scr.generating and scr.query_one("#input").text == "hello there", 10,
+                           "the message back in the input")
+            taken_back = ([v.role for v in scr.messages.views], list(scr.session.turns))
+            assert scr.controller.apply_setting("shots", "default", quiet=True)  # as the settings panel sets it
+            scr.query_one("#input").focus()
+            await pilot.press("enter")  # the same text, sent again with the setting fixed
+            await wait_reply(pilot, app)
+            return taken_back, [(v.role, v.status) for v in scr.messages.views]
+
+    (roles, turns), after = run(go())
+    assert roles == [] and turns == []
+    assert [r for r, _ in after] == ["user", "assistant"] and after[-1][1] == "done"
+    (conv,) = store.conversations()
+    msgs = store.messages(conv.id)
+    assert [(m.role, m.status) for m in msgs][0] == ("user", "replaced")  # the first try: kept, marked

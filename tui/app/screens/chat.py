@@ -70,6 +70,7 @@ class ChatScreen(MessageEdits, Screen):
         self.generating = False
         self.cancel = threading.Event()
         self.reply_view: MessageView | None = None
+        self.reply_began = False
         self._budget_timer = None
         self.settings_choice: bool | None = None  # the panel shown (True) or hidden by F2; None: by width
         self.controller = ChatController(self)
@@ -183,6 +184,7 @@ class ChatScreen(MessageEdits, Screen):
         return self.query_one("#messages", Transcript)
 
     def start_reply(self) -> None:
+        self.reply_began = False  # set when its prompt is built and the model starts (ReplyBegan)
         self.reply_view = self.messages.add("assistant", "", status="streaming")
         self.generating = True
         self.query_one(StatusLine).state = "generating"
@@ -190,6 +192,7 @@ class ChatScreen(MessageEdits, Screen):
         self.controller.generate(self.loaded, self.cancel)
 
     def on_reply_began(self, msg: ReplyBegan) -> None:
+        self.reply_began = True
         self.messages.mark_dropped(msg.turns_dropped)
         if msg.dropped:
             self.notify("; ".join(msg.dropped), title="Dropped to fit the window")
@@ -227,9 +230,22 @@ class ChatScreen(MessageEdits, Screen):
             self.first_run.ended()
         if w.group == "generate" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self.generating = False
-            if self.reply_view is not None and self.reply_view.status == "streaming":
+            if event.state == WorkerState.ERROR and not self.reply_began:
+                self.take_back_unsent()
+            elif self.reply_view is not None and self.reply_view.status == "streaming":
                 self.reply_view.set_status("error")
             self.query_one(StatusLine).state = "ready" if self.loaded else "no model"
+
+    def take_back_unsent(self) -> None:
+        """A message whose prompt could not be built (a setting the template cannot take, examples that do not
+        fit it) never reached the model: it leaves the conversation (its stored row marked replaced, as an edited
+        one is) and goes back to the input, so fixing the setting and pressing Enter sends it."""
+        text = self.session.pop_exchange()
+        self.show_turns()
+        box = self.query_one("#input", ChatInput)
+        if text is not None and not box.text.strip():
+            box.text = text
+        box.focus()
 
     # -- actions --------------------------------------------------------------------------------
 
