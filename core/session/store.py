@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gptchat.core.errors import GptchatError, UsageError
+from gptchat.core.outputs import check_target, replace_atomic
 from gptchat.core.paths import get_paths, private_dir, private_file
 
 
@@ -393,23 +394,25 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
-def export_file(store: Store, conv_id: str, fmt: str = "md", path: str | Path | None = None) -> Path:
-    """Write a conversation to ``path`` (default: <data>/exports/<name>-<id>.<fmt>) as Markdown or JSON."""
+def export_file(store: Store, conv_id: str, fmt: str | None = "md", path: str | Path | None = None) -> Path:
+    """Write a conversation to ``path`` (default: <data>/exports/<name>-<id>.<fmt>) as Markdown or JSON (``fmt``
+    None: from the path's suffix, .json for JSON, else Markdown). A path the user names is checked as every
+    command's output is and replaced in one step (core/outputs.py): never a folder, never left half written."""
+    if fmt is None:
+        fmt = "json" if path is not None and str(path).lower().endswith(".json") else "md"
     fmt = {"markdown": "md", "md": "md", "json": "json"}.get(fmt.lower().lstrip("."))
     if fmt is None:
         raise UsageError("export formats are md (Markdown) and json")
-    default = path is None
-    if default:  # under gptchat's data folder: as private as the history it copies
+    if path is None:  # under gptchat's data folder: as private as the history it copies
         c = store.conversation(conv_id)  # named after the conversation; the id keeps names apart
         slug = "-".join(re.findall(r"[A-Za-z0-9]+", c.name if c is not None else ""))[:48].lower()
-        path = private_dir(get_paths().data / "exports") / f"{slug + '-' if slug else ''}{conv_id}.{fmt}"
-    path = Path(path).expanduser()
+        path = private_file(private_dir(get_paths().data / "exports") / f"{slug + '-' if slug else ''}{conv_id}.{fmt}")
+    else:
+        path = check_target(path, flag="export")
     text = store.export_markdown(conv_id) if fmt == "md" else json.dumps(store.export_json(conv_id), indent=2, ensure_ascii=False)
     try:
-        if default:
-            private_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="utf-8")
     except OSError as e:
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+    replace_atomic(path, lambda f: f.write((text + "\n").encode("utf-8")))
     return path

@@ -190,13 +190,22 @@ def test_a_reopened_conversation_comes_back_with_its_own_settings_and_exports_un
             await send(pilot, app, "/rename Green tea, brewed [right]")
             await send(pilot, app, "/export md")
             await wait_for(pilot, lambda: any(n.startswith("exported to") for n in notifications(app)), what="export")
-            return shown, next(n for n in notifications(app) if n.startswith("exported to")), first
+            note = next(n for n in notifications(app) if n.startswith("exported to"))
+            # a path alone takes its format from its suffix (it was read as the format: "export formats are ...")
+            await send(pilot, app, f"/export {tmp_path / 'tea.json'}")
+            await send(pilot, app, f"/export {tmp_path / 'notes' / 'tea.md'}")
+            await send(pilot, app, f"/export {tmp_path}")  # a folder: one line, nothing written
+            await wait_for(pilot, lambda: sum(n.startswith("exported to") for n in notifications(app)) == 3
+                           and any("is a folder" in n for n in notifications(app)), what="the exports")
+            return shown, note, first
 
     (s, shown), note, first = run(go())
     store.close()
     assert (s.temperature, s.template, s.model, s.max_new_tokens) == (0.3, "chat", tiny_model, 3)
     assert shown == "0.3"
     assert note.endswith(f"green-tea-brewed-right-{first}.md")
+    assert json.loads((tmp_path / "tea.json").read_text())["conversation"]["name"] == "Green tea, brewed [right]"
+    assert (tmp_path / "notes" / "tea.md").read_text().startswith("# Green tea")
 
 
 # -- the exact prompt, dropped turns, Markdown ------------------------------------------------------

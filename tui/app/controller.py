@@ -154,9 +154,14 @@ class ChatController:
         self.screen.notify(f"renamed to {arg!r}")
 
     def cmd_export(self, arg: str) -> None:
+        """/export [md|json] [PATH]; a PATH alone takes its format from its suffix (/export notes.json)."""
         conv_id = self._saved_conversation()
-        fmt, _, path = arg.partition(" ")
-        self.screen.notify(f"exported to {export_file(self.session.store, conv_id, fmt or 'md', path or None)}")
+        first, _, rest = arg.strip().partition(" ")
+        if first.lower().lstrip(".") in ("md", "markdown", "json"):
+            fmt, path = first, rest.strip()
+        else:
+            fmt, path = None, arg.strip()
+        self.screen.notify(f"exported to {export_file(self.session.store, conv_id, fmt, path or None)}")
 
     # -- settings ---------------------------------------------------------------------------------
 
