@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -44,6 +42,7 @@ from gptchat.core.generate.text import GenOptions, complete
 from gptchat.core.model.device import pick_device
 from gptchat.core.paths import private_dir
 from gptchat.core.session.pool import peak_rss, reset_peak_rss
+from gptchat.core.stops import term_as_interrupt
 from gptchat.core.text.tokenizer import EOT
 from gptchat.core.train import Settings, train
 from gptchat.core.train.data import collect_files
@@ -124,12 +123,12 @@ def run(spec: Spec, log: Callable[[str], None] = lambda s: None,
         ranks.follow()
         return None
     root = open_experiment(spec)
-    old = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        set_state(root, "running")
-        _run_rows(spec, root, ranks, log, progress)
-        ranks.order(None)
-        set_state(root, "finished")
+        with term_as_interrupt():  # SIGTERM stops the study as Ctrl+C does
+            set_state(root, "running")
+            _run_rows(spec, root, ranks, log, progress)
+            ranks.order(None)
+            set_state(root, "finished")
     except (Stopped, KeyboardInterrupt):
         set_state(root, "stopped")
         if not ranks.training:  # the other ranks wait for an order: let them go
@@ -140,14 +139,8 @@ def run(spec: Spec, log: Callable[[str], None] = lambda s: None,
         set_state(root, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
         ranks.close()
     return load_cells(root)
-
-
-def _stop(signum, frame) -> None:
-    raise Stopped("stopped")
 
 
 def _run_rows(spec: Spec, root: Path, ranks: "Ranks", log: Callable[[str], None],

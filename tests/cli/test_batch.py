@@ -267,6 +267,34 @@ def test_resume_after_kill(tmp_path, tiny, capfd):
     assert strip_timings(resumed) == strip_timings(records(fresh_out.read_text()))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_with_a_line_saying_how_to_finish(tmp_path, tiny, capfd, sig):
+    """SIGTERM (a scheduler, `timeout`) ends a batch as Ctrl+C does: exit 130, the rows done kept, one line saying
+    to rerun with --resume (SIGTERM killed it without a word, Ctrl+C said nothing of the results)."""
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(f"prompt number {i}" for i in range(40)) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(src), "-m", str(tiny), "-n", "6", "--seed", "3", "--batch-size", "1", "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "gptchat.tui", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    part = out.with_name(out.name + ".part-0-of-1")
+    deadline = time.time() + 60
+    while time.time() < deadline and (not part.exists() or part.read_bytes().count(b"\n") < 2):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (f"batch: stopped; the results done so far are kept beside {out}: run the "
+                                            "same command with --resume to finish")
+    kept = len(records(part.read_text()))
+    code, stdout, err = cli(capfd, "batch", *args[1:], "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed"] == kept and len(records(out.read_text())) == 40
+
+
 def test_bad_rows_fail_with_line_number_or_are_skipped(tmp_path, tiny, capfd):
     src = tmp_path / "rows.jsonl"
     src.write_text('{"prompt": "good one"}\n\n{"prompt": "broken"\n{"prompt": 5}\n{"prompt": "ok", "top_k": -1}\n'

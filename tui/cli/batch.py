@@ -12,6 +12,7 @@ from gptchat.core.config import sampling_defaults
 from gptchat.core.errors import UsageError
 from gptchat.core.generate.options import parse_vars, resolve, sampling_params, unescape
 from gptchat.core.outputs import check_target
+from gptchat.core.stops import term_as_interrupt
 from gptchat.tui.cli.common import (
     Bar, DeviceOpt, DtypeOpt, GreedyOpt, MaxNewTokensOpt, QuantizeOpt, RepetitionPenaltyOpt, TemperatureOpt, TopKOpt,
     TopPOpt, err, print_json, sampling_given,
@@ -98,12 +99,20 @@ def batch(
     quiet = dist.rank != 0
     bar = Bar(enabled=sys.stderr.isatty() and not quiet)
     try:
-        summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template, shots=shots,
-                      settings=settings, output=Path(output) if output else None, stdout=sys.stdout.buffer, fmt=fmt,
-                      resume=resume, batch_size=batch_size, device=device, dtype=dtype, quantize=quantize,
-                      skipped=skipped, progress=lambda p: bar.draw(p.rows_done, p.rows_total, _rates(p)),
-                      log=(lambda s: None) if quiet else err, dist=dist)
-    finally:  # an error or Ctrl+C mid-way: its line starts on a line of its own
+        with term_as_interrupt():  # a scheduler's or `timeout`'s SIGTERM ends it as Ctrl+C does
+            summary = run(rows, "stdin" if name == "-" else Path(name).name, models=model, templates=template,
+                          shots=shots, settings=settings, output=Path(output) if output else None,
+                          stdout=sys.stdout.buffer, fmt=fmt, resume=resume, batch_size=batch_size, device=device,
+                          dtype=dtype, quantize=quantize, skipped=skipped,
+                          progress=lambda p: bar.draw(p.rows_done, p.rows_total, _rates(p)),
+                          log=(lambda s: None) if quiet else err, dist=dist)
+    except KeyboardInterrupt:
+        bar.close()
+        if not quiet:  # what was done and how to go on (it ended without a word)
+            err(f"batch: stopped; the results done so far are kept beside {output}: run the same command with "
+                "--resume to finish" if output else "batch: stopped")
+        raise typer.Exit(130) from None
+    finally:  # an error mid-way: its line starts on a line of its own
         bar.close()
     if quiet:
         return  # rank 0 reports for every rank
