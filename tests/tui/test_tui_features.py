@@ -228,6 +228,19 @@ def test_history_reopen_rename_export_search_delete(tiny_model, tmp_path):
     assert exported and "pineapple" in open(exported[0].removeprefix("exported to ")).read()
 
 
+async def compare_hot(pilot, app, panes: str):
+    """/compare PANES, then "hot" sent from its prompt box, as a person does; the compare screen."""
+    await wait_ready(pilot, app)
+    await slash(pilot, app, f"/compare {panes}")
+    await wait_for(pilot, lambda: type(app.screen).__name__ == "CompareScreen", 10, "the compare screen")
+    scr = app.screen
+    box = scr.query_one("#prompt")
+    box.focus()
+    box.text = "hot"
+    await pilot.press("enter")
+    return scr
+
+
 def test_a_compare_whose_pane_model_is_missing_says_why(tiny_model, tmp_path):
     """A pane naming a model that is not there fails the comparison before anything streams: the panes say
     "error" and a notification says why (the reason was lost: the screen did not pass its worker's error on)."""
@@ -235,14 +248,7 @@ def test_a_compare_whose_pane_model_is_missing_says_why(tiny_model, tmp_path):
 
     async def go():
         async with app.run_test(size=(160, 45)) as pilot:
-            await wait_ready(pilot, app)
-            await slash(pilot, app, f"/compare {tiny_model}:raw, {tmp_path / 'nope'}:raw")
-            await wait_for(pilot, lambda: type(app.screen).__name__ == "CompareScreen", 10, "the compare screen")
-            scr = app.screen
-            box = scr.query_one("#prompt")
-            box.focus()
-            box.text = "hot"
-            await pilot.press("enter")
+            scr = await compare_hot(pilot, app, f"{tiny_model}:raw, {tmp_path / 'nope'}:raw")
             await wait_for(pilot, lambda: any("nope does not exist" in n for n in notifications(app)), 30, "the reason")
             await wait_for(pilot, lambda: not scr.running, 10, "the end")
             return [v.status for v in scr.views]
@@ -256,14 +262,7 @@ def test_compare_panes_stream_together_and_are_saved(tiny_model, tmp_path):
 
     async def go():
         async with app.run_test(size=(160, 45)) as pilot:
-            await wait_ready(pilot, app)
-            await slash(pilot, app, f"/compare {tiny_model}:chat, {tiny_model}:few-shot:3, {tiny_model}:raw")
-            await wait_for(pilot, lambda: type(app.screen).__name__ == "CompareScreen", 10, "the compare screen")
-            scr = app.screen
-            box = scr.query_one("#prompt")
-            box.focus()
-            box.text = "hot"
-            await pilot.press("enter")
+            scr = await compare_hot(pilot, app, f"{tiny_model}:chat, {tiny_model}:few-shot:3, {tiny_model}:raw")
             await wait_for(pilot, lambda: not scr.running and len(scr.views) == 3
                            and all(v.status != "streaming" for v in scr.views), 60, "the comparison")
             views = [(v.border_title, v.text, v.status) for v in scr.views]
