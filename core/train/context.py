@@ -115,6 +115,10 @@ def settings_for(settings: Settings | None, resume: str | None, steps: int | Non
     if steps is not None:
         if steps <= 0:
             raise UsageError(f"--steps must be > 0, not {steps}")
+        done = runs.last_step(folder)
+        if steps <= done:  # nothing to train: it went on to print a plan and "finished at step N"
+            raise UsageError(f"--steps {steps}: run {folder.name!r} is at step {done} already; --steps is the total "
+                             f"to reach, so give more than {done} to train it further")
         meta["resolved"]["steps"] = steps
     return s, folder, meta
 

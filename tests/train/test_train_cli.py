@@ -105,6 +105,15 @@ def test_runs_lists_nothing_then_a_finished_run_that_chat_and_generate_can_use(c
     r = cli("generate", "--model", "tiny-run", "def", "-n", "5", "--seed", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model"] == "tiny-run"
+    # resuming a finished run with nothing new to do says so in one line, touching nothing (it printed a plan and
+    # "finished at step 4"); --steps is the total to reach, so one at or below the step reached is refused
+    events = (runs_dir() / "tiny-run" / "events.jsonl").read_bytes()
+    r = cli("finetune", "--resume", "tiny-run")
+    assert (r.returncode, r.stderr.strip()) == (0, "run tiny-run has finished at step 4: nothing to do (--steps N, "
+                                                   "above 4, trains it further)")
+    r = cli("finetune", "--resume", "tiny-run", "--steps", "3")
+    assert r.returncode == 2 and "--steps 3: run 'tiny-run' is at step 4 already" in r.stderr, r.stderr
+    assert (runs_dir() / "tiny-run" / "events.jsonl").read_bytes() == events
 
 
 def test_a_jsonl_file_trains_as_prompt_completion_pairs_without_format(tmp_path):

@@ -66,6 +66,8 @@ def finetune(
     Ctrl+C saves and stops (a second one stops without saving), --resume continues. `gptchat runs` lists runs.
     """
     settings = settings_from(dict(locals()))
+    if resume is not None and steps is None and _already_done(resume):
+        return
     show = _json_printer if json_out else TrainProgress(stderr_console())
     try:
         result = train(settings, resume=resume, steps=steps if resume else None, on_event=show)
@@ -75,6 +77,19 @@ def finetune(
     if result.status == "interrupted":
         err(f"stopped at step {result.step}; continue with: gptchat finetune --resume {result.name}")
         raise typer.Exit(130)
+
+
+def _already_done(name: str) -> bool:
+    """A finished run resumed with no new --steps: one line saying so (it printed a plan and "finished at step N"
+    as if it had trained)."""
+    from gptchat.core.train.runs import find_run, run_info
+
+    info = run_info(find_run(name))
+    if info["state"] not in ("finished", "early-stopped"):
+        return False
+    err(f"run {name} has {info['state']} at step {info['step']}: nothing to do (--steps N, above {info['step']}, "
+        "trains it further)")
+    return True
 
 
 NOT_SETTINGS = ("resume", "json_out")  # the command's parameters that are not training settings
