@@ -85,10 +85,10 @@ def _already_done(name: str) -> bool:
     from gptchat.core.train.runs import find_run, run_info
 
     info = run_info(find_run(name))
-    if info["state"] not in ("finished", "early-stopped"):
+    if info["state"] != "finished":  # (an early-stopped run resumes as it always did)
         return False
-    err(f"run {name} has {info['state']} at step {info['step']}: nothing to do (--steps N, above {info['step']}, "
-        "trains it further)")
+    err(f"run {name} has finished at step {info['step']}: nothing to do (--steps N, above {info['step']}, trains it "
+        "further)")
     return True
 
 
