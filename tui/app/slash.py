@@ -41,7 +41,7 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command("", "each token of the last reply with its probability and the alternatives (i on a reply)",
                        action="inspect_last"),
     "rename": Command("NAME", "rename this conversation"),
-    "export": Command("[md|json] [PATH]", "export this conversation to Markdown or JSON (a PATH alone: by its suffix)"),
+    "export": Command("[md|json] [PATH]", "export this conversation to Markdown or JSON"),
     "unload": Command("NAME", "unload a model to free memory"),
     "help": Command("", "list every key and command", action="help"),
 }
