@@ -231,14 +231,20 @@ def last_step(folder: Path) -> int:
 
 def run_info(folder: Path) -> dict:
     st = _status(folder)
+    broken = False
     try:
         meta = json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):
+    except OSError:
         meta = {}
-    meta = meta if isinstance(meta, dict) else {}
+    except ValueError:  # hand-edited or damaged: --resume refuses it, so the listing says so
+        meta, broken = {}, True
+    if not isinstance(meta, dict):
+        meta, broken = {}, True
     state = st.get("state", "new")
     if state == "running" and not is_locked(folder):
         state = "dead"  # the trainer process is gone without writing its final state
+    if broken and state != "running":
+        state = "broken"
     best = link_target(folder, "best")
     last = link_target(folder, "last")
     settings = meta.get("settings", {})
@@ -251,7 +257,8 @@ def run_info(folder: Path) -> dict:
         "saved_step": saved,
         "steps": st.get("steps") or meta.get("resolved", {}).get("steps"),
         "best_val_loss": st.get("best_val_loss"),
-        "base": "scratch:" + (settings.get("arch") or "tiny") if settings.get("from_scratch") else (settings.get("model") or "gpt2"),
+        "base": "?" if broken else "scratch:" + (settings.get("arch") or "tiny") if settings.get("from_scratch")
+        else (settings.get("model") or "gpt2"),
         "lora": bool(settings.get("lora")),
         "pid": st.get("pid"),
         "updated": st.get("updated"),

@@ -114,6 +114,12 @@ def test_runs_lists_nothing_then_a_finished_run_that_chat_and_generate_can_use(c
     r = cli("finetune", "--resume", "tiny-run", "--steps", "3")
     assert r.returncode == 2 and "--steps 3: run 'tiny-run' is at step 4 already" in r.stderr, r.stderr
     assert (runs_dir() / "tiny-run" / "events.jsonl").read_bytes() == events
+    # a run.json damaged by hand: the listing says "broken" (it showed a finished run of gpt2), --resume says why
+    (runs_dir() / "tiny-run" / "run.json").write_text("{not json")
+    listed = json.loads(cli("runs", "--json").stdout)
+    assert [(x["name"], x["state"], x["base"]) for x in listed] == [("tiny-run", "broken", "?")]
+    r = cli("finetune", "--resume", "tiny-run", "--steps", "9")
+    assert r.returncode == 1 and "run.json is unreadable" in r.stderr, r.stderr
 
 
 def test_a_jsonl_file_trains_as_prompt_completion_pairs_without_format(tmp_path):

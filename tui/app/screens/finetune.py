@@ -33,7 +33,7 @@ from gptchat.tui.app.widgets.loss_chart import LossChart
 from gptchat.tui.cli.finetune import hms, settings_from
 
 TAIL_S = 0.5
-DONE_STATES = ("finished", "early-stopped", "interrupted", "failed", "dead")
+DONE_STATES = ("finished", "early-stopped", "interrupted", "failed", "dead", "broken")
 
 
 @dataclass
