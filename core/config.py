@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptchat.core.errors import UsageError
+from gptchat.core.generate import options  # (the settings' table: stdlib only, no torch)
 
 try:
     import tomllib
@@ -110,8 +111,6 @@ def _parse(path: Path) -> Config:
     sampling = raw.get("sampling", {})
     if not isinstance(sampling, dict):
         raise ConfigError(f"{path}: sampling must be a table ([sampling], then one setting a line)")
-    from gptchat.core.generate import options
-
     try:
         sampling = options.check_options(sampling)
     except ValueError as e:
@@ -122,16 +121,9 @@ def _parse(path: Path) -> Config:
 def sampling_defaults() -> dict:
     """Each sampling setting where neither a flag nor a template sets it: the config's [sampling] over the built-in
     defaults (what options.resolve takes as its ``defaults``)."""
-    from gptchat.core.generate import options
-
     return {**options.DEFAULTS, **load().sampling}
 
 
 def default_model() -> str:
     """The model a command runs when none is named: config.toml's ``model``, else gpt2."""
     return load().model or FALLBACK_MODEL
-
-
-def source(key: str) -> str:
-    """How an error names a value that came from the config (``"/home/u/.config/gptchat/config.toml: device"``)."""
-    return f"{load().path}: {key}"

@@ -25,9 +25,10 @@ def _configured(spec: str | None, key: str) -> tuple[str | None, str]:
     if spec is None:
         from gptchat.core import config
 
-        got = getattr(config.load(), key)
+        cfg = config.load()
+        got = getattr(cfg, key)
         if got is not None:
-            return got, f"{config.source(key)} = {got!r}"
+            return got, f"{cfg.path}: {key} = {got!r}"
     return spec, f"--{key} {(spec or 'auto').strip().lower()}"
 
 
