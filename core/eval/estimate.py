@@ -20,14 +20,22 @@ values), plus n_head log-sum-exp floats. gptchat's own full-weight training keep
 the block input and the residual kept fp32: 2 units each); LoRA runs keep the 17 (or LoRA's fewer).
 Under autocast the fused steps cast the block's weights per use, so of autocast's 16-bit weight
 copies only the token table's (the head's) and the attention output projections' stay cached, where
-a bare parameter count (no shape known) assumes every weight's. The head keeps the logits, the log-softmax and, while the
-backward pass starts, their two gradients: 4 x vocab floats per token. With gradient checkpointing
-a block keeps only its input; one block's working set is rebuilt at a time during backward.
+a bare parameter count (no shape known) assumes every weight's.
 
-tests/eval/test_estimate.py measures these against real training steps on CPU (fp32, bf16 autocast,
-checkpointing, LoRA): within 10% in every measured shape, erring high. Checkpointing under mixed
-precision comes out ~18% high (gradients counted whole while blocks are rebuilt), a safe side for
-a plan; 16-bit activations on CUDA are not measured here (no GPU in the tests).
+The head: gptchat's trainer never holds the batch's logits (core/train/evaluate.head_loss: the tied head and
+the cross-entropy by chunks of HEAD_CHUNK rows, the gradients computed on the way), so it keeps one chunk's
+fp32 logits and the final hidden states' gradient (n_embd floats a token) besides the head's weight gradient.
+FSDP over several processes computes the full logits inside its forward: the log-softmax, then at the start
+of backward its gradient and the logits' (the logits themselves are freed once the loss is taken), 3 x vocab
+floats a token. With gradient checkpointing a block keeps only its input; one block's working set is rebuilt
+at a time during backward.
+
+tests/eval/test_estimate.py measures these against real training steps on CPU with the trainer's loss
+(fp32, bf16 autocast, checkpointing, LoRA; and the full logits' loss): within 15% in every measured shape.
+GPT-2 124M, 4 x 1024 tokens, fp32: 3.30 GB estimated, 3.30 GB of tensors at the measured peak (the process's
+peak RSS 4.16 GB, with PyTorch's libraries and the allocator's slack); counting full logits had said 6.48 GB.
+Checkpointing under mixed precision comes out ~18% high (gradients counted whole while blocks are rebuilt),
+a safe side for a plan; 16-bit activations on CUDA are not measured here (no GPU in the tests).
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ ADAM_STEP_TEMP_BYTES = 6.4  # foreach AdamW's step temporaries per trained param
 BLOCK_VALUES = 17  # activation values a block keeps per token, in units of n_embd (see above)
 FUSED_BLOCK_VALUES = 10  # the same with the layer norms and GELU recomputed (fp32 training, no LoRA)
 FUSED_MIXED_BLOCK_VALUES = 12  # likewise under autocast, in 16-bit units (fp32 block input and residual: 2 each)
-HEAD_COPIES = 4  # logits, log-softmax and their two gradients, per token, in fp32
+HEAD_COPIES = 3  # full logits (FSDP): the log-softmax, then its gradient and the logits' (the logits freed), in fp32
+HEAD_CHUNK = 512  # rows of logits at a time in the trainer's chunked head loss (core/train/evaluate.head_loss)
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training tokens
 DEFAULT_UTILISATION = 0.4  # model FLOPs utilisation a well-tuned GPU run reaches (Llama 2 7B: ~0.41)
 # with LoRA a frozen Linear keeps no input for its weight gradient: these block values (see above) are
@@ -116,16 +125,26 @@ def block_activation_bytes(cfg: GPTConfig, batch: int, block: int, act_bytes: in
     return tokens * (block_values(lora_targets, fused, act_bytes < 4) * cfg.n_embd * act_bytes + cfg.n_head * 4)
 
 
+def head_bytes(cfg: GPTConfig, tokens: int, chunked: bool = True) -> int:
+    """The head loss's memory at its peak (fp32): one chunk's logits and the hidden states' gradient (``chunked``,
+    the trainer's head_loss), or the whole batch's logits, log-softmax and their gradients."""
+    if chunked:
+        return min(HEAD_CHUNK, tokens) * cfg.vocab_size * 4 + tokens * cfg.n_embd * 4
+    return HEAD_COPIES * tokens * cfg.vocab_size * 4
+
+
 def activation_bytes(cfg: GPTConfig, batch: int, block: int, act_bytes: int = 4,
-                     grad_checkpointing: bool = False, lora_targets: list[str] | None = None) -> int:
+                     grad_checkpointing: bool = False, lora_targets: list[str] | None = None,
+                     chunked_head: bool = True) -> int:
     """Peak activation memory of one micro-batch: what is kept, plus the larger transient at the peak.
 
-    Without checkpointing every block's tensors are kept and the head's logits sit on top. With it,
+    Without checkpointing every block's tensors are kept and the head's working set sits on top. With it,
     only block inputs are kept; backward rebuilds one block at a time, and the head's logits are
-    freed before that starts, so the peak holds the larger of the two.
+    freed before that starts, so the peak holds the larger of the two. ``chunked_head``: the trainer's
+    chunked head loss (False: FSDP's full logits).
     """
     tokens = batch * block
-    head = HEAD_COPIES * tokens * cfg.vocab_size * 4  # cross-entropy runs in fp32
+    head = head_bytes(cfg, tokens, chunked_head)
     embed = 2 * tokens * cfg.n_embd * 4  # embedding sum and final LayerNorm input
     per_block = block_activation_bytes(cfg, batch, block, act_bytes, lora_targets)
     if grad_checkpointing:
@@ -178,7 +197,7 @@ class TrainMemory:
 def training_memory(cfg: GPTConfig | None, *, params: int | None = None, batch: int = 1, block: int | None = None,
                     mixed: bool = False, trainable: int | None = None, frozen_bytes: int = 4,
                     grad_checkpointing: bool = False, ddp: bool = False, fsdp_shards: int = 1,
-                    lora_targets: list[str] | None = None) -> TrainMemory:
+                    lora_targets: list[str] | None = None, chunked_head: bool | None = None) -> TrainMemory:
     """Memory per device for one training step.
 
     ``cfg`` None: a bare parameter count (``params``), no activations. ``mixed``: bf16/fp16 autocast
@@ -186,7 +205,8 @@ def training_memory(cfg: GPTConfig | None, *, params: int | None = None, batch: 
     and Adam moments (LoRA adapters, which are extra parameters on top of ``params``); None: all.
     ``lora_targets``: the adapted matrices, which decide what frozen layers keep (None: as if all).
     ``fsdp_shards`` > 1: weights, gradients and Adam are split over that many devices, and one
-    block's weights are gathered whole at a time.
+    block's weights are gathered whole at a time. ``chunked_head``: the loss by the trainer's chunks (None: as the
+    trainer does, everywhere but FSDP over several devices; False: the full logits).
     """
     n = cfg.n_params() if cfg is not None else int(params or 0)
     lora = trainable is not None
@@ -202,8 +222,10 @@ def training_memory(cfg: GPTConfig | None, *, params: int | None = None, batch: 
         copies //= fsdp_shards
     acts = head_grad = tied = 0
     if cfg is not None:
+        if chunked_head is None:  # as core/train/loop._chunked_head decides
+            chunked_head = fsdp_shards <= 1
         acts = activation_bytes(cfg, batch, block or cfg.n_positions, 2 if mixed else 4, grad_checkpointing,
-                                lora_targets if lora else None)
+                                lora_targets if lora else None, chunked_head)
         if not lora:
             head_grad = tied = cfg.vocab_size * cfg.n_embd * 4 // max(1, fsdp_shards)
     start = acts + (grads if grad_checkpointing else head_grad)

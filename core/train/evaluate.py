@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from gptchat.core.eval.estimate import HEAD_CHUNK
 from gptchat.core.generate.engine import Engine
 from gptchat.core.generate.sampling import SamplingParams
 from gptchat.core.model.gpt import EXP_FLOOR, HEAD_VOCAB_BLOCK
@@ -18,7 +19,7 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> t
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction=reduction)
 
 
-def head_loss(hidden: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def head_loss(hidden: torch.Tensor, head: torch.Tensor, y: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` (B, T, C) @ ``head`` (V, C).T against ``y`` (B, T; -1 ignored),
     equal to ``loss_fn(model(x), y)`` from ``model(x, return_hidden=True)``, without the (B*T, V) fp32
     logits: rows go ``chunk`` at a time and their gradients are computed on the way (a fused

@@ -22,11 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 from gptchat.core.eval import estimate as est
 from gptchat.core.model.config import PRESETS, GPTConfig
 from gptchat.core.model.gpt import GPT
+from gptchat.core.train.evaluate import head_loss, loss_fn
 from gptchat.core.train.lora import add_lora
 
 
-def measured_peak(cfg: GPTConfig, batch: int, block: int, grad_checkpointing=False, lora=None) -> int:
-    """Peak live tensor bytes over building the model and two AdamW training steps."""
+def measured_peak(cfg: GPTConfig, batch: int, block: int, grad_checkpointing=False, lora=None,
+                  full_logits=False) -> int:
+    """Peak live tensor bytes over building the model and two AdamW training steps, with the trainer's loss
+    (the tied head and cross-entropy by chunks, core/train/loop._loss), or with the full logits (FSDP's)."""
     torch.manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (batch, block + 1))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -37,12 +40,16 @@ def measured_peak(cfg: GPTConfig, batch: int, block: int, grad_checkpointing=Fal
             b.grad_checkpointing = grad_checkpointing
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         for _ in range(2):
-            logits = model(idx[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
+            if full_logits:
+                logits = model(idx[:, :-1])
+                loss = loss_fn(logits, idx[:, 1:].contiguous())
+                del logits
+            else:
+                loss = head_loss(model(idx[:, :-1], return_hidden=True), model.lm_head.weight, idx[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            del logits, loss
+            del loss
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0
@@ -56,8 +63,9 @@ SHAPES = {  # (n_layer, n_head, n_embd, vocab, batch, block, grad checkpointing)
     "activations": (4, 4, 128, 512, 8, 256, False),
     "checkpointed": (4, 4, 128, 512, 8, 256, True),
     "gpt2-vocab": (2, 4, 64, 50257, 2, 64, False),
+    "gpt2-vocab-chunks": (2, 4, 64, 50257, 4, 256, False),  # 1024 tokens: the head loss in two chunks
     "weights": (4, 4, 256, 50257, 1, 32, False),
-    "wide-checkpointed": (6, 8, 256, 1024, 4, 256, True),
+    "wide-checkpointed": (6, 8, 256, 1024, 8, 256, True),
 }
 
 
@@ -69,6 +77,19 @@ def test_training_memory_within_15_percent_of_a_measured_step(name):
     got = measured_peak(cfg, B, T, gc)
     assert mem.activations > 0.2 * mem.total or name == "weights"  # the shapes exercise the activation formula
     assert abs(mem.total - got) / got < 0.15, f"estimate {mem.total / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
+
+
+def test_full_logits_memory_within_15_percent_of_a_measured_step():
+    """FSDP over several devices computes the full logits (core/train/loop._chunked_head): the head then holds
+    ~3 x vocab floats a token, several times the chunked loss's at this shape, and the estimate says so."""
+    L, h, d, V, B, T, gc = SHAPES["gpt2-vocab-chunks"]
+    cfg = GPTConfig(n_layer=L, n_head=h, n_embd=d, n_positions=T, vocab_size=V)
+    full = est.training_memory(cfg, batch=B, block=T, chunked_head=False)
+    chunked = est.training_memory(cfg, batch=B, block=T)
+    assert full.activations > 4 * chunked.activations
+    assert est.training_memory(cfg, batch=B, block=T, fsdp_shards=2).activations == full.activations
+    got = measured_peak(cfg, B, T, full_logits=True)
+    assert abs(full.total - got) / got < 0.15, f"estimate {full.total / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("d", [128, 256])
@@ -170,15 +191,15 @@ def test_plan_refuses_with_the_change_that_fits(monkeypatch):
 
     gpt2, cpu = PRESETS["gpt2"], torch.device("cpu")
 
-    def make(batch, gc=False, avail=6 << 30):
+    def make(batch, gc=False, avail=4 << 30):
         monkeypatch.setattr(plan, "available_bytes", lambda device: avail)
         return plan.make_plan(gpt2, trainable=gpt2.n_params(), batch=batch, block=1024, steps=1,
                               tokens_per_step=8 * 1024, device=cpu, amp_bytes=4, grad_checkpointing=gc, measure=False)
 
     p = make(8)
     assert not p.fits and p.total_b == est.training_memory(gpt2, batch=8, block=1024).total
-    assert p.fix == "try --batch-size 2 with --grad-accum x4 (the same tokens per step)"
+    assert p.fix == "try --batch-size 4 with --grad-accum x2 (the same tokens per step)"
     assert p.fix in p.advice() and "--grad-checkpointing, --lora" in p.advice()
-    assert make(2).fits and not make(4).fits  # the suggestion is the largest micro-batch that fits
+    assert make(4).fits and not make(8).fits  # the suggestion is the largest micro-batch that fits
     tight = make(8, avail=int(2.2 * (1 << 30)))
     assert tight.fix.startswith("try --lora")
