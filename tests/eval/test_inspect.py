@@ -159,3 +159,15 @@ def test_tui_inspect_view_scores_the_reply(lm):
     text = asyncio.run(go())
     assert f"over {len(reply)} tokens" in text  # the reply only: the prompt is its context
     assert "' Paris'" in text and "top_k: 5 kept" in text
+
+
+def test_cli_text_file_errors_say_what_is_wrong(tiny, tmp_path):
+    """--text names the file's problem (it had said "cannot read it as UTF-8 text (FileNotFoundError)")."""
+    (tmp_path / "bin.dat").write_bytes(b"\x00\x01binary")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    cases = {"nope.txt": "No such file", "bin.dat": "binary file", "latin.txt": "iconv", ".": "Is a directory"}
+    for name, said in cases.items():
+        r = subprocess.run([sys.executable, "-m", "gptchat.tui", "inspect", "--text", str(tmp_path / name), "--model",
+                            str(tiny[1])], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

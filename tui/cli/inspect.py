@@ -73,10 +73,13 @@ def _read(prompt: str | None, path: Path | None) -> str:
         raise UsageError("give the text to inspect, or --text FILE (one of the two)")
     if path is None:
         return prompt
+    from gptchat.core.errors import DataError
+    from gptchat.core.train.data import read_text
+
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--text {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+        return read_text(path)  # says why: missing, a folder, binary, not UTF-8 (with the iconv line), empty
+    except DataError as e:
+        raise UsageError(f"--text: {e}") from None
 
 
 def _tok(s: str) -> str:
