@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -34,6 +35,7 @@ def test_eval_json_and_table(model, tmp_path, capsys):
     rows = json.loads(out)["results"]
     assert [r["shots"] for r in rows] == [0, 2] and rows[0]["tokens"] == rows[1]["tokens"]
     assert "examples took" in err and "per window" in err
+    assert not re.search(r"\b(\d+)-\1\b", err), err  # "24 tokens", not "24-24 tokens"
     code, out, _ = _run(capsys, "eval", tmp_path / "h.txt", "-m", model, "--device", "cpu")
     assert code == 0 and "bits/byte" in out.splitlines()[0] and len(out.splitlines()) == 2
 
@@ -43,6 +45,7 @@ def test_eval_json_and_table(model, tmp_path, capsys):
     ("one-token", "at least 2"),
     ("unknown-model", "no-such-model"),
     ("shots-no-examples", "needs --examples"),
+    ("examples-no-shots", "only with --shots"),
     ("examples-overflow", "examples alone"),
 ])
 def test_bad_input_is_one_line(model, tmp_path, capsys, case, message):
@@ -55,6 +58,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys, case, message):
         "one-token": [tmp_path / "one.txt", "-m", model],
         "unknown-model": [tmp_path / "h.txt", "-m", "no-such-model"],
         "shots-no-examples": [tmp_path / "h.txt", "-m", model, "--shots", "2"],
+        "examples-no-shots": [tmp_path / "h.txt", "-m", model, "--examples", tmp_path / "long.jsonl"],
         "examples-overflow": [tmp_path / "h.txt", "-m", model, "--shots", "1", "--examples", tmp_path / "long.jsonl"],
     }[case]
     code, out, err = _run(capsys, "eval", *args, "--device", "cpu")

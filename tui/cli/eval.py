@@ -44,6 +44,9 @@ def eval_cmd(
         raise UsageError("--shots must be 0 or more")
     if any(ks) and not examples:
         raise UsageError(f"--shots {max(ks)} needs --examples FILE (a JSONL, TSV or text file of examples)")
+    if examples and not any(ks):  # scored with no examples, the user believing otherwise
+        raise UsageError("--examples is used only with --shots N (N >= 1): add --shots 3, say, and --shots 0 too "
+                         "for the row without examples")
     # torch-backed modules load here, inside the command, so `gptchat --help` stays fast
     from gptchat.core.eval.heldout import load_heldout
     from gptchat.core.eval.perplexity import evaluate, resolve_window
@@ -80,12 +83,17 @@ def describe(s) -> str:
     """One line on how a row was scored: windows, stride, example context, scored tokens per window."""
     weights = f" ({s.quantize} weights)" if s.quantize != "none" else ""
     line = f"{s.model}{weights}: {s.windows} windows of {s.window} tokens, stride {s.stride}, {s.tokens} tokens scored"
-    per = s.scored_per_window
-    line += f" ({min(per)}-{max(per)} per window)" if per and min(per) != max(per) else f" ({per[0]} per window)" if per else ""
+    if s.scored_per_window:
+        line += f" ({_span(s.scored_per_window)} per window)"
     if s.shots:
-        c = s.context_tokens
-        line += f"; {s.shots} examples took {min(c)}-{max(c)} tokens of context per window (never scored)"
+        line += f"; {s.shots} examples took {_span(s.context_tokens)} tokens of context per window (never scored)"
     return line
+
+
+def _span(values) -> str:
+    """'3-9', or '24' where every value is the same."""
+    lo, hi = min(values), max(values)
+    return f"{lo}-{hi}" if lo != hi else f"{lo}"
 
 
 def row(s) -> list[str]:
