@@ -135,3 +135,17 @@ def test_eval_on_a_terminal_draws_its_progress_on_stderr(model, tmp_path, capsys
     assert f"\r[{'#' * cli.Bar.WIDTH}] {total}/{total} windows" in err
     assert sum(line.startswith(f"{model}: ") for line in err.split("\n")) == 2  # each row's summary on its own line
     assert "\r" not in out and "bits/byte" in out.splitlines()[0]
+
+
+def test_compare_default_pane_is_generate_for_the_same_seed(model, capsys):
+    """compare's default template (raw) samples as a prompt with no template does: the same seed gives generate's
+    text (raw's own options, top_p 0.95, had made them differ, and hid config.toml's [sampling] from compare)."""
+    code, out, err = _run(capsys, "compare", "the cat", "-m", model, "--seed", "5", "-n", "12", "--device", "cpu",
+                          "--json")
+    assert code == 0, err
+    pane = json.loads(out)["results"][0]["panes"][0]
+    for template in ([], ["-t", "raw"]):
+        code, out, err = _run(capsys, "generate", "the cat", "-m", model, "--seed", "5", "-n", "12", *template,
+                              "--device", "cpu", "--json")
+        assert code == 0, err
+        assert json.loads(out)["completion"] == pane["completion"]
