@@ -101,7 +101,7 @@ def split_rule(spec: Spec) -> str:
     if spec.heldout:
         return f"held-out: {spec.heldout}; training: all of {', '.join(spec.data)}"
     return (f"documents shuffled with seed {spec.seed}, the first {spec.heldout_fraction:.0%} held out "
-            f"(one document: its last {spec.heldout_fraction:.0%} of lines)")
+            f"(a single document: its last {spec.heldout_fraction:.0%} of lines instead)")
 
 
 def load_spec(name: str) -> Spec:
