@@ -86,18 +86,23 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
-        """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear).
-        ``tail``: the outputs of the last ``tail`` positions only (every key and value is still written)."""
+        """Attention over ``qkv`` = c_attn(ln_1(x)) (B, T, 3C), which the block computes (fused.ln_linear),
+        projected by c_proj. ``tail``: the outputs of the last ``tail`` positions only (every key and value is
+        still written)."""
+        return self._project(self.mix(qkv, mask, start, kv_len, tail))
+
+    def mix(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
+        """``forward`` before the output projection: the heads' outputs side by side, (B, T or tail, C)."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         if (self.training and not self.dropout and self.kv_cache is None and mask is None and start == 0
                 and tail is None and flash.usable(qkv, self.n_head)):
-            return self._project(flash.attention(qkv, self.n_head, self.scale))  # training on the CPU (AVX-512), in C
+            return flash.attention(qkv, self.n_head, self.scale)  # training on the CPU (AVX-512), in C
         # one view for all three (B, nh, T, hs): a third of split-then-view's cost, per layer and token
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v, kv_len if kv_len is not None else start + T)
         if mask is None and start == 0 and T > 1 and not self.training and flash.usable_forward(qkv, self.n_head):
-            return self._project(flash.forward(qkv, self.n_head, self.scale, tail))  # a prefill or eval window, in C
+            return flash.forward(qkv, self.n_head, self.scale, tail)  # a prefill or eval window, in C
         if tail is not None and tail < T:
             q, T = q[:, :, -tail:], tail
             if mask is not None:
@@ -108,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         drop = self.dropout if self.training else 0.0
         if T == 1 and not self.training and native.can_attend(q, k, v, mask):
             # one query a row (decode; a padded batch's with its row of visible slots): the C kernel (fp32 or bf16)
-            return self._project(native.attend(q, k, v, self.scale, mask))
+            return native.attend(q, k, v, self.scale, mask)
         elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not self.training:
             # one bf16 query: the CPU flash kernel is slow here (1024 cached slots: 0.70 ms a layer
             # against 0.17 ms for these two products), and decode runs it every layer, every token
@@ -118,7 +123,7 @@ class CausalSelfAttention(nn.Module):
             y = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
         elif (mask is None and start == 0 and T > 1 and not self.training and native.can_attend_causal(q, k, v)
               and not flash.pytorch_faster(q.dtype)):
-            return self._project(native.attend_causal(q, k, v, self.scale))  # the same without AVX-512 (AVX2)
+            return native.attend_causal(q, k, v, self.scale)  # the same without AVX-512 (AVX2)
         else:
             # mask None: plain causal attention from slot 0 (the fused kernel's fast path), or a
             # single decode step that may see every cached slot
@@ -128,7 +133,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop, scale=self.scale
             )
-        return self._project(y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
 
     def _project(self, y):
         y = self.c_proj(y)
@@ -175,9 +180,32 @@ class Block(nn.Module):
         if fused.usable(x, attn.c_attn, mlp.c_fc, mlp.c_proj):  # training: layer norms, GELU recomputed in backward
             x = x + attn(fused.ln_linear(x, self.ln_1, attn.c_attn), mask, start, kv_len)
             return x + mlp.dropout(fused.ln_mlp(x, self.ln_2, mlp.c_fc, mlp.c_proj, mlp.kind))
+        if tail is None and _accumulates(x, attn.c_proj, mlp.c_fc, mlp.c_proj) and native.can_activate(x):
+            return self._accumulate(x, mask, start, kv_len)
         y = attn(attn.c_attn(self.ln_1(x)), mask, start, kv_len, tail)
         x = (x if tail is None else x[:, -tail:]) + y
         return x + mlp(self.ln_2(x))
+
+    def _accumulate(self, x, mask, start, kv_len):
+        """The block for many rows of fp32 CPU inference (a prefill, an eval window), the residual stream ``x``
+        updated in place: each output projection adds its product into x (x.addmm_: the product's beta = 1, no
+        output of its own, no separate residual add) and then its bias; c_fc's bias goes into the GELU's pass
+        (native.activate_). PyTorch's addmm copies a bias into every output row before the product; with the
+        separate residual adds that came to ~12 ms of a 1000-token 124M prefill of ~0.69 s on a 2-core Xeon
+        (AVX-512), A/B in one process. The same sums in another order: the 124M logits moved by ~4e-6."""
+        attn, mlp = self.attn, self.mlp
+        C = x.shape[-1]
+        rows = x.view(-1, C)
+        y = attn.mix(attn.c_attn(self.ln_1(x)), mask, start, kv_len)
+        rows.addmm_(y.reshape(-1, C), attn.c_proj.weight.t())
+        if attn.c_proj.bias is not None:
+            rows.add_(attn.c_proj.bias)
+        h = F.linear(self.ln_2(x), mlp.c_fc.weight)
+        h = native.activate_(h, mlp.kind, mlp.c_fc.bias)
+        rows.addmm_(h.view(-1, h.shape[-1]), mlp.c_proj.weight.t())
+        if mlp.c_proj.bias is not None:
+            rows.add_(mlp.c_proj.bias)
+        return x
 
     def forward(self, x, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
         """``tail``: compute the outputs of the last ``tail`` positions only, (B, tail, C): the keys and
@@ -381,6 +409,20 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, mask, slot)
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
+
+
+ACCUMULATE_FROM = 64  # rows from which Block._accumulate runs (fewer: native.few_rows' products, a decode step's)
+
+
+def _accumulates(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Block._accumulate applies: fp32 inference on the CPU (no gradients, not dropping out) over at least
+    ACCUMULATE_FROM contiguous rows, through plain gpt.Linear fp32 weights (not LoRA, int8 or packed copies, which
+    patch or replace them) with c_fc's bias absent or fp32."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+            and x.numel() >= ACCUMULATE_FROM * x.shape[-1] and not torch.is_grad_enabled()
+            and not switched_off("GPTCHAT_ACCUMULATE")
+            and all(type(m) is Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
+                    and not m.training for m in linears))
 
 
 def _head_by_rows(w: torch.Tensor | None) -> bool:

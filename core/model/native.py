@@ -124,7 +124,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_step1.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                   _P, _P, _P, _P, _P, _L, _P, ctypes.c_int, _P, _P, _P, _L, _L, _L, _P,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _L]
-    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gptchat_act.argtypes = [_P, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _L]
     lib.gptchat_sgemm.argtypes = [_P, _P, _P, _P, _L, _L, _L, ctypes.c_int, ctypes.c_int]
     lib.gptchat_qsgemm.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
@@ -407,11 +407,15 @@ def can_activate(h: torch.Tensor) -> bool:
             and h.device.type == "cpu" and not h.requires_grad and h.is_contiguous() and kernel() is not None)
 
 
-def activate_(h: torch.Tensor, kind: str) -> torch.Tensor:
+def activate_(h: torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``h`` through the activation ``kind`` (a key of ACTS), in place (bf16: computed in fp32, stored rounded).
-    See ``can_activate``."""
+    ``bias`` (fp32 ``h`` only: a contiguous fp32 vector of h's last dimension): act(h + bias), the product before it
+    made without its bias. See ``can_activate``."""
+    if bias is not None and not (h.dtype == bias.dtype == torch.float32 and bias.is_contiguous()
+                                 and bias.numel() == h.shape[-1]):
+        raise ValueError("activate_: the bias must be a contiguous fp32 vector as wide as h's rows (fp32 h)")
     kernel().gptchat_act(h.data_ptr(), h.numel(), ACTS[kind], torch.get_num_threads(), int(h.dtype == torch.bfloat16),
-                         int(wide()))
+                         int(wide()), None if bias is None else bias.data_ptr(), h.shape[-1])
     return h
 
 

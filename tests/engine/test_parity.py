@@ -186,3 +186,33 @@ def test_split_products_follow_the_threads_and_can_be_turned_off(tmp_path, monke
         torch.set_num_threads(threads)
     assert {m.parts for m in on.modules() if isinstance(m, Linear)} == {2}
     assert {m.parts for m in off.modules() if isinstance(m, Linear)} == {1}
+
+
+def test_many_rows_accumulate_into_the_residual(tmp_path, monkeypatch):
+    """Prefill-sized inputs (>= gpt.ACCUMULATE_FROM rows, fp32 CPU inference) take Block._accumulate: the output
+    projections add into the residual stream in place, c_fc's bias goes into the GELU's pass. Its logits are
+    transformers' (1e-4) and the unfused blocks' (5e-5: the same sums in another order); under autograd the
+    ordinary modules run."""
+    from gptchat.core.model import gpt, native
+
+    if native.kernel() is None:
+        pytest.skip("no C kernel here (the GELU with a bias is in it)")
+    ref = hf_model(seed=4)
+    ours, _ = load(str(save(ref, tmp_path / "m")))
+    ours.to_inference_layout()
+    calls = []
+    real = gpt.Block._accumulate
+    monkeypatch.setattr(gpt.Block, "_accumulate", lambda self, *a: calls.append(1) or real(self, *a))
+    x = torch.randint(0, 50257, (2, gpt.ACCUMULATE_FROM), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = ours(x)
+        assert len(calls) == ours.config.n_layer
+        _logits_close(fused, ref(x).logits)
+        monkeypatch.setenv("GPTCHAT_ACCUMULATE", "0")
+        torch.testing.assert_close(fused, ours(x), atol=5e-5, rtol=0)
+        assert len(calls) == ours.config.n_layer
+        monkeypatch.delenv("GPTCHAT_ACCUMULATE")
+        ours(x[:, : gpt.ACCUMULATE_FROM // 2 - 1])  # too few rows: the modules
+        assert len(calls) == ours.config.n_layer
+    ours(x).sum().backward()  # autograd: the modules, and gradients reach the projections
+    assert len(calls) == ours.config.n_layer and ours.transformer.h[0].mlp.c_proj.weight.grad is not None

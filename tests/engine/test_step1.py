@@ -335,6 +335,15 @@ def test_the_activation_kernel_equals_pytorchs(wide, monkeypatch):
         assert ((h.float() - want).abs() <= want.abs() * 2**-8 + 2e-6 * 30).all(), kind
         assert kind == "relu" or (h.float() - want).abs().max() > 0  # rounded (relu is exact)
     assert not native.can_activate(x.half())
+    g = torch.Generator().manual_seed(6)
+    for width in (3072, 100, 7):  # rows that straddle the kernel's chunks of 8192 at every offset
+        h0, b = torch.randn(11, width, generator=g) * 3, torch.randn(width, generator=g)
+        for kind, ref in refs.items():  # with a bias: act(h + bias), one pass
+            h = h0.clone()
+            assert native.activate_(h, kind, b) is h
+            assert (h - ref(h0 + b)).abs().max() <= 2e-6 * 30, (width, kind)
+    with pytest.raises(ValueError):
+        native.activate_(xb.clone(), "gelu", torch.zeros(xb.shape[-1]))  # bf16 h takes no bias
 
 
 def test_causal_attention_equals_pytorchs():
