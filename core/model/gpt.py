@@ -191,8 +191,9 @@ class Block(nn.Module):
         updated in place: each output projection adds its product into x (x.addmm_: the product's beta = 1, no
         output of its own, no separate residual add) and then its bias; c_fc's bias goes into the GELU's pass
         (native.activate_). PyTorch's addmm copies a bias into every output row before the product; with the
-        separate residual adds that came to ~12 ms of a 1000-token 124M prefill of ~0.69 s on a 2-core Xeon
-        (AVX-512), A/B in one process. The same sums in another order: the 124M logits moved by ~4e-6."""
+        separate residual adds that came to ~17 ms of a 1000-token 124M prefill of ~0.69 s on a 2-core Xeon
+        (AVX-512; A/B in one process, 11 runs each: 0.690 -> 0.673 s). The same sums in another order: the 124M
+        logits moved by ~4e-6. ``GPTCHAT_ACCUMULATE=0`` turns it off."""
         attn, mlp = self.attn, self.mlp
         C = x.shape[-1]
         rows = x.view(-1, C)
@@ -416,13 +417,13 @@ ACCUMULATE_FROM = 64  # rows from which Block._accumulate runs (fewer: native.fe
 
 def _accumulates(x: torch.Tensor, *linears: nn.Module) -> bool:
     """Block._accumulate applies: fp32 inference on the CPU (no gradients, not dropping out) over at least
-    ACCUMULATE_FROM contiguous rows, through plain gpt.Linear fp32 weights (not LoRA, int8 or packed copies, which
-    patch or replace them) with c_fc's bias absent or fp32."""
+    ACCUMULATE_FROM contiguous rows, through plain gpt.Linear fp32 weights and biases (not LoRA, int8 or packed
+    copies, which patch or replace them)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
             and x.numel() >= ACCUMULATE_FROM * x.shape[-1] and not torch.is_grad_enabled()
             and not switched_off("GPTCHAT_ACCUMULATE")
             and all(type(m) is Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
-                    and not m.training for m in linears))
+                    and (m.bias is None or m.bias.dtype == torch.float32) and not m.training for m in linears))
 
 
 def _head_by_rows(w: torch.Tensor | None) -> bool:
