@@ -210,3 +210,39 @@ def test_batch_bench_matches_transformers_batched(tmp_path, capsys):
                             "--repeats", "1"])
     assert res["same_output"] is True and res["ours_tok_s"] > 0 and res["transformers_tok_s"] > 0
     assert "ratio" in capsys.readouterr().out
+
+
+def test_unwritten_cache_slots_are_never_read(pair, monkeypatch):
+    """The grown KV cache is left unwritten (LiveBatch._grown) but where a masked read could meet it before a write:
+    with its fresh memory poisoned with NaN, ragged prompts and refills (rows admitted after others, left of
+    their prompts masked) give the same tokens as before, and a compiled step's cache (read whole) is finite."""
+    from collections import deque
+
+    from gptchat.core.generate.batching import LiveBatch
+    from gptchat.core.generate.sampling import SamplingParams
+
+    _, eng = pair
+    params = SamplingParams(greedy=True)
+    prompts = sorted(_prompts(6, seed=9), key=len, reverse=True)
+    limits = [3 + i for i in range(6)]
+
+    def run():
+        got = {}
+        for step in eng.generate(prompts[:2], params, limits[:2], refill=deque(zip(prompts[2:], limits[2:], [0] * 4))):
+            for rt in step:
+                got.setdefault(rt.row, []).append(rt.token)
+        return got
+
+    want = run()
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *shape, **kw: real(self, *shape, **kw).fill_(float("nan")))
+    assert run() == want
+    for compiled in (False, True):
+        monkeypatch.setattr(eng, "compile", compiled)
+        b = LiveBatch(eng, params, 40)
+        with torch.inference_mode():
+            b.admit([(prompts[0], 5, 0)], len(prompts[0]))
+        written = b.k[0][:, :, : len(prompts[0])]
+        assert not written.isnan().any()  # the prompt's slots: written by the prefill
+        assert b.k[0].isnan().any() != compiled  # the rest: left unwritten, but zeroed for a compiled step
