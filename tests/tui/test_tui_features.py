@@ -188,6 +188,9 @@ def test_history_reopen_rename_export_search_delete(tiny_model, tmp_path):
             history = app2.screen
             ol = history.query_one(OptionList)
             await wait_for(pilot, lambda: ol.option_count == 2, 10, "both conversations listed")
+            listed = [str(ol.get_option_at_index(i).prompt) for i in range(2)]
+            assert any("Other chat  (1 message)" in t for t in listed), listed  # not "(1 messages)"
+            assert any("(2 messages)" in t for t in listed), listed
             history.query_one("#search").value = "pineap"
             await wait_for(pilot, lambda: ol.option_count == 1, 10, "the search result")
             ol.focus()
