@@ -119,10 +119,14 @@ def _tokens(tokens, data, n, est) -> tuple[int, str]:
         files = collect_files(data)
         size = sum(f.stat().st_size for f in files)
         if size > TOKENIZE_LIMIT:
-            return size // 4, f"estimated as bytes / 4 ({size:,} bytes in {len(files)} files)"
+            return size // 4, f"estimated as bytes / 4 ({size:,} bytes in {_files(files)})"
         tok = gpt2_tokenizer()
-        return sum(len(tok.encode(read_text(f))) for f in files), f"counted with GPT-2's tokenizer ({len(files)} files)"
+        return sum(len(tok.encode(read_text(f))) for f in files), f"counted with GPT-2's tokenizer ({_files(files)})"
     return est.compute_optimal_tokens(n), "compute-optimal (20 per parameter); give --tokens or --data"
+
+
+def _files(files: list) -> str:
+    return f"{len(files)} file" + ("" if len(files) == 1 else "s")
 
 
 def _gb(b: float) -> str:

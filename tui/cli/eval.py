@@ -86,7 +86,8 @@ def describe(s) -> str:
     if s.scored_per_window:
         line += f" ({_span(s.scored_per_window)} per window)"
     if s.shots:
-        line += f"; {s.shots} examples took {_span(s.context_tokens)} tokens of context per window (never scored)"
+        examples = "1 example" if s.shots == 1 else f"{s.shots} examples"
+        line += f"; {examples} took {_span(s.context_tokens)} tokens of context per window (never scored)"
     return line
 
 
