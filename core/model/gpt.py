@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptchat.core.errors import CheckpointError
-from gptchat.core.model import flash, fused, native, step1, stepn
+from gptchat.core.model import flash, fused, layout, native, step1, stepn
 from gptchat.core.model.config import GPTConfig
 from gptchat.core.model.device import switched_off
 from gptchat.core.model.kv_cache import KVCache
@@ -266,8 +266,9 @@ class GPT(nn.Module):
             if tuple(t.shape) != expected[key]:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, but the config implies {expected[key]}")
             t = t.detach().to(device=device, dtype=dtype)
-            sd[key] = _placed(t, inference_layout and key != "transformer.wpe.weight" and not _rows_kept(t)
-                              and not (key == "transformer.wte.weight" and _head_by_rows(t)))
+            sd[key] = layout.placed(t, inference_layout and key != "transformer.wpe.weight"
+                                    and not layout.rows_kept(t)
+                                    and not (key == "transformer.wte.weight" and layout.head_by_rows(t)))
             if transform is not None:
                 sd[key] = transform(key, sd[key])
         missing = [k for k in expected if k not in sd and k != "lm_head.weight"]
@@ -305,16 +306,16 @@ class GPT(nn.Module):
         Parameters keep their [out, in] shapes and names; only the memory order changes. On CPU a
         matrix-vector product reads an [in, out] matrix about 1.5x faster (measured: the 50257x768
         head, 12 ms -> 8 ms per decode step), and decode is that product, layer after layer. The tied
-        head stays in its own order where the one-call step (step1.py) will read it (``_head_by_rows``).
+        head stays in its own order where the one-call step (step1.py) will read it (``layout.head_by_rows``).
         """
         with torch.no_grad():
             # wpe, and wte once the head is not tied to it (an int8 head, quant.py), are only looked up
             skip = {id(self.transformer.wpe.weight)}
             wte = getattr(self.transformer.wte, "weight", None)  # None: an int8 table (QuantEmbedding)
-            if getattr(self.lm_head, "weight", None) is not wte or _head_by_rows(wte):
+            if getattr(self.lm_head, "weight", None) is not wte or layout.head_by_rows(wte):
                 skip.add(id(wte))
             for p in self.parameters():
-                if p.dim() == 2 and p.is_contiguous() and id(p) not in skip and not _rows_kept(p):
+                if p.dim() == 2 and p.is_contiguous() and id(p) not in skip and not layout.rows_kept(p):
                     p.data = p.data.t().contiguous().t()
             threads = torch.get_num_threads()
             for m in self.modules():
@@ -424,36 +425,3 @@ def _accumulates(x: torch.Tensor, *linears: nn.Module) -> bool:
             and not switched_off("GPTCHAT_ACCUMULATE")
             and all(type(m) is Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
                     and (m.bias is None or m.bias.dtype == torch.float32) and not m.training for m in linears))
-
-
-def _head_by_rows(w: torch.Tensor | None) -> bool:
-    """The tied token table/head stays [V, C] in memory in the inference layout: on the CPU in fp32 or bf16 with
-    the C kernels, whose batch-1 step reads the head a row of C a logit as fast as the transposed copy (which took
-    ~0.1 s of a 124M start to make: 154 MB copied and page-faulted). Elsewhere it is transposed like the others
-    (PyTorch's split product reads [in, out] rows ~1.5x faster)."""
-    return (w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and not switched_off("GPTCHAT_STEP1") and native.kernel() is not None)
-
-
-def _rows_kept(w: torch.Tensor) -> bool:
-    """A bf16 weight on the CPU stays in its own [out, in] order where the C kernels run batch-1 steps: they
-    stream bf16 rows as fast as the memory reads (step1.py), and oneDNN packs batched products from either."""
-    return w.dtype == torch.bfloat16 and _head_by_rows(w)
-
-
-def _placed(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """``t`` contiguous, or for a 2-D weight in the inference layout: [in, out] in memory, same shape."""
-    if transposed and t.dim() == 2:
-        return _transposed_copy(t).t() if t.is_contiguous() else t
-    return t.contiguous()
-
-
-def _transposed_copy(t: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``t.t().contiguous()``, copied ``rows`` source rows at a time: each block's reads and writes stay in
-    cache (wte, 50257 x 768 fp32, on a 2-core AMD EPYC: 110-120 ms against 160-190 ms in one copy)."""
-    out = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=t.device)
-    if t.device.type != "cpu":
-        return out.copy_(t.t())
-    for i in range(0, t.shape[0], rows):
-        out[:, i:i + rows].copy_(t[i:i + rows].t())
-    return out
