@@ -40,6 +40,18 @@ def test_eval_json_and_table(model, tmp_path, capsys):
     assert code == 0 and "bits/byte" in out.splitlines()[0] and len(out.splitlines()) == 2
 
 
+def test_describe_counts_examples_and_spans():
+    from types import SimpleNamespace
+
+    from gptchat.tui.cli.eval import describe
+
+    s = SimpleNamespace(model="m", quantize="none", windows=3, window=64, stride=32, tokens=90,
+                        scored_per_window=[20, 35, 35], shots=1, context_tokens=[12, 12, 12])
+    assert describe(s).endswith("(20-35 per window); 1 example took 12 tokens of context per window (never scored)")
+    s.shots, s.context_tokens = 2, [10, 14]
+    assert "; 2 examples took 10-14 tokens" in describe(s)
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", "is empty"),
     ("one-token", "at least 2"),

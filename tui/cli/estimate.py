@@ -117,16 +117,13 @@ def _tokens(tokens, data, n, est) -> tuple[int, str]:
         from gptchat.core.train.data import collect_files, read_text
 
         files = collect_files(data)
+        n_files = f"{len(files)} file{'s' if len(files) != 1 else ''}"
         size = sum(f.stat().st_size for f in files)
         if size > TOKENIZE_LIMIT:
-            return size // 4, f"estimated as bytes / 4 ({size:,} bytes in {_files(files)})"
+            return size // 4, f"estimated as bytes / 4 ({size:,} bytes in {n_files})"
         tok = gpt2_tokenizer()
-        return sum(len(tok.encode(read_text(f))) for f in files), f"counted with GPT-2's tokenizer ({_files(files)})"
+        return sum(len(tok.encode(read_text(f))) for f in files), f"counted with GPT-2's tokenizer ({n_files})"
     return est.compute_optimal_tokens(n), "compute-optimal (20 per parameter); give --tokens or --data"
-
-
-def _files(files: list) -> str:
-    return f"{len(files)} file" + ("" if len(files) == 1 else "s")
 
 
 def _gb(b: float) -> str:

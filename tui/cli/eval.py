@@ -86,8 +86,8 @@ def describe(s) -> str:
     if s.scored_per_window:
         line += f" ({_span(s.scored_per_window)} per window)"
     if s.shots:
-        examples = "1 example" if s.shots == 1 else f"{s.shots} examples"
-        line += f"; {examples} took {_span(s.context_tokens)} tokens of context per window (never scored)"
+        line += (f"; {s.shots} example{'s' if s.shots != 1 else ''} took {_span(s.context_tokens)} tokens of context "
+                 "per window (never scored)")
     return line
 
 

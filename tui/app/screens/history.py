@@ -51,7 +51,7 @@ class HistoryScreen(Screen[str | None]):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
             kind = " [compare]" if c.kind == "compare" else ""
             # a Text prompt: names are shown as typed, and " [compare]" is not read as markup
-            count = f"{c.n_messages} message" + ("" if c.n_messages == 1 else "s")
+            count = f"{c.n_messages} message{'s' if c.n_messages != 1 else ''}"
             ol.add_option(Option(Text(f"{when}  {c.name or 'Untitled'}{kind}  ({count})"), id=c.id))
         if ol.option_count:
             ol.highlighted = 0
