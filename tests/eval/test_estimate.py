@@ -190,8 +190,9 @@ def test_cli_counts_the_data_files(tmp_path):
     (tmp_path / "one.txt").write_text("the cat sat on the mat. " * 20)
     (tmp_path / "two.txt").write_text("a dog ran. " * 20)
     for given, said in (([tmp_path / "one.txt"], "(1 file)"), ([tmp_path], "(2 files)")):
-        r = subprocess.run([sys.executable, "-m", "gptchat.tui", "estimate", "nano", "--no-measure",
-                            *[a for p in given for a in ("--data", str(p))]], capture_output=True, text=True, timeout=120)
+        data = [a for p in given for a in ("--data", str(p))]
+        r = subprocess.run([sys.executable, "-m", "gptchat.tui", "estimate", "nano", "--no-measure", *data],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and f"counted with GPT-2's tokenizer {said}" in r.stdout, r.stdout + r.stderr
 
 
