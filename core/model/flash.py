@@ -17,6 +17,11 @@ took 11.4 against 15.8 ms fp32, 7.5 against 14.7 bf16; four 1024-token eval wind
 each row's maximum in sixteen lanes, the normalisation as P is stored: 9.8 ms fp32, 5.8 bf16. Then P left
 as e^(s - max) and each row of the output divided by its sum instead, one pass over P fewer, and a row block's last
 32-48 keys in one product: on a 2-core Xeon, fp32, 1000 tokens 7.75 -> 7.6 ms, 4 x 1024 34.5 -> 33.5 ms.)
+A prefill's forward also writes the layer's KV cache (slots [0, T), as the keys and values are packed) and adds
+c_attn's bias to q, k and v as it reads them (Block._accumulate's layers compute qkv without it): PyTorch's copy
+of k and v into the cache and addmm's copy of the bias into every row of qkv were ~14 ms of a 1000-token 124M
+fp32 prefill; on the 2-core Xeon, alternating in one process, 15 runs each: 0.666 -> 0.654 s, the logits and the
+cache bit for bit the same.
 ``GPTCHAT_FLASH=0`` turns it off (PyTorch's kernel in training, the AVX2 one otherwise).
 On CPUs with AMX, bf16 attention is left to PyTorch (``pytorch_faster``): its products run on AMX tiles.
 """
@@ -66,13 +71,29 @@ def _bf(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
-def _forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ``tail`` queries' outputs (B, tail, C) of contiguous ``qkv``, and every row's log-sum-exp."""
+def fills(cache, qkv: torch.Tensor) -> bool:
+    """``forward`` can write the keys and values of ``qkv`` (B, T, 3C) into ``cache`` (a KVCache: k and v
+    [B, nh, slots, hs]) itself: the same dtype and batch, room for T slots, contiguous buffers."""
+    k, v = cache.k, cache.v
+    B, T, C3 = qkv.shape
+    return (k.dtype == v.dtype == qkv.dtype and k.device == qkv.device and k.shape[0] == B and k.shape[2] >= T
+            and k.shape[1] * k.shape[3] * 3 == C3 and k.shape == v.shape and k.is_contiguous() and v.is_contiguous())
+
+
+def _forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int, bias: torch.Tensor | None = None,
+             cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``tail`` queries' outputs (B, tail, C) of contiguous ``qkv``, and every row's log-sum-exp;
+    ``bias``, ``cache`` as ``forward``'s."""
     B, T, C3 = qkv.shape
     C = C3 // 3
+    if bias is not None and (qkv.dtype != torch.float32 or bias.dtype != torch.float32):
+        qkv, bias = qkv + bias, None  # the kernel adds fp32 biases only (bf16 would be rounded twice)
     out, lse = qkv.new_empty(B, tail, C), torch.empty(B, n_head, T)
-    if native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
-                                        C // n_head, scale, torch.get_num_threads(), _bf(qkv)):
+    kc, vc, cap = (None, None, 0) if cache is None else (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2])
+    rc = native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
+                                          C // n_head, scale, None if bias is None else bias.contiguous().data_ptr(),
+                                          kc, vc, cap, torch.get_num_threads(), _bf(qkv))
+    if rc:
         raise MemoryError("attention kernel: no memory for its scratch buffers")
     return out, lse
 
@@ -105,8 +126,11 @@ def attention(qkv: torch.Tensor, n_head: int, scale: float) -> torch.Tensor:
     return _Attention.apply(qkv, n_head, scale)
 
 
-def forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int | None = None) -> torch.Tensor:
+def forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int | None = None, bias: torch.Tensor | None = None,
+            cache=None) -> torch.Tensor:
     """Causal attention from position 0 of ``qkv`` (B, T, 3C), no gradients: (B, tail or T, C), the last
-    ``tail`` queries' outputs. See ``usable_forward``."""
+    ``tail`` queries' outputs. See ``usable_forward``. ``bias``: c_attn's bias where ``qkv`` was computed without
+    it (added as q, k and v are read: no pass of its own over qkv). ``cache``: a KVCache that ``fills`` allows,
+    whose slots [0, T) get the keys and values (biased) as they are packed: no copy of its own either."""
     T = qkv.shape[1]
-    return _forward(qkv.contiguous(), n_head, scale, T if tail is None else min(tail, T))[0]
+    return _forward(qkv.contiguous(), n_head, scale, T if tail is None else min(tail, T), bias, cache)[0]

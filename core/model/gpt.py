@@ -91,18 +91,26 @@ class CausalSelfAttention(nn.Module):
         still written)."""
         return self._project(self.mix(qkv, mask, start, kv_len, tail))
 
-    def mix(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None):
-        """``forward`` before the output projection: the heads' outputs side by side, (B, T or tail, C)."""
+    def mix(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None, bias=None):
+        """``forward`` before the output projection: the heads' outputs side by side, (B, T or tail, C).
+        ``bias``: c_attn's bias where ``qkv`` was computed without it (Block._accumulate), added here."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         if (self.training and not self.dropout and self.kv_cache is None and mask is None and start == 0
-                and tail is None and flash.usable(qkv, self.n_head)):
+                and tail is None and bias is None and flash.usable(qkv, self.n_head)):
             return flash.attention(qkv, self.n_head, self.scale)  # training on the CPU (AVX-512), in C
+        cache = self.kv_cache
+        flashed = mask is None and start == 0 and T > 1 and not self.training and flash.usable_forward(qkv, self.n_head)
+        if flashed and (cache is None or flash.fills(cache, qkv)):
+            # a prefill or eval window, in C: the bias added and the cache written as q, k and v are read
+            return flash.forward(qkv, self.n_head, self.scale, tail, bias, cache)
+        if bias is not None:
+            qkv = qkv.add_(bias)
         # one view for all three (B, nh, T, hs): a third of split-then-view's cost, per layer and token
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v, kv_len if kv_len is not None else start + T)
-        if mask is None and start == 0 and T > 1 and not self.training and flash.usable_forward(qkv, self.n_head):
-            return flash.forward(qkv, self.n_head, self.scale, tail)  # a prefill or eval window, in C
+        if cache is not None:
+            k, v = cache.update(start, k, v, kv_len if kv_len is not None else start + T)
+        if flashed:
+            return flash.forward(qkv, self.n_head, self.scale, tail)
         if tail is not None and tail < T:
             q, T = q[:, :, -tail:], tail
             if mask is not None:
@@ -197,7 +205,10 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         C = x.shape[-1]
         rows = x.view(-1, C)
-        y = attn.mix(attn.c_attn(self.ln_1(x)), mask, start, kv_len)
+        if _plain(attn.c_attn) and attn.c_attn.bias is not None:  # the bias goes in as attention reads q, k, v
+            y = attn.mix(F.linear(self.ln_1(x), attn.c_attn.weight), mask, start, kv_len, bias=attn.c_attn.bias)
+        else:
+            y = attn.mix(attn.c_attn(self.ln_1(x)), mask, start, kv_len)
         rows.addmm_(y.reshape(-1, C), attn.c_proj.weight.t())
         if attn.c_proj.bias is not None:
             rows.add_(attn.c_proj.bias)
@@ -422,6 +433,10 @@ def _accumulates(x: torch.Tensor, *linears: nn.Module) -> bool:
     copies, which patch or replace them)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
             and x.numel() >= ACCUMULATE_FROM * x.shape[-1] and not torch.is_grad_enabled()
-            and not switched_off("GPTCHAT_ACCUMULATE")
-            and all(type(m) is Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
-                    and (m.bias is None or m.bias.dtype == torch.float32) and not m.training for m in linears))
+            and not switched_off("GPTCHAT_ACCUMULATE") and all(_plain(m) for m in linears))
+
+
+def _plain(m: nn.Module) -> bool:
+    """A plain gpt.Linear in inference with fp32 weight and bias (not LoRA, int8 or packed: they patch or replace it)."""
+    return (type(m) is Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
+            and (m.bias is None or m.bias.dtype == torch.float32) and not m.training)

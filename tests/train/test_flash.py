@@ -150,6 +150,69 @@ def test_the_inference_forward_is_the_training_one_for_any_tail(dtype):
                 assert got.shape == (B, tail, nh * hs) and torch.equal(got, whole[:, -tail:]), (T, tail)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_forward_adds_the_bias_and_fills_the_cache(dtype):
+    """``forward(qkv, bias=b, cache=c)`` gives ``forward(qkv + b)`` exactly, of any tail, and writes the keys and
+    values of qkv + b into the cache's slots [0, T), head-major, and nothing else (its other slots keep their NaN);
+    without a cache the same outputs. bf16's bias is added before the kernel (rounded once, as c_attn's is)."""
+    from gptchat.core.model.kv_cache import KVCache
+
+    _skip(dtype)
+    gen = torch.Generator().manual_seed(6)
+    for B, T, nh, hs in ((2, 70, 2, 32), (1, 5, 3, 16)):
+        qkv = torch.randn(B, T, 3 * nh * hs, generator=gen).to(dtype)
+        bias = torch.randn(3 * nh * hs, generator=gen).to(dtype)
+        biased = qkv + bias
+        k, v = biased.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)[1:]
+        with torch.inference_mode():
+            for tail in (None, 1, T):
+                cache = KVCache(B, nh, T + 9, hs, dtype, "cpu")
+                cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))
+                want = flash.forward(biased, nh, 0.3, tail)
+                assert torch.equal(flash.forward(qkv, nh, 0.3, tail, bias, cache), want)
+                assert torch.equal(cache.k[:, :, :T], k) and torch.equal(cache.v[:, :, :T], v)
+                assert cache.k[:, :, T:].isnan().all() and cache.v[:, :, T:].isnan().all()
+                assert torch.equal(flash.forward(qkv, nh, 0.3, tail, bias), want)
+            assert flash.fills(KVCache(B, nh, T, hs, dtype, "cpu"), qkv)
+            for wrong in (KVCache(B, nh, T - 1, hs, dtype, "cpu"), KVCache(B + 1, nh, T, hs, dtype, "cpu"),
+                          KVCache(B, nh, T, hs, torch.float16, "cpu")):
+                assert not flash.fills(wrong, qkv)
+
+
+def test_a_prefill_writes_the_cache_in_the_kernel(monkeypatch):
+    """A prefill with a KV cache takes ``forward`` with the cache and (in Block._accumulate's layers) c_attn's
+    bias: the cache's slots and the logits of the prefill and of the next steps are those of the path that writes
+    the cache and adds the bias itself (``fills`` refused)."""
+    _skip(torch.float32)
+    m = _model().eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, b in m.named_parameters():
+            if name.endswith("bias"):  # GPT-2's initialisation leaves them zero
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
+    m.to_inference_layout()
+    x = torch.randint(0, 300, (2, 70), generator=gen)
+    calls = spy(monkeypatch, flash, "forward")
+
+    def run():
+        m.drop_cache()
+        m.setup_cache(2, 80)
+        out = [m(x, last_only=True)]
+        for s in range(3):
+            out.append(m(x[:, s : s + 1], start=70 + s))
+        return torch.cat(out, 1), torch.stack([b.attn.kv_cache.k[:, :, :73] for b in m.transformer.h])
+
+    with torch.inference_mode(), threads(2):
+        got, k_got = run()
+        assert len(calls) == m.config.n_layer and all(c[5] is not None for c in calls)
+        assert sum(c[4] is not None for c in calls) == m.config.n_layer - 1  # the last layer (its tail) has its bias
+        monkeypatch.setattr(flash, "fills", lambda *a: False)
+        want, k_want = run()
+    assert [len(c) for c in calls[m.config.n_layer:]] == [4] * m.config.n_layer  # the bias added, the cache written: before
+    torch.testing.assert_close(k_got, k_want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_a_prefill_takes_the_forward_with_its_tail(monkeypatch):
     """A model's inference forward runs ``forward`` once a layer (only the last layer's asked tail, cut in the
     kernel) and gives PyTorch attention's logits; a training forward, a single query, and a batch whose
