@@ -130,8 +130,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.gptchat_attend_causal.argtypes = [_P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _L, ctypes.c_float,
                                           ctypes.c_int, ctypes.c_int]
     lib.gptchat_attend_causal.restype = ctypes.c_int
-    lib.gptchat_attn_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _P, _L, ctypes.c_int,
-                                     ctypes.c_int]
+    lib.gptchat_attn_fwd.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _P, _L, _L,
+                                     ctypes.c_int, ctypes.c_int]
     lib.gptchat_attn_bwd.argtypes = [_P, _P, _P, _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, ctypes.c_int,
                                      ctypes.c_int]
     lib.gptchat_attn_fwd.restype = lib.gptchat_attn_bwd.restype = ctypes.c_int

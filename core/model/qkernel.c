@@ -1754,10 +1754,10 @@ static TGT void rows_to(const void *src, long sn, long n, long hs, const float *
 }
 
 /* The forward of one (row, head) bh on one thread's scratch. ``bias``: c_attn's (3C fp32; NULL: qkv has it
-   already), added to q, k and v as they are read; kc, vc: the KV cache [B][nh][cap][hs] (NULL: none), whose
-   slots [0, T) get the keys and values, which are then packed from there */
+   already), added to q, k and v as they are read; kc, vc: the KV cache (NULL: none), row b's head h at
+   b sb + h sh elements in, its slots hs apart, whose slots [0, T) get the keys and values, then packed from there */
 AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long tail, long C, long nh, long hs,
-                 float scale, char *scratch, const float *bias, void *kc, void *vc, long cap, const int bf) {
+                 float scale, char *scratch, const float *bias, void *kc, void *vc, long sb, long sh, const int bf) {
     const long Tp = (T + FQ - 1) / FQ * FQ, ld3 = 3 * C, b = bh / nh, h = bh % nh;
     void *kp = scratch, *vp = (void *)at(kp, Tp * hs, bf), *P = (void *)at(vp, Tp * hs, bf);
     float *S = (float *)at(P, FQ * Tp, bf), *O = S + FQ * Tp;
@@ -1766,7 +1766,7 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
     const float *qb = bias ? bias + h * hs : NULL, *kb = bias ? bias + C + h * hs : NULL;
     const float *vb = bias ? bias + 2 * C + h * hs : NULL;
     if (kc) {
-        void *kd = (void *)at(kc, bh * cap * hs, bf), *vd = (void *)at(vc, bh * cap * hs, bf);
+        void *kd = (void *)at(kc, b * sb + h * sh, bf), *vd = (void *)at(vc, b * sb + h * sh, bf);
         rows_to(k0, ld3, T, hs, kb, kd, bf);
         rows_to(v0, ld3, T, hs, vb, vd, bf);
         pack_nk(kd, hs, T, Tp, hs, kp, bf, NULL);
@@ -1831,11 +1831,11 @@ AI void fwd_head(const void *qkv, void *out, float *lse, long bh, long T, long t
     }
 }
 static TGT void fwd_head_f(const void *qkv, void *out, float *lse, long bh, long T, long tail, long C, long nh, long hs,
-                           float scale, char *scratch, const float *bias, void *kc, void *vc, long cap, int bf) {
+                           float scale, char *scratch, const float *bias, void *kc, void *vc, long sb, long sh, int bf) {
     if (bf)
-        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, NULL, kc, vc, cap, 1);
+        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, NULL, kc, vc, sb, sh, 1);
     else
-        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, bias, kc, vc, cap, 0);
+        fwd_head(qkv, out, lse, bh, T, tail, C, nh, hs, scale, scratch, bias, kc, vc, sb, sh, 0);
 }
 
 /* The backward of one (row, head) bh on one thread's scratch. dV and dK are summed transposed ([hs][Tp]:
@@ -1948,8 +1948,8 @@ static TGT void bwd_head_f(const void *qkv, const void *out, const void *dout, c
    writes dst = out [B, T, C] and lse; the backward dst = dqkv [B, T, 3C] (every element) from dout and the
    forward's out and lse. 0, or -1 (no memory) */
 static int each_head(int bwd, const void *qkv, const void *out, const void *dout, float *lse, void *dst, long B, long T,
-                     long tail, long C, long nh, long hs, float scale, const float *bias, void *kc, void *vc, long cap,
-                     int threads, int bf) {
+                     long tail, long C, long nh, long hs, float scale, const float *bias, void *kc, void *vc, long sb,
+                     long sh, int threads, int bf) {
     const long Tp = (T + FQ - 1) / FQ * FQ, e = bf ? 2 : 4;
     /* forward: packed K and V (Tp hs each), P (FQ Tp); fp32 S (FQ Tp), O (FQ hs). backward: packed K and V for S
        and dP, K for dQ, Q^T and dO^T (Tp hs each); P, dS packed, dS rows (FQ Tp each); fp32 dK^T, dV^T (hs Tp),
@@ -1971,23 +1971,24 @@ static int each_head(int bwd, const void *qkv, const void *out, const void *dout
             if (bwd)
                 bwd_head_f(qkv, out, dout, lse, dst, bh, T, C, nh, hs, scale, buf + t * per, bf);
             else
-                fwd_head_f(qkv, dst, lse, bh, T, tail, C, nh, hs, scale, buf + t * per, bias, kc, vc, cap, bf);
+                fwd_head_f(qkv, dst, lse, bh, T, tail, C, nh, hs, scale, buf + t * per, bias, kc, vc, sb, sh, bf);
         }
     }
     free(buf);
     return 0;
 }
 
-/* the forward of every (row, head); ``bias``, kc, vc, cap as fwd_head's. 0, -1 (no memory) or -2 (a bias with bf16) */
+/* the forward of every (row, head); ``bias``, kc, vc, sb, sh as fwd_head's. 0, -1 (no memory) or -2 (a bias with
+   bf16) */
 int gptchat_attn_fwd(const void *qkv, void *out, float *lse, long B, long T, long tail, long C, long nh, long hs,
-                     float scale, const float *bias, void *kc, void *vc, long cap, int threads, int bf) {
+                     float scale, const float *bias, void *kc, void *vc, long sb, long sh, int threads, int bf) {
     if (bias && bf) return -2;
-    return each_head(0, qkv, NULL, NULL, lse, out, B, T, tail, C, nh, hs, scale, bias, kc, vc, cap, threads, bf);
+    return each_head(0, qkv, NULL, NULL, lse, out, B, T, tail, C, nh, hs, scale, bias, kc, vc, sb, sh, threads, bf);
 }
 
 int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B, long T,
                      long C, long nh, long hs, float scale, int threads, int bf) {
-    return each_head(1, qkv, out, dout, (float *)lse, dqkv, B, T, T, C, nh, hs, scale, NULL, NULL, NULL, 0, threads, bf);
+    return each_head(1, qkv, out, dout, (float *)lse, dqkv, B, T, T, C, nh, hs, scale, NULL, NULL, NULL, 0, 0, threads, bf);
 }
 
 /* ---- bf16 products of a few rows (batched bf16 decode): weights in the panels above ---- */
@@ -2058,7 +2059,7 @@ int gptchat_bgemm(const uint16_t *Wp, const uint16_t *b, const uint16_t *x, uint
     return -3;
 }
 int gptchat_attn_fwd(const void *qkv, void *out, float *lse, long B, long T, long tail, long C, long nh, long hs,
-                     float scale, const float *bias, void *kc, void *vc, long cap, int threads, int bf) {
+                     float scale, const float *bias, void *kc, void *vc, long sb, long sh, int threads, int bf) {
     return -3;
 }
 int gptchat_attn_bwd(const void *qkv, const void *out, const void *dout, const float *lse, void *dqkv, long B, long T,

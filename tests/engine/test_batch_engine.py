@@ -246,3 +246,27 @@ def test_unwritten_cache_slots_are_never_read(pair, monkeypatch):
         written = b.k[0][:, :, : len(prompts[0])]
         assert not written.isnan().any()  # the prompt's slots: written by the prefill
         assert b.k[0].isnan().any() != compiled  # the rest: left unwritten, but zeroed for a compiled step
+
+
+def test_generates_prefill_writes_its_cache_view_in_the_kernel(pair, monkeypatch):
+    """generate's prefill writes the new rows' slots of the batch's cache (a view: LiveBatch's rows and slots) from
+    the attention kernel (flash.forward given the cache), and its tokens are those of the plain modules and
+    PyTorch's attention (no fused paths): a dense pair of prompts, and one alone."""
+    from gptchat.core.generate.sampling import SamplingParams
+    from gptchat.core.model import flash
+    from tests.factory import spy, threads
+
+    _, eng = pair
+    if not flash.usable_forward(torch.zeros(1, 2, 3 * eng.model.config.n_embd), eng.model.config.n_head):
+        pytest.skip("no AVX-512 attention kernel here")
+    params = SamplingParams(greedy=True)
+    g = torch.Generator().manual_seed(12)
+    pairs = [torch.randint(0, 50257, (80,), generator=g).tolist() for _ in range(2)]
+    alone = [torch.randint(0, 50257, (100,), generator=g).tolist()]
+    calls = spy(monkeypatch, flash, "forward")
+    with threads(2):
+        got = [_rows(eng, ps, params, [6] * len(ps)) for ps in (pairs, alone)]
+        assert len(calls) == 2 * eng.model.config.n_layer and all(len(c) == 6 and c[5] is not None for c in calls)
+        monkeypatch.setenv("GPTCHAT_FLASH", "0")
+        monkeypatch.setenv("GPTCHAT_ACCUMULATE", "0")
+        assert [_rows(eng, ps, params, [6] * len(ps)) for ps in (pairs, alone)] == got

@@ -173,10 +173,22 @@ def test_the_forward_adds_the_bias_and_fills_the_cache(dtype):
                 assert torch.equal(cache.k[:, :, :T], k) and torch.equal(cache.v[:, :, :T], v)
                 assert cache.k[:, :, T:].isnan().all() and cache.v[:, :, T:].isnan().all()
                 assert torch.equal(flash.forward(qkv, nh, 0.3, tail, bias), want)
+            # a view of a larger cache (generate's: the new rows of a batch, the slots their prompts end at)
+            big = KVCache(B + 2, nh, T + 20, hs, dtype, "cpu")
+            big.k.fill_(float("nan")), big.v.fill_(float("nan"))
+            view = KVCache(0, nh, 0, hs, dtype, "cpu")
+            view.k, view.v = big.k[1 : B + 1, :, 7 : T + 7], big.v[1 : B + 1, :, 7 : T + 7]
+            assert flash.fills(view, qkv)
+            assert torch.equal(flash.forward(qkv, nh, 0.3, None, bias, view), flash.forward(biased, nh, 0.3))
+            assert torch.equal(view.k, k) and torch.equal(view.v, v)
+            assert big.k.isnan().sum() == big.k.numel() - k.numel() and big.v.isnan().sum() == big.v.numel() - v.numel()
             assert flash.fills(KVCache(B, nh, T, hs, dtype, "cpu"), qkv)
             for wrong in (KVCache(B, nh, T - 1, hs, dtype, "cpu"), KVCache(B + 1, nh, T, hs, dtype, "cpu"),
                           KVCache(B, nh, T, hs, torch.float16, "cpu")):
                 assert not flash.fills(wrong, qkv)
+            slots_apart = torch.empty(B, T, nh, hs, dtype=dtype).permute(0, 2, 1, 3)  # a head's slots nh * hs apart
+            wrong.k, wrong.v = slots_apart, slots_apart.clone()
+            assert not flash.fills(wrong, qkv)
 
 
 def test_a_prefill_writes_the_cache_in_the_kernel(monkeypatch):
