@@ -91,10 +91,11 @@ def _forward(qkv: torch.Tensor, n_head: int, scale: float, tail: int, bias: torc
     C = C3 // 3
     if bias is not None and (qkv.dtype != torch.float32 or bias.dtype != torch.float32):
         qkv, bias = qkv + bias, None  # the kernel adds fp32 biases only (bf16 would be rounded twice)
+    bias = None if bias is None else bias.contiguous()  # held here while the kernel reads it
     out, lse = qkv.new_empty(B, tail, C), torch.empty(B, n_head, T)
     kc, vc, sb, sh = (None, None, 0, 0) if cache is None else (cache.k.data_ptr(), cache.v.data_ptr(), *cache.k.stride()[:2])
     rc = native.kernel().gptchat_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, tail, C, n_head,
-                                          C // n_head, scale, None if bias is None else bias.contiguous().data_ptr(),
+                                          C // n_head, scale, None if bias is None else bias.data_ptr(),
                                           kc, vc, sb, sh, torch.get_num_threads(), _bf(qkv))
     if rc:
         raise MemoryError("attention kernel: no memory for its scratch buffers")

@@ -55,7 +55,7 @@ class CausalSelfAttention(nn.Module):
 
     def mix(self, qkv, mask=None, start: int = 0, kv_len: int | None = None, tail: int | None = None, bias=None):
         """``forward`` before the output projection: the heads' outputs side by side, (B, T or tail, C).
-        ``bias``: c_attn's bias where ``qkv`` was computed without it (Block._accumulate), added here."""
+        ``bias``: c_attn's bias where ``qkv`` was computed without it (Block's many-row paths), added here."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         if (self.training and not self.dropout and self.kv_cache is None and mask is None and start == 0
                 and tail is None and bias is None and flash.usable(qkv, self.n_head)):
