@@ -152,7 +152,7 @@ class Block(nn.Module):
             return x + mlp.dropout(fused.ln_mlp(x, self.ln_2, mlp.c_fc, mlp.c_proj, mlp.kind))
         if tail is None and _accumulates(x, attn.c_proj, mlp.c_fc, mlp.c_proj) and native.can_activate(x):
             return self._accumulate(x, mask, start, kv_len)
-        if tail is not None and _accumulates(x, attn.c_attn) and attn.c_attn.bias is not None:
+        if tail is not None and _accumulates(x, attn.c_attn):
             y = attn._project(attn.mix(self._tail_qkv(x, tail), mask, start, kv_len, tail, attn.c_attn.bias))
         else:
             y = attn(attn.c_attn(self.ln_1(x)), mask, start, kv_len, tail)
@@ -170,7 +170,7 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         C = x.shape[-1]
         rows = x.view(-1, C)
-        if plain(attn.c_attn) and attn.c_attn.bias is not None:  # the bias goes in as attention reads q, k, v
+        if plain(attn.c_attn):  # its bias (if any) goes in as attention reads q, k and v
             y = attn.mix(F.linear(self.ln_1(x), attn.c_attn.weight), mask, start, kv_len, bias=attn.c_attn.bias)
         else:
             y = attn.mix(attn.c_attn(self.ln_1(x)), mask, start, kv_len)

@@ -191,15 +191,19 @@ def test_the_forward_adds_the_bias_and_fills_the_cache(dtype):
             assert not flash.fills(wrong, qkv)
 
 
-def test_a_prefill_writes_the_cache_in_the_kernel(monkeypatch):
-    """A prefill with a KV cache takes ``forward`` with the cache and c_attn's bias in every layer (the last one's
-    qkv with queries for its tail's rows only: Block._tail_qkv, the rest poisoned with NaN here): the cache's slots
-    and the logits of the prefill and of the next steps are those of the plain modules (no fused path, PyTorch's
-    attention), and of the fused paths with the kernel refused the cache (``fills``) or switched off."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prefill_writes_the_cache_in_the_kernel(monkeypatch, bias):
+    """A prefill with a KV cache takes ``forward`` with the cache and c_attn's bias (where it has one) in every
+    layer (the last one's qkv with queries for its tail's rows only: Block._tail_qkv, the rest poisoned with NaN
+    here): the cache's slots and the logits of the prefill and of the next steps are those of the plain modules (no
+    fused path, PyTorch's attention), and of the fused paths with the kernel refused the cache (``fills``) or
+    switched off. With and without biases (nanoGPT's bias=False)."""
     from gptchat.core.model import gpt
 
     _skip(torch.float32)
-    m = _model().eval()
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=300, bias=bias))
+    m.init_weights(0)
+    m.eval()
     gen = torch.Generator().manual_seed(8)
     with torch.no_grad():
         for name, b in m.named_parameters():
@@ -229,7 +233,7 @@ def test_a_prefill_writes_the_cache_in_the_kernel(monkeypatch):
 
     with torch.inference_mode(), threads(2):
         got = run()
-        assert len(calls) == m.config.n_layer and all(c[4] is not None and c[5] is not None for c in calls)
+        assert len(calls) == m.config.n_layer and all((c[4] is not None) == bias and c[5] is not None for c in calls)
         with monkeypatch.context() as mp:
             mp.setattr(flash, "fills", lambda *a: False)
             refused = run()
